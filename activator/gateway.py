@@ -1,0 +1,263 @@
+"""The activator's state and its NATS side: one throttler per service, fed by `route`'s
+endpoint sets and the registry's spec events; demand reported to `scale` at once when a
+request waits for a service with no pod, and on every metrics tick; the first answer after a
+cold start reported as a `ColdStart` record, stage by stage."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+
+from activator.proxy import PodResponse, PodUnreachable, Proxy
+from activator.throttler import ServiceGone, ServiceThrottler, StartFailed
+from controlplane import subjects, telemetry
+from controlplane.bus import Bus, RemoteError
+from controlplane.config import ActivatorConfig
+from controlplane.schemas import (
+    ColdStart,
+    Demand,
+    Empty,
+    Endpoints,
+    Heartbeat,
+    Message,
+    NameRequest,
+    RoutingSnapshot,
+    ServiceDeleted,
+    ServiceList,
+    ServiceSpec,
+    SpecUpdated,
+)
+
+log = logging.getLogger(__name__)
+
+URGENT_MIN_GAP_S = 0.05
+
+
+@dataclass
+class Served:
+    response: PodResponse
+    pod: str
+    cold: bool
+
+
+class Gateway:
+    def __init__(self, nats_url: str, config: ActivatorConfig) -> None:
+        self.id = f"activator-{uuid.uuid4().hex[:6]}"
+        self.nats_url = nats_url
+        self.config = config
+        self.specs: dict[str, ServiceSpec] = {}
+        self.throttlers: dict[str, ServiceThrottler] = {}
+        self.endpoints: dict[str, Endpoints] = {}
+        self.metrics = telemetry.Registry()
+        self.proxy = Proxy(timeout_s=config.pod_timeout_s)
+        self.bus: Bus | None = None
+        self._last_urgent: dict[str, float] = {}
+        self._cold_reported: dict[str, int] = {}  # service → endpoints version reported
+        self._reported_nonzero: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._bg: set[asyncio.Task[None]] = set()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.proxy.start()
+        self.bus = bus = await Bus.connect(self.nats_url, self.id)
+        await bus.subscribe(f"{subjects.ENDPOINTS}.>", self._on_endpoints)
+        await bus.subscribe(subjects.SPEC_EVENTS, self._on_spec_event)
+        await self._catch_up()
+        self._tasks = [asyncio.create_task(self._report_loop(), name=f"{self.id}-metrics")]
+
+    async def _catch_up(self) -> None:
+        """A late activator learns the services and the routing snapshot it missed."""
+        assert self.bus is not None
+        try:
+            services = await self.bus.request(f"{subjects.ADMIN}.list", Empty(), timeout=2.0)
+            if isinstance(services, ServiceList):
+                for st in services.services:
+                    self._upsert(st.spec)
+        except RemoteError as exc:
+            log.warning("%s: no service list yet (%s); learning from events", self.id, exc)
+        try:
+            snap = await self.bus.request(subjects.ROUTE_SNAPSHOT, Empty(), timeout=2.0)
+            if isinstance(snap, RoutingSnapshot):
+                for eps in snap.services:
+                    self._apply_endpoints(eps)
+        except RemoteError as exc:
+            log.warning("%s: no routing snapshot yet (%s)", self.id, exc)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._bg, return_exceptions=True)
+        for thr in self.throttlers.values():
+            thr.fail_waiters(ServiceGone("the activator is shutting down"))
+        if self.bus is not None:
+            await self.bus.close()
+        await self.proxy.close()
+
+    # ---- services and endpoints ----------------------------------------------------------
+
+    def _upsert(self, spec: ServiceSpec) -> None:
+        self.specs[spec.name] = spec
+        thr = self.throttlers.get(spec.name)
+        if thr is None:
+            self.throttlers[spec.name] = ServiceThrottler(
+                spec.name, self.config.buffer_size, spec.container_concurrency
+            )
+        else:
+            thr.container_concurrency = spec.container_concurrency
+
+    async def _on_spec_event(self, msg: Message, _raw: Msg) -> None:
+        if isinstance(msg, SpecUpdated):
+            self._upsert(msg.spec)
+        elif isinstance(msg, ServiceDeleted):
+            self.specs.pop(msg.name, None)
+            self.endpoints.pop(msg.name, None)
+            thr = self.throttlers.pop(msg.name, None)
+            if thr is not None:
+                thr.fail_waiters(ServiceGone(f"service {msg.name!r} was deleted"))
+
+    async def _on_endpoints(self, msg: Message, _raw: Msg) -> None:
+        if isinstance(msg, Endpoints):
+            self._apply_endpoints(msg)
+
+    def _apply_endpoints(self, eps: Endpoints) -> None:
+        prev = self.endpoints.get(eps.service)
+        if prev is not None and prev.version >= eps.version:
+            return  # older than what we have (a snapshot racing a live update)
+        self.endpoints[eps.service] = eps
+        thr = self.throttlers.get(eps.service)
+        if thr is None:
+            return
+        spec = self.specs.get(eps.service)
+        thr.set_endpoints(eps.endpoints, spec.container_concurrency if spec else 0)
+        if eps.error and not eps.endpoints:
+            n = thr.fail_waiters(StartFailed(eps.error))
+            if n:
+                log.warning("%s: %d requests to %s failed: %s", self.id, n, eps.service, eps.error)
+
+    async def lookup(self, name: str) -> ServiceSpec | None:
+        """The spec of a service, asking the registry once when we have not heard of it
+        (a deploy event may still be in flight)."""
+        spec = self.specs.get(name)
+        if spec is not None or self.bus is None:
+            return spec
+        try:
+            reply = await self.bus.request(f"{subjects.ADMIN}.spec", NameRequest(name), timeout=1.0)
+        except RemoteError:
+            return None
+        if isinstance(reply, SpecUpdated):
+            self._upsert(reply.spec)
+            return reply.spec
+        return None
+
+    # ---- the request path ----------------------------------------------------------------
+
+    async def serve(
+        self, name: str, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> Served:
+        """Admit, wait for a pod if needed, forward; one retry on another pod if the first
+        never received the request. Raises the throttler's errors for the ingress to map."""
+        thr = self.throttlers[name]
+        request_in = time.time()
+        self.metrics.inc("fnplane.revision.request.count", service=name)
+        attempts = 2
+        cold_any = False
+        while True:
+            if thr.ready_pods() == 0:
+                self._urgent(name, thr)
+            self.metrics.set("fnplane.revision.request.queued", thr.buffered + 1, service=name)
+            slot, cold = await thr.acquire(self.config.request_timeout_s)
+            cold_any = cold_any or cold
+            try:
+                resp = await self.proxy.forward(slot.url, method, path, body, headers)
+            except PodUnreachable as exc:
+                thr.mark_dead(slot)
+                attempts -= 1
+                log.warning("%s: %s unreachable (%s); %s", self.id, slot.pod, exc,
+                            "retrying" if attempts else "giving up")
+                if not attempts:
+                    raise
+                continue
+            finally:
+                thr.release(slot)
+            break
+        if cold_any:
+            self._report_cold_start(name, slot.endpoint, request_in, resp.first_byte_at)
+        self.metrics.observe(
+            "fnplane.serving.invocation.duration", time.time() - request_in, service=name
+        )
+        return Served(resp, slot.pod, cold_any)
+
+    def _urgent(self, name: str, thr: ServiceThrottler) -> None:
+        """Tell `scale` now, without waiting for the metrics tick (the cold-start path)."""
+        now = time.time()
+        if now - self._last_urgent.get(name, 0.0) < URGENT_MIN_GAP_S:
+            return
+        self._last_urgent[name] = now
+        demand = Demand(name, self.id, thr.buffered + 1, thr.in_flight, thr.admitted, now, True)
+        self._spawn(self._publish_demand(demand))
+
+    def _report_cold_start(self, name: str, ep, request_in: float, first_byte: float) -> None:
+        eps = self.endpoints.get(name)
+        version = eps.version if eps else 0
+        if self._cold_reported.get(name) == version:
+            return
+        self._cold_reported[name] = version
+        tl = ep.timeline
+        cs = ColdStart(
+            name, ep.pod, ep.node, request_in, tl.placed_at, tl.spawned_at, tl.ready_at,
+            first_byte, telemetry.current_trace_id(),
+        )
+        self.metrics.observe("fnplane.cold_start.duration", first_byte - request_in, service=name)
+        if self.bus is not None:
+            self._spawn(self.bus.publish(subjects.COLD_START, cs))
+
+    # ---- metrics to scale ----------------------------------------------------------------
+
+    async def _publish_demand(self, demand: Demand) -> None:
+        if self.bus is None:
+            return
+        try:
+            await self.bus.publish(subjects.DEMAND, demand)
+        except Exception:
+            log.debug("%s: demand report lost", self.id, exc_info=True)
+
+    async def _report_loop(self) -> None:
+        """Every interval, each service with activity (and once more after it stops)."""
+        interval = self.config.metrics_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            for name, thr in list(self.throttlers.items()):
+                busy = thr.buffered + thr.in_flight + thr.admitted > 0
+                if not busy and name not in self._reported_nonzero:
+                    continue
+                demand = Demand(name, self.id, thr.buffered, thr.in_flight, thr.admitted, now)
+                thr.admitted = 0
+                if busy:
+                    self._reported_nonzero.add(name)
+                else:
+                    self._reported_nonzero.discard(name)
+                self.metrics.set("fnplane.revision.request.queued", thr.buffered, service=name)
+                self.metrics.set("fnplane.revision.request.in_flight", thr.in_flight,
+                                 service=name)
+                await self._publish_demand(demand)
+            if self.bus is not None:
+                try:
+                    await self.bus.publish(
+                        f"{subjects.HEARTBEAT}.activator",
+                        Heartbeat("activator", self.id, now),
+                    )
+                except Exception:
+                    pass
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)

@@ -1,0 +1,65 @@
+"""Forwarding one inference request to one pod. Distinguishes "the pod never got it"
+(connection refused or reset before any answer: safe to send elsewhere) from "the pod got it
+and failed" (must be reported, never silently replayed)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+# Headers worth carrying to the pod; hop-by-hop ones are the HTTP client's business.
+FORWARD_HEADERS = ("content-type", "accept", "traceparent", "tracestate", "x-request-id")
+
+
+class PodUnreachable(Exception):
+    """The request did not reach the pod; it may be retried on another one."""
+
+
+@dataclass(frozen=True)
+class PodResponse:
+    status: int
+    body: bytes
+    content_type: str
+    first_byte_at: float
+
+
+class Proxy:
+    def __init__(self, *, timeout_s: float) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=2.0)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        # No connection limit here: the throttler already bounds concurrency per pod.
+        connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, auto_decompress=False
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def forward(
+        self, base_url: str, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> PodResponse:
+        assert self._session is not None, "proxy not started"
+        sent = {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
+        try:
+            async with self._session.request(
+                method, base_url + path, data=body, headers=sent
+            ) as resp:
+                first_byte = time.time()
+                data = await resp.read()
+                return PodResponse(
+                    resp.status,
+                    data,
+                    resp.headers.get("content-type", "application/json"),
+                    first_byte,
+                )
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            # ServerDisconnected before a status line: the pod closed on us (it was
+            # stopping); the request was not processed to an answer we could return.
+            raise PodUnreachable(f"{base_url}: {exc}") from exc

@@ -1,0 +1,195 @@
+"""Admission for one service: a bounded FIFO buffer of waiting requests in front of the
+service's pods, each pod a breaker with `container_concurrency` slots (Knative's throttler
+and breaker, pkg/activator/net/throttler.go and pkg/queue/breaker.go).
+
+A request takes a slot on the least-loaded pod with room, or waits in the buffer; a full
+buffer refuses at once (503 + Retry-After, never unbounded memory: knative/serving#13583);
+a wait longer than the request timeout gives up. Slots are handed over in FIFO order as pods
+free up or appear. No network here: the gateway owns the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from controlplane.schemas import Endpoint
+
+
+class BufferFull(Exception):
+    pass
+
+
+class WaitTimeout(Exception):
+    pass
+
+
+class StartFailed(Exception):
+    """The service's pods fail to start; waiting longer would only hang the client."""
+
+
+class ServiceGone(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class PodSlot:
+    endpoint: Endpoint
+    capacity: float
+    in_flight: int = 0
+    removed: bool = False
+    served: int = 0
+
+    @property
+    def pod(self) -> str:
+        return self.endpoint.pod
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    def has_room(self) -> bool:
+        return not self.removed and self.in_flight < self.capacity
+
+
+@dataclass(eq=False)
+class Waiter:
+    future: asyncio.Future[PodSlot]
+    since: float
+    cold: bool
+
+
+@dataclass
+class ServiceThrottler:
+    name: str
+    buffer_size: int
+    container_concurrency: int = 0
+    clock: Callable[[], float] = time.time
+    pods: dict[str, PodSlot] = field(default_factory=dict)
+    waiters: deque[Waiter] = field(default_factory=deque)
+    admitted: int = 0  # requests admitted since the last metrics report
+    violations: int = 0  # slots handed out beyond capacity: must stay 0
+
+    # ---- what the gateway reports --------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        return len(self.waiters)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(p.in_flight for p in self.pods.values())
+
+    def ready_pods(self) -> int:
+        return sum(1 for p in self.pods.values() if not p.removed)
+
+    def capacity(self) -> float:
+        return sum(p.capacity for p in self.pods.values() if not p.removed)
+
+    # ---- admission -----------------------------------------------------------------------
+
+    async def acquire(self, timeout: float) -> tuple[PodSlot, bool]:
+        """A slot on a pod, and whether this request had to wait for the service to start."""
+        self.admitted += 1
+        slot = self._free_slot()
+        if slot is not None:
+            self._take(slot)
+            return slot, False
+        if len(self.waiters) >= self.buffer_size:
+            self.admitted -= 1
+            raise BufferFull(f"buffer of {self.name} is full ({self.buffer_size} waiting)")
+        waiter = Waiter(
+            asyncio.get_running_loop().create_future(), self.clock(), self.ready_pods() == 0
+        )
+        self.waiters.append(waiter)
+        try:
+            slot = await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+        except TimeoutError:
+            self._abandon(waiter)
+            raise WaitTimeout(
+                f"no pod of {self.name} became available within {timeout:g}s"
+            ) from None
+        except asyncio.CancelledError:
+            self._abandon(waiter)
+            raise
+        return slot, waiter.cold
+
+    def _abandon(self, waiter: Waiter) -> None:
+        """The request left (timeout, client gone): give back a slot handed to it meanwhile."""
+        try:
+            self.waiters.remove(waiter)
+        except ValueError:
+            pass
+        fut = waiter.future
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            self.release(fut.result())
+        elif not fut.done():
+            fut.cancel()
+
+    def release(self, slot: PodSlot) -> None:
+        slot.in_flight -= 1
+        slot.served += 1
+        if slot.removed and slot.in_flight == 0:
+            self.pods.pop(slot.pod, None) if self.pods.get(slot.pod) is slot else None
+        self._dispatch()
+
+    def _free_slot(self) -> PodSlot | None:
+        best: PodSlot | None = None
+        for slot in self.pods.values():
+            if slot.has_room() and (best is None or slot.in_flight < best.in_flight):
+                best = slot
+        return best
+
+    def _take(self, slot: PodSlot) -> None:
+        slot.in_flight += 1
+        if slot.in_flight > slot.capacity:
+            self.violations += 1
+
+    def _dispatch(self) -> None:
+        while self.waiters:
+            slot = self._free_slot()
+            if slot is None:
+                return
+            waiter = self.waiters.popleft()
+            if waiter.future.done():
+                continue
+            self._take(slot)
+            waiter.future.set_result(slot)
+
+    # ---- endpoint changes ----------------------------------------------------------------
+
+    def set_endpoints(self, endpoints: list[Endpoint], container_concurrency: int) -> None:
+        """Replace the pod set. Pods that left keep their in-flight requests but get no new
+        ones; pods that joined take waiting requests at once."""
+        self.container_concurrency = container_concurrency
+        wanted = {e.pod: e for e in endpoints}
+        for pod, slot in list(self.pods.items()):
+            if pod not in wanted:
+                slot.removed = True
+                if slot.in_flight == 0:
+                    del self.pods[pod]
+        for pod, ep in wanted.items():
+            cap = ep.container_concurrency or container_concurrency
+            if pod not in self.pods or self.pods[pod].removed:
+                self.pods[pod] = PodSlot(ep, cap if cap > 0 else math.inf)
+        self._dispatch()
+
+    def mark_dead(self, slot: PodSlot) -> None:
+        """The pod refused a connection: stop sending to it before route says so."""
+        slot.removed = True
+
+    def fail_waiters(self, exc: Exception) -> int:
+        failed = 0
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
+                failed += 1
+        return failed
+
+    def oldest_wait(self) -> float:
+        return self.clock() - self.waiters[0].since if self.waiters else 0.0

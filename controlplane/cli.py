@@ -1,0 +1,370 @@
+"""`fnplane`: run the embedded stack (`up`) and manage services on a running one. The
+management commands talk to the stack over NATS (the admin API), never through its files.
+Flags follow `kn service` where the meaning is the same (`--scale-min`, `--concurrency-limit`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import msgspec
+
+from controlplane import subjects
+from controlplane.bus import Bus, RemoteError
+from controlplane.config import (
+    DEFAULT_NATS_URL,
+    ActivatorConfig,
+    Config,
+    ConfigError,
+    NodesConfig,
+    default_state_dir,
+)
+from controlplane.procs import PortInUseError, ServerStartError, port_in_use
+from controlplane.schemas import (
+    BatchingSpec,
+    ClusterStatus,
+    DeployRequest,
+    Empty,
+    NameRequest,
+    Resources,
+    ScalingSpec,
+    ServiceList,
+    ServiceSpec,
+    ServiceStatus,
+    SpecError,
+)
+from controlplane.specfile import DEFAULT_COMMAND, load_spec_file, parse_cpu, parse_memory_mb
+
+
+class CliError(Exception):
+    pass
+
+
+# ---- up ----------------------------------------------------------------------------------
+
+
+async def run_up(args: argparse.Namespace) -> int:
+    from controlplane.stack import Stack
+
+    try:
+        import uvloop  # noqa: F401 - event loop chosen in main()
+    except ImportError:
+        pass
+    for what, port in (("activator", args.port), ("NATS", args.nats_port)):
+        if port and port_in_use(args.host, port):
+            raise CliError(
+                f"{what} port {port} on {args.host} is already in use; pass "
+                f"{'--port' if what == 'activator' else '--nats-port'} to choose another"
+            )
+    config = Config(
+        state_dir=Path(args.state_dir),
+        activator=ActivatorConfig(host=args.host, port=args.port),
+        nodes=NodesConfig(
+            count=args.nodes,
+            capacity=Resources(parse_cpu(args.node_cpu), parse_memory_mb(args.node_memory)),
+            workdir=Path(args.workdir).resolve(),
+        ),
+    )
+    config = replace(config, coordinator=replace(
+        config.coordinator, schedule_instances=args.schedule_instances
+    ))
+    stack = Stack(config, nats_port=args.nats_port or None)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    t0 = time.time()
+    try:
+        await stack.start()
+    except (PortInUseError, ServerStartError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"fnplane is up in {time.time() - t0:.1f}s", flush=True)
+    print(f"  gateway  {stack.url}   (KServe v1 and Open Inference Protocol v2)", flush=True)
+    print(f"  nats     {stack.nats_url}   (export FNPLANE_NATS_URL={stack.nats_url})", flush=True)
+    print(f"  redis    {stack.redis_url}", flush=True)
+    print(f"  nodes    {args.nodes} local, state in {args.state_dir}", flush=True)
+    print("Ctrl-C stops everything.", flush=True)
+    await stop.wait()
+    print("fnplane: stopping...", flush=True)
+    await stack.stop()
+    print("fnplane: stopped", flush=True)
+    return 0
+
+
+# ---- management commands -----------------------------------------------------------------
+
+
+async def _admin(nats_url: str, verb: str, msg, timeout: float = 5.0):
+    try:
+        bus = await Bus.connect(
+            nats_url, f"fnplane-cli-{os.getpid()}", connect_timeout=2.0, reconnect=False
+        )
+    except Exception as exc:
+        raise CliError(
+            f"cannot reach fnplane at {nats_url} ({exc}); is `fnplane up` running? "
+            "(set --nats or FNPLANE_NATS_URL)"
+        ) from None
+    try:
+        return await bus.request(f"{subjects.ADMIN}.{verb}", msg, timeout=timeout)
+    except RemoteError as exc:
+        raise CliError(exc.message) from None
+    finally:
+        await bus.close()
+
+
+def spec_from_flags(args: argparse.Namespace) -> ServiceSpec:
+    if args.file:
+        spec = load_spec_file(Path(args.file))
+        return msgspec.structs.replace(spec, name=args.name) if args.name else spec
+    if not args.name:
+        raise SpecError("a service NAME (or -f FILE) is required")
+    cc = args.container_concurrency or 0
+    target = args.target_concurrency
+    scaling = ScalingSpec(
+        min_scale=args.min_scale,
+        max_scale=args.max_scale,
+        initial_scale=args.initial_scale,
+        target_concurrency=target if target else 100.0,
+        stable_window_s=_seconds(args.scale_window),
+        scale_to_zero_grace_s=_seconds(args.scale_to_zero_grace),
+    )
+    env = {}
+    for item in args.env or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SpecError(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
+    return ServiceSpec(
+        name=args.name,
+        command=args.command or list(DEFAULT_COMMAND),
+        env=env,
+        resources=Resources(parse_cpu(args.cpu), parse_memory_mb(args.memory)),
+        scaling=scaling,
+        container_concurrency=cc,
+        readiness_path=args.readiness_path,
+        batching=BatchingSpec(args.max_batch_size, args.max_batch_wait_ms),
+    ).validate()
+
+
+def _seconds(value: str) -> float:
+    """'30', '30s', '2m' → seconds (kn accepts durations)."""
+    text = str(value).strip()
+    try:
+        if text.endswith("ms"):
+            return float(text[:-2]) / 1000
+        if text.endswith("s"):
+            return float(text[:-1])
+        if text.endswith("m"):
+            return float(text[:-1]) * 60
+        return float(text)
+    except ValueError:
+        raise SpecError(f"duration {value!r}: expected e.g. 30s, 2m") from None
+
+
+async def run_deploy(args: argparse.Namespace) -> int:
+    spec = spec_from_flags(args)
+    t0 = time.time()
+    reply = await _admin(args.nats, "deploy", DeployRequest(spec))
+    assert isinstance(reply, ServiceStatus)
+    verb = "created" if reply.spec.generation == 1 else "updated"
+    if spec.scaling.min_scale > 0 and not args.no_wait:
+        await _wait_ready(args.nats, spec.name, spec.scaling.min_scale, args.wait_timeout)
+    print(f"Service '{spec.name}' {verb} (generation {reply.spec.generation}).")
+    print(f"Service '{spec.name}' is ready to serve in {time.time() - t0:.2f}s", end="")
+    print(" (scaled to zero until the first request)." if spec.scaling.min_scale == 0 else ".")
+    print(reply.url)
+    return 0
+
+
+async def _wait_ready(nats_url: str, name: str, want: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = await _admin(nats_url, "describe", NameRequest(name))
+        if isinstance(st, ServiceStatus) and st.ready_pods >= want:
+            return
+        if isinstance(st, ServiceStatus) and st.last_error:
+            raise CliError(f"service {name} failed: {st.last_error}")
+        await asyncio.sleep(0.2)
+    raise CliError(f"service {name} not ready within {timeout:g}s")
+
+
+async def run_list(args: argparse.Namespace) -> int:
+    reply = await _admin(args.nats, "list", Empty())
+    assert isinstance(reply, ServiceList)
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(reply), indent=2))
+        return 0
+    rows = [("NAME", "URL", "READY", "PODS")]
+    for st in reply.services:
+        ready = "True" if st.ready_pods or st.spec.scaling.min_scale == 0 else "False"
+        rows.append((st.spec.name, st.url, ready, str(st.ready_pods)))
+    _table(rows)
+    return 0
+
+
+async def run_describe(args: argparse.Namespace) -> int:
+    st = await _admin(args.nats, "describe", NameRequest(args.name))
+    assert isinstance(st, ServiceStatus)
+    cluster = await _admin(args.nats, "status", Empty())
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(st), indent=2))
+        return 0
+    sp, sc = st.spec, st.spec.scaling
+    part_of = {}
+    if isinstance(cluster, ClusterStatus):
+        part_of = {n: p.id for p in cluster.partitions.partitions for n in p.nodes}
+    print(f"Name:        {sp.name}  (generation {sp.generation})")
+    print(f"URL:         {st.url}")
+    print(f"Command:     {' '.join(sp.command)}")
+    print(f"Resources:   {sp.resources.cpu:g} cpu, {sp.resources.memory_mb} MiB"
+          + (f", {sp.resources.gpu} gpu" if sp.resources.gpu else ""))
+    print(f"Scale:       min {sc.min_scale}, max {sc.max_scale or 'unbounded'}, "
+          f"target {sc.target_concurrency:g} ({sc.target_utilization:.0%}), "
+          f"container concurrency {sp.container_concurrency or 'unlimited'}, "
+          f"window {sc.stable_window_s:g}s, scale-to-zero grace {sc.scale_to_zero_grace_s:g}s")
+    print(f"Pods:        {st.ready_pods} ready, {st.desired_pods} desired")
+    for p in st.pods:
+        print(f"  {p.pod:<22} {p.state:<11} node {p.node} (partition "
+              f"{part_of.get(p.node, '?')})  {p.url}")
+    if st.last_error:
+        print(f"Last error:  {st.last_error}")
+    cs = st.last_cold_start
+    if cs is not None:
+        print(f"Last cold start ({time.strftime('%H:%M:%S', time.localtime(cs.request_in))},"
+              f" pod {cs.pod} on {cs.node}):")
+        for stage, ms in cs.stages_ms().items():
+            print(f"  {stage:<36} {ms:>9.1f} ms")
+    return 0
+
+
+async def run_delete(args: argparse.Namespace) -> int:
+    await _admin(args.nats, "delete", NameRequest(args.name))
+    print(f"Service '{args.name}' deleted.")
+    return 0
+
+
+async def run_status(args: argparse.Namespace) -> int:
+    st = await _admin(args.nats, "status", Empty())
+    assert isinstance(st, ClusterStatus)
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(st), indent=2))
+        return 0
+    nodes = st.partitions.nodes
+    print(f"Partition map version {st.partitions.version}")
+    rows = [("PARTITION", "EPOCH", "OWNER", "NODES")]
+    for p in st.partitions.partitions:
+        rows.append((str(p.id), str(p.epoch), p.owner or "-", ", ".join(p.nodes)))
+    _table(rows)
+    print()
+    rows = [("NODE", "CPU", "MEMORY", "GPU", "BACKEND")]
+    for n in sorted(nodes.values(), key=lambda n: n.name):
+        rows.append((n.name, f"{n.capacity.cpu:g}", f"{n.capacity.memory_mb} MiB",
+                     str(n.capacity.gpu), n.backend))
+    _table(rows)
+    print()
+    rows = [("KIND", "INSTANCE", "LAST SEEN", "PARTITION")]
+    for i in st.instances:
+        rows.append((i.kind, i.instance, f"{time.time() - i.last_seen:.1f}s ago",
+                     str(i.partition) if i.partition >= 0 else "-"))
+    _table(rows)
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+# ---- argument parsing --------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fnplane", description=__doc__)
+    p.add_argument("--nats", default=os.environ.get("FNPLANE_NATS_URL", DEFAULT_NATS_URL),
+                   help="NATS URL of a running stack (env FNPLANE_NATS_URL)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the embedded stack in the foreground")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8080, help="activator HTTP port")
+    up.add_argument("--nats-port", type=int, default=4222)
+    up.add_argument("--nodes", type=int, default=2, help="local nodes")
+    up.add_argument("--node-cpu", default="4", help="cpu per node (cores or millicores)")
+    up.add_argument("--node-memory", default="8Gi", help="memory per node")
+    up.add_argument("--schedule-instances", type=int, default=1)
+    up.add_argument("--state-dir", default=str(default_state_dir()))
+    up.add_argument("--workdir", default=".", help="where local pods are started from")
+    up.set_defaults(func=run_up)
+
+    dep = sub.add_parser("deploy", help="create or update a service")
+    dep.add_argument("name", nargs="?")
+    dep.add_argument("-f", "--file", help="FnService YAML (KServe-like shape)")
+    dep.add_argument("--min-scale", "--scale-min", type=int, default=0)
+    dep.add_argument("--max-scale", "--scale-max", type=int, default=0)
+    dep.add_argument("--initial-scale", "--scale-init", type=int, default=1)
+    dep.add_argument("--target-concurrency", "--scale-target", type=float, default=0)
+    dep.add_argument("--container-concurrency", "--concurrency-limit", type=int, default=0)
+    dep.add_argument("--scale-window", default="60s")
+    dep.add_argument("--scale-to-zero-grace", default="30s")
+    dep.add_argument("--cpu", default="500m")
+    dep.add_argument("--memory", default="256Mi")
+    dep.add_argument("--env", "-e", action="append", help="KEY=VALUE for the pod")
+    dep.add_argument("--readiness-path", default="/v2/health/ready")
+    dep.add_argument("--max-batch-size", type=int, default=0)
+    dep.add_argument("--max-batch-wait-ms", type=float, default=5.0)
+    dep.add_argument("--no-wait", action="store_true")
+    dep.add_argument("--wait-timeout", type=float, default=120.0)
+    dep.add_argument("--command", nargs=argparse.REMAINDER,
+                     help="the pod's argv (default: the sample model server)")
+    dep.set_defaults(func=run_deploy)
+
+    for name, func, helptext in (
+        ("describe", run_describe, "pods, nodes, partition, last cold start"),
+        ("delete", run_delete, "delete a service"),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("name")
+        c.add_argument("--json", action="store_true")
+        c.set_defaults(func=func)
+    ls = sub.add_parser("list", help="services: NAME URL READY")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=run_list)
+    st = sub.add_parser("status", help="nodes, partitions and owners, instances")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=run_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        return runner(args.func(args))
+    except (CliError, SpecError, ConfigError) as exc:
+        print(f"fnplane: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

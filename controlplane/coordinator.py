@@ -1,0 +1,158 @@
+"""The coordinator: keeps the node inventory and the list of live control-function instances
+(from heartbeats), owns the partition map (one partition per live `schedule` instance, with
+epochs, persisted in Redis) and republishes it whenever an instance joins, leaves or goes
+silent. Scaling the instances themselves is the instance runtime's job (`runtime.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from nats.aio.msg import Msg
+
+from controlplane import subjects
+from controlplane.bus import Bus
+from controlplane.config import CoordinatorConfig
+from controlplane.schemas import (
+    ClusterStatus,
+    Empty,
+    Heartbeat,
+    InstanceInfo,
+    Message,
+    NodeInfo,
+    NodeRegistration,
+    PartitionMap,
+)
+from controlplane.store import StaleWrite, Store
+from partitions.partitioner import rebalance
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        nats_url: str,
+        store: Store,
+        config: CoordinatorConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.id = f"coordinator-{uuid.uuid4().hex[:6]}"
+        self.nats_url = nats_url
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.nodes: dict[str, NodeInfo] = {}
+        self.instances: dict[str, Heartbeat] = {}
+        self.pmap = PartitionMap(0, [])
+        self.bus: Bus | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self.listeners: list[Callable[[Heartbeat], None]] = []
+
+    async def start(self) -> None:
+        stored = await self.store.get_partition_map()
+        if stored is not None:
+            # Keep node sets and epochs; owners from a previous run are gone, so every
+            # partition is reassigned (with a new epoch) as instances announce themselves.
+            self.pmap = stored
+            self.nodes = dict(stored.nodes)
+        self.bus = bus = await Bus.connect(self.nats_url, self.id)
+        await bus.subscribe(f"{subjects.HEARTBEAT}.>", self._on_heartbeat)
+        await bus.subscribe(subjects.NODE_REGISTER, self._on_register)
+        await bus.subscribe(subjects.PARTITIONS_GET, self._on_get)
+        await bus.subscribe(f"{subjects.ADMIN}.status", self._on_status)
+        self._task = asyncio.create_task(self._run(), name=f"{self.id}-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.bus is not None:
+            await self.bus.close()
+
+    # ---- inputs ---------------------------------------------------------------------------
+
+    async def _on_heartbeat(self, msg: Message, _raw: Msg) -> None:
+        if not isinstance(msg, Heartbeat):
+            return
+        new = msg.instance not in self.instances
+        self.instances[msg.instance] = Heartbeat(
+            msg.kind, msg.instance, self.clock(), msg.requests_per_s, msg.queue_depth,
+            msg.latency_ms_p99, msg.partition, msg.epoch,
+        )
+        for listener in self.listeners:
+            listener(msg)
+        if new and msg.kind == "schedule":
+            self._changed.set()
+
+    async def _on_register(self, msg: Message, _raw: Msg) -> Message:
+        if isinstance(msg, NodeRegistration):
+            if self.nodes.get(msg.info.name) != msg.info:
+                self.nodes[msg.info.name] = msg.info
+                self._changed.set()
+        return Empty()
+
+    async def _on_get(self, _msg: Message, _raw: Msg) -> Message:
+        return self.pmap
+
+    async def _on_status(self, _msg: Message, _raw: Msg) -> Message:
+        infos = [
+            InstanceInfo(h.kind, h.instance, h.ts, h.partition)
+            for h in sorted(self.instances.values(), key=lambda h: (h.kind, h.instance))
+        ]
+        return ClusterStatus(self.pmap, infos)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def live(self, kind: str) -> list[str]:
+        return sorted(h.instance for h in self.instances.values() if h.kind == kind)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait(), timeout=self.config.heartbeat_interval_s / 2
+                )
+            except TimeoutError:
+                pass
+            self._changed.clear()
+            self._expire()
+            await self.repartition()
+
+    def _expire(self) -> None:
+        """Instances silent past the timeout are gone: crash or partition from NATS."""
+        now = self.clock()
+        for inst, beat in list(self.instances.items()):
+            if now - beat.ts > self.config.heartbeat_timeout_s:
+                log.warning("coordinator: %s %s missed its heartbeats", beat.kind, inst)
+                del self.instances[inst]
+
+    async def repartition(self) -> None:
+        owners = self.live("schedule")
+        parts = rebalance(self.nodes, owners, self.pmap.partitions)
+        if parts == self.pmap.partitions and self.pmap.nodes == self.nodes:
+            return
+        pmap = PartitionMap(self.pmap.version + 1, parts, dict(self.nodes))
+        try:
+            await self.store.put_partition_map(pmap)
+        except StaleWrite:
+            # Another coordinator wrote a newer map; adopt its version and retry next tick.
+            stored = await self.store.get_partition_map()
+            if stored is not None:
+                self.pmap = PartitionMap(stored.version, self.pmap.partitions, self.pmap.nodes)
+            self._changed.set()
+            return
+        self.pmap = pmap
+        log.info(
+            "coordinator: partition map v%d: %s",
+            pmap.version,
+            ", ".join(f"p{p.id}@{p.owner or '-'}#e{p.epoch}({len(p.nodes)})" for p in parts),
+        )
+        if self.bus is not None:
+            await self.bus.publish(subjects.PARTITIONS, pmap)

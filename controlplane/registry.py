@@ -1,0 +1,142 @@
+"""The service registry behind the admin API the CLI talks to (`fnplane.admin.*` on NATS).
+
+Specs are validated here, once, and stored in Redis before anyone hears of them, so a spec
+that was acknowledged survives a restart. Every change is announced on the service event
+subject; status answers gather what `scale` and `route` know at that moment.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import msgspec
+from nats.aio.msg import Msg
+
+from controlplane import subjects
+from controlplane.bus import Bus, RemoteError
+from controlplane.schemas import (
+    ColdStart,
+    DeployRequest,
+    Empty,
+    Message,
+    NameRequest,
+    RoutingSnapshot,
+    ScaleStatus,
+    ServiceDeleted,
+    ServiceList,
+    ServiceStatus,
+    SpecError,
+    SpecUpdated,
+)
+from controlplane.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    def __init__(self, nats_url: str, store: Store, *, public_url: str) -> None:
+        self.id = f"registry-{uuid.uuid4().hex[:6]}"
+        self.nats_url = nats_url
+        self.store = store
+        self.public_url = public_url.rstrip("/")
+        self.bus: Bus | None = None
+
+    async def start(self) -> None:
+        self.bus = bus = await Bus.connect(self.nats_url, self.id)
+        await bus.subscribe(f"{subjects.ADMIN}.deploy", self._on_deploy)
+        await bus.subscribe(f"{subjects.ADMIN}.delete", self._on_delete)
+        await bus.subscribe(f"{subjects.ADMIN}.list", self._on_list)
+        await bus.subscribe(f"{subjects.ADMIN}.describe", self._on_describe)
+        await bus.subscribe(f"{subjects.ADMIN}.spec", self._on_spec)
+        await bus.subscribe(subjects.COLD_START, self._on_cold_start)
+
+    async def stop(self) -> None:
+        if self.bus is not None:
+            await self.bus.close()
+
+    def url(self, name: str) -> str:
+        return f"{self.public_url}/v2/models/{name}/infer"
+
+    async def _on_deploy(self, msg: Message, _raw: Msg) -> Message:
+        assert self.bus is not None
+        if not isinstance(msg, DeployRequest):
+            raise RemoteError(400, "expected a DeployRequest")
+        try:
+            spec = msg.spec.validate()
+        except SpecError as exc:
+            raise RemoteError(400, f"invalid service spec: {exc}") from None
+        old = await self.store.get_service(spec.name)
+        gen = (old.generation if old else 0) + 1
+        spec = msgspec.structs.replace(spec, generation=gen)
+        await self.store.put_service(spec)
+        await self.bus.publish(subjects.SPEC_EVENTS, SpecUpdated(spec))
+        log.info("registry: %s %s (generation %d)", "updated" if old else "created", spec.name, gen)
+        return ServiceStatus(spec, self.url(spec.name))
+
+    async def _on_delete(self, msg: Message, _raw: Msg) -> Message:
+        assert self.bus is not None
+        if not isinstance(msg, NameRequest):
+            raise RemoteError(400, "expected a NameRequest")
+        if not await self.store.delete_service(msg.name):
+            raise RemoteError(404, f"service {msg.name!r} not found")
+        await self.bus.publish(subjects.SPEC_EVENTS, ServiceDeleted(msg.name))
+        return Empty()
+
+    async def _on_list(self, _msg: Message, _raw: Msg) -> Message:
+        specs = await self.store.list_services()
+        routes = await self._routes()
+        return ServiceList(
+            [
+                ServiceStatus(s, self.url(s.name), ready_pods=len(routes.get(s.name, [])))
+                for s in specs
+            ]
+        )
+
+    async def _on_describe(self, msg: Message, _raw: Msg) -> Message:
+        assert self.bus is not None
+        if not isinstance(msg, NameRequest):
+            raise RemoteError(400, "expected a NameRequest")
+        spec = await self.store.get_service(msg.name)
+        if spec is None:
+            raise RemoteError(404, f"service {msg.name!r} not found")
+        scale = ScaleStatus(msg.name, 0, [])
+        try:
+            reply = await self.bus.request(subjects.SCALE_STATUS, msg, timeout=1.0)
+            if isinstance(reply, ScaleStatus):
+                scale = reply
+        except RemoteError as exc:
+            log.warning("registry: scale status for %s unavailable: %s", msg.name, exc)
+        ready = sum(1 for p in scale.pods if p.state == "ready")
+        return ServiceStatus(
+            spec,
+            self.url(spec.name),
+            ready_pods=ready,
+            desired_pods=scale.desired,
+            pods=scale.pods,
+            last_cold_start=await self.store.get_cold_start(spec.name),
+            last_error=scale.last_error,
+        )
+
+    async def _on_spec(self, msg: Message, _raw: Msg) -> Message:
+        if not isinstance(msg, NameRequest):
+            raise RemoteError(400, "expected a NameRequest")
+        spec = await self.store.get_service(msg.name)
+        if spec is None:
+            raise RemoteError(404, f"service {msg.name!r} not found")
+        return SpecUpdated(spec)
+
+    async def _on_cold_start(self, msg: Message, _raw: Msg) -> None:
+        if isinstance(msg, ColdStart):
+            await self.store.put_cold_start(msg)
+
+    async def _routes(self) -> dict[str, list[str]]:
+        assert self.bus is not None
+        try:
+            snap = await self.bus.request(subjects.ROUTE_SNAPSHOT, Empty(), timeout=1.0)
+        except RemoteError:
+            return {}
+        if not isinstance(snap, RoutingSnapshot):
+            return {}
+        return {e.service: [x.pod for x in e.endpoints] for e in snap.services}
+

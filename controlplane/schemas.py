@@ -1,0 +1,445 @@
+"""Every message that crosses NATS, and every record kept in Redis, defined once.
+
+Structs are msgpack-encoded and tagged so a subscriber can decode a union and reject a
+message of the wrong kind with a clear error instead of guessing. `SCHEMA_VERSION` travels in
+the `Fnplane-Schema` header; a receiver refuses a major version it does not know.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, TypeVar
+
+import msgspec
+
+SCHEMA_VERSION = "1"
+
+T = TypeVar("T")
+
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class SpecError(ValueError):
+    """A service spec a user sent is invalid; the message says which field and why."""
+
+
+class Resources(msgspec.Struct, frozen=True):
+    """Requests of one pod, or free/total capacity of a node; cpu in cores, memory in MiB."""
+
+    cpu: float = 0.0
+    memory_mb: int = 0
+    gpu: int = 0
+
+    def fits_in(self, free: Resources) -> bool:
+        return (
+            self.cpu <= free.cpu + 1e-9
+            and self.memory_mb <= free.memory_mb
+            and self.gpu <= free.gpu
+        )
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(
+            round(self.cpu + other.cpu, 6),
+            self.memory_mb + other.memory_mb,
+            self.gpu + other.gpu,
+        )
+
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources(
+            round(self.cpu - other.cpu, 6),
+            self.memory_mb - other.memory_mb,
+            self.gpu - other.gpu,
+        )
+
+
+class ScalingSpec(msgspec.Struct, frozen=True):
+    """Knative KPA knobs, same names and defaults (pkg/autoscaler/config/config.go)."""
+
+    min_scale: int = 0
+    max_scale: int = 0  # 0 = unbounded, as Knative
+    initial_scale: int = 1
+    target_concurrency: float = 100.0  # container-concurrency-target-default
+    target_utilization: float = 0.7
+    metric: Literal["concurrency", "rps"] = "concurrency"
+    target_rps: float = 200.0
+    stable_window_s: float = 60.0
+    panic_window_pct: float = 10.0
+    panic_threshold_pct: float = 200.0
+    max_scale_up_rate: float = 1000.0
+    max_scale_down_rate: float = 2.0
+    scale_down_delay_s: float = 0.0
+    scale_to_zero_grace_s: float = 30.0
+    target_burst_capacity: float = 211.0  # -1: activator always in path, 0: only at zero
+
+
+class BatchingSpec(msgspec.Struct, frozen=True):
+    max_batch_size: int = 0  # 0 = no micro-batching
+    max_wait_ms: float = 5.0
+
+
+class ServiceSpec(msgspec.Struct, frozen=True):
+    """A user's inference deployment. `command` is the pod's argv (Knative runtime contract)."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str] = {}
+    resources: Resources = Resources(cpu=0.5, memory_mb=256)
+    scaling: ScalingSpec = ScalingSpec()
+    container_concurrency: int = 0  # 0 = unlimited, as Knative
+    readiness_path: str = "/v2/health/ready"
+    startup_timeout_s: float = 60.0
+    model: str = ""  # weights identity, for cache locality; defaults to the name
+    batching: BatchingSpec = BatchingSpec()
+    generation: int = 0
+
+    def validate(self) -> ServiceSpec:
+        """Refuse specs the control plane cannot honour, before anything is stored."""
+        s, sc = self, self.scaling
+        if not _NAME_RE.match(s.name):
+            raise SpecError(
+                f"name {s.name!r}: must be a DNS label (lowercase letters, digits, '-', 1-63)"
+            )
+        if not s.command or not all(isinstance(a, str) and a for a in s.command):
+            raise SpecError("command: must be a non-empty list of non-empty strings")
+        if s.resources.cpu <= 0 or s.resources.memory_mb <= 0 or s.resources.gpu < 0:
+            raise SpecError("resources: cpu and memory must be > 0, gpu >= 0")
+        if sc.min_scale < 0 or sc.max_scale < 0:
+            raise SpecError("min-scale and max-scale must be >= 0")
+        if sc.max_scale and sc.min_scale > sc.max_scale:
+            raise SpecError(f"min-scale {sc.min_scale} > max-scale {sc.max_scale}")
+        if sc.initial_scale < 0:
+            raise SpecError("initial-scale must be >= 0")
+        if sc.target_concurrency <= 0 or not 0 < sc.target_utilization <= 1:
+            raise SpecError("target concurrency must be > 0 and utilization in (0, 1]")
+        if sc.stable_window_s < 6 or sc.stable_window_s > 3600:
+            raise SpecError("scale window must be between 6s and 1h (as Knative)")
+        if sc.scale_to_zero_grace_s < 0 or sc.scale_down_delay_s < 0:
+            raise SpecError("scale-to-zero grace and scale-down delay must be >= 0")
+        if sc.max_scale_up_rate <= 1 or sc.max_scale_down_rate <= 1:
+            raise SpecError("max scale-up/down rates must be > 1")
+        if s.container_concurrency < 0:
+            raise SpecError("container-concurrency must be >= 0 (0 = unlimited)")
+        if not s.readiness_path.startswith("/"):
+            raise SpecError("readiness path must start with '/'")
+        if s.startup_timeout_s <= 0:
+            raise SpecError("startup timeout must be > 0")
+        if s.batching.max_batch_size < 0 or s.batching.max_wait_ms < 0:
+            raise SpecError("batching: max batch size and max wait must be >= 0")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        return self.model or self.name
+
+
+# ---- node inventory and partitions -------------------------------------------------------
+
+
+class NodeInfo(msgspec.Struct, frozen=True):
+    """A machine pods can run on; `models` are the weights already in its cache."""
+
+    name: str
+    capacity: Resources
+    labels: dict[str, str] = {}
+    models: list[str] = []
+    backend: str = "local"
+
+
+class NodeRegistration(msgspec.Struct, frozen=True, tag=True):
+    """Node backend → coordinator, at start: this node exists and can take pods."""
+
+    info: NodeInfo
+
+
+class Partition(msgspec.Struct, frozen=True):
+    """A disjoint set of nodes with one owner; `epoch` fences a stale owner's writes."""
+
+    id: int
+    epoch: int
+    owner: str  # schedule instance id, "" while unowned
+    nodes: list[str]
+
+
+class PartitionMap(msgspec.Struct, frozen=True, tag=True):
+    version: int
+    partitions: list[Partition]
+    nodes: dict[str, NodeInfo] = {}
+
+
+# ---- control-function messages -------------------------------------------------------------
+
+
+class Demand(msgspec.Struct, frozen=True, tag=True):
+    """Activator → scale: what one activator sees of a service right now.
+
+    Sent at once when a request is buffered for a service with no ready pod (`urgent`),
+    and on every metrics tick otherwise.
+    """
+
+    service: str
+    activator: str
+    buffered: int
+    in_flight: int
+    requests: int  # requests admitted since the previous report, for the RPS mode
+    ts: float
+    urgent: bool = False
+
+
+class PlaceRequest(msgspec.Struct, frozen=True, tag=True):
+    """scale → schedule: find a node for one new pod of a service. The spec travels along
+    so the node can start the pod without another round trip to the registry."""
+
+    pod: str
+    spec: ServiceSpec
+    requested_at: float
+
+    @property
+    def service(self) -> str:
+        return self.spec.name
+
+    @property
+    def resources(self) -> Resources:
+        return self.spec.resources
+
+    @property
+    def model(self) -> str:
+        return self.spec.model_id
+
+
+class Placement(msgspec.Struct, frozen=True, tag=True):
+    pod: str
+    service: str
+    node: str
+    partition: int
+    epoch: int
+    decided_at: float
+    probes: int = 0
+
+
+class Unschedulable(msgspec.Struct, frozen=True, tag=True):
+    pod: str
+    service: str
+    reason: str
+    probes: int = 0
+
+
+class StartPod(msgspec.Struct, frozen=True, tag=True):
+    """schedule → node backend: run one pod of a service on this node."""
+
+    pod: str
+    spec: ServiceSpec
+    node: str
+    requested_at: float
+    placed_at: float
+
+
+class StopPod(msgspec.Struct, frozen=True, tag=True):
+    pod: str
+    service: str
+    reason: str = "scale-down"
+
+
+PodState = Literal["starting", "ready", "terminating", "stopped", "failed"]
+
+
+class PodTimeline(msgspec.Struct, frozen=True):
+    """Wall-clock stamps of one pod's cold start, for the breakdown `describe` shows."""
+
+    requested_at: float = 0.0
+    placed_at: float = 0.0
+    spawned_at: float = 0.0
+    ready_at: float = 0.0
+
+
+class PodEvent(msgspec.Struct, frozen=True, tag=True):
+    """Node backend → scale, schedule, route: a pod changed state."""
+
+    pod: str
+    service: str
+    node: str
+    state: PodState
+    url: str = ""
+    container_concurrency: int = 0
+    resources: Resources = Resources()
+    timeline: PodTimeline = PodTimeline()
+    reason: str = ""
+    log_tail: str = ""
+    ts: float = 0.0
+
+
+class Endpoint(msgspec.Struct, frozen=True):
+    pod: str
+    url: str
+    node: str
+    container_concurrency: int
+    timeline: PodTimeline = PodTimeline()
+
+
+class Endpoints(msgspec.Struct, frozen=True, tag=True):
+    """route → activators: the full ready set of one service, replacing the previous one.
+
+    `error` is set when the service has no ready pod because its pods fail to start, so
+    activators answer buffered requests with a clear 5xx instead of holding them.
+    """
+
+    service: str
+    version: int
+    endpoints: list[Endpoint]
+    mode: Literal["proxy", "direct"] = "proxy"
+    error: str = ""
+
+
+class RoutingSnapshot(msgspec.Struct, frozen=True, tag=True):
+    services: list[Endpoints]
+
+
+class ColdStart(msgspec.Struct, frozen=True, tag=True):
+    """One cold request, stage by stage (wall clock seconds), as the activator saw it end."""
+
+    service: str
+    pod: str
+    node: str
+    request_in: float
+    placement_decided: float
+    process_spawned: float
+    ready: float
+    first_byte_out: float
+    trace_id: str = ""
+
+    def stages_ms(self) -> dict[str, float]:
+        def ms(a: float, b: float) -> float:
+            return round((b - a) * 1000.0, 1) if a and b else 0.0
+
+        return {
+            "request_in->placement_decided": ms(self.request_in, self.placement_decided),
+            "placement_decided->process_spawned": ms(self.placement_decided, self.process_spawned),
+            "process_spawned->ready": ms(self.process_spawned, self.ready),
+            "ready->first_byte_out": ms(self.ready, self.first_byte_out),
+            "total": ms(self.request_in, self.first_byte_out),
+        }
+
+
+class Heartbeat(msgspec.Struct, frozen=True, tag=True):
+    """Every control-function instance, every few hundred ms: alive, and how loaded."""
+
+    kind: Literal["scale", "schedule", "route", "activator", "node"]
+    instance: str
+    ts: float
+    requests_per_s: float = 0.0
+    queue_depth: int = 0
+    latency_ms_p99: float = 0.0
+    partition: int = -1
+    epoch: int = 0
+
+
+# ---- admin API (CLI ↔ coordinator) ---------------------------------------------------------
+
+
+class DeployRequest(msgspec.Struct, frozen=True, tag=True):
+    spec: ServiceSpec
+
+
+class NameRequest(msgspec.Struct, frozen=True, tag=True):
+    name: str
+
+
+class Empty(msgspec.Struct, frozen=True, tag=True):
+    pass
+
+
+class ServiceStatus(msgspec.Struct, frozen=True, tag=True):
+    spec: ServiceSpec
+    url: str
+    ready_pods: int = 0
+    desired_pods: int = 0
+    pods: list[PodEvent] = []
+    last_cold_start: ColdStart | None = None
+    last_error: str = ""
+
+
+class ServiceList(msgspec.Struct, frozen=True, tag=True):
+    services: list[ServiceStatus]
+
+
+class InstanceInfo(msgspec.Struct, frozen=True):
+    kind: str
+    instance: str
+    last_seen: float
+    partition: int = -1
+
+
+class ClusterStatus(msgspec.Struct, frozen=True, tag=True):
+    partitions: PartitionMap
+    instances: list[InstanceInfo]
+    node_free: dict[str, Resources] = {}
+
+
+class ErrorReply(msgspec.Struct, frozen=True, tag=True):
+    """A typed error on the wire: `code` follows HTTP (400 bad input, 404 unknown, 409
+    stale epoch, 503 no capacity, 500 anything unexpected)."""
+
+    code: int
+    message: str
+
+
+class SpecUpdated(msgspec.Struct, frozen=True, tag=True):
+    spec: ServiceSpec
+
+
+class ServiceDeleted(msgspec.Struct, frozen=True, tag=True):
+    name: str
+
+
+class ScaleStatus(msgspec.Struct, frozen=True, tag=True):
+    service: str
+    desired: int
+    pods: list[PodEvent]
+    last_error: str = ""
+
+
+Message = (
+    NodeRegistration
+    | PartitionMap
+    | Demand
+    | PlaceRequest
+    | Placement
+    | Unschedulable
+    | StartPod
+    | StopPod
+    | PodEvent
+    | Endpoints
+    | RoutingSnapshot
+    | ColdStart
+    | Heartbeat
+    | DeployRequest
+    | NameRequest
+    | Empty
+    | ServiceStatus
+    | ServiceList
+    | ClusterStatus
+    | ErrorReply
+    | SpecUpdated
+    | ServiceDeleted
+    | ScaleStatus
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Message:
+    """Decode any wire message; raises msgspec.ValidationError/DecodeError on bad input."""
+    return _decoder.decode(data)
+
+
+def encode_record(obj: msgspec.Struct) -> bytes:
+    """Redis records: the same msgpack, so one schema serves the wire and the store."""
+    return _encoder.encode(obj)
+
+
+def decode_record(data: bytes, kind: type[T]) -> T:
+    return msgspec.msgpack.decode(data, type=kind)

@@ -1,0 +1,123 @@
+"""The embedded default: NATS, Redis, the coordinator, one instance of each control function,
+the local node backend and the activator, in one foreground process. Wiring only; every
+decision lives in the components."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+from activator.server import Activator
+from controlplane.config import Config
+from controlplane.coordinator import Coordinator
+from controlplane.procs import NatsServer, RedisServer, start_nats, start_redis
+from controlplane.registry import Registry
+from controlplane.schemas import NodeInfo
+from controlplane.store import ROUTES, Store
+from functions.route.instance import RouteInstance
+from functions.scale.instance import ScaleInstance
+from functions.schedule.instance import ScheduleInstance
+from partitions.backends.local import LocalNode
+
+log = logging.getLogger(__name__)
+
+
+class Component(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+@dataclass
+class Stack:
+    """Start in dependency order, stop in reverse; `stop` is idempotent and always runs
+    every component's stop even when one fails."""
+
+    config: Config
+    # Servers already running (tests pass their fixtures); otherwise we start our own.
+    nats_url: str | None = None
+    redis_url: str | None = None
+    nats_port: int | None = 4222
+    redis_port: int | None = None
+    components: list[Component] = field(default_factory=list)
+    nats: NatsServer | None = None
+    redis: RedisServer | None = None
+    store: Store | None = None
+    activator: Activator | None = None
+    started_at: float = 0.0
+
+    async def start(self) -> None:
+        self.started_at = time.time()
+        state = Path(self.config.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        try:
+            await self._start(state)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, state: Path) -> None:
+        cfg = self.config
+        if self.nats_url is None:
+            self.nats = await start_nats(state, port=self.nats_port)
+            self.nats_url = self.nats.url
+        if self.redis_url is None:
+            self.redis = await start_redis(state, port=self.redis_port)
+            self.redis_url = self.redis.url
+        self.config = cfg = replace(cfg, nats_url=self.nats_url, redis_url=self.redis_url)
+        self.store = Store.from_url(self.redis_url)
+        # Local pods never outlive the stack, so routes stored by a previous run are stale.
+        await self.store.r.delete(ROUTES)
+
+        self.activator = Activator(cfg.nats_url, cfg.activator)
+        public = f"http://{cfg.activator.host}:{cfg.activator.port or 0}"
+        await self._up(Coordinator(cfg.nats_url, self.store, cfg.coordinator))
+        registry = Registry(cfg.nats_url, self.store, public_url=public)
+        await self._up(registry)
+        await self._up(RouteInstance(cfg.nats_url, cfg.redis_url))
+        for _ in range(cfg.coordinator.schedule_instances):
+            await self._up(ScheduleInstance(cfg.nats_url, cfg.schedule))
+        await self._up(
+            ScaleInstance(
+                cfg.nats_url, cfg.scale, metrics_interval_s=cfg.activator.metrics_interval_s
+            )
+        )
+        nodes = [
+            LocalNode(
+                cfg.nats_url,
+                NodeInfo(f"node-{i}", cfg.nodes.capacity, backend="local"),
+                workdir=cfg.nodes.workdir,
+                log_dir=state / "pods",
+            )
+            for i in range(cfg.nodes.count)
+        ]
+        await asyncio.gather(*(self._up(n) for n in nodes))
+        await self._up(self.activator)
+        registry.public_url = self.activator.url
+
+    async def _up(self, component: Component) -> None:
+        self.components.append(component)
+        await component.start()
+
+    async def stop(self) -> None:
+        components, self.components = self.components, []
+        for component in reversed(components):
+            try:
+                await asyncio.wait_for(component.stop(), timeout=20.0)
+            except Exception:
+                log.exception("stack: stopping %s failed", type(component).__name__)
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+        for server in (self.redis, self.nats):
+            if server is not None:
+                await server.stop()
+        self.redis = self.nats = None
+
+    @property
+    def url(self) -> str:
+        assert self.activator is not None
+        return self.activator.url

@@ -1,0 +1,101 @@
+"""What must survive a restart, in Redis: the service registry, the partition map with its
+epochs, the routing snapshot and the last cold start of each service.
+
+Records are the same msgpack Structs as on the wire. The hot path never waits on Redis:
+route writes its snapshot behind publishing, and activators read endpoints from NATS.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from controlplane.schemas import (
+    ColdStart,
+    Endpoints,
+    PartitionMap,
+    ServiceSpec,
+    decode_record,
+    encode_record,
+)
+
+SERVICES = "fnplane:services"
+PARTITIONS = "fnplane:partitions"
+ROUTES = "fnplane:routes"
+COLD_STARTS = "fnplane:coldstarts"
+
+# Fencing: write the partition map only if the stored version is the one the writer read,
+# so a coordinator that lost its lease (or a stale copy) cannot roll the map back.
+_CAS_MAP = """
+local cur = redis.call('HGET', KEYS[1], 'version')
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'map', ARGV[2])
+return 1
+"""
+
+
+class StaleWrite(Exception):
+    pass
+
+
+class Store:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.r = client
+        self._cas_map = self.r.register_script(_CAS_MAP)
+
+    @classmethod
+    def from_url(cls, url: str) -> Store:
+        return cls(aioredis.from_url(url, decode_responses=False))
+
+    async def ping(self) -> bool:
+        return bool(await self.r.ping())
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+    # ---- services -----------------------------------------------------------------------
+
+    async def put_service(self, spec: ServiceSpec) -> None:
+        await self.r.hset(SERVICES, spec.name, encode_record(spec))
+
+    async def get_service(self, name: str) -> ServiceSpec | None:
+        raw = await self.r.hget(SERVICES, name)
+        return decode_record(raw, ServiceSpec) if raw else None
+
+    async def list_services(self) -> list[ServiceSpec]:
+        raw = await self.r.hgetall(SERVICES)
+        return sorted((decode_record(v, ServiceSpec) for v in raw.values()), key=lambda s: s.name)
+
+    async def delete_service(self, name: str) -> bool:
+        pipe = self.r.pipeline()
+        pipe.hdel(SERVICES, name)
+        pipe.hdel(ROUTES, name)
+        pipe.hdel(COLD_STARTS, name)
+        removed, *_ = await pipe.execute()
+        return bool(removed)
+
+    # ---- partition map -------------------------------------------------------------------
+
+    async def put_partition_map(self, pmap: PartitionMap) -> None:
+        ok = await self._cas_map(keys=[PARTITIONS], args=[pmap.version, encode_record(pmap)])
+        if not ok:
+            raise StaleWrite(f"partition map version {pmap.version} is not newer than stored")
+
+    async def get_partition_map(self) -> PartitionMap | None:
+        raw = await self.r.hget(PARTITIONS, "map")
+        return decode_record(raw, PartitionMap) if raw else None
+
+    # ---- routing snapshot and cold starts ------------------------------------------------
+
+    async def put_endpoints(self, eps: Endpoints) -> None:
+        await self.r.hset(ROUTES, eps.service, encode_record(eps))
+
+    async def get_routes(self) -> list[Endpoints]:
+        raw = await self.r.hgetall(ROUTES)
+        return [decode_record(v, Endpoints) for v in raw.values()]
+
+    async def put_cold_start(self, cs: ColdStart) -> None:
+        await self.r.hset(COLD_STARTS, cs.service, encode_record(cs))
+
+    async def get_cold_start(self, name: str) -> ColdStart | None:
+        raw = await self.r.hget(COLD_STARTS, name)
+        return decode_record(raw, ColdStart) if raw else None

