@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -139,8 +140,11 @@ class Bus:
                     answers.append(schemas.decode(raw.data))
                 except msgspec.MsgspecError:
                     self.dropped += 1
+        except nats.errors.ConnectionClosedError:
+            pass  # closing down: what arrived so far is the answer
         finally:
-            await sub.unsubscribe()
+            if not self.nc.is_closed:
+                await sub.unsubscribe()
         return answers
 
     # ---- receiving ------------------------------------------------------------------------

@@ -74,7 +74,8 @@ async def run_up(args: argparse.Namespace) -> int:
         ),
     )
     config = replace(config, coordinator=replace(
-        config.coordinator, schedule_instances=args.schedule_instances
+        config.coordinator, schedule_min=args.schedule_min,
+        schedule_max=max(args.schedule_max, args.schedule_min), runtime=args.runtime,
     ))
     stack = Stack(config, nats_port=args.nats_port or None)
     stop = asyncio.Event()
@@ -301,7 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=2, help="local nodes")
     up.add_argument("--node-cpu", default="4", help="cpu per node (cores or millicores)")
     up.add_argument("--node-memory", default="8Gi", help="memory per node")
-    up.add_argument("--schedule-instances", type=int, default=1)
+    up.add_argument("--schedule-min", type=int, default=1, help="schedule instances, at least")
+    up.add_argument("--schedule-max", type=int, default=4, help="schedule instances, at most")
+    up.add_argument("--runtime", choices=["tasks", "processes"], default="tasks",
+                    help="run control-function instances as tasks here or as OS processes")
     up.add_argument("--state-dir", default=str(default_state_dir()))
     up.add_argument("--workdir", default=".", help="where local pods are started from")
     up.set_defaults(func=run_up)

@@ -23,6 +23,51 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
 @dataclass(frozen=True)
+class NatsIngressConfig:
+    """The activator's NATS side (issue 4): request-reply on `svc.invoke.{service}` and one
+    JetStream stream of fire-and-forget events per service on `svc.events.{service}`."""
+
+    enabled: bool = True
+    # Activators share `svc.invoke.*` through this queue group.
+    queue_group: str = "activator"
+    # Limits-based retention: events nobody served are kept this long / this many per
+    # service, oldest dropped first, so a service nobody calls cannot fill the disk.
+    stream_max_age_s: float = 24 * 3600.0
+    stream_max_msgs: int = 100_000
+    # Events one activator serves at once per service; also capped at half its buffer, so a
+    # flood of events cannot crowd HTTP and request-reply callers out of it.
+    max_in_flight: int = 64
+    fetch_batch: int = 16
+    fetch_timeout_s: float = 1.0
+    # Delivered-but-unacked events per service across all activators (the consumer's bound).
+    max_ack_pending: int = 1000
+    # 0: twice the activator's request timeout. A slow pod answer is kept from redelivery by
+    # in-progress acks; this bounds how long a crashed activator's events stay invisible.
+    ack_wait_s: float = 0.0
+    # Deliveries of one event (5xx, timeouts) before it is given up with an error reply.
+    max_deliver: int = 20
+    nak_delay_s: float = 1.0  # doubles per delivery, up to nak_max_delay_s
+    nak_max_delay_s: float = 30.0
+    # How long stop() lets requests and events in flight finish before cancelling them.
+    drain_timeout_s: float = 5.0
+    # False: keep the streams and report their lag as demand, but serve no events (another
+    # consumer works them; tests use it to see lag alone wake a service).
+    consume_events: bool = True
+
+    def __post_init__(self) -> None:
+        if self.stream_max_age_s <= 0 or self.stream_max_msgs < 1:
+            raise ConfigError("event streams need a max age > 0 and max msgs >= 1")
+        if self.max_in_flight < 1 or self.fetch_batch < 1 or self.max_ack_pending < 1:
+            raise ConfigError("events in flight, fetch batch and max ack pending must be >= 1")
+        if self.fetch_timeout_s <= 0 or self.drain_timeout_s < 0:
+            raise ConfigError("fetch timeout must be > 0 and drain timeout >= 0")
+        if self.ack_wait_s < 0 or self.max_deliver < 1:
+            raise ConfigError("ack wait must be >= 0 (0: derived) and max deliver >= 1")
+        if self.nak_delay_s < 0 or self.nak_max_delay_s < self.nak_delay_s:
+            raise ConfigError("nak delays must be >= 0 and max >= the first delay")
+
+
+@dataclass(frozen=True)
 class ActivatorConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -36,6 +81,7 @@ class ActivatorConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     metrics_interval_s: float = 1.0
     retry_after_s: int = 1
+    nats: NatsIngressConfig = field(default_factory=NatsIngressConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -44,6 +90,9 @@ class ActivatorConfig:
             raise ConfigError("activator buffer size must be >= 1")
         if self.request_timeout_s <= 0 or self.pod_timeout_s <= 0:
             raise ConfigError("activator timeouts must be > 0")
+        if self.nats.ack_wait_s and self.nats.ack_wait_s <= self.request_timeout_s:
+            # An event waiting in the buffer for a pod would be redelivered meanwhile.
+            raise ConfigError("events ack wait must exceed the activator's request timeout")
 
 
 @dataclass(frozen=True)
@@ -77,12 +126,15 @@ class NodesConfig:
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    heartbeat_interval_s: float = 0.5
+    heartbeat_interval_s: float = 0.25
     # An instance silent for this long is declared dead and its partition reassigned.
-    heartbeat_timeout_s: float = 1.5
-    schedule_instances: int = 1
-    scale_instances: int = 1
-    route_instances: int = 1
+    heartbeat_timeout_s: float = 1.0
+    # `schedule` scales between these with its load; `scale` and `route` keep per-service
+    # state without sharding yet, so they run one instance each.
+    schedule_min: int = 1
+    schedule_max: int = 4
+    schedule_target_rps: float = 500.0
+    runtime: str = "tasks"  # or "processes": one OS process per instance
 
 
 @dataclass(frozen=True)

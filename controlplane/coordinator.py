@@ -1,7 +1,7 @@
 """The coordinator: keeps the node inventory and the list of live control-function instances
-(from heartbeats), owns the partition map (one partition per live `schedule` instance, with
-epochs, persisted in Redis) and republishes it whenever an instance joins, leaves or goes
-silent. Scaling the instances themselves is the instance runtime's job (`runtime.py`)."""
+(from heartbeats), scales `schedule` instances with their load through an instance runtime,
+owns the partition map (one partition per live `schedule` instance, with epochs, persisted in
+Redis) and republishes it whenever an instance joins, leaves, exits or goes silent."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from nats.aio.msg import Msg
 from controlplane import subjects
 from controlplane.bus import Bus
 from controlplane.config import CoordinatorConfig
+from controlplane.elastic import InstancePolicy, InstanceScaler
+from controlplane.runtime import Runtime
 from controlplane.schemas import (
     ClusterStatus,
     Empty,
@@ -40,6 +42,7 @@ class Coordinator:
         config: CoordinatorConfig,
         *,
         clock: Callable[[], float] = time.time,
+        runtime: Runtime | None = None,
     ) -> None:
         self.id = f"coordinator-{uuid.uuid4().hex[:6]}"
         self.nats_url = nats_url
@@ -53,6 +56,15 @@ class Coordinator:
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self.listeners: list[Callable[[Heartbeat], None]] = []
+        self.runtime = runtime
+        self.scalers = {
+            "schedule": InstanceScaler(
+                InstancePolicy(config.schedule_min, config.schedule_max,
+                               target_rps=config.schedule_target_rps)
+            )
+        }
+        if runtime is not None:
+            runtime.on_exit = self._on_exit
 
     async def start(self) -> None:
         stored = await self.store.get_partition_map()
@@ -66,6 +78,9 @@ class Coordinator:
         await bus.subscribe(subjects.NODE_REGISTER, self._on_register)
         await bus.subscribe(subjects.PARTITIONS_GET, self._on_get)
         await bus.subscribe(f"{subjects.ADMIN}.status", self._on_status)
+        if self.runtime is not None:
+            for kind, scaler in self.scalers.items():
+                await self.runtime.scale(kind, scaler.policy.min_instances)
         self._task = asyncio.create_task(self._run(), name=f"{self.id}-loop")
 
     async def stop(self) -> None:
@@ -73,8 +88,17 @@ class Coordinator:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self.runtime is not None:
+            await self.runtime.stop()
         if self.bus is not None:
             await self.bus.close()
+
+    def _on_exit(self, kind: str, instance: str) -> None:
+        """The runtime saw an instance exit: reassign its partition now, not after the
+        heartbeat timeout."""
+        if self.instances.pop(instance, None) is not None:
+            log.warning("coordinator: %s %s exited", kind, instance)
+        self._changed.set()
 
     # ---- inputs ---------------------------------------------------------------------------
 
@@ -93,9 +117,10 @@ class Coordinator:
 
     async def _on_register(self, msg: Message, _raw: Msg) -> Message:
         if isinstance(msg, NodeRegistration):
-            if self.nodes.get(msg.info.name) != msg.info:
-                self.nodes[msg.info.name] = msg.info
-                self._changed.set()
+            for info in msg.infos:
+                if self.nodes.get(info.name) != info:
+                    self.nodes[info.name] = info
+                    self._changed.set()
         return Empty()
 
     async def _on_get(self, _msg: Message, _raw: Msg) -> Message:
@@ -122,16 +147,33 @@ class Coordinator:
             except TimeoutError:
                 pass
             self._changed.clear()
-            self._expire()
+            await self._expire()
+            await self._scale_instances()
             await self.repartition()
 
-    def _expire(self) -> None:
-        """Instances silent past the timeout are gone: crash or partition from NATS."""
+    async def _expire(self) -> None:
+        """Instances silent past the timeout are gone: crashed, hung, or cut off from NATS.
+        One of ours that is still running but silent is killed, so it gets replaced."""
         now = self.clock()
         for inst, beat in list(self.instances.items()):
             if now - beat.ts > self.config.heartbeat_timeout_s:
                 log.warning("coordinator: %s %s missed its heartbeats", beat.kind, inst)
                 del self.instances[inst]
+                if self.runtime is not None and inst in self.runtime.instances(beat.kind):
+                    await self.runtime.kill(beat.kind, inst)
+
+    async def _scale_instances(self) -> None:
+        if self.runtime is None:
+            return
+        now = self.clock()
+        for kind, scaler in self.scalers.items():
+            current = len(self.runtime.instances(kind))
+            beats = [b for b in self.instances.values() if b.kind == kind]
+            want = scaler.desired(now, beats, current)
+            if want != current:
+                log.info("coordinator: scaling %s %d -> %d (utilization %.2f)", kind, current,
+                         want, scaler.utilization(beats, current))
+                await self.runtime.scale(kind, want)
 
     async def repartition(self) -> None:
         owners = self.live("schedule")

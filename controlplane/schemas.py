@@ -146,9 +146,26 @@ class NodeInfo(msgspec.Struct, frozen=True):
 
 
 class NodeRegistration(msgspec.Struct, frozen=True, tag=True):
-    """Node backend → coordinator, at start: this node exists and can take pods."""
+    """Node backend → coordinator, at start: these nodes exist and can take pods (a `sim`
+    backend registers thousands in one message)."""
 
-    info: NodeInfo
+    infos: list[NodeInfo]
+
+
+class InventoryRequest(msgspec.Struct, frozen=True, tag=True):
+    """A new partition owner asks the nodes it was given what they already run."""
+
+    nodes: list[str]
+
+
+class PodAllocation(msgspec.Struct, frozen=True):
+    pod: str
+    service: str
+    resources: Resources
+
+
+class Inventory(msgspec.Struct, frozen=True, tag=True):
+    pods: dict[str, list[PodAllocation]]  # node → pods running or starting there
 
 
 class Partition(msgspec.Struct, frozen=True):
@@ -206,6 +223,17 @@ class PlaceRequest(msgspec.Struct, frozen=True, tag=True):
         return self.spec.model_id
 
 
+class PartitionSummary(msgspec.Struct, frozen=True, tag=True):
+    """An owner's view of its partition's free capacity, for other instances' probe caches."""
+
+    partition: int
+    epoch: int
+    owner: str
+    free: Resources
+    largest_free: Resources  # free resources of the emptiest node: the biggest pod that fits
+    nodes: int = 0
+
+
 class Placement(msgspec.Struct, frozen=True, tag=True):
     pod: str
     service: str
@@ -214,6 +242,7 @@ class Placement(msgspec.Struct, frozen=True, tag=True):
     epoch: int
     decided_at: float
     probes: int = 0
+    summary: PartitionSummary | None = None  # piggybacked for the asker's probe cache
 
 
 class Unschedulable(msgspec.Struct, frozen=True, tag=True):
@@ -223,14 +252,33 @@ class Unschedulable(msgspec.Struct, frozen=True, tag=True):
     probes: int = 0
 
 
+class ReserveRequest(msgspec.Struct, frozen=True, tag=True):
+    """schedule → the owner of another partition: place this pod in your partition, or refuse
+    with your current summary. `epoch` is the epoch the asker's cache saw, for diagnosis."""
+
+    place: PlaceRequest
+    asker: str
+    epoch: int = 0
+
+
+class Refused(msgspec.Struct, frozen=True, tag=True):
+    pod: str
+    partition: int
+    reason: str
+    summary: PartitionSummary | None = None
+
+
 class StartPod(msgspec.Struct, frozen=True, tag=True):
-    """schedule → node backend: run one pod of a service on this node."""
+    """schedule → node backend: run one pod of a service on this node. `partition` and
+    `epoch` fence a stale owner: a node refuses a start from an epoch older than it knows."""
 
     pod: str
     spec: ServiceSpec
     node: str
     requested_at: float
     placed_at: float
+    partition: int = -1
+    epoch: int = 0
 
 
 class StopPod(msgspec.Struct, frozen=True, tag=True):
@@ -400,9 +448,14 @@ class ScaleStatus(msgspec.Struct, frozen=True, tag=True):
 Message = (
     NodeRegistration
     | PartitionMap
+    | InventoryRequest
+    | Inventory
     | Demand
     | PlaceRequest
     | Placement
+    | PartitionSummary
+    | ReserveRequest
+    | Refused
     | Unschedulable
     | StartPod
     | StopPod

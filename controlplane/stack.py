@@ -16,6 +16,7 @@ from controlplane.config import Config
 from controlplane.coordinator import Coordinator
 from controlplane.procs import NatsServer, RedisServer, start_nats, start_redis
 from controlplane.registry import Registry
+from controlplane.runtime import ProcessRuntime, Runtime, TaskRuntime
 from controlplane.schemas import NodeInfo
 from controlplane.store import ROUTES, Store
 from functions.route.instance import RouteInstance
@@ -47,6 +48,8 @@ class Stack:
     redis: RedisServer | None = None
     store: Store | None = None
     activator: Activator | None = None
+    coordinator: Coordinator | None = None
+    runtime: Runtime | None = None
     started_at: float = 0.0
 
     async def start(self) -> None:
@@ -74,12 +77,14 @@ class Stack:
 
         self.activator = Activator(cfg.nats_url, cfg.activator)
         public = f"http://{cfg.activator.host}:{cfg.activator.port or 0}"
-        await self._up(Coordinator(cfg.nats_url, self.store, cfg.coordinator))
         registry = Registry(cfg.nats_url, self.store, public_url=public)
         await self._up(registry)
+        # The coordinator starts `schedule` instances itself and scales them with their load.
+        self.runtime = self._runtime(cfg)
+        self.coordinator = Coordinator(cfg.nats_url, self.store, cfg.coordinator,
+                                       runtime=self.runtime)
+        await self._up(self.coordinator)
         await self._up(RouteInstance(cfg.nats_url, cfg.redis_url))
-        for _ in range(cfg.coordinator.schedule_instances):
-            await self._up(ScheduleInstance(cfg.nats_url, cfg.schedule))
         await self._up(
             ScaleInstance(
                 cfg.nats_url, cfg.scale, metrics_interval_s=cfg.activator.metrics_interval_s
@@ -97,6 +102,12 @@ class Stack:
         await asyncio.gather(*(self._up(n) for n in nodes))
         await self._up(self.activator)
         registry.public_url = self.activator.url
+
+    @staticmethod
+    def _runtime(cfg: Config) -> Runtime:
+        if cfg.coordinator.runtime == "processes":
+            return ProcessRuntime(cfg.nats_url, cfg.redis_url, kinds=["schedule"])
+        return TaskRuntime({"schedule": lambda: ScheduleInstance(cfg.nats_url, cfg.schedule)})
 
     async def _up(self, component: Component) -> None:
         self.components.append(component)

@@ -11,6 +11,9 @@ RESERVE = f"{PREFIX}.schedule.reserve"  # + ".{partition}"
 # schedule → node backend (request-reply)
 NODE = f"{PREFIX}.node"  # + ".{node}.start" / ".{node}.stop"
 NODE_REGISTER = f"{PREFIX}.node.register"
+NODE_INVENTORY = f"{PREFIX}.nodes.inventory"
+# schedule → schedule: low-rate broadcast of partition summaries for probe caches
+SUMMARIES = f"{PREFIX}.schedule.summary"
 # node backend → everyone
 POD_EVENTS = f"{PREFIX}.pod.events"  # + ".{service}"
 # route → activators
@@ -41,6 +44,15 @@ def reserve(partition: int) -> str:
     return f"{RESERVE}.{partition}"
 
 
+INVOKE = "svc.invoke"  # + ".{service}": request-reply ingress, queue group "activator"
+EVENTS = "svc.events"  # + ".{service}": fire-and-forget events, one JetStream stream each
+
+
 def invoke(service: str) -> str:
     """NATS request-reply ingress of a service (issue 4), named as DESIGN.md."""
-    return f"svc.invoke.{service}"
+    return f"{INVOKE}.{service}"
+
+
+def events(service: str) -> str:
+    """JetStream events of a service (issue 4), answered on `Fnplane-Reply-To` if given."""
+    return f"{EVENTS}.{service}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from controlplane.schemas import NodeInfo, Resources
+from controlplane.schemas import NodeInfo, PartitionSummary, Resources
 from partitions.nodes import NodeState
 
 
@@ -76,3 +76,14 @@ class PartitionView:
 
     def free(self) -> dict[str, Resources]:
         return {name: n.free for name, n in self.nodes.items()}
+
+    def summary(self, owner: str) -> PartitionSummary:
+        """What other instances' probe caches need: total free, and the largest free slot."""
+        total = Resources()
+        largest = Resources()
+        for node in self.nodes.values():
+            free = node.free
+            total = total + free
+            if (free.cpu, free.memory_mb) > (largest.cpu, largest.memory_mb):
+                largest = free
+        return PartitionSummary(self.partition, self.epoch, owner, total, largest, len(self.nodes))

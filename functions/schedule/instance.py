@@ -1,6 +1,9 @@
 """The `schedule` control function's NATS adapter. It owns one partition (assigned by the
-coordinator, with an epoch), places pods in it, tells the chosen node to start them, and
-releases their resources when nodes report them gone."""
+coordinator, with an epoch), places pods in it, and when its partition has no room asks the
+owner of the most promising other partition (per its probe cache) to reserve; bounded tries,
+then `Unschedulable`. Every reply piggybacks the replier's summary; a low-rate broadcast keeps
+caches warm. The owner is the only writer of its nodes' accounting, so concurrent reserves
+from many instances cannot over-commit a node."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import time
 import uuid
 
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from controlplane import subjects
 from controlplane.bus import Bus, RemoteError
@@ -17,17 +21,27 @@ from controlplane.config import ScheduleConfig
 from controlplane.schemas import (
     Empty,
     Heartbeat,
+    Inventory,
+    InventoryRequest,
     Message,
     PartitionMap,
+    PartitionSummary,
     Placement,
     PlaceRequest,
     PodEvent,
+    Refused,
+    ReserveRequest,
     StartPod,
     Unschedulable,
 )
 from functions.schedule.core import PartitionView
+from partitions.probecache import ProbeCache
 
 log = logging.getLogger(__name__)
+
+SUMMARY_INTERVAL_S = 1.0
+# The coordinator declares an instance dead after 1 s of silence: four missed beats.
+HEARTBEAT_INTERVAL_S = 0.25
 
 
 class ScheduleInstance:
@@ -38,71 +52,116 @@ class ScheduleInstance:
         self.nats_url = nats_url
         self.config = config
         self.view = PartitionView()
+        self.cache = ProbeCache(ttl_s=config.probe_cache_ttl_s)
         self.bus: Bus | None = None
         self._assigned = asyncio.Event()
         self._map_version = 0
-        self._beat_task: asyncio.Task[None] | None = None
-        self._placed = 0
+        self._reserve_sub: Subscription | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._assign_lock = asyncio.Lock()
+        # load, for the coordinator's scaling of this control function
+        self._handled = 0
+        self._in_flight = 0
+        self._latencies: list[float] = []
+        self.probes_sent = 0
 
     async def start(self) -> None:
         self.bus = bus = await Bus.connect(self.nats_url, self.id)
         await bus.subscribe(subjects.PARTITIONS, self._on_map)
         await bus.subscribe(f"{subjects.POD_EVENTS}.>", self._on_pod_event)
+        await bus.subscribe(subjects.SUMMARIES, self._on_summary)
         await bus.subscribe(subjects.PLACE, self._on_place, queue="schedule", concurrent=True)
-        self._beat_task = asyncio.create_task(self._heartbeat(), name=f"{self.id}-beat")
+        self._tasks = [
+            asyncio.create_task(self._heartbeat(), name=f"{self.id}-beat"),
+            asyncio.create_task(self._broadcast(), name=f"{self.id}-summary"),
+        ]
 
     async def stop(self) -> None:
-        if self._beat_task is not None:
-            self._beat_task.cancel()
-            await asyncio.gather(self._beat_task, return_exceptions=True)
-            self._beat_task = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         if self.bus is not None:
             await self.bus.close()
 
-    async def _heartbeat(self) -> None:
-        """Announce ourselves until the coordinator gives us a partition, then keep alive."""
-        assert self.bus is not None
-        while True:
-            beat = Heartbeat(
-                self.kind,
-                self.id,
-                time.time(),
-                requests_per_s=self._placed / 0.5,
-                partition=self.view.partition,
-                epoch=self.view.epoch,
-            )
-            self._placed = 0
-            try:
-                await self.bus.publish(f"{subjects.HEARTBEAT}.{self.kind}", beat)
-                if not self._assigned.is_set():
-                    reply = await self.bus.request(subjects.PARTITIONS_GET, Empty(), timeout=0.5)
-                    if isinstance(reply, PartitionMap):
-                        self._apply_map(reply)
-            except RemoteError:
-                pass
-            except Exception:
-                log.debug("%s: heartbeat failed", self.id, exc_info=True)
-            await asyncio.sleep(0.25 if not self._assigned.is_set() else 0.5)
+    async def crash(self) -> None:
+        """Die as a crashed process would: no unsubscribe, no drain, no goodbye."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.bus is not None and not self.bus.nc.is_closed:
+            await self.bus.nc.close()
+
+    # ---- partition assignment -------------------------------------------------------------
 
     async def _on_map(self, msg: Message, _raw: Msg) -> None:
         if isinstance(msg, PartitionMap):
-            self._apply_map(msg)
+            await self._apply_map(msg)
 
-    def _apply_map(self, pmap: PartitionMap) -> None:
-        if pmap.version <= self._map_version:
-            return
-        self._map_version = pmap.version
-        mine = [p for p in pmap.partitions if p.owner == self.id]
-        if not mine:
-            self.view.assign(-1, 0, [])
+    async def _apply_map(self, pmap: PartitionMap) -> None:
+        async with self._assign_lock:
+            if pmap.version <= self._map_version:
+                return
+            self._map_version = pmap.version
+            mine = [p for p in pmap.partitions if p.owner == self.id]
+            if not mine:
+                if self.view.partition >= 0:
+                    log.info("%s: lost partition %d", self.id, self.view.partition)
+                self._assigned.clear()
+                self.view.assign(-1, 0, [])
+                await self._listen_reserve(None)
+                return
+            part = mine[0]
+            if (part.id, part.epoch) == (self.view.partition, self.view.epoch):
+                return
             self._assigned.clear()
-            return
-        part = mine[0]
-        infos = [pmap.nodes[n] for n in part.nodes if n in pmap.nodes]
-        self.view.assign(part.id, part.epoch, infos)
-        self._assigned.set()
-        log.info("%s: owns partition %d (epoch %d, %d nodes)", self.id, part.id, part.epoch,
-                 len(infos))
+            known = set(self.view.nodes) if part.id == self.view.partition else set()
+            infos = [pmap.nodes[n] for n in part.nodes if n in pmap.nodes]
+            self.view.assign(part.id, part.epoch, infos)
+            new_nodes = [n.name for n in infos if n.name not in known]
+            if new_nodes:
+                await self._adopt(new_nodes)
+            await self._listen_reserve(part.id)
+            self.cache.forget(part.id)
+            self._assigned.set()
+            log.info("%s: owns partition %d (epoch %d, %d nodes)", self.id, part.id,
+                     part.epoch, len(infos))
+
+    async def _adopt(self, nodes: list[str]) -> None:
+        """Rebuild the accounting of nodes we just got from what they actually run."""
+        assert self.bus is not None
+        answers = await self.bus.request_many(
+            subjects.NODE_INVENTORY, InventoryRequest(nodes), timeout=0.3,
+            max_msgs=len(nodes),  # local nodes answer one each; a sim backend once for all
+        )
+        for answer in answers:
+            if not isinstance(answer, Inventory):
+                continue
+            for node, pods in answer.pods.items():
+                for alloc in pods:
+                    if node in self.view.nodes and alloc.pod not in self.view.pods:
+                        # Already running: record it even if the node looks full, since
+                        # refusing would not stop the pod, only blind us to it.
+                        state = self.view.nodes[node]
+                        state.committed[alloc.pod] = alloc.resources
+                        state.used = state.used + alloc.resources
+                        self.view.pods[alloc.pod] = node
+
+    async def _listen_reserve(self, partition: int | None) -> None:
+        assert self.bus is not None
+        if self._reserve_sub is not None:
+            try:
+                await self._reserve_sub.unsubscribe()
+            except Exception:
+                pass
+            self._reserve_sub = None
+        if partition is not None:
+            self._reserve_sub = await self.bus.subscribe(
+                subjects.reserve(partition), self._on_reserve, concurrent=True
+            )
+
+    # ---- events ---------------------------------------------------------------------------
 
     async def _on_pod_event(self, msg: Message, _raw: Msg) -> None:
         if not isinstance(msg, PodEvent):
@@ -112,42 +171,143 @@ class ScheduleInstance:
         elif msg.state == "ready":
             self.view.note_model(msg.node, msg.service)
 
+    async def _on_summary(self, msg: Message, _raw: Msg) -> None:
+        if isinstance(msg, PartitionSummary) and msg.owner != self.id:
+            self.cache.update(msg)
+
+    # ---- placing --------------------------------------------------------------------------
+
     async def _on_place(self, msg: Message, _raw: Msg) -> Message:
-        assert self.bus is not None
         if not isinstance(msg, PlaceRequest):
             raise RemoteError(400, f"expected PlaceRequest, got {type(msg).__name__}")
+        t0 = time.monotonic()
+        self._in_flight += 1
+        try:
+            return await self._place(msg)
+        finally:
+            self._in_flight -= 1
+            self._handled += 1
+            self._latencies.append(time.monotonic() - t0)
+
+    async def _place(self, req: PlaceRequest) -> Message:
+        assert self.bus is not None
         try:
             await asyncio.wait_for(self._assigned.wait(), timeout=2.0)
         except TimeoutError:
-            return Unschedulable(msg.pod, msg.service, f"{self.id} owns no partition yet")
-        node = self.view.place(msg.pod, msg.resources, msg.model)
+            return Unschedulable(req.pod, req.service, f"{self.id} owns no partition yet")
+        local = await self._commit_and_start(req)
+        if isinstance(local, Placement):
+            return local
+        probes = 0
+        tried: set[int] = {self.view.partition}
+        while probes < self.config.max_probes:
+            candidates = [
+                c for c in self.cache.candidates(req.resources, exclude=self.view.partition)
+                if c.partition not in tried
+            ]
+            if not candidates:
+                break
+            target = candidates[0]
+            tried.add(target.partition)
+            probes += 1
+            self.probes_sent += 1
+            try:
+                reply = await self.bus.request(
+                    subjects.reserve(target.partition),
+                    ReserveRequest(req, self.id, target.epoch),
+                    timeout=self.config.reserve_timeout_s,
+                )
+            except RemoteError as exc:
+                self.cache.forget(target.partition)
+                log.debug("%s: reserve on p%d failed: %s", self.id, target.partition, exc)
+                continue
+            if isinstance(reply, Placement):
+                if reply.summary is not None:
+                    self.cache.update(reply.summary)
+                return Placement(reply.pod, reply.service, reply.node, reply.partition,
+                                 reply.epoch, reply.decided_at, probes, reply.summary)
+            if isinstance(reply, Refused) and reply.summary is not None:
+                self.cache.update(reply.summary)
+        reason = local.reason if isinstance(local, Refused) else "no room"
+        return Unschedulable(
+            req.pod, req.service,
+            f"{reason}; {probes} other partition(s) probed without room", probes,
+        )
+
+    async def _on_reserve(self, msg: Message, _raw: Msg) -> Message:
+        """Another instance asks us, the owner, to place a pod in our partition."""
+        if not isinstance(msg, ReserveRequest):
+            raise RemoteError(400, f"expected ReserveRequest, got {type(msg).__name__}")
+        if not self._assigned.is_set():
+            return Refused(msg.place.pod, self.view.partition, f"{self.id} is not ready")
+        return await self._commit_and_start(msg.place)
+
+    async def _commit_and_start(self, req: PlaceRequest) -> Placement | Refused:
+        """Commit in our view (atomic: no await between choosing and committing), then hand
+        the pod to its node; a node's refusal (a newer epoch) undoes the commit."""
+        assert self.bus is not None
+        pid, epoch = self.view.partition, self.view.epoch
+        node = self.view.place(req.pod, req.resources, req.model)
         if node is None:
-            free = ", ".join(f"{n}: {f.cpu:g} cpu/{f.memory_mb} MiB"
-                             for n, f in sorted(self.view.free().items()))
-            return Unschedulable(
-                msg.pod,
-                msg.service,
-                f"no node has {msg.resources.cpu:g} cpu and {msg.resources.memory_mb} MiB free"
-                f" ({free})",
+            free = self.view.summary(self.id)
+            return Refused(
+                req.pod, pid,
+                f"partition {pid}: no node has {req.resources.cpu:g} cpu and "
+                f"{req.resources.memory_mb} MiB free (largest free: "
+                f"{free.largest_free.cpu:g} cpu/{free.largest_free.memory_mb} MiB)",
+                free,
             )
         decided = time.time()
-        self._placed += 1
-        spec_reply = await self._start_on_node(msg, node.name, decided)
-        if spec_reply is not None:
-            self.view.release(msg.pod)
-            return Unschedulable(msg.pod, msg.service, spec_reply)
-        return Placement(msg.pod, msg.service, node.name, self.view.partition, self.view.epoch,
-                         decided)
-
-    async def _start_on_node(self, req: PlaceRequest, node: str, decided: float) -> str | None:
-        """Hand the pod to its node; returns an error text when the node refuses."""
-        assert self.bus is not None
         try:
             await self.bus.request(
-                subjects.node_start(node),
-                StartPod(req.pod, req.spec, node, req.requested_at, decided),
+                subjects.node_start(node.name),
+                StartPod(req.pod, req.spec, node.name, req.requested_at, decided, pid, epoch),
                 timeout=5.0,
             )
         except RemoteError as exc:
-            return f"node {node} refused pod: {exc.message}"
-        return None
+            self.view.release(req.pod)
+            return Refused(req.pod, pid, f"node {node.name} refused pod: {exc.message}",
+                           self.view.summary(self.id))
+        return Placement(req.pod, req.service, node.name, pid, epoch, decided, 0,
+                         self.view.summary(self.id))
+
+    # ---- background -----------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Announce ourselves and our load; until assigned, also ask for the map."""
+        assert self.bus is not None
+        interval = HEARTBEAT_INTERVAL_S
+        while True:
+            lat = sorted(self._latencies)
+            p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else 0.0
+            beat = Heartbeat(
+                self.kind, self.id, time.time(),
+                requests_per_s=self._handled / interval,
+                queue_depth=self._in_flight,
+                latency_ms_p99=p99,
+                partition=self.view.partition,
+                epoch=self.view.epoch,
+            )
+            self._handled, self._latencies = 0, []
+            try:
+                await self.bus.publish(f"{subjects.HEARTBEAT}.{self.kind}", beat)
+                if not self._assigned.is_set():
+                    reply = await self.bus.request(subjects.PARTITIONS_GET, Empty(), timeout=0.5)
+                    if isinstance(reply, PartitionMap):
+                        await self._apply_map(reply)
+            except RemoteError:
+                pass
+            except Exception:
+                log.debug("%s: heartbeat failed", self.id, exc_info=True)
+            await asyncio.sleep(0.2 if not self._assigned.is_set() else interval)
+
+    async def _broadcast(self) -> None:
+        """The low-rate exchange that keeps other instances' probe caches fresh."""
+        assert self.bus is not None
+        while True:
+            await asyncio.sleep(SUMMARY_INTERVAL_S)
+            if self._assigned.is_set():
+                try:
+                    await self.bus.publish(subjects.SUMMARIES, self.view.summary(self.id))
+                except Exception:
+                    log.debug("%s: summary lost", self.id, exc_info=True)

@@ -23,14 +23,19 @@ from controlplane.bus import Bus, RemoteError
 from controlplane.procs import free_port, pdeathsig_preexec
 from controlplane.schemas import (
     Empty,
+    Inventory,
+    InventoryRequest,
     Message,
     NodeInfo,
     NodeRegistration,
+    PartitionMap,
+    PodAllocation,
     PodEvent,
     PodTimeline,
     StartPod,
     StopPod,
 )
+from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ class LocalNode:
         self.bus: Bus | None = None
         self._http: aiohttp.ClientSession | None = None
         self._stopping = False
+        self.fence = EpochFence()
 
     @property
     def name(self) -> str:
@@ -81,7 +87,15 @@ class LocalNode:
         await bus.subscribe(subjects.node_start(self.name), self._on_start, concurrent=True)
         await bus.subscribe(subjects.node_stop(self.name), self._on_stop, concurrent=True)
         await bus.subscribe(f"{subjects.NODE}.{self.name}.info", self._on_info)
+        await bus.subscribe(subjects.NODE_INVENTORY, self._on_inventory)
+        await bus.subscribe(subjects.PARTITIONS, self._on_map)
         await self._register()
+        try:
+            pmap = await bus.request(subjects.PARTITIONS_GET, Empty(), timeout=1.0)
+            if isinstance(pmap, PartitionMap):
+                self.fence.apply(pmap)
+        except RemoteError:
+            pass  # the map arrives with the next change
 
     async def _register(self) -> None:
         """Tell the coordinator this node exists; retried until it answers."""
@@ -113,6 +127,19 @@ class LocalNode:
     async def _on_info(self, _msg: Message, _raw: Msg) -> Message:
         return _node_msg(self.info)
 
+    async def _on_map(self, msg: Message, _raw: Msg) -> None:
+        if isinstance(msg, PartitionMap):
+            self.fence.apply(msg)
+
+    async def _on_inventory(self, msg: Message, _raw: Msg) -> Message | None:
+        if not isinstance(msg, InventoryRequest) or self.name not in msg.nodes:
+            return None
+        pods = [
+            PodAllocation(p.start.pod, p.start.spec.name, p.start.spec.resources)
+            for p in self.pods.values()
+        ]
+        return Inventory({self.name: pods})
+
     async def _on_start(self, msg: Message, _raw: Msg) -> Message:
         if not isinstance(msg, StartPod):
             raise RemoteError(400, f"expected StartPod, got {type(msg).__name__}")
@@ -120,6 +147,8 @@ class LocalNode:
             raise RemoteError(503, f"node {self.name} is shutting down")
         if msg.pod in self.pods:
             return Empty()
+        if (why := self.fence.check(msg)) is not None:
+            raise RemoteError(409, why)
         spec = msg.spec
         port = free_port()
         env = {
@@ -262,4 +291,4 @@ async def _kill(proc: asyncio.subprocess.Process, *, grace: float) -> None:
 
 
 def _node_msg(info: NodeInfo) -> Message:
-    return NodeRegistration(info)
+    return NodeRegistration([info])

@@ -1,0 +1,144 @@
+"""Instance runtimes: how the coordinator starts and stops control-function instances.
+
+`TaskRuntime` runs each instance as objects on this event loop (the embedded default: cheap,
+one process); `ProcessRuntime` runs each as its own OS process (`python -m
+controlplane.instance KIND`), which is what lets instances use more than one core. A
+Kubernetes runtime (scale subresource of a Deployment) has the same three verbs. Either way
+an instance that dies is reported through `on_exit`, so the coordinator reassigns its
+partition at once instead of waiting for missed heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from typing import Protocol
+
+from controlplane.procs import ManagedProcess
+
+log = logging.getLogger(__name__)
+
+
+class Instance(Protocol):
+    id: str
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+ExitCallback = Callable[[str, str], None]  # (kind, instance id)
+
+
+class Runtime(Protocol):
+    on_exit: ExitCallback | None
+
+    def instances(self, kind: str) -> list[str]: ...
+    async def scale(self, kind: str, n: int) -> None: ...
+    async def kill(self, kind: str, instance: str) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class TaskRuntime:
+    def __init__(self, factories: dict[str, Callable[[], Instance]]) -> None:
+        self.factories = factories
+        self.running: dict[str, list[Instance]] = {k: [] for k in factories}
+        self.on_exit: ExitCallback | None = None
+        self._lock = asyncio.Lock()
+
+    def instances(self, kind: str) -> list[str]:
+        return [i.id for i in self.running.get(kind, [])]
+
+    async def scale(self, kind: str, n: int) -> None:
+        async with self._lock:
+            group = self.running[kind]
+            while len(group) < n:
+                inst = self.factories[kind]()
+                await inst.start()
+                group.append(inst)
+                log.info("runtime: started %s %s (%d running)", kind, inst.id, len(group))
+            while len(group) > n:
+                inst = group.pop()  # the newest: the oldest have the warmest state
+                await inst.stop()
+                log.info("runtime: stopped %s %s (%d running)", kind, inst.id, len(group))
+
+    async def kill(self, kind: str, instance: str) -> None:
+        """Crash an instance: no goodbye, no drain; its NATS connection just drops."""
+        group = self.running.get(kind, [])
+        for inst in list(group):
+            if inst.id == instance:
+                group.remove(inst)
+                crash = getattr(inst, "crash", None)
+                await (crash() if crash is not None else inst.stop())
+                if self.on_exit is not None:
+                    self.on_exit(kind, instance)
+
+    async def stop(self) -> None:
+        for kind in list(self.running):
+            group, self.running[kind] = self.running[kind], []
+            for inst in reversed(group):
+                try:
+                    await inst.stop()
+                except Exception:
+                    log.exception("runtime: stopping %s %s failed", kind, inst.id)
+
+
+class ProcessRuntime:
+    """One OS process per instance; `argv_for(kind, id)` builds its command line."""
+
+    def __init__(self, nats_url: str, redis_url: str, *, kinds: list[str]) -> None:
+        self.nats_url = nats_url
+        self.redis_url = redis_url
+        self.running: dict[str, dict[str, ManagedProcess]] = {k: {} for k in kinds}
+        self.on_exit: ExitCallback | None = None
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._seq = 0
+        self._lock = asyncio.Lock()
+
+    def argv_for(self, kind: str, instance: str) -> list[str]:
+        return [sys.executable, "-m", "controlplane.instance", kind, "--nats", self.nats_url,
+                "--redis", self.redis_url, "--id", instance]
+
+    def instances(self, kind: str) -> list[str]:
+        return list(self.running.get(kind, {}))
+
+    async def scale(self, kind: str, n: int) -> None:
+        async with self._lock:
+            group = self.running[kind]
+            while len(group) < n:
+                self._seq += 1
+                instance = f"{kind}-p{self._seq}"
+                proc = await ManagedProcess.start(self.argv_for(kind, instance), name=instance)
+                group[instance] = proc
+                task = asyncio.create_task(self._watch(kind, instance, proc))
+                self._watchers.add(task)
+                task.add_done_callback(self._watchers.discard)
+            while len(group) > n:
+                instance = sorted(group)[-1]
+                proc = group.pop(instance)
+                await proc.stop(timeout=5.0)
+
+    async def _watch(self, kind: str, instance: str, proc: ManagedProcess) -> None:
+        code = await proc.wait()
+        if self.running.get(kind, {}).pop(instance, None) is not None:
+            log.warning("runtime: %s %s exited with %s:\n%s", kind, instance, code, proc.tail(20))
+            if self.on_exit is not None:
+                self.on_exit(kind, instance)
+
+    async def kill(self, kind: str, instance: str) -> None:
+        import signal
+
+        proc = self.running.get(kind, {}).get(instance)
+        if proc is not None and proc.pid:
+            import os
+
+            os.kill(proc.pid, signal.SIGKILL)
+
+    async def stop(self) -> None:
+        for kind in list(self.running):
+            group, self.running[kind] = self.running[kind], {}
+            await asyncio.gather(*(p.stop(timeout=5.0) for p in group.values()),
+                                 return_exceptions=True)
+        for task in list(self._watchers):
+            task.cancel()

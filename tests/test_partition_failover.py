@@ -1,0 +1,162 @@
+"""Partition ownership under failure, over a real nats-server and Redis: the coordinator, its
+instance runtime, real `schedule` instances and real local node agents. Pods here are
+`sleep` processes: these tests are about placements and ownership, not serving."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from controlplane import subjects
+from controlplane.bus import Bus, RemoteError
+from controlplane.config import CoordinatorConfig, ScheduleConfig
+from controlplane.coordinator import Coordinator
+from controlplane.runtime import ProcessRuntime, Runtime, TaskRuntime
+from controlplane.schemas import (
+    NodeInfo,
+    Placement,
+    PlaceRequest,
+    Resources,
+    ScalingSpec,
+    ServiceSpec,
+    StartPod,
+)
+from controlplane.store import Store
+from functions.schedule.instance import ScheduleInstance
+from partitions.backends.local import LocalNode
+
+SLEEPER = ServiceSpec("sleeper", ["sleep", "30"], resources=Resources(0.1, 16),
+                      scaling=ScalingSpec(), startup_timeout_s=60)
+
+
+@asynccontextmanager
+async def cluster(
+    nats_url: str, redis_url: str, tmp_path: Path, runtime: Runtime, nodes: int = 4
+) -> AsyncIterator[Coordinator]:
+    store = Store.from_url(redis_url)
+    config = CoordinatorConfig(schedule_min=2, schedule_max=2)
+    coord = Coordinator(nats_url, store, config, runtime=runtime)
+    agents = [
+        LocalNode(nats_url, NodeInfo(f"n{i}", Resources(2, 2048)), workdir=tmp_path,
+                  log_dir=tmp_path / "pods")
+        for i in range(nodes)
+    ]
+    await coord.start()
+    await asyncio.gather(*(a.start() for a in agents))
+    try:
+        await until(lambda: owned(coord) == 2 and all_nodes_assigned(coord, nodes), 10,
+                    "two owned partitions covering every node")
+        yield coord
+    finally:
+        await asyncio.gather(*(a.stop() for a in agents))
+        await coord.stop()
+        await store.close()
+
+
+def owned(coord: Coordinator) -> int:
+    return sum(1 for p in coord.pmap.partitions if p.owner)
+
+
+def all_nodes_assigned(coord: Coordinator, n: int) -> bool:
+    return sum(len(p.nodes) for p in coord.pmap.partitions if p.owner) == n
+
+
+async def until(cond, timeout: float, what: str) -> float:  # noqa: ANN001
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+async def place_some(nats_url: str, n: int) -> list[Placement]:
+    bus = await Bus.connect(nats_url, "test-placer")
+    try:
+        out = []
+        for _ in range(n):
+            req = PlaceRequest(f"sleeper-{uuid.uuid4().hex[:6]}", SLEEPER, time.time())
+            reply = await bus.request(subjects.PLACE, req, timeout=5)
+            assert isinstance(reply, Placement), reply
+            out.append(reply)
+        return out
+    finally:
+        await bus.close()
+
+
+def schedule_runtime(nats_url: str) -> TaskRuntime:
+    return TaskRuntime({"schedule": lambda: ScheduleInstance(nats_url, ScheduleConfig())})
+
+
+async def test_crashed_instance_partition_reassigned_within_2s(
+    nats_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The instance dies silently (no runtime exit notice): only missed heartbeats tell."""
+    runtime = schedule_runtime(nats_url)
+    async with cluster(nats_url, redis_url, tmp_path, runtime) as coord:
+        assert len(await place_some(nats_url, 4)) == 4
+        victim = runtime.running["schedule"][0]
+        runtime.running["schedule"].remove(victim)  # the runtime does not see it go
+        await victim.crash()
+        elapsed = await until(
+            lambda: all(p.owner != victim.id for p in coord.pmap.partitions)
+            and all_nodes_assigned(coord, 4),
+            5, "the victim's nodes reassigned to a live owner",
+        )
+        assert elapsed < 2.0, f"reassigned after {elapsed:.2f}s"
+        placements = await place_some(nats_url, 6)
+        assert {p.node for p in placements} <= {f"n{i}" for i in range(4)}
+
+
+async def test_sigkilled_instance_process_partition_reassigned_within_2s(
+    nats_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    runtime = ProcessRuntime(nats_url, redis_url, kinds=["schedule"])
+    async with cluster(nats_url, redis_url, tmp_path, runtime) as coord:
+        victim = runtime.instances("schedule")[0]
+        old_epochs = {p.id: p.epoch for p in coord.pmap.partitions if p.owner == victim}
+        await runtime.kill("schedule", victim)
+        elapsed = await until(
+            lambda: all(p.owner != victim for p in coord.pmap.partitions)
+            and all_nodes_assigned(coord, 4),
+            5, "the killed process's nodes reassigned",
+        )
+        assert elapsed < 2.0, f"reassigned after {elapsed:.2f}s"
+        for p in coord.pmap.partitions:
+            if p.id in old_epochs:
+                assert p.epoch > old_epochs[p.id], "a reassigned partition has a new epoch"
+        # The runtime replaces the instance (min 2) and placements go on throughout.
+        assert len(await place_some(nats_url, 6)) == 6
+        await until(lambda: owned(coord) == 2, 10, "a replacement instance owning a partition")
+
+
+async def test_stale_owner_commit_is_refused_by_the_node(
+    nats_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    runtime = schedule_runtime(nats_url)
+    async with cluster(nats_url, redis_url, tmp_path, runtime) as coord:
+        part = next(p for p in coord.pmap.partitions if p.owner)
+        node = part.nodes[0]
+        old_epoch = part.epoch
+        victim = next(i for i in runtime.running["schedule"] if i.id == part.owner)
+        await runtime.kill("schedule", victim.id)
+        await until(lambda: all(p.owner != victim.id for p in coord.pmap.partitions), 5,
+                    "reassignment")
+        bus = await Bus.connect(nats_url, "stale-owner")
+        try:
+            start = StartPod("sleeper-stale", SLEEPER, node, time.time(), time.time(),
+                             part.id, old_epoch)
+            with pytest.raises(RemoteError) as err:
+                await bus.request(subjects.node_start(node), start, timeout=5)
+            # Refused either way the map moved on: a newer epoch for the partition, or the
+            # node now belonging to another partition.
+            assert err.value.code == 409
+            assert "stale epoch" in err.value.message or "not 0" in err.value.message
+        finally:
+            await bus.close()
