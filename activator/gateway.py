@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 
+from activator.direct import DirectPath
 from activator.proxy import PodResponse, PodUnreachable, Proxy
 from activator.throttler import ServiceGone, ServiceThrottler, StartFailed
 from controlplane import subjects, telemetry
@@ -43,6 +44,7 @@ class Served:
     response: PodResponse
     pod: str
     cold: bool
+    via_activator: bool = True
 
 
 class Gateway:
@@ -55,6 +57,7 @@ class Gateway:
         self.endpoints: dict[str, Endpoints] = {}
         self.metrics = telemetry.Registry()
         self.proxy = Proxy(timeout_s=config.pod_timeout_s)
+        self.direct = DirectPath()
         self.bus: Bus | None = None
         self._last_urgent: dict[str, float] = {}
         self._cold_reported: dict[str, int] = {}  # service → endpoints version reported
@@ -107,7 +110,8 @@ class Gateway:
         thr = self.throttlers.get(spec.name)
         if thr is None:
             self.throttlers[spec.name] = ServiceThrottler(
-                spec.name, self.config.buffer_size, spec.container_concurrency
+                spec.name, self.config.buffer_size, spec.container_concurrency,
+                elsewhere=lambda pod, name=spec.name: self.direct.on_pod(name, pod),
             )
         else:
             thr.container_concurrency = spec.container_concurrency
@@ -157,6 +161,38 @@ class Gateway:
         return None
 
     # ---- the request path ----------------------------------------------------------------
+
+    def mode(self, name: str) -> str:
+        eps = self.endpoints.get(name)
+        return eps.mode if eps is not None else "proxy"
+
+    async def serve_direct(
+        self, name: str, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> Served | None:
+        """Straight to a pod, bypassing buffer and throttler; None when no pod has a free
+        slot (or it refused the connection), so the caller takes the activator path."""
+        eps = self.endpoints.get(name)
+        spec = self.specs.get(name)
+        thr = self.throttlers.get(name)
+        if eps is None or spec is None or thr is None or eps.mode != "direct":
+            return None
+        ep = self.direct.try_acquire(name, eps.endpoints, spec.container_concurrency,
+                                     thr.busy())
+        if ep is None:
+            return None
+        t0 = time.time()
+        thr.admitted += 1
+        try:
+            resp = await self.proxy.forward(ep.url, method, path, body, headers)
+        except PodUnreachable:
+            return None
+        finally:
+            self.direct.release(name, ep.pod)
+            thr.dispatch()
+        self.metrics.inc("fnplane.gateway.direct.count", service=name)
+        self.metrics.observe("fnplane.serving.invocation.duration", time.time() - t0,
+                             service=name, path="direct")
+        return Served(resp, ep.pod, False, via_activator=False)
 
     async def serve(
         self, name: str, method: str, path: str, body: bytes, headers: dict[str, str]
@@ -235,10 +271,11 @@ class Gateway:
             await asyncio.sleep(interval)
             now = time.time()
             for name, thr in list(self.throttlers.items()):
-                busy = thr.buffered + thr.in_flight + thr.admitted > 0
+                in_flight = thr.in_flight + self.direct.total(name)
+                busy = thr.buffered + in_flight + thr.admitted > 0
                 if not busy and name not in self._reported_nonzero:
                     continue
-                demand = Demand(name, self.id, thr.buffered, thr.in_flight, thr.admitted, now)
+                demand = Demand(name, self.id, thr.buffered, in_flight, thr.admitted, now)
                 thr.admitted = 0
                 if busy:
                     self._reported_nonzero.add(name)

@@ -133,7 +133,13 @@ async def _forward(request: web.Request, *, check) -> web.Response:
         headers = dict(request.headers)
         telemetry.inject(headers)
         try:
-            served = await gw.serve(name, request.method, request.path_qs, body, headers)
+            served = None
+            if gw.mode(name) == "direct":
+                served = await gw.serve_direct(
+                    name, request.method, request.path_qs, body, headers
+                )
+            if served is None:
+                served = await gw.serve(name, request.method, request.path_qs, body, headers)
         except BufferFull as exc:
             gw.metrics.inc("fnplane.activator.rejected", service=name, reason="buffer_full")
             return error(503, str(exc), headers=retry)
@@ -150,10 +156,13 @@ async def _forward(request: web.Request, *, check) -> web.Response:
         except TimeoutError:
             return error(504, f"model {name} did not answer in {gw.config.pod_timeout_s:g}s")
         span.set_attribute("fnplane.pod", served.pod)
+        span.set_attribute("fnplane.path", path := "activator" if served.via_activator
+                           else "direct")
         span.set_attribute("fnplane.cold", served.cold)
     resp = served.response
     return web.Response(
         status=resp.status,
         body=resp.body,
-        headers={"Content-Type": resp.content_type, "X-Fnplane-Pod": served.pod},
+        headers={"Content-Type": resp.content_type, "X-Fnplane-Pod": served.pod,
+                 "X-Fnplane-Path": path},
     )

@@ -52,8 +52,9 @@ class PodSlot:
     def url(self) -> str:
         return self.endpoint.url
 
-    def has_room(self) -> bool:
-        return not self.removed and self.in_flight < self.capacity
+    def has_room(self, elsewhere: int = 0) -> bool:
+        """`elsewhere`: requests on this pod that did not pass the throttler (direct path)."""
+        return not self.removed and self.in_flight + elsewhere < self.capacity
 
 
 @dataclass(eq=False)
@@ -73,6 +74,8 @@ class ServiceThrottler:
     waiters: deque[Waiter] = field(default_factory=deque)
     admitted: int = 0  # requests admitted since the last metrics report
     violations: int = 0  # slots handed out beyond capacity: must stay 0
+    # Requests each pod has from the gateway's direct path; both paths share its capacity.
+    elsewhere: Callable[[str], int] = lambda _pod: 0
 
     # ---- what the gateway reports --------------------------------------------------------
 
@@ -139,15 +142,24 @@ class ServiceThrottler:
 
     def _free_slot(self) -> PodSlot | None:
         best: PodSlot | None = None
+        best_load = 0
         for slot in self.pods.values():
-            if slot.has_room() and (best is None or slot.in_flight < best.in_flight):
-                best = slot
+            other = self.elsewhere(slot.pod)
+            if slot.has_room(other) and (best is None or slot.in_flight + other < best_load):
+                best, best_load = slot, slot.in_flight + other
         return best
 
     def _take(self, slot: PodSlot) -> None:
         slot.in_flight += 1
-        if slot.in_flight > slot.capacity:
+        if slot.in_flight + self.elsewhere(slot.pod) > slot.capacity:
             self.violations += 1
+
+    def busy(self) -> dict[str, int]:
+        return {pod: s.in_flight for pod, s in self.pods.items() if s.in_flight}
+
+    def dispatch(self) -> None:
+        """Capacity freed outside the throttler (a direct request ended): serve waiters."""
+        self._dispatch()
 
     def _dispatch(self) -> None:
         while self.waiters:

@@ -200,6 +200,19 @@ class Demand(msgspec.Struct, frozen=True, tag=True):
     requests: int  # requests admitted since the previous report, for the RPS mode
     ts: float
     urgent: bool = False
+    # "activator": buffered + proxied + sent direct by a gateway; "pods": in flight as the
+    # pods themselves count it (node agents scrape them). scale takes the larger of the two
+    # sums, since both count the same requests whenever traffic passes a gateway.
+    source: Literal["activator", "pods"] = "activator"
+
+
+class ServiceMode(msgspec.Struct, frozen=True, tag=True):
+    """scale → route: whether gateways send straight to pods (enough spare capacity, by
+    Knative's excess-burst-capacity rule) or through the activator."""
+
+    service: str
+    mode: Literal["proxy", "direct"]
+    excess_burst_capacity: float = 0.0
 
 
 class PlaceRequest(msgspec.Struct, frozen=True, tag=True):
@@ -445,12 +458,22 @@ class ScaleStatus(msgspec.Struct, frozen=True, tag=True):
     last_error: str = ""
 
 
+class NodeFree(msgspec.Struct, frozen=True, tag=True):
+    """Node backend → the sampling baseline: a probed node's free capacity right now, and
+    the models in its cache (for the same locality-first scoring as the other schedulers)."""
+
+    node: str
+    free: Resources
+    models: list[str] = []
+
+
 Message = (
     NodeRegistration
     | PartitionMap
     | InventoryRequest
     | Inventory
     | Demand
+    | ServiceMode
     | PlaceRequest
     | Placement
     | PartitionSummary
@@ -474,6 +497,7 @@ Message = (
     | SpecUpdated
     | ServiceDeleted
     | ScaleStatus
+    | NodeFree
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -30,6 +30,14 @@ PARTITIONS_GET = f"{PREFIX}.coord.partitions.get"
 ADMIN = f"{PREFIX}.admin"  # + ".deploy" / ".delete" / ".list" / ".describe" / ".status"
 SPEC_EVENTS = f"{PREFIX}.service.events"
 SCALE_STATUS = f"{PREFIX}.scale.status"
+# scale → route: proxy/direct mode of a service
+MODE = f"{PREFIX}.scale.mode"
+# scheduler baselines of the benchmark (functions/schedule/baselines.py): same PlaceRequest
+PLACE_CENTRAL = f"{PREFIX}.schedule.central.place"
+PLACE_SAMPLING = f"{PREFIX}.schedule.sampling.place"
+# StartPod header of the sampling baseline: the node admits the pod only if it fits there
+# (a Sparrow-like scheduler has no authoritative view, so the node is the last check)
+ADMIT_IF_FITS = "Fnplane-Admit-If-Fits"
 
 
 def node_start(node: str) -> str:
@@ -38,6 +46,11 @@ def node_start(node: str) -> str:
 
 def node_stop(node: str) -> str:
     return f"{NODE}.{node}.stop"
+
+
+def node_probe(node: str) -> str:
+    """Sampling baseline → node backend (request-reply): Empty → NodeFree."""
+    return f"{NODE}.{node}.probe"
 
 
 def reserve(partition: int) -> str:

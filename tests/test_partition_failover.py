@@ -67,7 +67,7 @@ def all_nodes_assigned(coord: Coordinator, n: int) -> bool:
     return sum(len(p.nodes) for p in coord.pmap.partitions if p.owner) == n
 
 
-async def until(cond, timeout: float, what: str) -> float:  # noqa: ANN001
+async def until(cond, timeout: float, what: str) -> float:
     t0 = time.monotonic()
     while not cond():
         if time.monotonic() - t0 > timeout:

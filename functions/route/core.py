@@ -14,6 +14,7 @@ class ServiceRoutes:
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     version: int = 0
     error: str = ""
+    mode: str = "proxy"
 
 
 @dataclass
@@ -46,10 +47,20 @@ class EndpointTable:
         routes.version += 1
         return self.snapshot(ev.service)
 
+    def set_mode(self, service: str, mode: str) -> Endpoints | None:
+        routes = self.services.setdefault(service, ServiceRoutes())
+        if routes.mode == mode:
+            return None
+        routes.mode = mode
+        routes.version += 1
+        return self.snapshot(service)
+
     def snapshot(self, service: str) -> Endpoints:
         routes = self.services.get(service, ServiceRoutes())
         eps = sorted(routes.endpoints.values(), key=lambda e: e.pod)
-        return Endpoints(service, routes.version, eps, "proxy", routes.error)
+        # Never direct without a pod to go to: an empty set always means the activator.
+        mode = routes.mode if eps else "proxy"
+        return Endpoints(service, routes.version, eps, mode, routes.error)  # type: ignore[arg-type]
 
     def drop(self, service: str) -> Endpoints:
         routes = self.services.pop(service, ServiceRoutes())
@@ -57,7 +68,7 @@ class EndpointTable:
 
     def restore(self, eps: Endpoints) -> None:
         self.services[eps.service] = ServiceRoutes(
-            {e.pod: e for e in eps.endpoints}, eps.version, eps.error
+            {e.pod: e for e in eps.endpoints}, eps.version, eps.error, eps.mode
         )
 
     def all(self) -> list[Endpoints]:

@@ -20,6 +20,7 @@ from controlplane.schemas import (
     PodEvent,
     RoutingSnapshot,
     ServiceDeleted,
+    ServiceMode,
 )
 from controlplane.store import Store
 from functions.route.core import EndpointTable
@@ -46,6 +47,7 @@ class RouteInstance:
         self.bus = bus = await Bus.connect(self.nats_url, self.id)
         await bus.subscribe(f"{subjects.POD_EVENTS}.>", self._on_pod_event)
         await bus.subscribe(subjects.SPEC_EVENTS, self._on_spec_event)
+        await bus.subscribe(subjects.MODE, self._on_mode)
         await bus.subscribe(subjects.ROUTE_SNAPSHOT, self._on_snapshot, queue="route")
         self._tasks = [
             asyncio.create_task(self._write_behind(), name=f"{self.id}-store"),
@@ -67,6 +69,12 @@ class RouteInstance:
         eps = self.table.apply(msg)
         if eps is not None:
             await self._publish(eps)
+
+    async def _on_mode(self, msg: Message, _raw: Msg) -> None:
+        if isinstance(msg, ServiceMode):
+            eps = self.table.set_mode(msg.service, msg.mode)
+            if eps is not None:
+                await self._publish(eps)
 
     async def _on_spec_event(self, msg: Message, _raw: Msg) -> None:
         if isinstance(msg, ServiceDeleted):

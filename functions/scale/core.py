@@ -7,7 +7,6 @@ moment we ask `schedule` for it until the node reports it, then follows the node
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from controlplane.schemas import Demand, PodEvent, ServiceSpec
@@ -34,6 +33,7 @@ class Plan:
     start: int  # new pods to place
     stop: list[TrackedPod]  # pods to stop, with their nodes
     decision: Decision | None
+    mode_change: str | None = None  # "proxy"/"direct" when the gateway path must switch
 
 
 @dataclass
@@ -46,6 +46,7 @@ class ServiceScaler:
     backoff_until: float = 0.0
     backoff_s: float = 0.0
     last_error: str = ""
+    mode: str = "proxy"
 
     @classmethod
     def for_spec(cls, spec: ServiceSpec) -> ServiceScaler:
@@ -62,15 +63,19 @@ class ServiceScaler:
         self.reports[demand.activator] = demand
 
     def concurrency(self, now: float, interval_s: float) -> tuple[float, float]:
-        """Sum of fresh activator reports: (buffered + in flight, requests per second)."""
-        conc = rps = 0.0
+        """(concurrency, requests per second) from fresh reports. Activators and pods count
+        the same proxied requests, so the two sums are not added: the larger one wins (pods
+        see traffic that bypassed every activator; activators see requests still buffered)."""
+        conc = {"activator": 0.0, "pods": 0.0}
+        rps = 0.0
         for name, d in list(self.reports.items()):
             if now - d.ts > STALE_REPORTS * interval_s:
                 del self.reports[name]
                 continue
-            conc += d.buffered + d.in_flight
-            rps += d.requests / interval_s
-        return conc, rps
+            conc[d.source] += d.buffered + d.in_flight
+            if d.source == "activator":
+                rps += d.requests / interval_s
+        return max(conc.values()), rps
 
     def on_pod_event(self, ev: PodEvent, now: float) -> None:
         if ev.state in ("stopped", "failed"):
@@ -129,7 +134,10 @@ class ServiceScaler:
                 start = desired - current
         elif desired < current:
             stop = self._pick_victims(current - desired)
-        return Plan(self.spec.name, desired, start, stop, decision)
+        mode = decision.mode if decision is not None else "proxy"
+        change = mode if mode != self.mode else None
+        self.mode = mode
+        return Plan(self.spec.name, desired, start, stop, decision, change)
 
     def _pick_victims(self, n: int) -> list[TrackedPod]:
         """Stop pods that are not serving yet first, then the youngest ready ones: the oldest
@@ -142,6 +150,3 @@ class ServiceScaler:
             p.state = "terminating"
         return victims
 
-
-def pods_needed(concurrency: float, target: float) -> int:
-    return math.ceil(concurrency / target) if concurrency > 0 else 0

@@ -26,6 +26,7 @@ from controlplane.schemas import (
     ScaleStatus,
     ServiceDeleted,
     ServiceList,
+    ServiceMode,
     SpecUpdated,
     StopPod,
     Unschedulable,
@@ -170,6 +171,10 @@ class ScaleInstance:
         self._execute(scaler, plan, now)
 
     def _execute(self, scaler: ServiceScaler, plan: Plan, now: float) -> None:
+        if plan.mode_change is not None and self.bus is not None:
+            ebc = plan.decision.excess_burst_capacity if plan.decision else -1.0
+            mode = ServiceMode(plan.service, plan.mode_change, ebc)  # type: ignore[arg-type]
+            self._spawn(self.bus.publish(subjects.MODE, mode))
         for _ in range(plan.start):
             pod = f"{plan.service}-{uuid.uuid4().hex[:8]}"
             scaler.placing(pod, now)

@@ -29,6 +29,27 @@ class Decision:
     stable_value: float
     panic_value: float
     reason: str
+    excess_burst_capacity: float = -1.0
+
+    @property
+    def mode(self) -> str:
+        """Knative's rule: gateways may bypass the activator only with spare capacity."""
+        return "direct" if self.excess_burst_capacity >= 0 else "proxy"
+
+
+def excess_burst_capacity(
+    spec: ScalingSpec, container_concurrency: int, ready_pods: int, panic_value: float
+) -> float:
+    """EBC = ready pods × per-pod capacity − target burst capacity − observed concurrency
+    (knative/serving autoscaler.go). TBC −1: the activator stays in the path; 0: it leaves
+    as soon as one pod is ready. Per-pod capacity is the container concurrency, or the
+    concurrency target when the service declares none."""
+    if ready_pods <= 0 or spec.target_burst_capacity < 0:
+        return -1.0
+    if spec.target_burst_capacity == 0:
+        return 0.0
+    per_pod = container_concurrency if container_concurrency > 0 else spec.target_concurrency
+    return math.floor(ready_pods * per_pod - spec.target_burst_capacity - panic_value)
 
 
 @dataclass
@@ -117,8 +138,9 @@ class Autoscaler:
 
         desired = self._apply_scale_down_delay(now, desired)
         if desired == 0 and now - self.last_active < sp.scale_to_zero_grace_s:
-            desired, reason = min(max(current_pods, 1), 1), "scale-to-zero grace"
-        return Decision(self._bound(desired), panic, stable, panic_val, reason)
+            desired, reason = 1, "scale-to-zero grace"
+        ebc = excess_burst_capacity(sp, self.container_concurrency, ready_pods, panic_val)
+        return Decision(self._bound(desired), panic, stable, panic_val, reason, ebc)
 
     def _apply_scale_down_delay(self, now: float, desired: int) -> int:
         delay = self.spec.scale_down_delay_s

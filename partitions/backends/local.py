@@ -22,6 +22,7 @@ from controlplane import subjects
 from controlplane.bus import Bus, RemoteError
 from controlplane.procs import free_port, pdeathsig_preexec
 from controlplane.schemas import (
+    Demand,
     Empty,
     Inventory,
     InventoryRequest,
@@ -40,6 +41,7 @@ from partitions.fencing import EpochFence
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 0.02
+METRICS_INTERVAL_S = 1.0
 STOP_GRACE_S = 10.0
 
 
@@ -75,6 +77,8 @@ class LocalNode:
         self._http: aiohttp.ClientSession | None = None
         self._stopping = False
         self.fence = EpochFence()
+        self._metrics_task: asyncio.Task[None] | None = None
+        self._reported: set[str] = set()
 
     @property
     def name(self) -> str:
@@ -90,6 +94,7 @@ class LocalNode:
         await bus.subscribe(subjects.NODE_INVENTORY, self._on_inventory)
         await bus.subscribe(subjects.PARTITIONS, self._on_map)
         await self._register()
+        self._metrics_task = asyncio.create_task(self._scrape(), name=f"node-{self.name}-metrics")
         try:
             pmap = await bus.request(subjects.PARTITIONS_GET, Empty(), timeout=1.0)
             if isinstance(pmap, PartitionMap):
@@ -113,6 +118,9 @@ class LocalNode:
         if self._stopping:
             return
         self._stopping = True
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
+            await asyncio.gather(self._metrics_task, return_exceptions=True)
         await asyncio.gather(
             *(self._terminate(p, "node shutting down") for p in list(self.pods.values())),
             return_exceptions=True,
@@ -191,6 +199,41 @@ class LocalNode:
         if pod is not None:
             await self._terminate(pod, msg.reason)
         return Empty()
+
+    # ---- pod metrics ---------------------------------------------------------------------
+
+    async def _scrape(self) -> None:
+        """Every second, the requests in flight each ready pod reports on `/stats` (pods
+        without it are skipped), summed per service and sent to `scale` as pod metrics:
+        the view of load that holds even when no activator is in the path."""
+        assert self._http is not None and self.bus is not None
+        while True:
+            await asyncio.sleep(METRICS_INTERVAL_S)
+            per_service: dict[str, int] = {}
+            for pod in list(self.pods.values()):
+                if pod.state != "ready":
+                    continue
+                try:
+                    async with self._http.get(pod.url + "/stats") as resp:
+                        if resp.status != 200:
+                            continue
+                        stats = await resp.json()
+                except (aiohttp.ClientError, TimeoutError, ValueError):
+                    continue
+                name = pod.start.spec.name
+                per_service[name] = per_service.get(name, 0) + int(stats.get("in_flight", 0))
+            now = time.time()
+            for name in set(per_service) | self._reported:
+                n = per_service.get(name, 0)
+                if n:
+                    self._reported.add(name)
+                else:
+                    self._reported.discard(name)
+                demand = Demand(name, f"node:{self.name}", 0, n, 0, now, source="pods")
+                try:
+                    await self.bus.publish(subjects.DEMAND, demand)
+                except Exception:
+                    log.debug("node %s: pod metrics lost", self.name, exc_info=True)
 
     # ---- pod lifecycle -------------------------------------------------------------------
 
