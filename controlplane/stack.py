@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from activator.server import Activator
+from controlplane import telemetry
 from controlplane.config import Config
 from controlplane.coordinator import Coordinator
 from controlplane.procs import NatsServer, RedisServer, start_nats, start_redis
@@ -71,6 +72,8 @@ class Stack:
             self.redis = await start_redis(state, port=self.redis_port)
             self.redis_url = self.redis.url
         self.config = cfg = replace(cfg, nats_url=self.nats_url, redis_url=self.redis_url)
+        # Every cold request becomes one trace across components, written as JSON lines.
+        telemetry.setup_tracing("fnplane", trace_file=cfg.trace_file or state / "traces.jsonl")
         self.store = Store.from_url(self.redis_url)
         # Local pods never outlive the stack, so routes stored by a previous run are stale.
         await self.store.r.delete(ROUTES)
@@ -127,6 +130,7 @@ class Stack:
             if server is not None:
                 await server.stop()
         self.redis = self.nats = None
+        telemetry.flush()
 
     @property
     def url(self) -> str:

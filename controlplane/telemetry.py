@@ -12,13 +12,13 @@ from __future__ import annotations
 import bisect
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _propagator = TraceContextTextMapPropagator()
@@ -27,30 +27,45 @@ tracer = trace.get_tracer("fnplane")
 
 class JsonLinesExporter(SpanExporter):
     """Appends finished spans to a file, one JSON object per line: enough to read a cold
-    start's tree offline without running a collector."""
+    start's tree offline without running a collector. The target can be switched (each
+    embedded stack writes under its own state dir) because OpenTelemetry allows one tracer
+    provider per process."""
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
+    def __init__(self) -> None:
+        self.path: Path | None = None
         self._lock = threading.Lock()
 
-    def export(self, spans: list[ReadableSpan]) -> SpanExportResult:  # type: ignore[override]
-        with self._lock, self._path.open("a") as f:
-            for span in spans:
-                f.write(span.to_json(indent=None) + "\n")
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        with self._lock:
+            if self.path is None:
+                return SpanExportResult.SUCCESS
+            with self.path.open("a") as f:
+                for span in spans:
+                    f.write(span.to_json(indent=None) + "\n")
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
         pass
 
 
-def setup_tracing(service_name: str, *, trace_file: Path | None = None) -> None:
-    """Install a tracer provider once per process; spans go to `trace_file` when given."""
-    if isinstance(trace.get_tracer_provider(), TracerProvider):
-        return
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    if trace_file is not None:
-        provider.add_span_processor(SimpleSpanProcessor(JsonLinesExporter(trace_file)))
-    trace.set_tracer_provider(provider)
+_exporter = JsonLinesExporter()
+_processor: BatchSpanProcessor | None = None
+
+
+def setup_tracing(service_name: str = "fnplane", *, trace_file: Path | None = None) -> None:
+    """Install the tracer provider once per process, and send spans to `trace_file`."""
+    global _processor
+    if _processor is None:
+        provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        _processor = BatchSpanProcessor(_exporter, schedule_delay_millis=500)
+        provider.add_span_processor(_processor)
+        trace.set_tracer_provider(provider)
+    _exporter.path = trace_file
+
+
+def flush() -> None:
+    if _processor is not None:
+        _processor.force_flush(timeout_millis=5000)
 
 
 def inject(headers: dict[str, str]) -> None:
