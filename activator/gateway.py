@@ -6,6 +6,7 @@ cold start reported as a `ColdStart` record, stage by stage."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 
+from activator.batcher import MicroBatcher
 from activator.direct import DirectPath
 from activator.proxy import PodResponse, PodUnreachable, Proxy
 from activator.throttler import ServiceGone, ServiceThrottler, StartFailed
@@ -58,6 +60,7 @@ class Gateway:
         self.metrics = telemetry.Registry()
         self.proxy = Proxy(timeout_s=config.pod_timeout_s)
         self.direct = DirectPath()
+        self.batchers: dict[str, MicroBatcher] = {}
         self.bus: Bus | None = None
         self._last_urgent: dict[str, float] = {}
         self._cold_reported: dict[str, int] = {}  # service → endpoints version reported
@@ -94,6 +97,9 @@ class Gateway:
             log.warning("%s: no routing snapshot yet (%s)", self.id, exc)
 
     async def stop(self) -> None:
+        for batcher in list(self.batchers.values()):
+            await batcher.close(timeout=5.0)
+        self.batchers.clear()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._bg, return_exceptions=True)
@@ -106,11 +112,16 @@ class Gateway:
     # ---- services and endpoints ----------------------------------------------------------
 
     def _upsert(self, spec: ServiceSpec) -> None:
+        old = self.specs.get(spec.name)
         self.specs[spec.name] = spec
+        if old is None or old.batching != spec.batching:
+            self._replace_batcher(spec)
         thr = self.throttlers.get(spec.name)
         if thr is None:
             self.throttlers[spec.name] = ServiceThrottler(
-                spec.name, self.config.buffer_size, spec.container_concurrency,
+                spec.name,
+                self.config.buffer_size,
+                spec.container_concurrency,
                 elsewhere=lambda pod, name=spec.name: self.direct.on_pod(name, pod),
             )
         else:
@@ -122,6 +133,9 @@ class Gateway:
         elif isinstance(msg, ServiceDeleted):
             self.specs.pop(msg.name, None)
             self.endpoints.pop(msg.name, None)
+            batcher = self.batchers.pop(msg.name, None)
+            if batcher is not None:
+                self._spawn(batcher.close(timeout=5.0))
             thr = self.throttlers.pop(msg.name, None)
             if thr is not None:
                 thr.fail_waiters(ServiceGone(f"service {msg.name!r} was deleted"))
@@ -160,6 +174,33 @@ class Gateway:
             return reply.spec
         return None
 
+    # ---- micro-batching -----------------------------------------------------------------
+
+    def _replace_batcher(self, spec: ServiceSpec) -> None:
+        old = self.batchers.pop(spec.name, None)
+        if old is not None:
+            self._spawn(old.close(timeout=5.0))
+        name = spec.name
+
+        async def send(protocol: str, payload: dict) -> tuple[int, dict]:
+            """One merged request takes one pod slot, through the same path as any other."""
+            path = f"/v2/models/{name}/infer" if protocol == "v2" else f"/v1/models/{name}:predict"
+            body = json.dumps(payload).encode()
+            headers = {"content-type": "application/json"}
+            served = await self.serve(name, "POST", path, body, headers)
+            try:
+                return served.response.status, json.loads(served.response.body)
+            except ValueError:
+                return 502, {"error": f"pod answered a batch with non-JSON: "
+                                      f"{served.response.body[:200]!r}"}
+
+        batcher = MicroBatcher.for_spec(spec.batching, send)
+        if batcher is not None:
+            self.batchers[name] = batcher
+
+    def batcher(self, name: str) -> MicroBatcher | None:
+        return self.batchers.get(name)
+
     # ---- the request path ----------------------------------------------------------------
 
     def mode(self, name: str) -> str:
@@ -176,8 +217,7 @@ class Gateway:
         thr = self.throttlers.get(name)
         if eps is None or spec is None or thr is None or eps.mode != "direct":
             return None
-        ep = self.direct.try_acquire(name, eps.endpoints, spec.container_concurrency,
-                                     thr.busy())
+        ep = self.direct.try_acquire(name, eps.endpoints, spec.container_concurrency, thr.busy())
         if ep is None:
             return None
         t0 = time.time()
@@ -190,8 +230,9 @@ class Gateway:
             self.direct.release(name, ep.pod)
             thr.dispatch()
         self.metrics.inc("fnplane.gateway.direct.count", service=name)
-        self.metrics.observe("fnplane.serving.invocation.duration", time.time() - t0,
-                             service=name, path="direct")
+        self.metrics.observe(
+            "fnplane.serving.invocation.duration", time.time() - t0, service=name, path="direct"
+        )
         return Served(resp, ep.pod, False, via_activator=False)
 
     async def serve(

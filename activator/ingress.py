@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from activator.batcher import BatchAborted, BatcherClosed
 from activator.gateway import Gateway
 from activator.proxy import PodUnreachable
 from activator.throttler import BufferFull, ServiceGone, StartFailed, WaitTimeout
@@ -115,6 +116,7 @@ async def _forward(request: web.Request, *, check) -> web.Response:
     if isinstance(name, web.Response):
         return name
     body = b""
+    payload: Any = None
     if request.method == "POST":
         try:
             body = await request.read()
@@ -133,11 +135,15 @@ async def _forward(request: web.Request, *, check) -> web.Response:
         headers = dict(request.headers)
         telemetry.inject(headers)
         try:
+            batcher = gw.batcher(name) if request.method == "POST" else None
+            if batcher is not None:
+                protocol = "v2" if request.path.startswith("/v2/") else "v1"
+                status, answer = await batcher.submit(protocol, payload)
+                return web.json_response(answer, status=status,
+                                         headers={"X-Fnplane-Path": "activator-batch"})
             served = None
             if gw.mode(name) == "direct":
-                served = await gw.serve_direct(
-                    name, request.method, request.path_qs, body, headers
-                )
+                served = await gw.serve_direct(name, request.method, request.path_qs, body, headers)
             if served is None:
                 served = await gw.serve(name, request.method, request.path_qs, body, headers)
         except BufferFull as exc:
@@ -149,20 +155,24 @@ async def _forward(request: web.Request, *, check) -> web.Response:
         except StartFailed as exc:
             gw.metrics.inc("fnplane.activator.rejected", service=name, reason="start_failed")
             return error(503, f"service {name} failed to start: {exc}", headers=retry)
-        except ServiceGone as exc:
-            return error(503, str(exc), headers=retry)
+        except (ServiceGone, BatcherClosed, BatchAborted) as exc:
+            return error(503, str(exc) or "service unavailable", headers=retry)
         except PodUnreachable as exc:
             return error(502, f"pods of {name} unreachable: {exc}", headers=retry)
         except TimeoutError:
             return error(504, f"model {name} did not answer in {gw.config.pod_timeout_s:g}s")
         span.set_attribute("fnplane.pod", served.pod)
-        span.set_attribute("fnplane.path", path := "activator" if served.via_activator
-                           else "direct")
+        span.set_attribute(
+            "fnplane.path", path := "activator" if served.via_activator else "direct"
+        )
         span.set_attribute("fnplane.cold", served.cold)
     resp = served.response
     return web.Response(
         status=resp.status,
         body=resp.body,
-        headers={"Content-Type": resp.content_type, "X-Fnplane-Pod": served.pod,
-                 "X-Fnplane-Path": path},
+        headers={
+            "Content-Type": resp.content_type,
+            "X-Fnplane-Pod": served.pod,
+            "X-Fnplane-Path": path,
+        },
     )
