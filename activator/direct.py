@@ -23,7 +23,10 @@ class DirectPath:
     sent: int = 0
 
     def try_acquire(
-        self, service: str, endpoints: list[Endpoint], container_concurrency: int,
+        self,
+        service: str,
+        endpoints: list[Endpoint],
+        container_concurrency: int,
         busy: dict[str, int] | None = None,
     ) -> Endpoint | None:
         """A pod with room, round-robin from a rotating start; None when all are full.

@@ -1,13 +1,20 @@
-"""The activator process piece: the gateway plus its HTTP listener, started and stopped
-together. Stopping refuses new connections first, then lets in-flight requests finish."""
+"""The activator process piece: the gateway plus its HTTP listener and NATS ingress,
+started and stopped together. Stopping refuses new work on both ingresses first, then lets
+in-flight requests finish while the gateway still serves them."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
 
 from aiohttp import web
 
 from activator.gateway import Gateway
 from activator.ingress import build_app
+from activator.nats_ingress import NatsIngress
 from controlplane.config import ActivatorConfig
+
+log = logging.getLogger(__name__)
 
 
 class Activator:
@@ -16,6 +23,9 @@ class Activator:
     def __init__(self, nats_url: str, config: ActivatorConfig) -> None:
         self.config = config
         self.gateway = Gateway(nats_url, config)
+        self.nats_ingress = (
+            NatsIngress(self.gateway, nats_url, config.nats) if config.nats.enabled else None
+        )
         self._runner: web.AppRunner | None = None
         self.port = config.port
 
@@ -25,6 +35,8 @@ class Activator:
 
     async def start(self) -> None:
         await self.gateway.start()
+        if self.nats_ingress is not None:
+            await self.nats_ingress.start()
         self._runner = web.AppRunner(
             build_app(self.gateway), access_log=None, shutdown_timeout=10.0
         )
@@ -36,7 +48,18 @@ class Activator:
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        # Both ingresses drain at once (their bounds do not add up), then the gateway.
+        results = await asyncio.gather(self._stop_http(), self._stop_nats(), return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.error("activator: stopping an ingress failed", exc_info=result)
         await self.gateway.stop()
+
+    async def _stop_http(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def _stop_nats(self) -> None:
+        if self.nats_ingress is not None:
+            await self.nats_ingress.stop()

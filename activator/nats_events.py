@@ -1,0 +1,328 @@
+"""Fire-and-forget events of the activator's NATS ingress: one JetStream stream per service
+on `svc.events.{service}`, a durable pull consumer shared by every activator, a per-service
+worker that serves events through the gateway like any request, and the consumer's lag
+reported to `scale` as demand, so waiting events alone wake a service at zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from activator.gateway import Gateway
+from controlplane import subjects
+from controlplane.bus import Bus
+from controlplane.config import NatsIngressConfig
+from controlplane.schemas import Demand
+
+if TYPE_CHECKING:
+    from activator.nats_ingress import Answer
+
+log = logging.getLogger(__name__)
+
+DURABLE = "fnplane-activator"
+# A stream's lag is one number whichever activator reads it; `scale` sums reports per
+# reporter, so every activator reports it under this one key and it is counted once.
+LAG_REPORTER = f"{DURABLE}-events"
+REPLY_TO_HEADER = "Fnplane-Reply-To"
+
+Invoke = Callable[[str, Msg], Awaitable["Answer"]]
+Publish = Callable[[str, "Answer"], Awaitable[None]]
+
+
+def stream_name(service: str) -> str:
+    return "FNPLANE_EV_" + service.replace("-", "_")
+
+
+@dataclass(eq=False)
+class ServiceEvents:
+    """One service's stream as this activator pulls from it, and the events it serves now."""
+
+    service: str
+    stream: str
+    ready: bool = False  # stream and consumer exist
+    sub: JetStreamContext.PullSubscription | None = None  # only while consuming
+    worker: asyncio.Task[None] | None = None
+    in_flight: int = 0  # events inside gateway.serve
+    backlog: deque[Msg] = field(default_factory=deque)  # fetched, not started yet
+    handlers: set[asyncio.Task[None]] = field(default_factory=set)
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
+    stopping: bool = False
+
+
+class EventStreams:
+    """Owned by `NatsIngress`, which lends its connection, its invocation and its replies."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        config: NatsIngressConfig,
+        bus: Bus,
+        js: JetStreamContext,
+        *,
+        invoke: Invoke,
+        publish: Publish,
+    ) -> None:
+        self.gateway = gateway
+        self.config = config
+        self.bus = bus
+        self.js = js
+        self._invoke = invoke
+        self._publish = publish
+        self.ack_wait_s = config.ack_wait_s or 2 * gateway.config.request_timeout_s
+        # Half the buffer at most, so HTTP and request-reply callers always find room.
+        self.limit = max(1, min(config.max_in_flight, gateway.config.buffer_size // 2))
+        self.streams: dict[str, ServiceEvents] = {}
+        self._retiring: set[ServiceEvents] = set()
+        self._lag_task: asyncio.Task[None] | None = None
+        self._reported: set[str] = set()
+        self._stopping = False
+
+    async def start(self) -> None:
+        for name in list(self.gateway.specs):
+            await self.ensure(name)
+        self._lag_task = asyncio.create_task(self._lag_loop(), name=f"{self.gateway.id}-lag")
+
+    async def stop(self, timeout: float) -> None:
+        """Stop fetching (never mid-fetch: a pull request abandoned on the server would hold
+        its events until their ack wait ran out), let events in flight finish within
+        `timeout`, then cancel them: a cancelled event is nak'ed for another activator."""
+        self._stopping = True
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            await asyncio.gather(self._lag_task, return_exceptions=True)
+        every = [*self.streams.values(), *self._retiring]
+        pending: set[asyncio.Task[None]] = set()
+        for ev in every:
+            ev.stopping = True
+            ev.freed.set()
+            pending |= ev.handlers | ({ev.worker} if ev.worker else set())
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        self.streams.clear()
+        self._retiring.clear()
+
+    # ---- streams, one per service ---------------------------------------------------------
+
+    async def ensure(self, name: str) -> None:
+        """Create (or adopt) the service's stream and durable consumer, and start its worker.
+        A failure is retried by the next lag tick, which ensures every known service."""
+        if self._stopping or name in self.streams:
+            return
+        ev = self.streams[name] = ServiceEvents(name, stream_name(name))
+        cfg = self.config
+        stream = StreamConfig(
+            name=ev.stream,
+            subjects=[subjects.events(name)],
+            retention=RetentionPolicy.LIMITS,
+            max_age=cfg.stream_max_age_s,
+            max_msgs=cfg.stream_max_msgs,
+            discard=DiscardPolicy.OLD,
+            storage=StorageType.FILE,
+            num_replicas=1,
+        )
+        consumer = ConsumerConfig(
+            durable_name=DURABLE,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait_s,
+            max_ack_pending=cfg.max_ack_pending,
+            max_deliver=cfg.max_deliver,
+        )
+        try:
+            try:
+                await self.js.add_stream(stream)
+            except BadRequestError:  # exists with other limits: the config is ours to set
+                await self.js.update_stream(stream)
+            await self.js.add_consumer(ev.stream, consumer)
+            if cfg.consume_events:
+                ev.sub = await self.js.pull_subscribe_bind(durable=DURABLE, stream=ev.stream)
+        except Exception as exc:
+            log.warning("%s: no event stream for %s yet: %s", self.gateway.id, name, exc)
+            if self.streams.get(name) is ev:
+                del self.streams[name]
+            return
+        ev.ready = True
+        if ev.sub is not None and not ev.stopping:
+            ev.worker = asyncio.create_task(self._work(ev), name=f"events-{name}")
+
+    def retire(self, name: str) -> None:
+        """A deleted service's stream is left in place (its limits bound it): a producer's
+        events survive a delete-and-redeploy under the same name, the usual way to replace
+        a service. Only this activator's worker stops."""
+        ev = self.streams.pop(name, None)
+        if ev is None:
+            return
+        ev.stopping = True
+        ev.freed.set()
+        if ev.worker is not None and not ev.worker.done():
+            self._retiring.add(ev)
+            ev.worker.add_done_callback(lambda _t: self._retiring.discard(ev))
+
+    # ---- the per-service worker -----------------------------------------------------------
+
+    def _room(self, ev: ServiceEvents) -> int:
+        """Events that may start now: within this activator's per-service limit and within
+        what the gateway's buffer still holds, so events never crowd callers out of it."""
+        thr = self.gateway.throttlers.get(ev.service)
+        if thr is None:
+            return 0
+        return min(self.limit - ev.in_flight, thr.buffer_size - thr.buffered)
+
+    async def _work(self, ev: ServiceEvents) -> None:
+        assert ev.sub is not None
+        backoff = 0.5
+        try:
+            while not ev.stopping:
+                while ev.backlog and self._room(ev) > 0:
+                    self._start_event(ev, ev.backlog.popleft())
+                want = min(self._room(ev) - len(ev.backlog), self.config.fetch_batch)
+                if want <= 0:
+                    if ev.service not in self.gateway.throttlers:
+                        await self.gateway.lookup(ev.service)  # its spec event is in flight
+                    ev.freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ev.freed.wait(), 0.5)
+                    continue
+                try:
+                    msgs = await ev.sub.fetch(want, timeout=self.config.fetch_timeout_s)
+                except TimeoutError:
+                    continue
+                except Exception as exc:
+                    log.warning("%s: fetching events of %s: %s", self.gateway.id, ev.service, exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    continue
+                backoff = 0.5
+                # fetch() may hand over strays of an earlier pull beyond `want`: they wait
+                # here, never in the gateway's buffer.
+                ev.backlog.extend(msgs)
+        finally:
+            while ev.backlog:  # fetched, never started: back to the stream at once
+                with contextlib.suppress(Exception):
+                    await ev.backlog.popleft().nak()
+            # Unsubscribe rather than leave it to the connection's drain: status messages
+            # of an expired pull may sit in its queue, and a drain would wait for them.
+            with contextlib.suppress(Exception):
+                await ev.sub.unsubscribe()
+
+    def _start_event(self, ev: ServiceEvents, msg: Msg) -> None:
+        ev.in_flight += 1
+        task = asyncio.create_task(self._handle(ev, msg))
+        ev.handlers.add(task)
+        task.add_done_callback(ev.handlers.discard)
+
+    async def _handle(self, ev: ServiceEvents, msg: Msg) -> None:
+        keep_alive = asyncio.create_task(self._keep_alive(msg))
+        try:
+            answer = await self._invoke(ev.service, msg)
+            await self._settle(ev.service, msg, answer)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            raise
+        finally:
+            keep_alive.cancel()
+            ev.in_flight -= 1
+            ev.freed.set()
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        """A pod may take longer than the ack wait to answer; tell JetStream we are on it,
+        so only a crashed activator's events come back after the ack wait."""
+        while True:
+            await asyncio.sleep(self.ack_wait_s / 3)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _settle(self, service: str, msg: Msg, answer: Answer) -> None:
+        """Ack only once the pod answered (2xx). Bad input (4xx) is terminated: no retry can
+        cure it. Anything else (5xx, timeouts) is redelivered later with a growing delay,
+        until `max_deliver`. The reply subject, if any, hears the final outcome only."""
+        delivered = msg.metadata.num_delivered
+        if answer.ok:
+            outcome = "ack"
+        elif not answer.retryable or delivered >= self.config.max_deliver:
+            outcome = "term"
+            log.warning(
+                "%s: event %s of %s dropped after %d deliveries (%d): %s",
+                self.gateway.id,
+                msg.metadata.sequence.stream,
+                service,
+                delivered,
+                answer.status,
+                answer.body[:200].decode(errors="replace"),
+            )
+        else:
+            outcome = "nak"
+        reply_to = (msg.headers or {}).get(REPLY_TO_HEADER)
+        if reply_to and outcome != "nak":
+            await self._publish(reply_to, answer)
+        if outcome == "ack":
+            await msg.ack()
+        elif outcome == "term":
+            await msg.term()
+        else:
+            cfg = self.config
+            await msg.nak(delay=min(cfg.nak_delay_s * 2 ** (delivered - 1), cfg.nak_max_delay_s))
+        self.gateway.metrics.inc("fnplane.activator.events", service=service, outcome=outcome)
+
+    # ---- consumer lag as demand ----------------------------------------------------------
+
+    async def _lag_loop(self) -> None:
+        interval = self.gateway.config.metrics_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            for name in list(self.gateway.specs):
+                await self.ensure(name)  # services learnt by lookup, or a failed create
+            now = time.time()
+            for name, ev in list(self.streams.items()):
+                if not ev.ready:
+                    continue
+                try:
+                    info = await self.js.consumer_info(ev.stream, DURABLE, timeout=interval * 2)
+                except NotFoundError:  # removed behind our back: the next tick recreates it
+                    self.retire(name)
+                    continue
+                except Exception as exc:
+                    log.debug("%s: lag of %s unknown: %s", self.gateway.id, name, exc)
+                    continue
+                # Events inside gateway.serve are in the gateway's own report already.
+                waiting = (info.num_pending or 0) + (info.num_ack_pending or 0) - ev.in_flight
+                await self._report_lag(name, max(0, waiting), now)
+
+    async def _report_lag(self, name: str, lag: int, now: float) -> None:
+        """Waiting events count as buffered requests, urgent while no pod is ready: a
+        service at zero scales up even before any worker fetched them."""
+        if lag == 0 and name not in self._reported:
+            return
+        if lag:
+            self._reported.add(name)
+        else:
+            self._reported.discard(name)  # one last zero, so `scale` forgets it at once
+        thr = self.gateway.throttlers.get(name)
+        urgent = lag > 0 and (thr is None or thr.ready_pods() == 0)
+        self.gateway.metrics.set("fnplane.activator.events.lag", lag, service=name)
+        with contextlib.suppress(Exception):
+            await self.bus.publish(
+                subjects.DEMAND, Demand(name, LAG_REPORTER, lag, 0, 0, now, urgent)
+            )
