@@ -89,14 +89,14 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 
 async def infer_v2(request: web.Request) -> web.Response:
-    return await _forward(request, check=_check_v2)
+    return await _forward(request, check=check_v2)
 
 
 async def predict_v1(request: web.Request) -> web.Response:
-    return await _forward(request, check=_check_v1)
+    return await _forward(request, check=check_v1)
 
 
-def _check_v2(payload: Any) -> str | None:
+def check_v2(payload: Any) -> str | None:
     if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
         return "invalid request: expected a JSON object with an 'inputs' list"
     if not payload["inputs"]:
@@ -104,7 +104,7 @@ def _check_v2(payload: Any) -> str | None:
     return None
 
 
-def _check_v1(payload: Any) -> str | None:
+def check_v1(payload: Any) -> str | None:
     if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
         return "invalid request: expected a JSON object with an 'instances' list"
     return None

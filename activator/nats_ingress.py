@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from activator.gateway import Gateway
-from activator.ingress import _check_v1, _check_v2
+from activator.ingress import check_v1, check_v2
 from activator.nats_events import EventStreams
 from activator.proxy import PodUnreachable
 from activator.throttler import BufferFull, ServiceGone, StartFailed, WaitTimeout
@@ -74,9 +74,9 @@ def pod_path(name: str, body: bytes) -> str | Answer:
     except (ValueError, UnicodeDecodeError) as exc:
         return error(400, f"invalid JSON body: {exc}")
     if isinstance(payload, dict) and "inputs" in payload:
-        path, problem = f"/v2/models/{name}/infer", _check_v2(payload)
+        path, problem = f"/v2/models/{name}/infer", check_v2(payload)
     elif isinstance(payload, dict) and "instances" in payload:
-        path, problem = f"/v1/models/{name}:predict", _check_v1(payload)
+        path, problem = f"/v1/models/{name}:predict", check_v1(payload)
     else:
         problem = (
             "invalid request: expected a JSON object with an 'inputs' list (Open Inference"
