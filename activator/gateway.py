@@ -246,7 +246,8 @@ class Gateway:
         attempts = 2
         cold_any = False
         while True:
-            if thr.ready_pods() == 0:
+            if thr.would_wait():
+                # Scale from zero, or a burst beyond the pods we have: tell `scale` now.
                 self._urgent(name, thr)
             self.metrics.set("fnplane.revision.request.queued", thr.buffered + 1, service=name)
             slot, cold = await thr.acquire(self.config.request_timeout_s)

@@ -87,6 +87,10 @@ class ServiceThrottler:
     def in_flight(self) -> int:
         return sum(p.in_flight for p in self.pods.values())
 
+    def would_wait(self) -> bool:
+        """True when a request admitted now would have to wait in the buffer."""
+        return self._free_slot() is None
+
     def ready_pods(self) -> int:
         return sum(1 for p in self.pods.values() if not p.removed)
 
@@ -110,7 +114,10 @@ class ServiceThrottler:
         )
         self.waiters.append(waiter)
         try:
-            slot = await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+            # Not wait_for: on 3.11 it swallows a cancellation that lands just after the
+            # slot was handed over, and the client that left would be served anyway.
+            async with asyncio.timeout(timeout):
+                slot = await asyncio.shield(waiter.future)
         except TimeoutError:
             self._abandon(waiter)
             raise WaitTimeout(
@@ -186,8 +193,13 @@ class ServiceThrottler:
                     del self.pods[pod]
         for pod, ep in wanted.items():
             cap = ep.container_concurrency or container_concurrency
-            if pod not in self.pods or self.pods[pod].removed:
+            slot = self.pods.get(pod)
+            if slot is None:
                 self.pods[pod] = PodSlot(ep, cap if cap > 0 else math.inf)
+            elif slot.removed:
+                # Back (marked dead too early, or listed again): the same slot, so requests
+                # still in flight on it count against its container concurrency.
+                slot.removed = False
         self._dispatch()
 
     def mark_dead(self, slot: PodSlot) -> None:

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+import msgspec
 from nats.aio.msg import Msg
 
 from controlplane import subjects
@@ -32,6 +33,10 @@ from controlplane.store import StaleWrite, Store
 from partitions.partitioner import rebalance
 
 log = logging.getLogger(__name__)
+
+# A coordinator tick this much later than planned means our own loop stalled.
+STALL_S = 0.25
+OTHER_KINDS_TIMEOUT_S = 5.0
 
 
 class Coordinator:
@@ -139,14 +144,21 @@ class Coordinator:
         return sorted(h.instance for h in self.instances.values() if h.kind == kind)
 
     async def _run(self) -> None:
+        tick = self.config.heartbeat_interval_s / 2
+        last = self.clock()
         while True:
             try:
-                await asyncio.wait_for(
-                    self._changed.wait(), timeout=self.config.heartbeat_interval_s / 2
-                )
+                await asyncio.wait_for(self._changed.wait(), timeout=tick)
             except TimeoutError:
                 pass
             self._changed.clear()
+            now = self.clock()
+            if now - last > tick + STALL_S:
+                # We were not running (a stalled loop, a paused process): the silence we
+                # would now see is ours, not the instances'. Forgive it once.
+                for inst, beat in self.instances.items():
+                    self.instances[inst] = msgspec.structs.replace(beat, ts=now)
+            last = now
             await self._expire()
             await self._scale_instances()
             await self.repartition()
@@ -156,7 +168,11 @@ class Coordinator:
         One of ours that is still running but silent is killed, so it gets replaced."""
         now = self.clock()
         for inst, beat in list(self.instances.items()):
-            if now - beat.ts > self.config.heartbeat_timeout_s:
+            # `schedule` owners must be replaced fast; other kinds beat less often and their
+            # absence moves no partition, so they get a longer leash.
+            timeout = (self.config.heartbeat_timeout_s if beat.kind == "schedule"
+                       else OTHER_KINDS_TIMEOUT_S)
+            if now - beat.ts > timeout:
                 log.warning("coordinator: %s %s missed its heartbeats", beat.kind, inst)
                 del self.instances[inst]
                 if self.runtime is not None and inst in self.runtime.instances(beat.kind):

@@ -107,9 +107,9 @@ class ScaleInstance:
         scaler.observe(msg)
         self._handled += 1
         if msg.urgent:
-            _ready, current = scaler.counts()
-            if current == 0:
-                self._reconcile(scaler, time.time())
+            # Requests are waiting (at zero, or beyond the ready pods): decide now rather
+            # than at the next tick. Activators rate-limit urgent reports per service.
+            self._reconcile(scaler, time.time())
 
     async def _on_pod_event(self, msg: Message, _raw: Msg) -> None:
         if not isinstance(msg, PodEvent):

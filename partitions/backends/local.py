@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ from nats.aio.msg import Msg
 
 from controlplane import subjects
 from controlplane.bus import Bus, RemoteError
-from controlplane.procs import free_port, pdeathsig_preexec
+from controlplane.procs import free_port, without_preexec
 from controlplane.schemas import (
     Demand,
     Empty,
@@ -171,15 +172,18 @@ class LocalNode:
             "FNPLANE_POD": msg.pod,
             "FNPLANE_NODE": self.name,
         }
+        if shutil.which(spec.command[0], path=env["PATH"]) is None:
+            raise RemoteError(400, f"cannot start {spec.command[0]!r}: not found on PATH")
+        argv, preexec = without_preexec(list(spec.command))
         try:
             proc = await asyncio.create_subprocess_exec(
-                *spec.command,
+                *argv,
                 cwd=str(self.workdir),
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=pdeathsig_preexec,
+                preexec_fn=preexec,
             )
         except OSError as exc:
             raise RemoteError(400, f"cannot start {spec.command[0]!r}: {exc}") from None
