@@ -109,8 +109,8 @@ class ServiceSpec(msgspec.Struct, frozen=True):
             raise SpecError(f"min-scale {sc.min_scale} > max-scale {sc.max_scale}")
         if sc.initial_scale < 0:
             raise SpecError("initial-scale must be >= 0")
-        if sc.target_concurrency <= 0 or not 0 < sc.target_utilization <= 1:
-            raise SpecError("target concurrency must be > 0 and utilization in (0, 1]")
+        if sc.target_concurrency <= 0 or sc.target_rps <= 0 or not 0 < sc.target_utilization <= 1:
+            raise SpecError("target concurrency/rps must be > 0 and utilization in (0, 1]")
         if sc.stable_window_s < 6 or sc.stable_window_s > 3600:
             raise SpecError("scale window must be between 6s and 1h (as Knative)")
         if sc.scale_to_zero_grace_s < 0 or sc.scale_down_delay_s < 0:

@@ -17,7 +17,7 @@ DEFAULT_COMMAND = ["python", "-m", "examples.sample.server"]
 _CPU_RE = re.compile(r"^(\d+(?:\.\d+)?)(m?)$")
 _MEM_RE = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 _MEM_FACTOR_MIB = {
-    None: 1 / (1024 * 1024), "Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024,
+    None: 1, "Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024,
     "K": 1000 / 1024 / 1024, "M": 1e6 / 1024 / 1024, "G": 1e9 / 1024 / 1024,
     "T": 1e12 / 1024 / 1024,
 }
@@ -83,6 +83,8 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
     env = {}
     for item in container.get("env") or []:
         _take(item, {"name", "value"}, "spec.predictor.container.env[]")
+        if not item.get("name"):
+            raise SpecError("spec.predictor.container.env[]: every variable needs a name")
         env[str(item["name"])] = str(item.get("value", ""))
     res = _take(container.get("resources") or {}, {"requests", "limits"}, "resources")
     req = res.get("requests") or res.get("limits") or {}
@@ -92,13 +94,14 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
         raise SpecError(f"scaleMetric {metric!r}: expected 'concurrency' or 'rps'")
     cc = int(pred.get("containerConcurrency", 0))
     target = pred.get("scaleTarget")
+    has_target = target is not None  # 0 is a value to refuse, not a default to fall back on
     scaling = ScalingSpec(
         min_scale=int(pred.get("minReplicas", 0)),
         max_scale=int(pred.get("maxReplicas", 0)),
         initial_scale=int(pred.get("initialReplicas", 1)),
         metric=metric,
-        target_concurrency=float(target) if target and metric == "concurrency" else 100.0,
-        target_rps=float(target) if target and metric == "rps" else 200.0,
+        target_concurrency=float(target) if has_target and metric == "concurrency" else 100.0,
+        target_rps=float(target) if has_target and metric == "rps" else 200.0,
         target_utilization=float(pred.get("targetUtilizationPercentage", 70)) / 100.0,
         stable_window_s=float(pred.get("scaleWindowSeconds", 60)),
         scale_to_zero_grace_s=float(pred.get("scaleToZeroGracePeriodSeconds", 30)),

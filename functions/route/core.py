@@ -63,8 +63,11 @@ class EndpointTable:
         return Endpoints(service, routes.version, eps, mode, routes.error)  # type: ignore[arg-type]
 
     def drop(self, service: str) -> Endpoints:
-        routes = self.services.pop(service, ServiceRoutes())
-        return Endpoints(service, routes.version + 1, [], "proxy", "")
+        # Keep the version (not the pods): activators ignore versions they have passed, so a
+        # service deployed again under this name must go on from here, not from 1.
+        old = self.services.get(service, ServiceRoutes())
+        self.services[service] = ServiceRoutes(version=old.version + 1)
+        return self.snapshot(service)
 
     def restore(self, eps: Endpoints) -> None:
         self.services[eps.service] = ServiceRoutes(

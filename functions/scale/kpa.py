@@ -129,8 +129,9 @@ class Autoscaler:
             self._panic_until = now + sp.stable_window_s
         panic = self._panic_until > now
         if panic:
-            # In panic we never scale down: hold the highest count seen since it began.
-            self._panic_desired = max(self._panic_desired, desired_panic)
+            # In panic we never scale down: hold the highest count seen since it began, and
+            # provision for the stable window too when it is the larger (as Knative).
+            self._panic_desired = max(self._panic_desired, desired_panic, desired_stable)
             desired, reason = self._panic_desired, "panic"
         else:
             self._panic_desired = 0

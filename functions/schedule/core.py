@@ -57,6 +57,8 @@ class PartitionView:
         return node
 
     def commit_on(self, pod: str, node_name: str, req: Resources) -> bool:
+        if pod in self.pods:  # idempotent, as place(): never the same pod on two nodes
+            return self.pods[pod] == node_name
         node = self.nodes.get(node_name)
         if node is None or not node.fits(req):
             return False

@@ -1,0 +1,186 @@
+"""The endpoint table `route` keeps, event by event: which pods of a service are ready, when a
+service has none because its pods fail to start, and a version that moves exactly when what
+activators are told changes (they drop any version they have already passed)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controlplane.schemas import Endpoint, Endpoints, PodEvent
+from functions.route.core import EndpointTable
+
+
+def event(
+    pod: str, state: str, service: str = "svc", *, reason: str = "", log_tail: str = "", cc: int = 4
+) -> PodEvent:
+    return PodEvent(
+        pod,
+        service,
+        "node-1",
+        state,  # type: ignore[arg-type]
+        url=f"http://10.0.0.1:80{pod[-1]}",
+        container_concurrency=cc,
+        reason=reason,
+        log_tail=log_tail,
+    )
+
+
+def endpoint(pod: str, cc: int = 4) -> Endpoint:
+    return Endpoint(pod, f"http://10.0.0.1:80{pod[-1]}", "node-1", cc)
+
+
+def test_a_ready_pod_becomes_an_endpoint() -> None:
+    table = EndpointTable()
+
+    eps = table.apply(event("pod-1", "ready", cc=8))
+
+    assert eps == Endpoints("svc", 1, [endpoint("pod-1", 8)], "proxy", "")
+    assert table.snapshot("svc") == eps
+
+
+# (event, what apply returns: None, or (version, ready pods, error))
+LIFE: list[tuple[PodEvent, tuple[int, list[str], str] | None]] = [
+    (event("pod-1", "starting"), None),
+    (event("pod-1", "ready"), (1, ["pod-1"], "")),
+    (event("pod-1", "ready"), None),  # said twice: no change
+    (event("pod-2", "ready"), (2, ["pod-1", "pod-2"], "")),
+    (event("pod-1", "terminating"), (3, ["pod-2"], "")),
+    (event("pod-1", "stopped"), None),  # already gone
+    (event("pod-3", "failed", reason="exit 1"), None),  # another pod still serves
+    (
+        event("pod-2", "failed", reason="exit 1", log_tail="Traceback"),
+        (4, [], "exit 1; last output: Traceback"),
+    ),
+    (event("pod-4", "starting"), None),
+    (event("pod-4", "failed"), (5, [], "pod failed")),  # each failure is announced again
+    (event("pod-4", "ready"), (6, ["pod-4"], "")),  # a ready pod clears the error
+    (event("pod-4", "stopped"), (7, [], "")),  # scaled to zero: no pod, and no error
+]
+
+
+def test_a_service_lifetime_event_by_event() -> None:
+    table = EndpointTable()
+    for n, (ev, expected) in enumerate(LIFE):
+        eps = table.apply(ev)
+        if expected is None:
+            assert eps is None, f"step {n}: {ev.pod} {ev.state} announced a non-change"
+        else:
+            assert eps is not None, f"step {n}: {ev.pod} {ev.state} changed nothing"
+            assert (eps.version, [e.pod for e in eps.endpoints], eps.error) == expected, n
+            assert eps == table.snapshot("svc")
+
+
+@pytest.mark.parametrize("state", ["terminating", "stopped", "failed"])
+def test_a_pod_leaving_in_any_way_is_removed(state: str) -> None:
+    table = EndpointTable()
+    table.apply(event("pod-1", "ready"))
+    table.apply(event("pod-2", "ready"))
+
+    eps = table.apply(event("pod-1", state))
+
+    assert eps is not None
+    assert ([e.pod for e in eps.endpoints], eps.version, eps.error) == (["pod-2"], 3, "")
+
+
+def test_the_error_keeps_only_the_end_of_the_output() -> None:
+    table = EndpointTable()
+
+    eps = table.apply(event("pod-1", "failed", reason="exit 1", log_tail="x" * 900 + "END"))
+
+    assert eps is not None
+    assert eps.error == "exit 1; last output: " + ("x" * 900 + "END")[-500:]
+
+
+def test_services_are_versioned_apart() -> None:
+    table = EndpointTable()
+    table.apply(event("pod-1", "ready", service="a"))
+    table.apply(event("pod-2", "ready", service="a"))
+
+    eps = table.apply(event("pod-1", "ready", service="b"))
+
+    assert eps is not None and eps.version == 1
+    assert [(e.service, e.version, len(e.endpoints)) for e in table.all()] == [
+        ("a", 2, 2),
+        ("b", 1, 1),
+    ]
+
+
+def test_drop_announces_an_empty_set_and_a_redeploy_goes_on_from_it() -> None:
+    table = EndpointTable()
+    table.apply(event("pod-1", "ready"))
+    table.apply(event("pod-2", "ready"))
+
+    dropped = table.drop("svc")
+    again = table.apply(event("pod-3", "ready"))  # deployed again under the same name
+
+    assert dropped == Endpoints("svc", 3, [], "proxy", "")
+    assert again is not None
+    assert again.version > dropped.version, "activators would ignore the redeployed pods"
+    assert [e.pod for e in again.endpoints] == ["pod-3"]
+
+
+def test_drop_of_an_unknown_service_is_version_one() -> None:
+    assert EndpointTable().drop("ghost") == Endpoints("ghost", 1, [], "proxy", "")
+
+
+def test_restore_picks_up_where_the_snapshot_was() -> None:
+    saved = Endpoints("svc", 7, [endpoint("pod-1"), endpoint("pod-2")], "proxy", "")
+    table = EndpointTable()
+
+    table.restore(saved)
+
+    assert table.snapshot("svc") == saved
+    assert table.apply(event("pod-1", "ready")) is None
+    eps = table.apply(event("pod-2", "terminating"))
+    assert eps is not None and (eps.version, [e.pod for e in eps.endpoints]) == (8, ["pod-1"])
+
+
+def test_restore_keeps_an_error() -> None:
+    table = EndpointTable()
+    table.restore(Endpoints("svc", 3, [], "proxy", "exit 1"))
+
+    eps = table.apply(event("pod-1", "ready"))
+
+    assert eps is not None and (eps.version, eps.error) == (4, "")
+
+
+# ---- versions over random histories --------------------------------------------------------
+
+events = st.lists(
+    st.tuples(
+        st.sampled_from(["pod-1", "pod-2", "pod-3"]),
+        st.sampled_from(["starting", "ready", "terminating", "stopped", "failed"]),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(history=events)
+def test_the_version_moves_by_one_exactly_when_the_announcement_changes(
+    history: list[tuple[str, str]],
+) -> None:
+    table = EndpointTable()
+    ready: set[str] = set()
+    failing = False  # the service has no pod because the last one failed
+    for pod, state in history:
+        before = table.snapshot("svc")
+        eps = table.apply(event(pod, state, reason="boom"))
+        if state == "ready":
+            ready.add(pod)
+            failing = False
+        elif state in ("terminating", "stopped", "failed"):
+            ready.discard(pod)
+            failing = failing or (state == "failed" and not ready)
+
+        after = table.snapshot("svc")
+        assert ({e.pod for e in after.endpoints}, bool(after.error)) == (ready, failing)
+        if eps is None:
+            assert after == before
+        else:
+            assert eps == after and eps.version == before.version + 1
+            assert (eps.endpoints, eps.error) != (before.endpoints, before.error) or (
+                state == "failed"  # a failure is announced again, to fail new waiters
+            )

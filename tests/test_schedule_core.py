@@ -1,0 +1,214 @@
+"""Placement inside one partition, and the node accounting under it: the node that caches the
+model wins, then the tightest fit, then the name; nothing is ever over-committed, whatever
+sequence of placements and releases arrives; a retried placement changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controlplane.schemas import NodeInfo, Resources
+from functions.schedule.core import PartitionView
+from partitions.nodes import NodeState, OverCommit
+
+
+def info(name: str, cpu: float, memory_mb: int = 16384, gpu: int = 0, models=()) -> NodeInfo:
+    return NodeInfo(name, Resources(cpu, memory_mb, gpu), models=list(models))
+
+
+def view(*infos: NodeInfo) -> PartitionView:
+    v = PartitionView()
+    v.assign(0, 1, list(infos))
+    return v
+
+
+POD = Resources(1.0, 1024)
+
+
+# ---- choosing a node -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("nodes", "req", "model", "expected"),
+    [
+        ([info("big", 16), info("small", 2, models=["llama"])], POD, "llama", "small"),
+        ([info("a", 8, models=["llama"]), info("b", 4, models=["llama"])], POD, "llama", "b"),
+        ([info("a", 8), info("b", 4), info("c", 6)], POD, "llama", "b"),
+        ([info("a", 4, 8192), info("b", 4, 4096)], POD, "llama", "b"),
+        ([info("b", 4), info("a", 4)], POD, "llama", "a"),
+        ([info("cached", 0.5, models=["llama"]), info("roomy", 8)], POD, "llama", "roomy"),
+        ([info("cpu", 64), info("gpu", 8, gpu=1)], Resources(1.0, 1024, 1), "llama", "gpu"),
+        ([info("a", 64, 512)], POD, "llama", None),
+        ([], POD, "llama", None),
+    ],
+    ids=[
+        "locality-beats-fit",
+        "best-fit-among-cached",
+        "best-fit-on-cpu",
+        "then-on-memory",
+        "then-by-name",
+        "a-cached-node-without-room-is-skipped",
+        "gpu-pod-needs-a-gpu-node",
+        "no-memory-anywhere",
+        "no-nodes",
+    ],
+)
+def test_choice(nodes: list[NodeInfo], req: Resources, model: str, expected: str | None) -> None:
+    node = view(*nodes).place("pod-1", req, model)
+
+    assert (node.name if node else None) == expected
+
+
+def test_best_fit_is_measured_after_what_is_already_placed() -> None:
+    v = view(info("a", 8), info("b", 4))
+    for i in range(3):
+        v.place(f"p{i}", Resources(1.0, 1024), "m")  # fill b down to 1 free cpu
+
+    assert v.place("big", Resources(2.0, 1024), "m").name == "a"
+    assert v.place("tiny", Resources(1.0, 1024), "m").name == "b"
+
+
+def test_a_model_noted_on_a_node_attracts_the_next_pod() -> None:
+    v = view(info("a", 4), info("b", 8))
+    v.note_model("b", "llama")
+    v.note_model("gone", "llama")  # a node we do not own: ignored
+
+    assert v.place("p", POD, "llama").name == "b"
+
+
+# ---- accounting ----------------------------------------------------------------------------
+
+
+def test_placing_the_same_pod_again_changes_nothing() -> None:
+    v = view(info("a", 4), info("b", 8))
+    first = v.place("p", Resources(2.0, 1024), "m")
+
+    again = v.place("p", Resources(2.0, 1024), "m")
+
+    assert again is first
+    assert v.free() == {"a": Resources(2.0, 15360), "b": Resources(8.0, 16384)}
+
+
+def test_release_frees_what_the_pod_held_once() -> None:
+    v = view(info("a", 4))
+    v.place("p", Resources(2.5, 1000, 0), "m")
+
+    assert v.release("p") is True
+    assert v.release("p") is False
+    assert v.release("never-placed") is False
+    assert v.free() == {"a": Resources(4.0, 16384)}
+
+
+@pytest.mark.parametrize(
+    ("pod", "node", "expected", "free_cpu"),
+    [
+        ("new", "a", True, {"a": 1.0, "b": 4.0}),
+        ("new", "b", True, {"a": 2.0, "b": 3.0}),
+        ("new", "nowhere", False, {"a": 2.0, "b": 4.0}),
+        ("placed", "a", True, {"a": 2.0, "b": 4.0}),  # already there: nothing to do
+        ("placed", "b", False, {"a": 2.0, "b": 4.0}),  # never on two nodes
+    ],
+    ids=["fits", "other-node", "unknown-node", "same-pod-same-node", "same-pod-other-node"],
+)
+def test_commit_on_a_named_node(
+    pod: str, node: str, expected: bool, free_cpu: dict[str, float]
+) -> None:
+    v = view(info("a", 4), info("b", 4))
+    v.commit_on("placed", "a", Resources(2.0, 1024))
+
+    assert v.commit_on(pod, node, Resources(1.0, 1024)) is expected
+    assert {n: f.cpu for n, f in v.free().items()} == free_cpu
+
+
+def test_commit_on_a_full_node_is_refused() -> None:
+    v = view(info("a", 1))
+
+    assert v.commit_on("p", "a", Resources(2.0, 1024)) is False
+    assert v.pods == {}
+
+
+def test_assign_keeps_the_accounting_of_nodes_still_owned() -> None:
+    v = view(info("n1", 4), info("n2", 4))
+    v.commit_on("p1", "n1", Resources(2.0, 1024))
+    v.commit_on("p2", "n2", Resources(3.0, 1024))
+    n1 = v.nodes["n1"]
+
+    v.assign(3, 7, [info("n1", 4), info("n3", 8)])
+
+    assert (v.partition, v.epoch) == (3, 7)
+    assert v.nodes["n1"] is n1 and n1.committed == {"p1": Resources(2.0, 1024)}
+    assert v.pods == {"p1": "n1"}, "pods on a node given away are no longer ours"
+    assert {n: f.cpu for n, f in v.free().items()} == {"n1": 2.0, "n3": 8.0}
+    assert v.release("p2") is False
+
+
+def test_node_state_refuses_an_over_commit_and_repeats_nothing() -> None:
+    node = NodeState(info("a", 2, 2048, models=["llama"]))
+    node.commit("p1", Resources(1.5, 1024))
+    node.commit("p1", Resources(1.5, 1024))  # a retried commit
+
+    with pytest.raises(OverCommit):
+        node.commit("p2", Resources(1.0, 512))
+
+    assert (node.used, node.free, node.models) == (
+        Resources(1.5, 1024),
+        Resources(0.5, 1024),
+        {"llama"},
+    )
+    assert not node.over_committed()
+
+
+# ---- no over-commit, ever ------------------------------------------------------------------
+
+requests = st.builds(
+    Resources,
+    cpu=st.sampled_from([0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 4.0]),
+    memory_mb=st.sampled_from([128, 256, 512, 1024, 4096]),
+    gpu=st.sampled_from([0, 0, 0, 1]),
+)
+actions = st.lists(
+    st.one_of(
+        st.tuples(st.just("place"), st.integers(0, 8), requests, st.sampled_from(["m1", "m2"])),
+        st.tuples(st.just("commit-on"), st.integers(0, 8), requests, st.integers(0, 5)),
+        st.tuples(st.just("release"), st.integers(0, 8)),
+    ),
+    max_size=80,
+)
+node_infos = st.lists(
+    st.tuples(
+        st.sampled_from([1.0, 2.0, 4.0, 8.0]),
+        st.sampled_from([1024, 4096, 8192]),
+        st.integers(0, 2),
+        st.sampled_from([(), ("m1",), ("m2",)]),
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(nodes=node_infos, steps=actions)
+def test_no_sequence_of_placements_and_releases_over_commits_a_node(
+    nodes: list[tuple[float, int, int, tuple[str, ...]]], steps: list[tuple]
+) -> None:
+    v = view(*(info(f"n{i}", c, m, g, ms) for i, (c, m, g, ms) in enumerate(nodes)))
+    for step in steps:
+        if step[0] == "place":
+            _, p, req, model = step
+            v.place(f"p{p}", req, model)
+        elif step[0] == "commit-on":
+            _, p, req, n = step
+            v.commit_on(f"p{p}", f"n{n}", req)
+        else:
+            v.release(f"p{step[1]}")
+
+        for name, node in v.nodes.items():
+            assert not node.over_committed(), f"{name}: {node.free}"
+            total = Resources()
+            for req in node.committed.values():
+                total = total + req
+            assert total == node.used
+            assert node.used + node.free == node.info.capacity
+        placed = sorted((pod, n) for n, node in v.nodes.items() for pod in node.committed)
+        assert placed == sorted(v.pods.items()), "a pod counted twice, or where it is not"

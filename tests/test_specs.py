@@ -1,0 +1,394 @@
+"""What users send and what crosses the wire: `ServiceSpec.validate` refuses what the control
+plane cannot honour, with a message naming the field; every tagged message survives msgpack
+and comes back as the same kind; garbage is refused with msgspec's errors; an FnService
+manifest becomes exactly the spec it says, and a bad one says what is wrong."""
+
+from __future__ import annotations
+
+import copy
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import msgspec.inspect as mi
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controlplane import schemas
+from controlplane.schemas import (
+    BatchingSpec,
+    Demand,
+    PartitionMap,
+    Resources,
+    ScalingSpec,
+    ServiceSpec,
+    SpecError,
+)
+from controlplane.specfile import load_spec_file, parse_cpu, parse_memory_mb, spec_from_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+
+GOOD = ServiceSpec("sample", ["python", "-m", "examples.sample.server"])
+
+
+# ---- ServiceSpec.validate ------------------------------------------------------------------
+
+
+def with_scaling(**knobs: Any) -> ServiceSpec:
+    return msgspec.structs.replace(GOOD, scaling=ScalingSpec(**knobs))
+
+
+def with_fields(**fields: Any) -> ServiceSpec:
+    return msgspec.structs.replace(GOOD, **fields)
+
+
+def test_a_good_spec_validates_to_itself() -> None:
+    assert GOOD.validate() is GOOD
+    assert with_fields(name="a" * 63).validate().name == "a" * 63
+    assert with_scaling(min_scale=3, max_scale=0).validate(), "max 0 is unbounded"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (with_fields(name="Bad_Name"), "name 'Bad_Name': must be a DNS label"),
+        (with_fields(name=""), "name '': must be a DNS label"),
+        (with_fields(name="-lead"), "must be a DNS label"),
+        (with_fields(name="a" * 64), "must be a DNS label"),
+        (with_fields(command=[]), "command: must be a non-empty list"),
+        (with_fields(command=["python", ""]), "command: must be a non-empty list"),
+        (with_fields(resources=Resources(0, 256)), "resources: cpu and memory must be > 0"),
+        (with_fields(resources=Resources(1, 0)), "resources: cpu and memory must be > 0"),
+        (with_fields(resources=Resources(1, 256, -1)), "gpu >= 0"),
+        (with_scaling(min_scale=-1), "min-scale and max-scale must be >= 0"),
+        (with_scaling(min_scale=3, max_scale=2), "min-scale 3 > max-scale 2"),
+        (with_scaling(initial_scale=-1), "initial-scale must be >= 0"),
+        (with_scaling(target_concurrency=0), "target concurrency/rps must be > 0"),
+        (with_scaling(metric="rps", target_rps=0), "target concurrency/rps must be > 0"),
+        (with_scaling(target_utilization=0), "utilization in (0, 1]"),
+        (with_scaling(target_utilization=1.5), "utilization in (0, 1]"),
+        (with_scaling(stable_window_s=5), "scale window must be between 6s and 1h"),
+        (with_scaling(stable_window_s=3601), "scale window must be between 6s and 1h"),
+        (with_scaling(scale_to_zero_grace_s=-1), "scale-to-zero grace and scale-down delay"),
+        (with_scaling(scale_down_delay_s=-1), "scale-to-zero grace and scale-down delay"),
+        (with_scaling(max_scale_up_rate=1.0), "max scale-up/down rates must be > 1"),
+        (with_scaling(max_scale_down_rate=0.5), "max scale-up/down rates must be > 1"),
+        (with_fields(container_concurrency=-1), "container-concurrency must be >= 0"),
+        (with_fields(readiness_path="health"), "readiness path must start with '/'"),
+        (with_fields(startup_timeout_s=0), "startup timeout must be > 0"),
+        (with_fields(batching=BatchingSpec(max_batch_size=-1)), "batching: max batch size"),
+        (with_fields(batching=BatchingSpec(max_wait_ms=-1)), "batching: max batch size"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_validate_refuses_with_a_message_naming_the_field(spec: ServiceSpec, message: str) -> None:
+    with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        spec.validate()
+
+
+# ---- the wire ------------------------------------------------------------------------------
+
+
+def strategy(t: mi.Type) -> st.SearchStrategy[Any]:
+    """Any value of a msgspec type, from its own description (so new fields are covered)."""
+    match t:
+        case mi.IntType():
+            return st.integers(-(2**63), 2**64 - 1)  # what msgpack carries
+        case mi.FloatType():
+            return st.floats(allow_nan=False)
+        case mi.StrType():
+            return st.text(max_size=12)
+        case mi.BoolType():
+            return st.booleans()
+        case mi.NoneType():
+            return st.none()
+        case mi.ListType(item_type=item):
+            return st.lists(strategy(item), max_size=3)
+        case mi.DictType(key_type=key, value_type=value):
+            return st.dictionaries(strategy(key), strategy(value), max_size=3)
+        case mi.LiteralType(values=values):
+            return st.sampled_from(values)
+        case mi.UnionType(types=types):
+            return st.one_of([strategy(x) for x in types])
+        case mi.StructType(cls=cls, fields=fields):
+            return st.builds(cls, **{f.name: strategy(f.type) for f in fields})
+    raise NotImplementedError(f"no strategy for {t!r}")
+
+
+TAGGED = typing.get_args(schemas.Message)
+
+
+@pytest.mark.parametrize("kind", TAGGED, ids=lambda k: k.__name__)
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_every_tagged_message_round_trips(kind: type[msgspec.Struct], data: st.DataObject) -> None:
+    msg = data.draw(strategy(mi.type_info(kind)))
+
+    out = schemas.decode(schemas.encode(msg))
+
+    assert type(out) is kind
+    assert out == msg
+
+
+def test_every_message_is_tagged_with_its_own_name() -> None:
+    tags = [k.__struct_config__.tag for k in TAGGED]
+    assert tags == [k.__name__ for k in TAGGED]
+
+
+def test_a_record_round_trips_as_its_own_type() -> None:
+    pmap = PartitionMap(3, [schemas.Partition(0, 2, "schedule-1", ["n1"])])
+
+    assert schemas.decode_record(schemas.encode_record(pmap), PartitionMap) == pmap
+
+
+def msgpack(obj: object) -> bytes:
+    return msgspec.msgpack.encode(obj)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"", msgspec.DecodeError),
+        (b"\xc1", msgspec.DecodeError),  # a byte msgpack never uses
+        (msgpack(Demand("svc", "act", 1, 0, 0, 1.0))[:-3], msgspec.DecodeError),  # truncated
+        (b'{"type": "Demand"}', msgspec.ValidationError),  # JSON is not msgpack
+        (msgpack({"service": "svc"}), msgspec.ValidationError),  # no tag
+        (msgpack({"type": "Nope"}), msgspec.ValidationError),  # unknown tag
+        (msgpack({"type": "Demand", "service": "svc"}), msgspec.ValidationError),  # fields missing
+        (
+            msgpack({"type": "StopPod", "pod": 7, "service": "svc"}),  # wrong field type
+            msgspec.ValidationError,
+        ),
+        (msgpack([1, 2, 3]), msgspec.ValidationError),
+    ],
+    ids=[
+        "empty",
+        "reserved-byte",
+        "truncated",
+        "json",
+        "untagged",
+        "unknown-tag",
+        "missing-fields",
+        "wrong-type",
+        "array",
+    ],
+)
+def test_garbage_is_refused_with_msgspec_errors(data: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        schemas.decode(data)
+
+
+# ---- quantities ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "cores"),
+    [("500m", 0.5), ("2", 2.0), ("0.25", 0.25), (" 4 ", 4.0), ("1500m", 1.5), (3, 3.0), (0.5, 0.5)],
+)
+def test_parse_cpu(value: str | float, cores: float) -> None:
+    assert parse_cpu(value) == pytest.approx(cores)
+
+
+@pytest.mark.parametrize(
+    ("value", "mib"),
+    [
+        ("256Mi", 256),
+        ("1Gi", 1024),
+        ("0.5Gi", 512),
+        ("2048Ki", 2),
+        ("1G", 954),  # 10^9 bytes
+        ("500M", 477),
+        ("256", 256),  # a bare number is MiB, as the CLI's --memory 256
+        ("256.0", 256),
+        (512, 512),
+        ("1Ki", 1),  # never rounds down to nothing
+    ],
+)
+def test_parse_memory_mb(value: str | int, mib: int) -> None:
+    assert parse_memory_mb(value) == mib
+
+
+@pytest.mark.parametrize(
+    ("parse", "value", "message"),
+    [
+        (parse_cpu, "lots", "cpu 'lots': expected cores"),
+        (parse_cpu, "-1", "cpu '-1'"),
+        (parse_cpu, "2 cores", "cpu '2 cores'"),
+        (parse_memory_mb, "1 GB", "memory '1 GB': expected a quantity"),
+        (parse_memory_mb, "1Gb", "memory '1Gb'"),
+        (parse_memory_mb, "-5Mi", "memory '-5Mi'"),
+    ],
+)
+def test_bad_quantities_are_spec_errors(
+    parse: Callable[[str], object], value: str, message: str
+) -> None:
+    with pytest.raises(SpecError, match=message):
+        parse(value)
+
+
+# ---- FnService manifests -------------------------------------------------------------------
+
+MANIFEST: dict[str, Any] = {
+    "apiVersion": "fnplane.dev/v1alpha1",
+    "kind": "FnService",
+    "metadata": {"name": "llama"},
+    "spec": {
+        "predictor": {
+            "minReplicas": 1,
+            "maxReplicas": 8,
+            "initialReplicas": 2,
+            "scaleTarget": 4,
+            "targetUtilizationPercentage": 80,
+            "containerConcurrency": 6,
+            "scaleWindowSeconds": 30,
+            "scaleToZeroGracePeriodSeconds": 45,
+            "scaleDownDelaySeconds": 10,
+            "targetBurstCapacity": -1,
+            "model": "llama-3-8b",
+            "batching": {"maxBatchSize": 8, "maxWaitMs": 2},
+            "container": {
+                "command": ["python", "-m", "server"],
+                "args": ["--port-from-env"],
+                "env": [{"name": "MODEL", "value": "llama"}, {"name": "EMPTY"}],
+                "resources": {"requests": {"cpu": "1500m", "memory": "2Gi", "nvidia.com/gpu": 1}},
+                "readinessPath": "/ready",
+                "startupTimeoutSeconds": 120,
+            },
+        }
+    },
+}
+
+
+def test_a_full_manifest_becomes_exactly_its_spec() -> None:
+    spec = spec_from_manifest(copy.deepcopy(MANIFEST))
+
+    assert spec == ServiceSpec(
+        name="llama",
+        command=["python", "-m", "server", "--port-from-env"],
+        env={"MODEL": "llama", "EMPTY": ""},
+        resources=Resources(1.5, 2048, 1),
+        scaling=ScalingSpec(
+            min_scale=1,
+            max_scale=8,
+            initial_scale=2,
+            target_concurrency=4.0,
+            target_utilization=0.8,
+            stable_window_s=30.0,
+            scale_to_zero_grace_s=45.0,
+            scale_down_delay_s=10.0,
+            target_burst_capacity=-1.0,
+        ),
+        container_concurrency=6,
+        readiness_path="/ready",
+        startup_timeout_s=120.0,
+        model="llama-3-8b",
+        batching=BatchingSpec(8, 2.0),
+    )
+
+
+def test_a_minimal_manifest_takes_knative_defaults() -> None:
+    spec = spec_from_manifest({"metadata": {"name": "tiny"}})
+
+    assert spec == ServiceSpec("tiny", ["python", "-m", "examples.sample.server"])
+
+
+def test_rps_manifest_targets_requests_per_second() -> None:
+    doc = copy.deepcopy(MANIFEST)
+    doc["spec"]["predictor"].update(scaleMetric="rps", scaleTarget=50)
+
+    sc = spec_from_manifest(doc).scaling
+
+    assert (sc.metric, sc.target_rps, sc.target_concurrency) == ("rps", 50.0, 100.0)
+
+
+def test_the_sample_manifest_in_the_repository_loads() -> None:
+    spec = load_spec_file(REPO / "examples/sample/fnservice.yaml")
+
+    assert (spec.name, spec.container_concurrency, spec.scaling.max_scale) == ("sample", 4, 4)
+    assert (spec.scaling.target_concurrency, spec.resources) == (4.0, Resources(0.5, 256))
+
+
+def predictor(**fields: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda doc: doc["spec"]["predictor"].update(fields)
+
+
+def container(**fields: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda doc: doc["spec"]["predictor"]["container"].update(fields)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (predictor(minReplica=1), r"spec.predictor: unknown field\(s\) minReplica"),
+        (lambda d: d.update(specs={}), r"document: unknown field\(s\) specs"),
+        (container(image="x"), r"spec.predictor.container: unknown field\(s\) image"),
+        (
+            container(resources={"requests": {"nvidia.com/gpus": 1}}),
+            r"resources.requests: unknown field\(s\) nvidia.com/gpus",
+        ),
+        (predictor(minReplicas=3, maxReplicas=2), "min-scale 3 > max-scale 2"),
+        (predictor(containerConcurrency=-1), "container-concurrency must be >= 0"),
+        (lambda d: d["metadata"].update(name="My_Model"), "name 'My_Model': must be a DNS label"),
+        (lambda d: d["metadata"].pop("name"), "metadata.name is required"),
+        (lambda d: d.update(kind="Service"), "kind 'Service': expected FnService"),
+        (predictor(scaleMetric="cpu"), "scaleMetric 'cpu': expected 'concurrency' or 'rps'"),
+        (predictor(scaleTarget=0), "target concurrency/rps must be > 0"),
+        (predictor(scaleMetric="rps", scaleTarget=0), "target concurrency/rps must be > 0"),
+        (predictor(scaleWindowSeconds=1), "scale window must be between 6s and 1h"),
+        (container(resources={"requests": {"cpu": "lots"}}), "cpu 'lots'"),
+        (container(resources={"requests": {"memory": "1 GB"}}), "memory '1 GB'"),
+        (container(env=[{"value": "x"}]), "env\\[\\]: every variable needs a name"),
+        (container(readinessPath="ready"), "readiness path must start with '/'"),
+    ],
+    ids=[
+        "unknown-predictor-field",
+        "unknown-top-field",
+        "unknown-container-field",
+        "unknown-resource",
+        "min-above-max",
+        "negative-container-concurrency",
+        "bad-name",
+        "no-name",
+        "wrong-kind",
+        "unknown-metric",
+        "zero-target",
+        "zero-rps-target",
+        "short-window",
+        "bad-cpu",
+        "bad-memory",
+        "env-without-name",
+        "relative-readiness-path",
+    ],
+)
+def test_a_bad_manifest_is_a_spec_error_saying_what_is_wrong(
+    mutate: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    doc = copy.deepcopy(MANIFEST)
+    mutate(doc)
+
+    with pytest.raises(SpecError, match=message):
+        spec_from_manifest(doc)
+
+
+def test_a_manifest_that_is_not_a_mapping_is_a_spec_error() -> None:
+    with pytest.raises(SpecError, match="document: expected a mapping"):
+        spec_from_manifest(["not", "a", "mapping"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("kind: FnService\nmetadata: {name: [unclosed\n", "bad.yaml"),
+        ("metadata: {name: ok}\nspec: {predictor: {containerConcurrency: four}}\n", "four"),
+    ],
+    ids=["not-yaml", "not-a-number"],
+)
+def test_a_bad_spec_file_names_itself(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+
+    with pytest.raises(SpecError, match=message):
+        load_spec_file(path)
