@@ -77,7 +77,14 @@ async def run_up(args: argparse.Namespace) -> int:
         config.coordinator, schedule_min=args.schedule_min,
         schedule_max=max(args.schedule_max, args.schedule_min), runtime=args.runtime,
     ))
-    stack = Stack(config, nats_port=args.nats_port or None)
+    kube = None
+    if args.backend == "kubernetes":
+        from partitions.backends.kubernetes import KubernetesConfig
+
+        config = replace(config, nodes=replace(config.nodes, backend="kubernetes"))
+        kube = KubernetesConfig(kubeconfig=args.kubeconfig,
+                                image=os.environ.get("FNPLANE_POD_IMAGE", "fnplane:0.1.0"))
+    stack = Stack(config, nats_port=args.nats_port or None, kubernetes=kube)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -91,7 +98,11 @@ async def run_up(args: argparse.Namespace) -> int:
     print(f"  gateway  {stack.url}   (KServe v1 and Open Inference Protocol v2)", flush=True)
     print(f"  nats     {stack.nats_url}   (export FNPLANE_NATS_URL={stack.nats_url})", flush=True)
     print(f"  redis    {stack.redis_url}", flush=True)
-    print(f"  nodes    {args.nodes} local, state in {args.state_dir}", flush=True)
+    if kube is not None:
+        print(f"  nodes    the cluster of {args.kubeconfig or 'the default kubeconfig'}"
+              f" (pods outlive `up`; the next `up` adopts them)", flush=True)
+    else:
+        print(f"  nodes    {args.nodes} local, state in {args.state_dir}", flush=True)
     print("Ctrl-C stops everything.", flush=True)
     await stop.wait()
     print("fnplane: stopping...", flush=True)
@@ -308,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run control-function instances as tasks here or as OS processes")
     up.add_argument("--state-dir", default=str(default_state_dir()))
     up.add_argument("--workdir", default=".", help="where local pods are started from")
+    up.add_argument("--backend", choices=["local", "kubernetes"], default="local",
+                    help="where pods run: local processes, or Pods on a Kubernetes cluster")
+    up.add_argument("--kubeconfig", default=None,
+                    help="with --backend kubernetes: the cluster (default: in-cluster "
+                         "service account, else ~/.kube/config)")
     up.set_defaults(func=run_up)
 
     dep = sub.add_parser("deploy", help="create or update a service")

@@ -23,6 +23,7 @@ from controlplane.store import ROUTES, Store
 from functions.route.instance import RouteInstance
 from functions.scale.instance import ScaleInstance
 from functions.schedule.instance import ScheduleInstance
+from partitions.backends.kubernetes import KubernetesBackend, KubernetesConfig
 from partitions.backends.local import LocalNode
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class Stack:
     activator: Activator | None = None
     coordinator: Coordinator | None = None
     runtime: Runtime | None = None
+    # `nodes.backend == "kubernetes"`: where the cluster is (`fnplane up --backend kubernetes`).
+    kubernetes: KubernetesConfig | None = None
     started_at: float = 0.0
 
     async def start(self) -> None:
@@ -93,16 +96,19 @@ class Stack:
                 cfg.nats_url, cfg.scale, metrics_interval_s=cfg.activator.metrics_interval_s
             )
         )
-        nodes = [
-            LocalNode(
-                cfg.nats_url,
-                NodeInfo(f"node-{i}", cfg.nodes.capacity, backend="local"),
-                workdir=cfg.nodes.workdir,
-                log_dir=state / "pods",
-            )
-            for i in range(cfg.nodes.count)
-        ]
-        await asyncio.gather(*(self._up(n) for n in nodes))
+        if cfg.nodes.backend == "kubernetes":
+            await self._up(KubernetesBackend(cfg.nats_url, self.kubernetes or KubernetesConfig()))
+        else:
+            nodes = [
+                LocalNode(
+                    cfg.nats_url,
+                    NodeInfo(f"node-{i}", cfg.nodes.capacity, backend="local"),
+                    workdir=cfg.nodes.workdir,
+                    log_dir=state / "pods",
+                )
+                for i in range(cfg.nodes.count)
+            ]
+            await asyncio.gather(*(self._up(n) for n in nodes))
         await self._up(self.activator)
         registry.public_url = self.activator.url
 
@@ -118,7 +124,11 @@ class Stack:
 
     async def stop(self) -> None:
         components, self.components = self.components, []
-        for component in reversed(components):
+        # Reverse start order, except that `scale` goes right after the activator: with no
+        # traffic left to serve it must not place new pods on nodes that are shutting down.
+        order = list(reversed(components))
+        order.sort(key=lambda c: 0 if isinstance(c, Activator | ScaleInstance) else 1)
+        for component in order:
             try:
                 await asyncio.wait_for(component.stop(), timeout=20.0)
             except Exception:

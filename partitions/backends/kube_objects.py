@@ -1,0 +1,320 @@
+"""What the `kubernetes` node backend reads from and writes to Kubernetes objects, as pure
+functions over the API's JSON: a Node becomes a `NodeInfo` (or a reason it takes no pods),
+a `StartPod` becomes a Pod manifest, and a Pod's status becomes what the pod contract of
+DESIGN.md cares about (bound, ready at an IP, failed and why). No I/O here.
+
+Labels and annotations fnplane owns:
+- Pods: `app.kubernetes.io/managed-by: fnplane` (what the backend watches and adopts),
+  `fnplane.dev/service`, `fnplane.dev/pod`; annotations keep what a restarted control plane
+  needs to report an adopted pod exactly as the one that created it did (port, container
+  concurrency, cold-start stamps, startup timeout).
+- Nodes: the annotation `fnplane.dev/models` lists the model weights a node has cached,
+  comma-separated (`kubectl annotate node gpu-1 fnplane.dev/models=sample,llama-3-8b`);
+  `schedule` prefers those nodes for cold-start locality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from kubernetes.utils.quantity import parse_quantity
+
+from controlplane.schemas import NodeInfo, PodTimeline, Resources, StartPod
+
+SCHEDULER_NAME = "fnplane"
+CONTAINER = "predictor"
+GPU = "nvidia.com/gpu"
+
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "fnplane"
+LABEL_SERVICE = "fnplane.dev/service"
+LABEL_POD = "fnplane.dev/pod"
+POD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+
+ANN_MODELS = "fnplane.dev/models"
+ANN_PORT = "fnplane.dev/port"
+ANN_CC = "fnplane.dev/container-concurrency"
+ANN_REQUESTED_AT = "fnplane.dev/requested-at"
+ANN_PLACED_AT = "fnplane.dev/placed-at"
+ANN_STARTUP_TIMEOUT = "fnplane.dev/startup-timeout-seconds"
+ANN_GENERATION = "fnplane.dev/generation"
+
+# Waiting reasons after which a container will not start without a change to its spec or
+# image; with restartPolicy Never a crash ends in a terminated state instead.
+FATAL_WAITING = frozenset({
+    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+    "CreateContainerError", "RunContainerError", "CrashLoopBackOff",
+})
+
+
+def _meta(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj.get("metadata") or {}
+
+
+# ---- nodes ---------------------------------------------------------------------------------
+
+
+def fnplane_node_name(k8s_name: str) -> str:
+    """Kubernetes node names may contain dots, which NATS reads as subject separators; they
+    never contain '_', so the mapping is reversible."""
+    return k8s_name.replace(".", "_")
+
+
+def node_info(node: dict[str, Any]) -> NodeInfo:
+    alloc = (node.get("status") or {}).get("allocatable") or {}
+    meta = _meta(node)
+    models = (meta.get("annotations") or {}).get(ANN_MODELS, "")
+    return NodeInfo(
+        name=fnplane_node_name(meta["name"]),
+        capacity=Resources(
+            cpu=float(_quantity(alloc.get("cpu", "0"))),
+            memory_mb=int(_quantity(alloc.get("memory", "0")) / (1024 * 1024)),
+            gpu=int(_quantity(alloc.get(GPU, "0"))),
+        ),
+        labels=dict(meta.get("labels") or {}),
+        models=sorted({m.strip() for m in models.split(",") if m.strip()}),
+        backend="kubernetes",
+    )
+
+
+def unschedulable_reason(node: dict[str, Any]) -> str:
+    """Why a node must take no new pods, or "" when it may (as kube-scheduler's filters:
+    cordoned, NoSchedule/NoExecute taints — our pods tolerate none — and not Ready)."""
+    spec, status = node.get("spec") or {}, node.get("status") or {}
+    if spec.get("unschedulable"):
+        return "cordoned (unschedulable)"
+    for taint in spec.get("taints") or []:
+        if taint.get("effect") in ("NoSchedule", "NoExecute"):
+            value = f"={taint['value']}" if taint.get("value") else ""
+            return f"tainted {taint.get('key')}{value}:{taint['effect']}"
+    ready = _condition(status, "Ready")
+    if ready != "True":
+        return f"not Ready (Ready={ready or 'Unknown'})"
+    return ""
+
+
+def _quantity(value: object) -> Decimal:
+    try:
+        return parse_quantity(value)
+    except ValueError:
+        return Decimal(0)
+
+
+def _condition(status: dict[str, Any], kind: str) -> str:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == kind:
+            return str(cond.get("status", ""))
+    return ""
+
+
+# ---- pods we create --------------------------------------------------------------------------
+
+
+def label_value(text: str) -> str:
+    """Label values are at most 63 characters; long pod names keep a recognisable prefix."""
+    if len(text) <= 63:
+        return text
+    return f"{text[:54]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def cpu_quantity(cores: float) -> str:
+    return f"{round(cores * 1000)}m"
+
+
+def pod_manifest(
+    start: StartPod,
+    *,
+    namespace: str,
+    image: str,
+    port: int,
+    image_pull_policy: str = "IfNotPresent",
+    grace_s: int = 10,
+) -> dict[str, Any]:
+    """The Pod for one StartPod: the pod contract of DESIGN.md in Kubernetes terms.
+
+    No nodeName: the Pod waits for our Binding, as pods of any custom scheduler do. Limits
+    equal requests (Guaranteed QoS), so what `schedule` accounts is what the pod may use.
+    restartPolicy Never: a pod that exits is reported failed and replaced by `scale` with
+    backoff, instead of crash-looping where nobody sees it.
+    """
+    spec = start.spec
+    res = spec.resources
+    quantities: dict[str, str] = {"cpu": cpu_quantity(res.cpu), "memory": f"{res.memory_mb}Mi"}
+    if res.gpu:
+        quantities[GPU] = str(res.gpu)
+    env = {
+        **spec.env,
+        "PORT": str(port),
+        "HOST": "0.0.0.0",  # the pod's own network namespace: listen where the kubelet probes
+        "MODEL_NAME": spec.env.get("MODEL_NAME", spec.name),
+        "FNPLANE_SERVICE": spec.name,
+        "FNPLANE_POD": start.pod,
+        "FNPLANE_NODE": start.node,
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": start.pod,
+            "namespace": namespace,
+            "labels": {
+                LABEL_MANAGED_BY: MANAGED_BY,
+                LABEL_SERVICE: spec.name,
+                LABEL_POD: label_value(start.pod),
+            },
+            "annotations": {
+                ANN_PORT: str(port),
+                ANN_CC: str(spec.container_concurrency),
+                ANN_REQUESTED_AT: repr(start.requested_at),
+                ANN_PLACED_AT: repr(start.placed_at),
+                ANN_STARTUP_TIMEOUT: repr(spec.startup_timeout_s),
+                ANN_GENERATION: str(spec.generation),
+            },
+        },
+        "spec": {
+            "schedulerName": SCHEDULER_NAME,
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": grace_s,
+            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [
+                {
+                    "name": CONTAINER,
+                    "image": image,
+                    "imagePullPolicy": image_pull_policy,
+                    "command": list(spec.command),
+                    "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
+                    "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+                    "resources": {"requests": dict(quantities), "limits": dict(quantities)},
+                    "readinessProbe": {
+                        "httpGet": {"path": spec.readiness_path, "port": port},
+                        "periodSeconds": 1,
+                        "timeoutSeconds": 1,
+                        "successThreshold": 1,
+                        "failureThreshold": 3,
+                    },
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def binding(pod: str, namespace: str, k8s_node: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Binding",
+        "metadata": {"name": pod, "namespace": namespace},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": k8s_node},
+    }
+
+
+# ---- pods we watch ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PodView:
+    """A Pod as the pod contract sees it."""
+
+    name: str
+    service: str
+    k8s_node: str  # "" until bound
+    ip: str
+    ready: bool
+    terminating: bool
+    failed: str  # why it can never become (or stay) ready; "" while it can
+
+
+def observe_pod(pod: dict[str, Any]) -> PodView:
+    meta, spec, status = _meta(pod), pod.get("spec") or {}, pod.get("status") or {}
+    return PodView(
+        name=meta.get("name", ""),
+        service=(meta.get("labels") or {}).get(LABEL_SERVICE, ""),
+        k8s_node=spec.get("nodeName") or "",
+        ip=status.get("podIP") or "",
+        ready=_condition(status, "Ready") == "True" and bool(status.get("podIP")),
+        terminating=bool(meta.get("deletionTimestamp")),
+        failed=_failure(status),
+    )
+
+
+def _failure(status: dict[str, Any]) -> str:
+    for cs in status.get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        if "terminated" in state:
+            term = state["terminated"] or {}
+            why = f" ({term['reason']})" if term.get("reason") not in (None, "", "Error",
+                                                                         "Completed") else ""
+            return f"pod exited with code {term.get('exitCode', '?')}{why}"
+        waiting = state.get("waiting") or {}
+        if waiting.get("reason") in FATAL_WAITING:
+            msg = f": {waiting['message']}" if waiting.get("message") else ""
+            return f"{waiting['reason']}{msg}"
+    phase = status.get("phase")
+    if phase in ("Failed", "Succeeded"):
+        # Evicted, OutOfcpu, NodeAffinity...: the kubelet refused or dropped the pod.
+        reason = status.get("reason") or phase
+        return f"{reason}: {status['message']}" if status.get("message") else str(reason)
+    return ""
+
+
+@dataclass(frozen=True)
+class PodRecord:
+    """What a control plane that did not create a pod needs to report it (adoption)."""
+
+    service: str
+    port: int
+    container_concurrency: int
+    resources: Resources
+    timeline: PodTimeline
+    startup_timeout_s: float
+
+
+def pod_record(pod: dict[str, Any]) -> PodRecord:
+    meta = _meta(pod)
+    ann = meta.get("annotations") or {}
+    containers = (pod.get("spec") or {}).get("containers") or [{}]
+    requests = (containers[0].get("resources") or {}).get("requests") or {}
+    created = _timestamp(meta.get("creationTimestamp"))
+    return PodRecord(
+        service=(meta.get("labels") or {}).get(LABEL_SERVICE, ""),
+        port=int(ann.get(ANN_PORT, "8080")),
+        container_concurrency=int(ann.get(ANN_CC, "0")),
+        resources=Resources(
+            cpu=float(_quantity(requests.get("cpu", "0"))),
+            memory_mb=int(_quantity(requests.get("memory", "0")) / (1024 * 1024)),
+            gpu=int(_quantity(requests.get(GPU, "0"))),
+        ),
+        timeline=PodTimeline(
+            requested_at=_float(ann.get(ANN_REQUESTED_AT), created),
+            placed_at=_float(ann.get(ANN_PLACED_AT), created),
+            # The bind time is not stored (that would need a patch right on the hot path);
+            # creation is within milliseconds of it.
+            spawned_at=created,
+        ),
+        startup_timeout_s=_float(ann.get(ANN_STARTUP_TIMEOUT), 60.0),
+    )
+
+
+def _float(text: str | None, default: float) -> float:
+    try:
+        return float(text) if text else default
+    except ValueError:
+        return default
+
+
+def _timestamp(text: str | None) -> float:
+    if not text:
+        return 0.0
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0

@@ -1,0 +1,396 @@
+"""The `kubernetes` node backend: the same NATS contract as `local` (NodeRegistration,
+StartPod, StopPod, inventory, PodEvent, pod metrics), with Kubernetes as the machines. Nodes
+come from Node objects, kept current by list+watch; a StartPod becomes a Pod with
+`schedulerName: fnplane` bound to the node `schedule` chose through the Binding subresource,
+as a custom scheduler binds; readiness and failures come from the Pod's status by watch;
+StopPod deletes the Pod.
+
+Pods outlive the control plane on purpose. On start the backend lists the Pods labelled
+`app.kubernetes.io/managed-by=fnplane` and reports them (ready ones as ready, at their IP)
+before it registers any node, so `scale` counts them and `schedule` accounts them instead
+of starting duplicates; pods of a service the registry no longer knows are deleted.
+Stopping the backend leaves pods running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from nats.aio.msg import Msg
+
+from controlplane import subjects
+from controlplane.bus import Bus, RemoteError
+from controlplane.procs import free_port
+from controlplane.schemas import (
+    Demand,
+    Empty,
+    Inventory,
+    InventoryRequest,
+    Message,
+    NameRequest,
+    NodeInfo,
+    NodeRegistration,
+    PartitionMap,
+    PodEvent,
+    StartPod,
+    StopPod,
+)
+from partitions.backends import kube_objects as ko
+from partitions.backends.kube_api import (
+    Changed,
+    KubeApi,
+    ListWatch,
+    Synced,
+    load_client,
+    threadsafe_put,
+)
+from partitions.backends.kube_pods import KubePod, PodTracker
+from partitions.fencing import EpochFence
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 0.5
+METRICS_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class KubernetesConfig:
+    kubeconfig: str | None = None  # None: in-cluster service account, else ~/.kube/config
+    context: str | None = None
+    namespace: str = ""  # where pods live; "" = the context's (or service account's)
+    # Every pod runs this image; a spec's `command` picks the server inside it.
+    image: str = "fnplane:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    # Each pod has its own IP, so one port fits all. 0 = a free local port per pod, for
+    # emulated clusters whose pods all share one host (the tests' kubelet emulator).
+    pod_port: int = 8080
+    stop_grace_s: int = 10
+    watch_timeout_s: float = 300.0
+    request_timeout_s: float = 10.0
+    # How long `start` waits for the first list of nodes and pods before giving up.
+    sync_timeout_s: float = 30.0
+    user_agent: str = "fnplane-node/0.1"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.pod_port < 65536:
+            raise ValueError(f"pod port {self.pod_port} out of range")
+        if self.watch_timeout_s < 1 or self.request_timeout_s <= 0:
+            raise ValueError("watch timeout must be >= 1s and request timeout > 0")
+
+
+@dataclass
+class KubeNode:
+    k8s_name: str
+    info: NodeInfo
+    unschedulable: str  # why it takes no new pods, "" when it does
+
+
+class KubernetesBackend:
+    """All nodes of one cluster behind one NATS connection, one subscription set per node."""
+
+    kind = "node"
+
+    def __init__(self, nats_url: str, config: KubernetesConfig) -> None:
+        self.nats_url = nats_url
+        self.config = config
+        self.nodes: dict[str, KubeNode] = {}
+        self.bus: Bus | None = None
+        self.api: KubeApi | None = None
+        self.tracker: PodTracker | None = None
+        self.watches: list[ListWatch] = []
+        self.fence = EpochFence()
+        self._queue: asyncio.Queue[Synced | Changed] = asyncio.Queue()
+        self._synced = {"nodes": asyncio.Event(), "pods": asyncio.Event()}
+        self._subscribed: set[str] = set()
+        self._registering = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._http: aiohttp.ClientSession | None = None
+        self._reported: set[str] = set()
+        self._stopping = False
+
+    @property
+    def pods(self) -> dict[str, KubePod]:
+        return self.tracker.pods if self.tracker else {}
+
+    @property
+    def adopted(self) -> int:
+        return self.tracker.adopted if self.tracker else 0
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        try:
+            self.bus = bus = await Bus.connect(self.nats_url, "node-kubernetes")
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
+            client, ns = await asyncio.to_thread(load_client, cfg.kubeconfig, cfg.context,
+                                                 user_agent=cfg.user_agent)
+            self.api = api = KubeApi(client, cfg.namespace or ns,
+                                     request_timeout_s=cfg.request_timeout_s)
+            self.tracker = PodTracker(api, self._emit, image=cfg.image,
+                                      image_pull_policy=cfg.image_pull_policy,
+                                      stop_grace_s=cfg.stop_grace_s)
+            deliver = threadsafe_put(asyncio.get_running_loop(), self._queue)
+            timeouts = {"watch_timeout_s": cfg.watch_timeout_s,
+                        "request_timeout_s": cfg.request_timeout_s}
+            self.watches = [
+                ListWatch("nodes", api.core.list_node, deliver, **timeouts),
+                ListWatch("pods", functools.partial(api.core.list_namespaced_pod, api.namespace),
+                          deliver, label_selector=ko.POD_SELECTOR, **timeouts),
+            ]
+            self._spawn(self._consume(), "consume")
+            for w in self.watches:
+                w.start()
+            await self._wait_synced()
+            # Adopted pods are tracked by now: answer inventories before `schedule` hears of
+            # any node, so its accounting starts from what really runs.
+            await bus.subscribe(subjects.NODE_INVENTORY, self._on_inventory)
+            await bus.subscribe(subjects.PARTITIONS, self._on_map)
+            self._registering = True
+            await self._register(list(self.nodes.values()))
+            try:
+                pmap = await bus.request(subjects.PARTITIONS_GET, Empty(), timeout=1.0)
+                if isinstance(pmap, PartitionMap):
+                    self.fence.apply(pmap)
+            except RemoteError:
+                pass  # the map arrives with the next change
+            self._spawn(self._sweep(), "sweep")
+            self._spawn(self._scrape(), "metrics")
+            self._spawn(self._delete_orphans(), "orphans")
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("kubernetes: %d nodes, %d pods adopted, namespace %s", len(self.nodes),
+                 self.adopted, api.namespace)
+
+    async def _wait_synced(self) -> None:
+        try:
+            async with asyncio.timeout(self.config.sync_timeout_s):
+                for ev in self._synced.values():
+                    await ev.wait()
+        except TimeoutError:
+            errors = "; ".join(f"{w.kind}: {w.last_error}" for w in self.watches if w.last_error)
+            host = self.api.host if self.api else "?"
+            raise RuntimeError(
+                f"kubernetes API at {host} did not list nodes and pods within "
+                f"{self.config.sync_timeout_s:g}s ({errors or 'no answer'})"
+            ) from None
+
+    async def stop(self) -> None:
+        """Idempotent. Pods keep running: the next start adopts them."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await asyncio.gather(*(asyncio.to_thread(w.stop) for w in self.watches))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.bus is not None:
+            await self.bus.close()
+        if self._http is not None:
+            await self._http.close()
+        if self.api is not None:
+            self.api.close()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=f"kubernetes-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- what the watches see --------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        assert self.tracker is not None
+        while True:
+            item = await self._queue.get()
+            try:
+                if item.kind == "nodes":
+                    await self._on_nodes(item)
+                elif isinstance(item, Synced):
+                    await self.tracker.on_list(item.items)
+                else:
+                    await self.tracker.on_pod(item.type, item.obj)
+            except Exception:
+                log.exception("kubernetes: handling %s failed", item.kind)
+            if isinstance(item, Synced):
+                self._synced[item.kind].set()
+
+    async def _on_nodes(self, item: Synced | Changed) -> None:
+        if isinstance(item, Changed):
+            if item.type == "DELETED":
+                self._gone(ko.fnplane_node_name(item.obj["metadata"]["name"]))
+            else:
+                self._on_node(item.obj)
+            return
+        seen = {ko.fnplane_node_name(n["metadata"]["name"]) for n in item.items}
+        for name in set(self.nodes) - seen:
+            self._gone(name)
+        for obj in item.items:
+            self._on_node(obj)
+
+    def _gone(self, name: str) -> None:
+        node = self.nodes.get(name)
+        if node is not None:
+            node.unschedulable = "deleted from the cluster"
+
+    def _on_node(self, obj: dict[str, Any]) -> None:
+        info, why = ko.node_info(obj), ko.unschedulable_reason(obj)
+        old = self.nodes.get(info.name)
+        self.nodes[info.name] = node = KubeNode(obj["metadata"]["name"], info, why)
+        if old is not None and old.unschedulable != why:
+            log.info("kubernetes: node %s %s", info.name, why or "takes pods again")
+        changed = old is None or old.info != info or (old.unschedulable and not why)
+        if self._registering and changed:
+            self._spawn(self._register([node]), f"register-{info.name}")
+
+    async def _register(self, nodes: list[KubeNode]) -> None:
+        """Subscribe the nodes' subjects, then register the schedulable ones (again, when
+        they changed) in one message; retried until the coordinator answers."""
+        assert self.bus is not None
+        for node in nodes:
+            name = node.info.name
+            if name not in self._subscribed:
+                self._subscribed.add(name)
+                await self.bus.subscribe(subjects.node_start(name), self._on_start,
+                                         concurrent=True)
+                await self.bus.subscribe(subjects.node_stop(name), self._on_stop,
+                                         concurrent=True)
+                await self.bus.subscribe(f"{subjects.NODE}.{name}.info", self._on_info)
+        # A registered node cannot be withdrawn; one that became unschedulable refuses
+        # StartPod with the reason instead.
+        infos = [n.info for n in nodes if not n.unschedulable]
+        if not infos:
+            return
+        for attempt in range(100):
+            try:
+                await self.bus.request(subjects.NODE_REGISTER, NodeRegistration(infos),
+                                       timeout=1.0)
+                return
+            except RemoteError:
+                await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
+        log.error("kubernetes: the coordinator never answered the registration of %s",
+                  ", ".join(i.name for i in infos))
+
+    # ---- background work --------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        assert self.tracker is not None
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            await self.tracker.sweep(time.time())
+
+    async def _delete_orphans(self) -> None:
+        """Adopted pods of a service deleted while the control plane was down have no owner
+        left to stop them: ask the registry once, delete those it does not know."""
+        assert self.bus is not None and self.tracker is not None
+        for service in sorted({p.service for p in self.pods.values()}):
+            try:
+                await self.bus.request(f"{subjects.ADMIN}.spec", NameRequest(service),
+                                       timeout=2.0)
+            except RemoteError as exc:
+                if exc.code != 404:
+                    continue
+                for pod in [p for p in self.pods.values() if p.service == service]:
+                    await self.tracker.stop(pod.name, "service no longer exists")
+
+    async def _scrape(self) -> None:
+        """Every second, the requests in flight each ready pod reports on `/stats` (pods
+        without it are skipped), summed per service and sent to `scale` as pod metrics,
+        as the `local` backend does."""
+        assert self.bus is not None
+        while True:
+            await asyncio.sleep(METRICS_INTERVAL_S)
+            ready = [p for p in self.pods.values() if p.state == "ready"]
+            counts = await asyncio.gather(*(self._in_flight(p) for p in ready))
+            per_service: dict[str, int] = {}
+            for pod, n in zip(ready, counts, strict=True):
+                if n is not None:
+                    per_service[pod.service] = per_service.get(pod.service, 0) + n
+            now = time.time()
+            for name in set(per_service) | self._reported:
+                n = per_service.get(name, 0)
+                (self._reported.add if n else self._reported.discard)(name)
+                demand = Demand(name, "node:kubernetes", 0, n, 0, now, source="pods")
+                try:
+                    await self.bus.publish(subjects.DEMAND, demand)
+                except Exception:
+                    log.debug("kubernetes: pod metrics lost", exc_info=True)
+
+    async def _in_flight(self, pod: KubePod) -> int | None:
+        assert self._http is not None
+        try:
+            async with self._http.get(pod.url + "/stats") as resp:
+                if resp.status != 200:
+                    return None
+                return int((await resp.json()).get("in_flight", 0))
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    async def _on_info(self, _msg: Message, raw: Msg) -> Message:
+        name = raw.subject.split(".")[-2]
+        node = self.nodes.get(name)
+        if node is None:
+            raise RemoteError(404, f"node {name} is not in the cluster")
+        return NodeRegistration([node.info])
+
+    async def _on_map(self, msg: Message, _raw: Msg) -> None:
+        if isinstance(msg, PartitionMap):
+            self.fence.apply(msg)
+
+    async def _on_inventory(self, msg: Message, _raw: Msg) -> Message | None:
+        """A new partition owner asks what runs on its nodes: one answer for all of ours."""
+        assert self.tracker is not None
+        if not isinstance(msg, InventoryRequest):
+            return None
+        wanted = set(msg.nodes) & set(self.nodes)
+        return Inventory(self.tracker.allocations(wanted)) if wanted else None
+
+    async def _on_start(self, msg: Message, _raw: Msg) -> Message:
+        if not isinstance(msg, StartPod):
+            raise RemoteError(400, f"expected StartPod, got {type(msg).__name__}")
+        assert self.tracker is not None
+        node = self.nodes.get(msg.node)
+        if node is None or self._stopping:
+            raise RemoteError(503, f"node {msg.node} is not in the cluster")
+        if node.unschedulable:
+            raise RemoteError(503, f"node {msg.node} takes no pods: {node.unschedulable}")
+        if (why := self.fence.check(msg)) is not None:
+            raise RemoteError(409, why)
+        await self.tracker.start(msg, node.k8s_name, self.config.pod_port or free_port())
+        return Empty()
+
+    async def _on_stop(self, msg: Message, _raw: Msg) -> Message:
+        if not isinstance(msg, StopPod):
+            raise RemoteError(400, f"expected StopPod, got {type(msg).__name__}")
+        assert self.tracker is not None
+        await self.tracker.stop(msg.pod, msg.reason)
+        return Empty()
+
+    async def _emit(self, pod: KubePod, state: str, *, reason: str = "",
+                    log_tail: str = "") -> None:
+        assert self.bus is not None
+        ev = PodEvent(
+            pod.name,
+            pod.service,
+            pod.node,
+            state,  # type: ignore[arg-type]
+            url=pod.url,
+            container_concurrency=pod.container_concurrency,
+            resources=pod.resources,
+            timeline=pod.timeline,
+            reason=reason,
+            log_tail=log_tail,
+            ts=time.time(),
+        )
+        try:
+            await self.bus.publish(f"{subjects.POD_EVENTS}.{pod.service}", ev)
+        except Exception:
+            log.warning("kubernetes: pod event lost", exc_info=True)
