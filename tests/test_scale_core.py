@@ -163,6 +163,24 @@ def test_no_traffic_for_the_grace_stops_the_last_pod() -> None:
     assert stops[30] == ["p"]
 
 
+def test_a_restarted_scale_gives_pods_it_finds_the_grace_before_stopping_them() -> None:
+    """No traffic history (a restarted `scale`, adopted pods) is not "idle since forever"."""
+    s = ServiceScaler.for_spec(service(stable_window_s=6.0, scale_to_zero_grace_s=30.0), 100.0)
+    s.on_pod_event(event("adopted", "ready"), 100.0)
+    stops = {}
+    for t in range(101, 131):
+        s.observe(demand(0, ts=float(t)))
+        stops[t] = [p.pod for p in s.plan(float(t), INTERVAL).stop]
+    assert all(stops[t] == [] for t in range(101, 130))
+    assert stops[130] == ["adopted"]
+
+
+def test_a_new_idle_service_gets_no_pod_during_the_grace() -> None:
+    s = ServiceScaler.for_spec(service(scale_to_zero_grace_s=30.0), 0.0)
+    for t in range(1, 10):
+        assert s.plan(float(t), INTERVAL).start == 0
+
+
 # ---- failures and backoff ------------------------------------------------------------------
 
 

@@ -212,3 +212,15 @@ def test_no_sequence_of_placements_and_releases_over_commits_a_node(
             assert node.used + node.free == node.info.capacity
         placed = sorted((pod, n) for n, node in v.nodes.items() for pod in node.committed)
         assert placed == sorted(v.pods.items()), "a pod counted twice, or where it is not"
+
+
+def test_a_re_registered_node_keeps_its_accounting_with_its_new_capacity() -> None:
+    small = NodeInfo("n1", Resources(2, 1024))
+    view = PartitionView()
+    view.assign(0, 1, [small])
+    assert view.place("p1", Resources(1.5, 256), "m") is not None
+    assert view.place("p2", Resources(1.0, 256), "m") is None
+    view.assign(0, 1, [NodeInfo("n1", Resources(4, 1024), models=["m2"])])
+    assert view.nodes["n1"].used == Resources(1.5, 256)
+    assert "m2" in view.nodes["n1"].models
+    assert view.place("p2", Resources(1.0, 256), "m") is not None

@@ -49,8 +49,14 @@ class ServiceScaler:
     mode: str = "proxy"
 
     @classmethod
-    def for_spec(cls, spec: ServiceSpec) -> ServiceScaler:
-        return cls(spec, Autoscaler(spec.scaling, spec.container_concurrency))
+    def for_spec(cls, spec: ServiceSpec, now: float | None = None) -> ServiceScaler:
+        """`now`: when this scaler starts watching. Pods it finds running (a restarted
+        `scale`, adopted pods) then get the scale-to-zero grace before they are stopped,
+        instead of being stopped at the first tick for lack of history."""
+        autoscaler = Autoscaler(spec.scaling, spec.container_concurrency)
+        if now is not None:
+            autoscaler.last_active = now
+        return cls(spec, autoscaler)
 
     def update_spec(self, spec: ServiceSpec) -> None:
         self.spec = spec

@@ -80,7 +80,7 @@ class ScaleInstance:
     def _upsert(self, spec) -> None:
         scaler = self.services.get(spec.name)
         if scaler is None:
-            self.services[spec.name] = ServiceScaler.for_spec(spec)
+            self.services[spec.name] = ServiceScaler.for_spec(spec, time.time())
         else:
             scaler.update_spec(spec)
         self._wake.set()

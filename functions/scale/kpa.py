@@ -138,7 +138,7 @@ class Autoscaler:
             desired, reason = desired_stable, "stable"
 
         desired = self._apply_scale_down_delay(now, desired)
-        if desired == 0 and now - self.last_active < sp.scale_to_zero_grace_s:
+        if desired == 0 and current_pods > 0 and now - self.last_active < sp.scale_to_zero_grace_s:
             desired, reason = 1, "scale-to-zero grace"
         ebc = excess_burst_capacity(sp, self.container_concurrency, ready_pods, panic_val)
         return Decision(self._bound(desired), panic, stable, panic_val, reason, ebc)

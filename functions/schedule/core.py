@@ -29,6 +29,12 @@ class PartitionView:
     def assign(self, partition: int, epoch: int, infos: list[NodeInfo]) -> None:
         """Adopt a (new) assignment, keeping the accounting of nodes we already owned."""
         keep = {n.name: self.nodes[n.name] for n in infos if n.name in self.nodes}
+        for info in infos:
+            state = keep.get(info.name)
+            if state is not None and state.info != info:
+                # Re-registered (new capacity, labels, cached models): same accounting.
+                state.info = info
+                state.models |= set(info.models)
         self.nodes = {n.name: keep.get(n.name) or NodeState(n) for n in infos}
         self.pods = {p: n for p, n in self.pods.items() if n in self.nodes}
         self.partition, self.epoch = partition, epoch

@@ -113,11 +113,12 @@ class ScheduleInstance:
                 await self._listen_reserve(None)
                 return
             part = mine[0]
+            infos = [pmap.nodes[n] for n in part.nodes if n in pmap.nodes]
             if (part.id, part.epoch) == (self.view.partition, self.view.epoch):
+                self.view.assign(part.id, part.epoch, infos)  # node details may have changed
                 return
             self._assigned.clear()
             known = set(self.view.nodes) if part.id == self.view.partition else set()
-            infos = [pmap.nodes[n] for n in part.nodes if n in pmap.nodes]
             self.view.assign(part.id, part.epoch, infos)
             new_nodes = [n.name for n in infos if n.name not in known]
             if new_nodes:

@@ -1,0 +1,304 @@
+"""The two schedulers the partitioned `schedule` function is measured against (DESIGN.md,
+Baselines), run on the same simulator, the same NATS server and the same requests.
+
+- `CentralScheduler`: one instance with the authoritative view of *every* node; each placement
+  filters and scores all of them with the very scoring of `core.PartitionView`
+  (kube-scheduler-like). Correct by construction, but every placement pays for the whole cluster.
+- `SamplingScheduler`: Sparrow-like power of two choices. No view, no partitions: per placement
+  it probes d random nodes able to hold the pod at all (Sparrow's per-task constraints), starts
+  the pod on the better one, and lets the node refuse when a concurrent placement took the room
+  first (the node is the only authority); then it tries new random nodes, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+
+from controlplane import subjects
+from controlplane.bus import Bus, RemoteError
+from controlplane.schemas import (
+    Empty,
+    Inventory,
+    InventoryRequest,
+    Message,
+    NodeFree,
+    NodeInfo,
+    PartitionMap,
+    Placement,
+    PlaceRequest,
+    PodEvent,
+    Resources,
+    StartPod,
+    Unschedulable,
+    decode,
+    encode,
+)
+from functions.schedule.core import PartitionView
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 5.0
+ADOPT_TIMEOUT_S = 10.0
+
+
+class _NodeListFollower:
+    """Both baselines learn the node set from the coordinator's partition map (they ignore
+    its partitions): fetched at start, then followed on every change."""
+
+    bus: Bus | None
+    id: str
+
+    def __init__(self) -> None:
+        self._known = asyncio.Event()
+        self._map_version = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _follow_map(self) -> None:
+        assert self.bus is not None
+        await self.bus.subscribe(subjects.PARTITIONS, self._on_map)
+        self._tasks.append(asyncio.create_task(self._fetch_map(), name=f"{self.id}-map"))
+
+    async def _fetch_map(self) -> None:
+        assert self.bus is not None
+        while not self._known.is_set():
+            try:
+                pmap = await self.bus.request(subjects.PARTITIONS_GET, Empty(), timeout=1.0)
+                if isinstance(pmap, PartitionMap):
+                    await self._apply(pmap)
+            except RemoteError:
+                pass
+            await asyncio.sleep(0.2)
+
+    async def _on_map(self, msg: Message, _raw: Msg) -> None:
+        if isinstance(msg, PartitionMap):
+            await self._apply(msg)
+
+    async def _apply(self, pmap: PartitionMap) -> None:
+        if pmap.version <= self._map_version or not pmap.nodes:
+            return
+        self._map_version = pmap.version
+        await self.nodes_changed(list(pmap.nodes.values()))
+        self._known.set()
+
+    async def nodes_changed(self, infos: list[NodeInfo]) -> None:
+        raise NotImplementedError
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the node set is known (and, for central, its accounting adopted)."""
+        await asyncio.wait_for(self._known.wait(), timeout=timeout)
+
+    async def _stop_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+
+class CentralScheduler(_NodeListFollower):
+    """One scheduler, every node: filter + score the whole cluster for each placement."""
+
+    kind = "central"
+
+    def __init__(
+        self, nats_url: str, *, instance_id: str = "", subject: str = subjects.PLACE_CENTRAL
+    ) -> None:
+        super().__init__()
+        self.id = instance_id or f"central-{uuid.uuid4().hex[:6]}"
+        self.nats_url = nats_url
+        self.subject = subject
+        self.view = PartitionView()
+        self.bus: Bus | None = None
+
+    async def start(self) -> None:
+        self.bus = bus = await Bus.connect(self.nats_url, self.id)
+        await bus.subscribe(f"{subjects.POD_EVENTS}.>", self._on_pod_event)
+        await self._follow_map()
+        await bus.subscribe(self.subject, self._on_place, concurrent=True)
+
+    async def stop(self) -> None:
+        await self._stop_tasks()
+        if self.bus is not None:
+            await self.bus.close()
+
+    async def nodes_changed(self, infos: list[NodeInfo]) -> None:
+        known = set(self.view.nodes)
+        self.view.assign(-1, 0, infos)
+        new = [n.name for n in infos if n.name not in known]
+        if new:
+            await self._adopt(new)
+
+    async def _adopt(self, nodes: list[str]) -> None:
+        """What the nodes already run, as a schedule instance adopting a partition does, but
+        collected until every node is covered (a backend may answer for many nodes at once,
+        in several messages): a node taken as empty when it is not would be over-committed."""
+        assert self.bus is not None
+        nc = self.bus.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        missing = set(nodes)
+        try:
+            await nc.publish(subjects.NODE_INVENTORY, encode(InventoryRequest(nodes)), reply=inbox)
+            async with asyncio.timeout(ADOPT_TIMEOUT_S):
+                while missing:
+                    answer = decode((await sub.next_msg(timeout=ADOPT_TIMEOUT_S)).data)
+                    if isinstance(answer, Inventory):
+                        self._account(answer)
+                        missing -= answer.pods.keys()
+        except (TimeoutError, NatsTimeout):
+            log.warning("%s: no inventory from %d node(s); taken as empty", self.id, len(missing))
+        finally:
+            await sub.unsubscribe()
+
+    def _account(self, answer: Inventory) -> None:
+        for node, pods in answer.pods.items():
+            state = self.view.nodes.get(node)
+            if state is None:
+                continue
+            for alloc in pods:
+                if alloc.pod not in self.view.pods:
+                    state.committed[alloc.pod] = alloc.resources
+                    state.used = state.used + alloc.resources
+                    self.view.pods[alloc.pod] = node
+
+    async def _on_pod_event(self, msg: Message, _raw: Msg) -> None:
+        if not isinstance(msg, PodEvent):
+            return
+        if msg.state in ("stopped", "failed"):
+            self.view.release(msg.pod)
+        elif msg.state == "ready":
+            self.view.note_model(msg.node, msg.service)
+
+    async def _on_place(self, msg: Message, _raw: Msg) -> Message:
+        if not isinstance(msg, PlaceRequest):
+            raise RemoteError(400, f"expected PlaceRequest, got {type(msg).__name__}")
+        if not self._known.is_set():
+            return Unschedulable(msg.pod, msg.service, f"{self.id} knows no nodes yet")
+        assert self.bus is not None
+        node = self.view.place(msg.pod, msg.resources, msg.model)  # scans every node
+        if node is None:
+            return Unschedulable(msg.pod, msg.service, "no node in the cluster has room")
+        decided = time.time()
+        try:
+            await self.bus.request(
+                subjects.node_start(node.name),
+                StartPod(msg.pod, msg.spec, node.name, msg.requested_at, decided),
+                timeout=START_TIMEOUT_S,
+            )
+        except RemoteError as exc:
+            self.view.release(msg.pod)
+            return Unschedulable(msg.pod, msg.service, f"node {node.name}: {exc.message}")
+        return Placement(msg.pod, msg.service, node.name, -1, 0, decided)
+
+
+def _score(free: Resources, models: list[str], req: Resources, model: str) -> tuple:
+    """core.PartitionView's order: cached model first, then best fit (least left over)."""
+    left = free - req
+    return (0 if model in models else 1, left.cpu, left.memory_mb)
+
+
+class SamplingScheduler(_NodeListFollower):
+    """Sparrow-like: probe `d` random eligible nodes per try, start on the better fit."""
+
+    kind = "sampling"
+
+    def __init__(
+        self,
+        nats_url: str,
+        *,
+        instance_id: str = "",
+        d: int = 2,
+        max_tries: int = 4,
+        probe_timeout_s: float = 1.0,
+        subject: str = subjects.PLACE_SAMPLING,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if d < 1 or max_tries < 1:
+            raise ValueError("d and max_tries must be >= 1")
+        self.id = instance_id or f"sampling-{uuid.uuid4().hex[:6]}"
+        self.nats_url = nats_url
+        self.subject = subject
+        self.d = d
+        self.max_tries = max_tries
+        self.probe_timeout_s = probe_timeout_s
+        self.rng = random.Random(seed)
+        self.infos: list[NodeInfo] = []
+        self._eligible: dict[Resources, list[str]] = {}
+        self.bus: Bus | None = None
+        self.probes_sent = 0
+
+    async def start(self) -> None:
+        self.bus = bus = await Bus.connect(self.nats_url, self.id)
+        await self._follow_map()
+        await bus.subscribe(self.subject, self._on_place, concurrent=True)
+
+    async def stop(self) -> None:
+        await self._stop_tasks()
+        if self.bus is not None:
+            await self.bus.close()
+
+    async def nodes_changed(self, infos: list[NodeInfo]) -> None:
+        self.infos = sorted(infos, key=lambda n: n.name)
+        self._eligible.clear()
+
+    def eligible(self, req: Resources) -> list[str]:
+        """Nodes whose *capacity* can hold the pod (a static constraint, as a GPU pod only
+        probes GPU nodes in Sparrow); whether they have room now is what probes find out."""
+        names = self._eligible.get(req)
+        if names is None:
+            names = [n.name for n in self.infos if req.fits_in(n.capacity)]
+            self._eligible[req] = names
+        return names
+
+    async def _probe(self, node: str) -> NodeFree | None:
+        assert self.bus is not None
+        try:
+            reply = await self.bus.request(
+                subjects.node_probe(node), Empty(), timeout=self.probe_timeout_s
+            )
+        except RemoteError:
+            return None
+        return reply if isinstance(reply, NodeFree) else None
+
+    async def _on_place(self, msg: Message, _raw: Msg) -> Message:
+        if not isinstance(msg, PlaceRequest):
+            raise RemoteError(400, f"expected PlaceRequest, got {type(msg).__name__}")
+        assert self.bus is not None
+        req, probes = msg.resources, 0
+        names = self.eligible(req)
+        if not names:
+            return Unschedulable(msg.pod, msg.service, "no node is large enough", 0)
+        for _ in range(self.max_tries):
+            sample = self.rng.sample(names, min(self.d, len(names)))
+            probes += len(sample)
+            self.probes_sent += len(sample)
+            answers = await asyncio.gather(*(self._probe(n) for n in sample))
+            fits = [a for a in answers if a is not None and req.fits_in(a.free)]
+            if not fits:
+                continue
+            best = min(fits, key=lambda a: (*_score(a.free, a.models, req, msg.model), a.node))
+            decided = time.time()
+            try:
+                await self.bus.request(
+                    subjects.node_start(best.node),
+                    StartPod(msg.pod, msg.spec, best.node, msg.requested_at, decided),
+                    timeout=START_TIMEOUT_S,
+                    headers={subjects.ADMIT_IF_FITS: "1"},
+                )
+            except RemoteError as exc:
+                log.debug("%s: %s refused %s: %s", self.id, best.node, msg.pod, exc)
+                continue  # a concurrent placement took the room between probe and start
+            return Placement(msg.pod, msg.service, best.node, -1, 0, decided, probes)
+        return Unschedulable(
+            msg.pod,
+            msg.service,
+            f"{self.max_tries} tries of {self.d} random nodes found no room",
+            probes,
+        )
