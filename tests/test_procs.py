@@ -1,4 +1,4 @@
-"""controlplane.procs: the real servers start, answer, stop, and leave nothing behind."""
+"""controlplane.procs and .servers: real servers start, answer, stop, leave nothing behind."""
 
 from __future__ import annotations
 
@@ -26,9 +26,8 @@ from controlplane.procs import (
     descendants,
     free_port,
     port_in_use,
-    start_nats,
-    start_redis,
 )
+from controlplane.servers import start_nats, start_redis
 
 REPO = Path(__file__).resolve().parent.parent
 
