@@ -224,3 +224,43 @@ def test_a_re_registered_node_keeps_its_accounting_with_its_new_capacity() -> No
     assert view.nodes["n1"].used == Resources(1.5, 256)
     assert "m2" in view.nodes["n1"].models
     assert view.place("p2", Resources(1.0, 256), "m") is not None
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    caps=st.lists(
+        st.tuples(st.sampled_from([1.0, 2.0, 4.0, 8.0]), st.sampled_from([512, 1024, 4096]),
+                  st.integers(0, 2), st.lists(st.sampled_from(["a", "b"]), max_size=2)),
+        min_size=1, max_size=25,
+    ),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["place", "release", "cache"]),
+                  st.sampled_from([0.25, 0.5, 1.0, 2.0]), st.sampled_from([128, 512, 1024]),
+                  st.integers(0, 1), st.sampled_from(["a", "b", "c"]), st.integers(0, 40)),
+        max_size=80,
+    ),
+)
+def test_the_index_chooses_what_scoring_every_node_chooses(caps, ops) -> None:
+    """`choose` (bisection over the free-capacity index) and `scan` (filter and score every
+    node, the central baseline) agree on every request, whatever happened before."""
+    infos = [NodeInfo(f"n{i}", Resources(c, m, g), models=list(ms))
+             for i, (c, m, g, ms) in enumerate(caps)]
+    view = PartitionView()
+    view.assign(0, 1, infos)
+    placed: list[str] = []
+    for i, (op, cpu, mem, gpu, model, pick) in enumerate(ops):
+        req = Resources(cpu, mem, gpu)
+        chosen, scanned = view.choose(req, model), view.scan(req, model)
+        assert (chosen and chosen.name) == (scanned and scanned.name)
+        if op == "place":
+            if view.place(f"p{i}", req, model) is not None:
+                placed.append(f"p{i}")
+        elif op == "release" and placed:
+            view.release(placed.pop(pick % len(placed)))
+        elif op == "cache":
+            view.note_model(infos[pick % len(infos)].name, model)
+        summary = view.summary("me")
+        assert summary.free == sum((n.free for n in view.nodes.values()), Resources())
+        best = max(view.nodes.values(), key=lambda n: (n.free.cpu, n.free.memory_mb, n.free.gpu))
+        assert (summary.largest_free.cpu, summary.largest_free.memory_mb) == (
+            best.free.cpu, best.free.memory_mb)

@@ -7,14 +7,29 @@ Scoring, in order:
    pod, so large free slots stay whole for large pods and the partition's "largest free
    slot" in the probe cache stays meaningful;
 3. name, so equal cases decide the same way every time (tests and replays).
+
+Because the owner is the only writer of its nodes, it can keep them in an index ordered by
+free capacity (all nodes, and the nodes caching each model) and find the best fit by bisection
+instead of scoring every node: `choose` and the exhaustive `scan` give the same node (a
+property test checks it). The `central` baseline uses `scan`, as kube-scheduler filters and
+scores every node.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sortedcontainers import SortedList
+
 from controlplane.schemas import NodeInfo, PartitionSummary, Resources
 from partitions.nodes import NodeState
+
+Key = tuple[float, int, int, str]  # free cpu, free memory, free gpu, name
+
+
+def _key(node: NodeState) -> Key:
+    f = node.free
+    return (f.cpu, f.memory_mb, f.gpu, node.name)
 
 
 @dataclass
@@ -25,6 +40,11 @@ class PartitionView:
     epoch: int = 0
     nodes: dict[str, NodeState] = field(default_factory=dict)
     pods: dict[str, str] = field(default_factory=dict)  # pod → node
+    indexed: bool = True
+    _all: SortedList = field(default_factory=SortedList)
+    _by_model: dict[str, SortedList] = field(default_factory=dict)
+    _keys: dict[str, Key] = field(default_factory=dict)
+    _free_total: Resources = Resources()
 
     def assign(self, partition: int, epoch: int, infos: list[NodeInfo]) -> None:
         """Adopt a (new) assignment, keeping the accounting of nodes we already owned."""
@@ -38,18 +58,76 @@ class PartitionView:
         self.nodes = {n.name: keep.get(n.name) or NodeState(n) for n in infos}
         self.pods = {p: n for p, n in self.pods.items() if n in self.nodes}
         self.partition, self.epoch = partition, epoch
+        self._reindex()
+
+    # ---- the index -----------------------------------------------------------------------
+
+    def _reindex(self) -> None:
+        self._all = SortedList()
+        self._by_model = {}
+        self._keys = {}
+        self._free_total = Resources()
+        for node in self.nodes.values():
+            self._insert(node)
+
+    def _insert(self, node: NodeState) -> None:
+        key = _key(node)
+        self._keys[node.name] = key
+        self._all.add(key)
+        for model in node.models:
+            self._by_model.setdefault(model, SortedList()).add(key)
+        self._free_total = self._free_total + node.free
+
+    def _remove(self, node: NodeState) -> None:
+        key = self._keys.pop(node.name)
+        self._all.remove(key)
+        for model in node.models:
+            self._by_model[model].remove(key)
+        self._free_total = self._free_total - node.free
+
+    def _changed(self, node: NodeState, change) -> None:
+        """Apply a change to a node's accounting and keep the index in step with it."""
+        self._remove(node)
+        try:
+            change()
+        finally:
+            self._insert(node)
+
+    # ---- choosing ------------------------------------------------------------------------
 
     def choose(self, req: Resources, model: str) -> NodeState | None:
+        if not self.indexed:
+            return self.scan(req, model)
+        for keys in (self._by_model.get(model), self._all):
+            if keys:
+                node = self._best_fit(keys, req)
+                if node is not None:
+                    return node
+        return None
+
+    def _best_fit(self, keys: SortedList, req: Resources) -> NodeState | None:
+        """The first node by (free cpu, free memory, ...) at or above the request that also
+        fits in memory and gpu: the least left over, as the scan's score has it."""
+        for key in keys.irange(minimum=(req.cpu - 1e-9,)):
+            if key[1] >= req.memory_mb and key[2] >= req.gpu:
+                return self.nodes[key[3]]
+        return None
+
+    def scan(self, req: Resources, model: str) -> NodeState | None:
+        """Filter and score every node (what a central scheduler does each time)."""
         best: NodeState | None = None
-        best_key: tuple[int, float, int, str] | None = None
+        best_key: tuple[int, float, int, int, str] | None = None
         for node in self.nodes.values():
             if not node.fits(req):
                 continue
             left = node.free - req
-            key = (0 if model in node.models else 1, left.cpu, left.memory_mb, node.name)
+            key = (0 if model in node.models else 1, left.cpu, left.memory_mb, left.gpu,
+                   node.name)
             if best_key is None or key < best_key:
                 best, best_key = node, key
         return best
+
+    # ---- committing ----------------------------------------------------------------------
 
     def place(self, pod: str, req: Resources, model: str) -> NodeState | None:
         """Choose and commit in one step: the owner is the only writer, so this is atomic."""
@@ -58,7 +136,7 @@ class PartitionView:
         node = self.choose(req, model)
         if node is None:
             return None
-        node.commit(pod, req)
+        self._changed(node, lambda: node.commit(pod, req))
         self.pods[pod] = node.name
         return node
 
@@ -68,30 +146,49 @@ class PartitionView:
         node = self.nodes.get(node_name)
         if node is None or not node.fits(req):
             return False
-        node.commit(pod, req)
+        self._changed(node, lambda: node.commit(pod, req))
         self.pods[pod] = node_name
         return True
 
+    def record(self, pod: str, node_name: str, req: Resources) -> None:
+        """A pod a node already runs (adopted with a partition): counted even if the node
+        looks full, since refusing would not stop the pod, only blind us to it."""
+        node = self.nodes.get(node_name)
+        if node is None or pod in self.pods:
+            return
+
+        def add() -> None:
+            node.committed[pod] = req
+            node.used = node.used + req
+
+        self._changed(node, add)
+        self.pods[pod] = node_name
+
     def release(self, pod: str) -> bool:
-        node = self.pods.pop(pod, None)
-        if node is None or node not in self.nodes:
+        name = self.pods.pop(pod, None)
+        if name is None or name not in self.nodes:
             return False
-        return self.nodes[node].release(pod)
+        node = self.nodes[name]
+        released: list[bool] = []
+        self._changed(node, lambda: released.append(node.release(pod)))
+        return released[0]
 
     def note_model(self, node_name: str, model: str) -> None:
-        if node_name in self.nodes:
-            self.nodes[node_name].models.add(model)
+        node = self.nodes.get(node_name)
+        if node is not None and model not in node.models:
+            self._changed(node, lambda: node.models.add(model))
+
+    # ---- what others see -----------------------------------------------------------------
 
     def free(self) -> dict[str, Resources]:
         return {name: n.free for name, n in self.nodes.items()}
 
     def summary(self, owner: str) -> PartitionSummary:
-        """What other instances' probe caches need: total free, and the largest free slot."""
-        total = Resources()
+        """What other instances' probe caches need: total free, and the largest free slot
+        (the node with the most free cpu, then memory). O(1): read off the index."""
         largest = Resources()
-        for node in self.nodes.values():
-            free = node.free
-            total = total + free
-            if (free.cpu, free.memory_mb) > (largest.cpu, largest.memory_mb):
-                largest = free
-        return PartitionSummary(self.partition, self.epoch, owner, total, largest, len(self.nodes))
+        if self._all:
+            cpu, mem, gpu, _ = self._all[-1]
+            largest = Resources(cpu, mem, gpu)
+        return PartitionSummary(self.partition, self.epoch, owner, self._free_total, largest,
+                                len(self.nodes))

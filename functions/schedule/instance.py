@@ -141,13 +141,7 @@ class ScheduleInstance:
                 continue
             for node, pods in answer.pods.items():
                 for alloc in pods:
-                    if node in self.view.nodes and alloc.pod not in self.view.pods:
-                        # Already running: record it even if the node looks full, since
-                        # refusing would not stop the pod, only blind us to it.
-                        state = self.view.nodes[node]
-                        state.committed[alloc.pod] = alloc.resources
-                        state.used = state.used + alloc.resources
-                        self.view.pods[alloc.pod] = node
+                    self.view.record(alloc.pod, node, alloc.resources)
 
     async def _listen_reserve(self, partition: int | None) -> None:
         assert self.bus is not None
