@@ -11,7 +11,13 @@
 Configuration comes from the environment, as a Deployment sets it: FNPLANE_NATS_URL,
 FNPLANE_REDIS_URL, FNPLANE_PUBLIC_URL (the gateway's URL services are announced at),
 FNPLANE_ACTIVATOR_PORT, FNPLANE_POD_IMAGE, FNPLANE_POD_PULL_POLICY, FNPLANE_POD_PORT,
-FNPLANE_NAMESPACE.
+FNPLANE_NAMESPACE, FNPLANE_INSTANCE_ID (a `schedule` instance's id: its pod name, from the
+downward API; else HOSTNAME).
+The coordinator's instance runtime: with FNPLANE_RUNTIME=kubernetes (deploy/ sets it) it
+owns the replicas of the `schedule` Deployment (FNPLANE_SCHEDULE_DEPLOYMENT, default
+fnplane-schedule, in FNPLANE_NAMESPACE; FNPLANE_KUBECONFIG when out of cluster), between
+FNPLANE_SCHEDULE_MIN and FNPLANE_SCHEDULE_MAX (default 1 and 4); unset, it has none and
+`schedule` keeps whatever replicas its Deployment says.
 Wiring only. While the component runs, a heartbeat file (FNPLANE_ALIVE_FILE, default
 /tmp/fnplane/alive, on an emptyDir: the root filesystem is read-only) is touched every few
 seconds; `probe` checks its age, so a wedged event loop fails the liveness probe.
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.config import DEFAULT_NATS_URL, ActivatorConfig, Config, CoordinatorConfig
+from controlplane.runtime import Runtime
 
 COMPONENTS = ("coordinator", "scale", "schedule", "route", "activator", "node", "operator")
 ALIVE_EVERY_S = 5.0
@@ -43,19 +50,25 @@ def alive_file() -> Path:
 class Coordinated:
     """The coordinator and the registry share one Redis store: one component here."""
 
-    def __init__(self, nats_url: str, redis_url: str, public_url: str) -> None:
+    def __init__(self, nats_url: str, redis_url: str, public_url: str, *,
+                 config: CoordinatorConfig | None = None,
+                 runtime: Runtime | None = None) -> None:
         from controlplane.coordinator import Coordinator
         from controlplane.registry import Registry
         from controlplane.store import Store
 
         self.store = Store.from_url(redis_url)
-        self.parts: list[Any] = [
-            Registry(nats_url, self.store, public_url=public_url),
-            # No instance runtime: `schedule` runs as its own Deployment, scaled by replicas.
-            Coordinator(nats_url, self.store, CoordinatorConfig()),
-        ]
+        self.runtime = runtime
+        self.coordinator = Coordinator(nats_url, self.store, config or CoordinatorConfig(),
+                                       runtime=runtime)
+        self.parts: list[Any] = [Registry(nats_url, self.store, public_url=public_url),
+                                 self.coordinator]
 
     async def start(self) -> None:
+        start_runtime = getattr(self.runtime, "start", None)
+        if start_runtime is not None:
+            # Before the coordinator: it starts from the instances that already run.
+            await start_runtime()
         for part in self.parts:
             await part.start()
 
@@ -69,12 +82,16 @@ def build(name: str, env: dict[str, str]) -> Any:
     nats_url = env.get("FNPLANE_NATS_URL", DEFAULT_NATS_URL)
     redis_url = env.get("FNPLANE_REDIS_URL", Config().redis_url)
     if name == "coordinator":
-        return Coordinated(nats_url, redis_url, env.get("FNPLANE_PUBLIC_URL", ""))
+        config = CoordinatorConfig(schedule_min=int(env.get("FNPLANE_SCHEDULE_MIN", "1")),
+                                   schedule_max=int(env.get("FNPLANE_SCHEDULE_MAX", "4")))
+        return Coordinated(nats_url, redis_url, env.get("FNPLANE_PUBLIC_URL", ""),
+                           config=config, runtime=coordinator_runtime(env))
     if name in ("scale", "schedule", "route"):
         from controlplane import instance
 
+        instance_id = env.get("FNPLANE_INSTANCE_ID") or env.get("HOSTNAME", "")
         return instance.build(name, argparse.Namespace(nats=nats_url, redis=redis_url,
-                                                       id=env.get("HOSTNAME", "")))
+                                                       id=instance_id))
     if name == "activator":
         from activator.server import Activator
 
@@ -95,6 +112,21 @@ def build(name: str, env: dict[str, str]) -> Any:
         return FnServiceOperator(nats_url, OperatorConfig(
             namespace=env.get("FNPLANE_NAMESPACE", "")))
     raise SystemExit(f"unknown component {name!r}; one of {', '.join(COMPONENTS)}")
+
+
+def coordinator_runtime(env: dict[str, str]) -> Runtime | None:
+    kind = env.get("FNPLANE_RUNTIME", "")
+    if kind == "":
+        return None
+    if kind == "kubernetes":
+        from controlplane.kube_runtime import KubernetesRuntime
+
+        return KubernetesRuntime(
+            env.get("FNPLANE_NAMESPACE", ""),
+            {"schedule": env.get("FNPLANE_SCHEDULE_DEPLOYMENT", "fnplane-schedule")},
+            kubeconfig=env.get("FNPLANE_KUBECONFIG") or None)
+    raise SystemExit(f"FNPLANE_RUNTIME={kind!r}: the coordinator component knows only "
+                     "'kubernetes' (or unset: no runtime)")
 
 
 async def _beat(path: Path) -> None:

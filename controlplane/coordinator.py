@@ -85,7 +85,13 @@ class Coordinator:
         await bus.subscribe(f"{subjects.ADMIN}.status", self._on_status)
         if self.runtime is not None:
             for kind, scaler in self.scalers.items():
-                await self.runtime.scale(kind, scaler.policy.min_instances)
+                # At least the minimum, but never fewer than already run (instances that
+                # outlived a previous coordinator, as Deployment pods do): a restart of the
+                # control plane must not scale its instances down.
+                p = scaler.policy
+                running = len(self.runtime.instances(kind))
+                await self.runtime.scale(kind, min(max(running, p.min_instances),
+                                                   p.max_instances))
         self._task = asyncio.create_task(self._run(), name=f"{self.id}-loop")
 
     async def stop(self) -> None:
@@ -109,6 +115,11 @@ class Coordinator:
 
     async def _on_heartbeat(self, msg: Message, _raw: Msg) -> None:
         if not isinstance(msg, Heartbeat):
+            return
+        if (self.runtime is not None and msg.kind in self.scalers
+                and msg.instance not in self.runtime.instances(msg.kind)):
+            # A last beat from an instance the runtime already saw exit (or one it does not
+            # run): counting it would hand a partition to the dead until its timeout.
             return
         new = msg.instance not in self.instances
         self.instances[msg.instance] = Heartbeat(

@@ -2,8 +2,9 @@
 
 `TaskRuntime` runs each instance as objects on this event loop (the embedded default: cheap,
 one process); `ProcessRuntime` runs each as its own OS process (`python -m
-controlplane.instance KIND`), which is what lets instances use more than one core. A
-Kubernetes runtime (scale subresource of a Deployment) has the same three verbs. Either way
+controlplane.instance KIND`), which is what lets instances use more than one core.
+`controlplane.kube_runtime.KubernetesRuntime` has the same verbs over a Deployment's scale
+subresource. Either way
 an instance that dies is reported through `on_exit`, so the coordinator reassigns its
 partition at once instead of waiting for missed heartbeats.
 """

@@ -20,7 +20,12 @@ replaced where the backend depends on the real API's behaviour, which kmock does
 - merge patch (RFC 7386; strategic merge patch is treated as merge patch for core kinds and
   refused with 415 for custom resources, as the real server does), JSON patch, update with
   optimistic concurrency (409 Conflict on a stale resourceVersion);
-- `pods/log`, served from what the kubelet emulator captured.
+- `pods/log`, served from what the kubelet emulator captured;
+- Deployments (`spec.replicas` defaulted to 1) and their `scale` subresource: GET answers an
+  `autoscaling/v1` Scale (`spec.replicas`, omitted at 0 as the real omitempty does;
+  `status.replicas`; `status.selector`, the Deployment's selector serialized), PATCH and PUT
+  of it change only the Deployment's `spec.replicas` (422 below 0). No controller acts on
+  them: tests/replicaset.py is a minimal one.
 
 Every request stays in kmock's log; `calls(user_agent)` turns it into RBAC terms (verb,
 API group, resource[/subresource], namespace) for the least-privilege tests.
@@ -41,7 +46,7 @@ import jsonpatch
 import kmock
 from kmock import KubernetesError, KubernetesScaffold
 
-from tests.kubequery import merge_patch, selector
+from tests.kubequery import format_selector, merge_patch, selector
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,9 @@ KINDS: dict[tuple[str, str, str], Kind] = {
     ("", "v1", "pods"): Kind("Pod", True, frozenset({"status", "binding", "log"})),
     ("", "v1", "bindings"): Kind("Binding", True),
     ("fnplane.dev", "v1alpha1", "fnservices"): Kind("FnService", True, frozenset({"status"})),
+    ("apps", "v1", "deployments"): Kind("Deployment", True, frozenset({"status", "scale"})),
 }
+CUSTOM_GROUPS = {"fnplane.dev"}  # strategic merge patch is refused for these
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         """Create or replace an object, bypassing HTTP (nodes, test fixtures)."""
         meta = obj.setdefault("metadata", {})
         key = (group, plural, meta.get("namespace", ""), meta["name"])
+        _default(plural, obj)
         old = self.store.get(key)
         if old is None:
             meta.setdefault("uid", str(uuid.uuid4()))
@@ -174,6 +182,9 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         if not name:
             raise _err(405, "MethodNotAllowed", f"{method} is not supported on a collection")
         key = (group, plural, ns, name)
+        if sub == "scale":
+            ctype = str(req.headers.get("Content-Type", "")).split(";")[0]
+            return _json(self._scale(key, method, ctype, req.data))
         if method == "GET" and sub == "log":
             return self._log(key, req)
         if method == "POST" and sub == "binding":
@@ -231,6 +242,7 @@ class FakeKubernetes(kmock.KubernetesEmulator):
             raise _err(409, "AlreadyExists", f'{plural} "{meta["name"]}" already exists',
                        name=meta["name"], kind=plural)
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
+        _default(plural, obj)
         if "status" in kind.subresources:
             obj.pop("status", None)
         if plural == "pods":
@@ -254,20 +266,40 @@ class FakeKubernetes(kmock.KubernetesEmulator):
     def _patch(self, key: tuple[str, str, str, str], kind: Kind, sub: str, ctype: str,
                patch: Any) -> dict[str, Any]:
         old = self._existing(key, key[1])
-        if ctype == "application/json-patch+json":
-            try:
-                new = jsonpatch.apply_patch(old, patch)
-            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
-                raise _err(422, "Invalid", f"json patch: {exc}") from None
-        elif ctype == "application/merge-patch+json" or (
-                ctype == "application/strategic-merge-patch+json" and key[0] == ""):
-            new = merge_patch(copy.deepcopy(old), patch)
+        return self._replace(key, kind, sub, old, _apply_patch(old, ctype, patch, key[0]))
+
+    def _scale(self, key: tuple[str, str, str, str], method: str, ctype: str,
+               body: Any) -> dict[str, Any]:
+        """The scale subresource: a Scale view of the Deployment; writes set replicas."""
+        dep = self._existing(key, key[1])
+        view = scale_of(dep)
+        if method == "GET":
+            return view
+        if method == "PUT":
+            if not isinstance(body, dict):
+                raise _err(400, "BadRequest", "the body of the request is not a JSON object")
+            want = str((body.get("metadata") or {}).get("resourceVersion") or "")
+            if want and want != dep["metadata"]["resourceVersion"]:
+                raise _err(409, "Conflict", f'Operation cannot be fulfilled on deployments.apps '
+                                            f'"{key[3]}": the object has been modified; please '
+                                            "apply your changes to the latest version and try "
+                                            "again")
+            new = body
+        elif method == "PATCH":
+            new = _apply_patch(view, ctype, body, key[0])
         else:
-            raise _err(415, "UnsupportedMediaType",
-                       f"the body of the request was in an unknown format - accepted media "
-                       f"types include: application/json-patch+json, "
-                       f"application/merge-patch+json (got {ctype})")
-        return self._replace(key, kind, sub, old, new)
+            raise _err(405, "MethodNotAllowed", f"{method} is not supported on scale")
+        replicas = (new.get("spec") or {}).get("replicas", 0)
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+            raise _err(422, "Invalid", f'Scale.autoscaling "{key[3]}" is invalid: spec.replicas:'
+                                       f" Invalid value: {replicas!r}: must be greater than or "
+                                       "equal to 0")
+        if replicas != dep["spec"].get("replicas"):
+            dep = copy.deepcopy(dep)
+            dep["spec"]["replicas"] = replicas
+            dep["metadata"]["generation"] = dep["metadata"].get("generation", 1) + 1
+            dep = self._write(key, dep, "MODIFIED")
+        return scale_of(dep)
 
     def _replace(self, key: tuple[str, str, str, str], kind: Kind, sub: str,
                  old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -420,6 +452,41 @@ class FakeKubernetes(kmock.KubernetesEmulator):
 
 
 KINDS_BY_PLURAL = {plural: kind for (_, _, plural), kind in KINDS.items()}
+
+
+def _default(plural: str, obj: dict[str, Any]) -> None:
+    """The API server's defaulting, where tests depend on it."""
+    if plural == "deployments":
+        obj.setdefault("spec", {}).setdefault("replicas", 1)
+
+
+def _apply_patch(old: dict[str, Any], ctype: str, patch: Any, group: str) -> dict[str, Any]:
+    if ctype == "application/json-patch+json":
+        try:
+            return jsonpatch.apply_patch(old, patch)
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+            raise _err(422, "Invalid", f"json patch: {exc}") from None
+    if ctype == "application/merge-patch+json" or (
+            ctype == "application/strategic-merge-patch+json" and group not in CUSTOM_GROUPS):
+        return merge_patch(copy.deepcopy(old), patch)
+    raise _err(415, "UnsupportedMediaType",
+               f"the body of the request was in an unknown format - accepted media "
+               f"types include: application/json-patch+json, "
+               f"application/merge-patch+json (got {ctype})")
+
+
+def scale_of(dep: dict[str, Any]) -> dict[str, Any]:
+    """A Deployment as its scale subresource shows it (autoscaling/v1 Scale)."""
+    meta = dep["metadata"]
+    replicas = dep["spec"].get("replicas", 1)
+    return {
+        "kind": "Scale", "apiVersion": "autoscaling/v1",
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion",
+                                          "creationTimestamp") if k in meta},
+        "spec": {"replicas": replicas} if replicas else {},
+        "status": {"replicas": (dep.get("status") or {}).get("replicas", 0),
+                   "selector": format_selector(dep["spec"].get("selector") or {})},
+    }
 
 
 class _Watcher:

@@ -105,3 +105,15 @@ def _field_check(key: str, op: str, val: str) -> Any:
     if op == "!=":
         return lambda o: value(o) != val
     return lambda o: value(o) == val
+
+
+def format_selector(sel: dict[str, Any]) -> str:
+    """A LabelSelector as the API server serializes it (a Scale's `status.selector`):
+    requirements sorted by key, set values sorted."""
+    reqs = [(k, f"{k}={v}") for k, v in (sel.get("matchLabels") or {}).items()]
+    for e in sel.get("matchExpressions") or []:
+        key, op, vals = e["key"], e["operator"], ",".join(sorted(e.get("values") or []))
+        text = {"In": f"{key} in ({vals})", "NotIn": f"{key} notin ({vals})",
+                "Exists": key, "DoesNotExist": f"!{key}"}[op]
+        reqs.append((key, text))
+    return ",".join(t for _, t in sorted(reqs))

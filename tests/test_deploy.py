@@ -67,7 +67,8 @@ def test_one_service_account_per_component_and_tokens_only_where_the_api_is_used
         pod = pods[f"fnplane-{comp}"]
         assert pod["serviceAccountName"] == f"fnplane-{comp}"
         assert pod["containers"][0]["args"] == [comp]
-        assert pod["automountServiceAccountToken"] is (comp in ("node", "operator")), comp
+        assert pod["automountServiceAccountToken"] is (
+            comp in ("coordinator", "node", "operator")), comp
     pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"] == {
         "app.kubernetes.io/name": "fnplane-activator"}
@@ -86,8 +87,16 @@ def test_no_role_grants_a_wildcard_and_only_the_node_backend_creates_pods() -> N
             call = ApiCall("create", "", resource, "fnplane", "x")
             assert allowed(comp, call) is (comp == "node" and resource != "bindings"), (
                 comp, resource)
+    # The coordinator scales `schedule` only: its scale subresource, by name.
+    scale = ("apps", "deployments/scale")
+    assert allowed("coordinator", ApiCall("patch", *scale, "fnplane", "fnplane-schedule"))
+    assert not any(allowed("coordinator", ApiCall(v, *scale, "fnplane", name))
+                   for v, name in (("patch", "fnplane-activator"), ("update", "fnplane-schedule"),
+                                   ("patch", ""), ("get", "fnplane-node")))
+    assert not allowed("coordinator", ApiCall("patch", "apps", "deployments", "fnplane",
+                                              "fnplane-schedule"))
     # Components that never talk to the API are bound to no role at all.
-    for comp in ("coordinator", "scale", "schedule", "route", "activator"):
+    for comp in ("scale", "schedule", "route", "activator"):
         assert not any(allowed(comp, ApiCall(v, g, r, "fnplane", ""))
                        for v in ("get", "list", "watch", "create", "update", "patch", "delete")
                        for g, r in (("", "pods"), ("", "nodes"), ("fnplane.dev", "fnservices"),
