@@ -113,7 +113,8 @@ class CentralScheduler(_NodeListFollower):
         self.id = instance_id or f"central-{uuid.uuid4().hex[:6]}"
         self.nats_url = nats_url
         self.subject = subject
-        self.view = PartitionView()
+        # Exhaustive: filter and score every node for every placement, as kube-scheduler.
+        self.view = PartitionView(indexed=False)
         self.bus: Bus | None = None
 
     async def start(self) -> None:
@@ -162,10 +163,7 @@ class CentralScheduler(_NodeListFollower):
             if state is None:
                 continue
             for alloc in pods:
-                if alloc.pod not in self.view.pods:
-                    state.committed[alloc.pod] = alloc.resources
-                    state.used = state.used + alloc.resources
-                    self.view.pods[alloc.pod] = node
+                self.view.record(alloc.pod, node, alloc.resources)
 
     async def _on_pod_event(self, msg: Message, _raw: Msg) -> None:
         if not isinstance(msg, PodEvent):

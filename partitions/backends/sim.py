@@ -1,0 +1,358 @@
+"""The `sim` node backend: thousands of simulated nodes behind the same NATS contract as the
+`local` backend, so the *real* coordinator and schedulers run unchanged against it; only the
+machines are simulated. One component serves every node: one registration, one wildcard
+subscription per verb, and one timer task that turns "starting" pods "ready".
+
+It also keeps the ground truth the benchmark needs: what actually runs on each node, so
+`overcommitted_nodes()` shows whether any scheduler ever put more on a node than it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+
+from controlplane import subjects
+from controlplane.bus import Bus, RemoteError
+from controlplane.schemas import (
+    Empty,
+    Inventory,
+    InventoryRequest,
+    Message,
+    NodeFree,
+    NodeInfo,
+    NodeRegistration,
+    PartitionMap,
+    PodAllocation,
+    PodEvent,
+    PodTimeline,
+    Resources,
+    StartPod,
+    StopPod,
+    encode,
+)
+from partitions.fencing import EpochFence
+
+log = logging.getLogger(__name__)
+
+PREFILL_SERVICE = "prefill"
+# Inventory replies are split so one stays far below NATS' default 1 MiB max payload.
+INVENTORY_CHUNK_PODS = 2000
+
+
+@dataclass
+class SimPod:
+    alloc: PodAllocation
+    node: str
+    start: StartPod | None = None  # None for pods that existed before the simulation
+    state: str = "ready"
+    spawned_at: float = 0.0
+    ready_at: float = 0.0
+    warm: bool = False  # the node had the pod's model cached when it started
+
+
+@dataclass
+class SimNode:
+    info: NodeInfo
+    used: Resources = Resources()
+    pods: set[str] = field(default_factory=set)
+    models: set[str] = field(default_factory=set)
+
+    @property
+    def free(self) -> Resources:
+        return self.info.capacity - self.used
+
+    def over_committed(self) -> bool:
+        f = self.free
+        return f.cpu < -1e-9 or f.memory_mb < 0 or f.gpu < 0
+
+
+@dataclass
+class SimStats:
+    started: int = 0
+    stopped: int = 0
+    warm_starts: int = 0  # pods started on a node that already cached their model
+    refused_fence: int = 0
+    refused_fit: int = 0  # node-side admission refusals (sampling baseline only)
+    duplicate_starts: int = 0  # a pod already running elsewhere: a double placement
+    probes: int = 0
+
+
+def prefill_pods(info: NodeInfo, fraction: float, pods: int) -> list[PodAllocation]:
+    """Pre-existing pods taking `fraction` of the node, split into `pods` near-equal pods."""
+    if fraction <= 0:
+        return []
+    cap = info.capacity
+    total = Resources(
+        round(cap.cpu * fraction, 3), int(cap.memory_mb * fraction), math.floor(cap.gpu * fraction)
+    )
+    n = max(1, pods)
+    share = Resources(round(total.cpu / n, 3), total.memory_mb // n, total.gpu // n)
+    out: list[PodAllocation] = []
+    left = total
+    for i in range(n):
+        res = share if i < n - 1 else left  # the last pod takes the rounding remainder
+        left = left - res
+        out.append(PodAllocation(f"{PREFILL_SERVICE}-{info.name}-{i}", PREFILL_SERVICE, res))
+    return out
+
+
+class SimCluster:
+    """Many simulated nodes; pods become ready `start_delay_s` after their StartPod."""
+
+    def __init__(
+        self,
+        nats_url: str,
+        nodes: list[NodeInfo],
+        *,
+        start_delay_s: float = 0.05,
+        prefill: float = 0.0,
+        prefill_pods_per_node: int = 2,
+        name: str = "sim",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 0.0 <= prefill < 1.0:
+            raise ValueError("prefill must be a fraction in [0, 1)")
+        self.nats_url = nats_url
+        self.name = name
+        self.start_delay_s = start_delay_s
+        self.clock = clock
+        self.nodes: dict[str, SimNode] = {}
+        self.pods: dict[str, SimPod] = {}
+        self.fence = EpochFence()
+        self.stats = SimStats()
+        self.bus: Bus | None = None
+        self._due: list[tuple[float, int, str]] = []  # (ready at, seq, pod): the timer heap
+        self._seq = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        for info in nodes:
+            node = SimNode(info, models=set(info.models))
+            self.nodes[info.name] = node
+            for alloc in prefill_pods(info, prefill, prefill_pods_per_node):
+                self._commit(node, SimPod(alloc, info.name))
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.bus = bus = await Bus.connect(self.nats_url, self.name)
+        await bus.subscribe(f"{subjects.NODE}.*.start", self._on_start)
+        await bus.subscribe(f"{subjects.NODE}.*.stop", self._on_stop)
+        await bus.subscribe(f"{subjects.NODE}.*.probe", self._on_probe)
+        await bus.subscribe(subjects.NODE_INVENTORY, self._on_inventory)
+        await bus.subscribe(subjects.PARTITIONS, self._on_map)
+        self._task = asyncio.create_task(self._run_timers(), name=f"{self.name}-timers")
+        await self._register()
+        try:
+            pmap = await bus.request(subjects.PARTITIONS_GET, Empty(), timeout=1.0)
+            if isinstance(pmap, PartitionMap):
+                self.fence.apply(pmap)
+        except RemoteError:
+            pass  # the map arrives with the next change
+
+    async def stop(self) -> None:
+        """Idempotent. Simulated pods need no teardown: they vanish with the simulation."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.bus is not None:
+            await self.bus.close()
+
+    async def _register(self) -> None:
+        """All nodes in one NodeRegistration, unless that would pass the server's max
+        payload; retried until the coordinator answers."""
+        assert self.bus is not None
+        infos = [n.info for n in self.nodes.values()]
+        limit = max(self.bus.nc.max_payload - 4096, 4096)
+        size = len(encode(NodeRegistration(infos)))
+        per_msg = max(1, len(infos) * limit // size) if size > limit else len(infos)
+        for i in range(0, len(infos), per_msg):
+            msg = NodeRegistration(infos[i : i + per_msg])
+            for attempt in range(100):
+                try:
+                    await self.bus.request(subjects.NODE_REGISTER, msg, timeout=2.0)
+                    break
+                except RemoteError:
+                    await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
+            else:
+                log.error("%s: the coordinator never answered the registration", self.name)
+
+    # ---- ground truth ---------------------------------------------------------------------
+
+    def overcommitted_nodes(self) -> list[str]:
+        """Nodes whose running pods need more than the node has: must stay empty."""
+        return sorted(name for name, n in self.nodes.items() if n.over_committed())
+
+    def usage(self, node: str) -> Resources:
+        return self.nodes[node].used
+
+    def started_pods(self) -> dict[str, str]:
+        """Pods started through StartPod (not prefilled) → their node."""
+        return {p: sp.node for p, sp in self.pods.items() if sp.start is not None}
+
+    def _commit(self, node: SimNode, pod: SimPod) -> None:
+        node.used = node.used + pod.alloc.resources
+        node.pods.add(pod.alloc.pod)
+        self.pods[pod.alloc.pod] = pod
+
+    def _release(self, pod: SimPod) -> None:
+        node = self.nodes[pod.node]
+        if pod.alloc.pod in node.pods:
+            node.pods.discard(pod.alloc.pod)
+            node.used = node.used - pod.alloc.resources
+        self.pods.pop(pod.alloc.pod, None)
+
+    # ---- the node contract ----------------------------------------------------------------
+
+    def _node_of(self, raw: Msg) -> SimNode | None:
+        # fnplane.node.{node}.{verb}
+        return self.nodes.get(raw.subject.split(".")[2])
+
+    async def _on_start(self, msg: Message, raw: Msg) -> Message | None:
+        node = self._node_of(raw)
+        if node is None:
+            return None  # another backend's node on the same wildcard: not ours to answer
+        if not isinstance(msg, StartPod):
+            raise RemoteError(400, f"expected StartPod, got {type(msg).__name__}")
+        if msg.node != node.info.name:
+            raise RemoteError(400, f"StartPod for {msg.node} sent to node {node.info.name}")
+        known = self.pods.get(msg.pod)
+        if known is not None:
+            if known.node == node.info.name:
+                return Empty()  # a retried start: idempotent, as the local backend
+            self.stats.duplicate_starts += 1
+            raise RemoteError(409, f"pod {msg.pod} already runs on {known.node}")
+        if (why := self.fence.check(msg)) is not None:
+            self.stats.refused_fence += 1
+            raise RemoteError(409, why)
+        res = msg.spec.resources
+        if raw.headers and raw.headers.get(subjects.ADMIT_IF_FITS) and not res.fits_in(node.free):
+            self.stats.refused_fit += 1
+            raise RemoteError(503, f"node {node.info.name} has no room for {msg.pod}")
+        now = self.clock()
+        model = msg.spec.model_id
+        pod = SimPod(
+            PodAllocation(msg.pod, msg.spec.name, res),
+            node.info.name,
+            msg,
+            state="starting",
+            spawned_at=now,
+            warm=model in node.models,
+        )
+        # Accepted even when it does not fit: a real kubelet-less node would run it too,
+        # and over-commit is exactly what the benchmark must be able to see.
+        self._commit(node, pod)
+        self.stats.started += 1
+        self.stats.warm_starts += pod.warm
+        await self._emit(pod, "starting")
+        self._seq += 1
+        heapq.heappush(self._due, (now + self.start_delay_s, self._seq, msg.pod))
+        self._wake.set()
+        return Empty()
+
+    async def _on_stop(self, msg: Message, raw: Msg) -> Message | None:
+        node = self._node_of(raw)
+        if node is None:
+            return None
+        if not isinstance(msg, StopPod):
+            raise RemoteError(400, f"expected StopPod, got {type(msg).__name__}")
+        pod = self.pods.get(msg.pod)
+        if pod is not None and pod.node == node.info.name:
+            await self._emit(pod, "terminating", reason=msg.reason)
+            pod.state = "stopped"  # the timer skips it if it was still starting
+            self._release(pod)
+            self.stats.stopped += 1
+            await self._emit(pod, "stopped", reason=msg.reason)
+        return Empty()
+
+    async def _on_probe(self, _msg: Message, raw: Msg) -> Message | None:
+        node = self._node_of(raw)
+        if node is None:
+            return None
+        self.stats.probes += 1
+        return NodeFree(node.info.name, node.free, sorted(node.models))
+
+    async def _on_inventory(self, msg: Message, raw: Msg) -> None:
+        """One answer for all requested nodes we have (in chunks if large); none if we have
+        none of them, so other backends' nodes answer for themselves."""
+        if not isinstance(msg, InventoryRequest) or not raw.reply or self.bus is None:
+            return
+        pods: dict[str, list[PodAllocation]] = {}
+        count = 0
+        chunks: list[dict[str, list[PodAllocation]]] = []
+        for name in msg.nodes:
+            node = self.nodes.get(name)
+            if node is None:
+                continue
+            pods[name] = [self.pods[p].alloc for p in sorted(node.pods)]
+            count += len(pods[name])
+            if count >= INVENTORY_CHUNK_PODS:
+                chunks.append(pods)
+                pods, count = {}, 0
+        if pods:
+            chunks.append(pods)
+        for chunk in chunks:
+            await self.bus.nc.publish(raw.reply, encode(Inventory(chunk)))
+
+    async def _on_map(self, msg: Message, _raw: Msg) -> None:
+        if isinstance(msg, PartitionMap):
+            self.fence.apply(msg)
+
+    # ---- time -----------------------------------------------------------------------------
+
+    async def _run_timers(self) -> None:
+        """One task for every pending start: sleep until the earliest is due, make every due
+        pod ready. (A task per pod would mean thousands of sleeping tasks at full load.)"""
+        while True:
+            if not self._due:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            delay = self._due[0][0] - self.clock()
+            if delay > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+                continue
+            now = self.clock()
+            while self._due and self._due[0][0] <= now:
+                _, _, name = heapq.heappop(self._due)
+                pod = self.pods.get(name)
+                if pod is None or pod.state != "starting":
+                    continue
+                pod.state, pod.ready_at = "ready", now
+                if pod.start is not None:  # loading the weights put them in the node's cache
+                    self.nodes[pod.node].models.add(pod.start.spec.model_id)
+                await self._emit(pod, "ready")
+
+    async def _emit(self, pod: SimPod, state: str, *, reason: str = "") -> None:
+        assert self.bus is not None
+        start = pod.start
+        if start is None:
+            return  # prefilled pods were never announced and are never watched
+        ev = PodEvent(
+            start.pod,
+            start.spec.name,
+            pod.node,
+            state,  # type: ignore[arg-type]
+            url=f"sim://{pod.node}/{start.pod}",
+            container_concurrency=start.spec.container_concurrency,
+            resources=start.spec.resources,
+            timeline=PodTimeline(start.requested_at, start.placed_at, pod.spawned_at, pod.ready_at),
+            reason=reason,
+            ts=self.clock(),
+        )
+        try:
+            await self.bus.publish(f"{subjects.POD_EVENTS}.{start.spec.name}", ev)
+        except Exception:
+            log.warning("%s: pod event lost", self.name, exc_info=True)
