@@ -117,9 +117,15 @@ class Bus:
         return answer
 
     async def request_many(
-        self, subject: str, msg: Message, *, timeout: float = 0.5, max_msgs: int = 1000
+        self,
+        subject: str,
+        msg: Message,
+        *,
+        timeout: float = 0.5,
+        max_msgs: int = 1000,
+        done: Callable[[list[Message]], bool] | None = None,
     ) -> list[Message]:
-        """Scatter-gather: every responder answers once; collect what arrives in `timeout`."""
+        """Scatter-gather: collect answers until `done(answers)`, `max_msgs` or `timeout`."""
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox, max_msgs=max_msgs)
         answers: list[Message] = []
@@ -140,6 +146,8 @@ class Bus:
                     answers.append(schemas.decode(raw.data))
                 except msgspec.MsgspecError:
                     self.dropped += 1
+                if done is not None and done(answers):
+                    break
         except nats.errors.ConnectionClosedError:
             pass  # closing down: what arrived so far is the answer
         finally:

@@ -272,6 +272,8 @@ class ReserveRequest(msgspec.Struct, frozen=True, tag=True):
     place: PlaceRequest
     asker: str
     epoch: int = 0
+    # Wall-clock time after which the asker has given up: the owner must not commit then.
+    deadline: float = 0.0
 
 
 class Refused(msgspec.Struct, frozen=True, tag=True):
@@ -279,6 +281,7 @@ class Refused(msgspec.Struct, frozen=True, tag=True):
     partition: int
     reason: str
     summary: PartitionSummary | None = None
+    stale: bool = False  # a node refused our epoch: our map is behind
 
 
 class StartPod(msgspec.Struct, frozen=True, tag=True):
@@ -326,6 +329,7 @@ class PodEvent(msgspec.Struct, frozen=True, tag=True):
     reason: str = ""
     log_tail: str = ""
     ts: float = 0.0
+    model: str = ""  # the weights the pod loaded, for schedule's cache locality
 
 
 class Endpoint(msgspec.Struct, frozen=True):

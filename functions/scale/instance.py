@@ -12,7 +12,7 @@ import uuid
 from nats.aio.msg import Msg
 
 from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
+from controlplane.bus import Bus, NoResponders, RemoteError
 from controlplane.config import ScaleConfig
 from controlplane.schemas import (
     Demand,
@@ -191,10 +191,22 @@ class ScaleInstance:
         assert self.bus is not None
         spec = scaler.spec
         req = PlaceRequest(pod, spec, requested_at)
-        try:
-            reply = await self.bus.request(subjects.PLACE, req, timeout=self.config.place_timeout_s)
-        except RemoteError as exc:
-            reply = Unschedulable(pod, spec.name, f"placement failed: {exc.message}")
+        deadline = time.monotonic() + self.config.place_timeout_s
+        while True:
+            try:
+                reply = await self.bus.request(
+                    subjects.PLACE, req, timeout=self.config.place_timeout_s
+                )
+            except NoResponders:
+                # No `schedule` instance owns a partition right now (start-up, a partition
+                # changing hands): that passes within moments, so wait rather than fail.
+                if time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                    continue
+                reply = Unschedulable(pod, spec.name, "no schedule instance owns a partition")
+            except RemoteError as exc:
+                reply = Unschedulable(pod, spec.name, f"placement failed: {exc.message}")
+            break
         if isinstance(reply, Placement):
             scaler.placed(pod, reply.node)
             return

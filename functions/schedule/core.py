@@ -45,6 +45,8 @@ class PartitionView:
     _by_model: dict[str, SortedList] = field(default_factory=dict)
     _keys: dict[str, Key] = field(default_factory=dict)
     _free_total: Resources = Resources()
+    # Nodes whose running pods we have not heard yet: never chosen until they answer.
+    held: set[str] = field(default_factory=set)
 
     def assign(self, partition: int, epoch: int, infos: list[NodeInfo]) -> None:
         """Adopt a (new) assignment, keeping the accounting of nodes we already owned."""
@@ -67,8 +69,20 @@ class PartitionView:
         self._by_model = {}
         self._keys = {}
         self._free_total = Resources()
+        self.held &= set(self.nodes)
         for node in self.nodes.values():
-            self._insert(node)
+            if node.name not in self.held:
+                self._insert(node)
+
+    def hold(self, names: set[str]) -> None:
+        for name in names & set(self.nodes) - self.held:
+            self._remove(self.nodes[name])
+            self.held.add(name)
+
+    def unhold(self, name: str) -> None:
+        if name in self.held and name in self.nodes:
+            self.held.discard(name)
+            self._insert(self.nodes[name])
 
     def _insert(self, node: NodeState) -> None:
         key = _key(node)
@@ -87,6 +101,9 @@ class PartitionView:
 
     def _changed(self, node: NodeState, change) -> None:
         """Apply a change to a node's accounting and keep the index in step with it."""
+        if node.name in self.held:
+            change()
+            return
         self._remove(node)
         try:
             change()
@@ -118,7 +135,7 @@ class PartitionView:
         best: NodeState | None = None
         best_key: tuple[int, float, int, int, str] | None = None
         for node in self.nodes.values():
-            if not node.fits(req):
+            if node.name in self.held or not node.fits(req):
                 continue
             left = node.free - req
             key = (0 if model in node.models else 1, left.cpu, left.memory_mb, left.gpu,

@@ -40,6 +40,9 @@ from partitions.probecache import ProbeCache
 log = logging.getLogger(__name__)
 
 SUMMARY_INTERVAL_S = 1.0
+ADOPT_TIMEOUT_S = 2.0
+NODE_START_TIMEOUT_S = 5.0
+RESERVE_SLACK_S = 0.5
 # The coordinator declares an instance dead after 1 s of silence: four missed beats.
 HEARTBEAT_INTERVAL_S = 0.25
 
@@ -57,6 +60,8 @@ class ScheduleInstance:
         self._assigned = asyncio.Event()
         self._map_version = 0
         self._reserve_sub: Subscription | None = None
+        self._place_sub: Subscription | None = None
+        self._reserve_partition = -1
         self._tasks: list[asyncio.Task[None]] = []
         self._assign_lock = asyncio.Lock()
         # load, for the coordinator's scaling of this control function
@@ -70,7 +75,8 @@ class ScheduleInstance:
         await bus.subscribe(subjects.PARTITIONS, self._on_map)
         await bus.subscribe(f"{subjects.POD_EVENTS}.>", self._on_pod_event)
         await bus.subscribe(subjects.SUMMARIES, self._on_summary)
-        await bus.subscribe(subjects.PLACE, self._on_place, queue="schedule", concurrent=True)
+        # PLACE is subscribed only while we own a partition (see _listen), so the queue
+        # group never hands a placement to an instance that cannot place it.
         self._tasks = [
             asyncio.create_task(self._heartbeat(), name=f"{self.id}-beat"),
             asyncio.create_task(self._broadcast(), name=f"{self.id}-summary"),
@@ -110,7 +116,7 @@ class ScheduleInstance:
                     log.info("%s: lost partition %d", self.id, self.view.partition)
                 self._assigned.clear()
                 self.view.assign(-1, 0, [])
-                await self._listen_reserve(None)
+                await self._listen(None)
                 return
             part = mine[0]
             infos = [pmap.nodes[n] for n in part.nodes if n in pmap.nodes]
@@ -123,18 +129,30 @@ class ScheduleInstance:
             new_nodes = [n.name for n in infos if n.name not in known]
             if new_nodes:
                 await self._adopt(new_nodes)
-            await self._listen_reserve(part.id)
+            await self._listen(part.id)
             self.cache.forget(part.id)
             self._assigned.set()
             log.info("%s: owns partition %d (epoch %d, %d nodes)", self.id, part.id,
                      part.epoch, len(infos))
 
-    async def _adopt(self, nodes: list[str]) -> None:
-        """Rebuild the accounting of nodes we just got from what they actually run."""
+    async def _adopt(self, nodes: list[str], *, timeout: float = ADOPT_TIMEOUT_S) -> None:
+        """Rebuild the accounting of nodes we just got from what they actually run. A node
+        that has not answered is held (never chosen) until it does: taking it as empty
+        could over-commit it."""
         assert self.bus is not None
+        wanted = set(nodes)
+        covered: set[str] = set()
+
+        def all_in(answers: list[Message]) -> bool:
+            for answer in answers[len(covered_from):]:
+                covered_from.append(answer)
+                if isinstance(answer, Inventory):
+                    covered.update(answer.pods)
+            return wanted <= covered
+
+        covered_from: list[Message] = []
         answers = await self.bus.request_many(
-            subjects.NODE_INVENTORY, InventoryRequest(nodes), timeout=0.3,
-            max_msgs=len(nodes),  # local nodes answer one each; a sim backend once for all
+            subjects.NODE_INVENTORY, InventoryRequest(nodes), timeout=timeout, done=all_in
         )
         for answer in answers:
             if not isinstance(answer, Inventory):
@@ -142,18 +160,35 @@ class ScheduleInstance:
             for node, pods in answer.pods.items():
                 for alloc in pods:
                     self.view.record(alloc.pod, node, alloc.resources)
+        missing = wanted - covered
+        for node in covered & self.view.held:
+            self.view.unhold(node)
+        if missing:
+            log.warning("%s: %d node(s) have not said what they run; held until they do",
+                        self.id, len(missing))
+            self.view.hold(missing)
 
-    async def _listen_reserve(self, partition: int | None) -> None:
+    async def _listen(self, partition: int | None) -> None:
+        """Serve placements and reserves exactly while we own `partition`. Subscriptions
+        that stay valid are kept: dropping one would drop the requests queued on it, and
+        their senders would wait out their timeouts. Those we give up are drained."""
         assert self.bus is not None
-        if self._reserve_sub is not None:
-            try:
-                await self._reserve_sub.unsubscribe()
-            except Exception:
-                pass
+        if self._reserve_sub is not None and partition != self._reserve_partition:
+            await _drain(self._reserve_sub)
             self._reserve_sub = None
-        if partition is not None:
+        if partition is None:
+            if self._place_sub is not None:
+                await _drain(self._place_sub)
+                self._place_sub = None
+            return
+        if self._reserve_sub is None:
             self._reserve_sub = await self.bus.subscribe(
                 subjects.reserve(partition), self._on_reserve, concurrent=True
+            )
+            self._reserve_partition = partition
+        if self._place_sub is None:
+            self._place_sub = await self.bus.subscribe(
+                subjects.PLACE, self._on_place, queue="schedule", concurrent=True
             )
 
     # ---- events ---------------------------------------------------------------------------
@@ -164,7 +199,7 @@ class ScheduleInstance:
         if msg.state in ("stopped", "failed"):
             self.view.release(msg.pod)
         elif msg.state == "ready":
-            self.view.note_model(msg.node, msg.service)
+            self.view.note_model(msg.node, msg.model or msg.service)
 
     async def _on_summary(self, msg: Message, _raw: Msg) -> None:
         if isinstance(msg, PartitionSummary) and msg.owner != self.id:
@@ -191,6 +226,12 @@ class ScheduleInstance:
         except TimeoutError:
             return Unschedulable(req.pod, req.service, f"{self.id} owns no partition yet")
         local = await self._commit_and_start(req)
+        if isinstance(local, Refused) and local.stale:
+            # The node knows a newer map than we do (a rebalance is under way): catch up
+            # and try once more before bothering other partitions.
+            await self._refresh_map()
+            if self._assigned.is_set():
+                local = await self._commit_and_start(req)
         if isinstance(local, Placement):
             return local
         probes = 0
@@ -206,11 +247,14 @@ class ScheduleInstance:
             tried.add(target.partition)
             probes += 1
             self.probes_sent += 1
+            deadline = time.time() + self.config.reserve_timeout_s
             try:
                 reply = await self.bus.request(
                     subjects.reserve(target.partition),
-                    ReserveRequest(req, self.id, target.epoch),
-                    timeout=self.config.reserve_timeout_s,
+                    ReserveRequest(req, self.id, target.epoch, deadline),
+                    # A little longer than the deadline, so an owner that committed in time
+                    # is heard rather than taken for a refusal.
+                    timeout=self.config.reserve_timeout_s + RESERVE_SLACK_S,
                 )
             except RemoteError as exc:
                 self.cache.forget(target.partition)
@@ -235,9 +279,13 @@ class ScheduleInstance:
             raise RemoteError(400, f"expected ReserveRequest, got {type(msg).__name__}")
         if not self._assigned.is_set():
             return Refused(msg.place.pod, self.view.partition, f"{self.id} is not ready")
-        return await self._commit_and_start(msg.place)
+        if msg.deadline and time.time() > msg.deadline:
+            return Refused(msg.place.pod, self.view.partition, "the asker has given up")
+        return await self._commit_and_start(msg.place, deadline=msg.deadline)
 
-    async def _commit_and_start(self, req: PlaceRequest) -> Placement | Refused:
+    async def _commit_and_start(
+        self, req: PlaceRequest, *, deadline: float = 0.0
+    ) -> Placement | Refused:
         """Commit in our view (atomic: no await between choosing and committing), then hand
         the pod to its node; a node's refusal (a newer epoch) undoes the commit."""
         assert self.bus is not None
@@ -253,18 +301,30 @@ class ScheduleInstance:
                 free,
             )
         decided = time.time()
+        timeout = NODE_START_TIMEOUT_S
+        if deadline:
+            timeout = max(0.05, min(timeout, deadline + RESERVE_SLACK_S / 2 - decided))
         try:
             await self.bus.request(
                 subjects.node_start(node.name),
                 StartPod(req.pod, req.spec, node.name, req.requested_at, decided, pid, epoch),
-                timeout=5.0,
+                timeout=timeout,
             )
         except RemoteError as exc:
             self.view.release(req.pod)
             return Refused(req.pod, pid, f"node {node.name} refused pod: {exc.message}",
-                           self.view.summary(self.id))
+                           self.view.summary(self.id), stale=exc.code == 409)
         return Placement(req.pod, req.service, node.name, pid, epoch, decided, 0,
                          self.view.summary(self.id))
+
+    async def _refresh_map(self) -> None:
+        assert self.bus is not None
+        try:
+            pmap = await self.bus.request(subjects.PARTITIONS_GET, Empty(), timeout=0.5)
+        except RemoteError:
+            return
+        if isinstance(pmap, PartitionMap):
+            await self._apply_map(pmap)
 
     # ---- background -----------------------------------------------------------------------
 
@@ -290,6 +350,9 @@ class ScheduleInstance:
                     reply = await self.bus.request(subjects.PARTITIONS_GET, Empty(), timeout=0.5)
                     if isinstance(reply, PartitionMap):
                         await self._apply_map(reply)
+                elif self.view.held:
+                    async with self._assign_lock:
+                        await self._adopt(sorted(self.view.held), timeout=0.2)
             except RemoteError:
                 pass
             except Exception:
@@ -306,3 +369,10 @@ class ScheduleInstance:
                     await self.bus.publish(subjects.SUMMARIES, self.view.summary(self.id))
                 except Exception:
                     log.debug("%s: summary lost", self.id, exc_info=True)
+
+
+async def _drain(sub: Subscription) -> None:
+    try:
+        await sub.drain()
+    except Exception:
+        log.debug("subscription drain failed", exc_info=True)

@@ -317,6 +317,7 @@ class LocalNode:
             reason=reason,
             log_tail=log_tail,
             ts=time.time(),
+            model=spec.model_id,
         )
         try:
             await self.bus.publish(f"{subjects.POD_EVENTS}.{spec.name}", ev)
