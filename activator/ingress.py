@@ -161,10 +161,9 @@ async def _forward(request: web.Request, *, check) -> web.Response:
             return error(502, f"pods of {name} unreachable: {exc}", headers=retry)
         except TimeoutError:
             return error(504, f"model {name} did not answer in {gw.config.pod_timeout_s:g}s")
+        path = "activator" if served.via_activator else "direct"
         span.set_attribute("fnplane.pod", served.pod)
-        span.set_attribute(
-            "fnplane.path", path := "activator" if served.via_activator else "direct"
-        )
+        span.set_attribute("fnplane.path", path)
         span.set_attribute("fnplane.cold", served.cold)
     resp = served.response
     return web.Response(
