@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 NATS_READY_LINE = "Server is ready"
+NATS_MAX_PAYLOAD = 8 * 1024 * 1024
 # A port picked by free_port() can be taken by someone else before the server binds it.
 _PORT_ATTEMPTS = 3
 _T = TypeVar("_T")
@@ -140,9 +141,15 @@ async def start_nats(
     JetStream state goes to state_dir/nats, the log to state_dir/logs/nats-server.log.
     """
     binary = nats_server_binary()
+    # The partition map of a big cluster (thousands of nodes) outgrows NATS's default 1 MiB
+    # message limit; nats-server takes the limit only from a config file.
+    state_dir.mkdir(parents=True, exist_ok=True)
+    conf = state_dir / "nats-server.conf"
+    conf.write_text(f"max_payload: {NATS_MAX_PAYLOAD}\n")
 
     async def launch(chosen: int) -> NatsServer:
-        argv = [binary, "-a", host, "-p", str(chosen), "--name", name or f"fnplane-nats-{chosen}"]
+        argv = [binary, "-c", str(conf), "-a", host, "-p", str(chosen),
+                "--name", name or f"fnplane-nats-{chosen}"]
         if jetstream:
             argv += ["-js", "-sd", str(state_dir / "nats")]
         process = await ManagedProcess.start(argv, name="nats-server", log_dir=state_dir / "logs")

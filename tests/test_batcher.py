@@ -20,15 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from activator.batcher import (
-    BatchAborted,
-    BatcherClosed,
-    MicroBatcher,
-    Rows,
-    merge,
-    parse,
-    split,
-)
+from activator.batch_codec import Rows, merge, parse, split
+from activator.batcher import BatchAborted, BatcherClosed, MicroBatcher
 from controlplane.schemas import BatchingSpec
 from examples.sample.model import load_model
 

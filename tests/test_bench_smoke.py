@@ -26,15 +26,9 @@ from controlplane.schemas import (
     Unschedulable,
 )
 from functions.schedule.instance import ScheduleInstance
-from loadtests.bench_schedule import (
-    MODES,
-    BenchOptions,
-    run_benchmark,
-    wait_beating,
-    wait_partitioned,
-    world,
-    write,
-)
+from loadtests.bench_harness import MODES, BenchOptions, wait_beating, wait_partitioned, world
+from loadtests.bench_report import write
+from loadtests.bench_schedule import run_benchmark
 
 MODE_FIELDS = {"placements_per_s", "p50_ms", "p99_ms", "probes_per_placement", "unschedulable",
                "overcommitted_nodes"}  # fmt: skip
