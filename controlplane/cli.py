@@ -271,9 +271,13 @@ async def run_status(args: argparse.Namespace) -> int:
         return 0
     nodes = st.partitions.nodes
     print(f"Partition map version {st.partitions.version}")
-    rows = [("PARTITION", "EPOCH", "OWNER", "NODES")]
+    free = {s.partition: s for s in st.summaries}
+    rows = [("PARTITION", "EPOCH", "OWNER", "FREE CPU", "FREE MEMORY", "NODES")]
     for p in st.partitions.partitions:
-        rows.append((str(p.id), str(p.epoch), p.owner or "-", ", ".join(p.nodes)))
+        f = free.get(p.id)
+        rows.append((str(p.id), str(p.epoch), p.owner or "-",
+                     f"{f.free.cpu:g}" if f else "?", f"{f.free.memory_mb} MiB" if f else "?",
+                     ", ".join(p.nodes) if len(p.nodes) <= 8 else f"{len(p.nodes)} nodes"))
     _table(rows)
     print()
     rows = [("NODE", "CPU", "MEMORY", "GPU", "BACKEND")]

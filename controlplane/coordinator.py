@@ -28,6 +28,7 @@ from controlplane.schemas import (
     NodeInfo,
     NodeRegistration,
     PartitionMap,
+    PartitionSummary,
 )
 from controlplane.store import StaleWrite, Store
 from partitions.partitioner import rebalance
@@ -57,6 +58,7 @@ class Coordinator:
         self.nodes: dict[str, NodeInfo] = {}
         self.instances: dict[str, Heartbeat] = {}
         self.pmap = PartitionMap(0, [])
+        self.summaries: dict[int, PartitionSummary] = {}
         self.bus: Bus | None = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -83,6 +85,7 @@ class Coordinator:
         await bus.subscribe(subjects.NODE_REGISTER, self._on_register)
         await bus.subscribe(subjects.PARTITIONS_GET, self._on_get)
         await bus.subscribe(f"{subjects.ADMIN}.status", self._on_status)
+        await bus.subscribe(subjects.SUMMARIES, self._on_summary)
         if self.runtime is not None:
             for kind, scaler in self.scalers.items():
                 # At least the minimum, but never fewer than already run (instances that
@@ -139,6 +142,10 @@ class Coordinator:
                     self._changed.set()
         return Empty()
 
+    async def _on_summary(self, msg: Message, _raw: Msg) -> None:
+        if isinstance(msg, PartitionSummary):
+            self.summaries[msg.partition] = msg
+
     async def _on_get(self, _msg: Message, _raw: Msg) -> Message:
         return self.pmap
 
@@ -147,7 +154,9 @@ class Coordinator:
             InstanceInfo(h.kind, h.instance, h.ts, h.partition)
             for h in sorted(self.instances.values(), key=lambda h: (h.kind, h.instance))
         ]
-        return ClusterStatus(self.pmap, infos)
+        live = {p.id: p.epoch for p in self.pmap.partitions}
+        summaries = [s for pid, s in sorted(self.summaries.items()) if live.get(pid) == s.epoch]
+        return ClusterStatus(self.pmap, infos, summaries)
 
     # ---- the loop -------------------------------------------------------------------------
 

@@ -436,7 +436,8 @@ class InstanceInfo(msgspec.Struct, frozen=True):
 class ClusterStatus(msgspec.Struct, frozen=True, tag=True):
     partitions: PartitionMap
     instances: list[InstanceInfo]
-    node_free: dict[str, Resources] = {}
+    # The latest summary each partition's owner broadcast: what is free where.
+    summaries: list[PartitionSummary] = []
 
 
 class ErrorReply(msgspec.Struct, frozen=True, tag=True):

@@ -84,6 +84,7 @@ def test_up_serves_from_zero_keeps_services_and_stops_cleanly(state_dir: Path) -
         assert "Last cold start" in desc.stdout and "process_spawned->ready" in desc.stdout
         status = up.cli("status")
         assert "schedule" in status.stdout and "node-0" in status.stdout
+        assert "FREE CPU" in status.stdout
 
         family = descendants(up.proc.pid)
         assert len(family) >= 3, "nats-server, redis-server and a pod run under fnplane up"
