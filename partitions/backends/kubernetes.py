@@ -36,12 +36,12 @@ from controlplane.schemas import (
     NameRequest,
     NodeInfo,
     NodeRegistration,
-    PartitionMap,
     PodEvent,
     StartPod,
     StopPod,
 )
 from partitions.backends import kube_objects as ko
+from partitions.backends.contract import follow_map, register
 from partitions.backends.kube_api import (
     Changed,
     KubeApi,
@@ -151,15 +151,9 @@ class KubernetesBackend:
             # Adopted pods are tracked by now: answer inventories before `schedule` hears of
             # any node, so its accounting starts from what really runs.
             await bus.subscribe(subjects.NODE_INVENTORY, self._on_inventory)
-            await bus.subscribe(subjects.PARTITIONS, self._on_map)
             self._registering = True
             await self._register(list(self.nodes.values()))
-            try:
-                pmap = await bus.request(subjects.PARTITIONS_GET, Empty(), timeout=1.0)
-                if isinstance(pmap, PartitionMap):
-                    self.fence.apply(pmap)
-            except RemoteError:
-                pass  # the map arrives with the next change
+            await follow_map(bus, self.fence)
             self._spawn(self._sweep(), "sweep")
             self._spawn(self._scrape(), "metrics")
             self._spawn(self._delete_orphans(), "orphans")
@@ -264,18 +258,7 @@ class KubernetesBackend:
                 await self.bus.subscribe(f"{subjects.NODE}.{name}.info", self._on_info)
         # A registered node cannot be withdrawn; one that became unschedulable refuses
         # StartPod with the reason instead.
-        infos = [n.info for n in nodes if not n.unschedulable]
-        if not infos:
-            return
-        for attempt in range(100):
-            try:
-                await self.bus.request(subjects.NODE_REGISTER, NodeRegistration(infos),
-                                       timeout=1.0)
-                return
-            except RemoteError:
-                await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
-        log.error("kubernetes: the coordinator never answered the registration of %s",
-                  ", ".join(i.name for i in infos))
+        await register(self.bus, [n.info for n in nodes if not n.unschedulable])
 
     # ---- background work --------------------------------------------------------------------
 
@@ -340,10 +323,6 @@ class KubernetesBackend:
         if node is None:
             raise RemoteError(404, f"node {name} is not in the cluster")
         return NodeRegistration([node.info])
-
-    async def _on_map(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, PartitionMap):
-            self.fence.apply(msg)
 
     async def _on_inventory(self, msg: Message, _raw: Msg) -> Message | None:
         """A new partition owner asks what runs on its nodes: one answer for all of ours."""

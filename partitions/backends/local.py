@@ -30,13 +30,13 @@ from controlplane.schemas import (
     Message,
     NodeInfo,
     NodeRegistration,
-    PartitionMap,
     PodAllocation,
     PodEvent,
     PodTimeline,
     StartPod,
     StopPod,
 )
+from partitions.backends.contract import follow_map, register
 from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)
@@ -93,26 +93,9 @@ class LocalNode:
         await bus.subscribe(subjects.node_stop(self.name), self._on_stop, concurrent=True)
         await bus.subscribe(f"{subjects.NODE}.{self.name}.info", self._on_info)
         await bus.subscribe(subjects.NODE_INVENTORY, self._on_inventory)
-        await bus.subscribe(subjects.PARTITIONS, self._on_map)
-        await self._register()
+        await register(bus, [self.info])
         self._metrics_task = asyncio.create_task(self._scrape(), name=f"node-{self.name}-metrics")
-        try:
-            pmap = await bus.request(subjects.PARTITIONS_GET, Empty(), timeout=1.0)
-            if isinstance(pmap, PartitionMap):
-                self.fence.apply(pmap)
-        except RemoteError:
-            pass  # the map arrives with the next change
-
-    async def _register(self) -> None:
-        """Tell the coordinator this node exists; retried until it answers."""
-        assert self.bus is not None
-        for attempt in range(100):
-            try:
-                await self.bus.request(subjects.NODE_REGISTER, _node_msg(self.info), timeout=1.0)
-                return
-            except RemoteError:
-                await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
-        log.error("node %s: the coordinator never answered its registration", self.name)
+        await follow_map(bus, self.fence)
 
     async def stop(self) -> None:
         """Stop every pod (in parallel, each with its grace period), then disconnect."""
@@ -135,10 +118,6 @@ class LocalNode:
 
     async def _on_info(self, _msg: Message, _raw: Msg) -> Message:
         return _node_msg(self.info)
-
-    async def _on_map(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, PartitionMap):
-            self.fence.apply(msg)
 
     async def _on_inventory(self, msg: Message, _raw: Msg) -> Message | None:
         if not isinstance(msg, InventoryRequest) or self.name not in msg.nodes:

@@ -28,8 +28,6 @@ from controlplane.schemas import (
     Message,
     NodeFree,
     NodeInfo,
-    NodeRegistration,
-    PartitionMap,
     PodAllocation,
     PodEvent,
     PodTimeline,
@@ -38,6 +36,7 @@ from controlplane.schemas import (
     StopPod,
     encode,
 )
+from partitions.backends.contract import follow_map, register
 from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)
@@ -147,15 +146,9 @@ class SimCluster:
         await bus.subscribe(f"{subjects.NODE}.*.stop", self._on_stop)
         await bus.subscribe(f"{subjects.NODE}.*.probe", self._on_probe)
         await bus.subscribe(subjects.NODE_INVENTORY, self._on_inventory)
-        await bus.subscribe(subjects.PARTITIONS, self._on_map)
         self._task = asyncio.create_task(self._run_timers(), name=f"{self.name}-timers")
-        await self._register()
-        try:
-            pmap = await bus.request(subjects.PARTITIONS_GET, Empty(), timeout=1.0)
-            if isinstance(pmap, PartitionMap):
-                self.fence.apply(pmap)
-        except RemoteError:
-            pass  # the map arrives with the next change
+        await register(bus, [n.info for n in self.nodes.values()])
+        await follow_map(bus, self.fence)
 
     async def stop(self) -> None:
         """Idempotent. Simulated pods need no teardown: they vanish with the simulation."""
@@ -165,25 +158,6 @@ class SimCluster:
             self._task = None
         if self.bus is not None:
             await self.bus.close()
-
-    async def _register(self) -> None:
-        """All nodes in one NodeRegistration, unless that would pass the server's max
-        payload; retried until the coordinator answers."""
-        assert self.bus is not None
-        infos = [n.info for n in self.nodes.values()]
-        limit = max(self.bus.nc.max_payload - 4096, 4096)
-        size = len(encode(NodeRegistration(infos)))
-        per_msg = max(1, len(infos) * limit // size) if size > limit else len(infos)
-        for i in range(0, len(infos), per_msg):
-            msg = NodeRegistration(infos[i : i + per_msg])
-            for attempt in range(100):
-                try:
-                    await self.bus.request(subjects.NODE_REGISTER, msg, timeout=2.0)
-                    break
-                except RemoteError:
-                    await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
-            else:
-                log.error("%s: the coordinator never answered the registration", self.name)
 
     # ---- ground truth ---------------------------------------------------------------------
 
@@ -301,10 +275,6 @@ class SimCluster:
             chunks.append(pods)
         for chunk in chunks:
             await self.bus.nc.publish(raw.reply, encode(Inventory(chunk)))
-
-    async def _on_map(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, PartitionMap):
-            self.fence.apply(msg)
 
     # ---- time -----------------------------------------------------------------------------
 
