@@ -163,6 +163,7 @@ def spec_from_flags(args: argparse.Namespace) -> ServiceSpec:
         container_concurrency=cc,
         readiness_path=args.readiness_path,
         batching=BatchingSpec(args.max_batch_size, args.max_batch_wait_ms),
+        image=args.image,
     ).validate()
 
 
@@ -344,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--memory", default="256Mi")
     dep.add_argument("--env", "-e", action="append", help="KEY=VALUE for the pod")
     dep.add_argument("--readiness-path", default="/v2/health/ready")
+    dep.add_argument("--image", default="",
+                     help="container image on the kubernetes backend (default: fnplane's)")
     dep.add_argument("--max-batch-size", type=int, default=0)
     dep.add_argument("--max-batch-wait-ms", type=float, default=5.0)
     dep.add_argument("--no-wait", action="store_true")

@@ -91,6 +91,9 @@ class ServiceSpec(msgspec.Struct, frozen=True):
     model: str = ""  # weights identity, for cache locality; defaults to the name
     batching: BatchingSpec = BatchingSpec()
     generation: int = 0
+    # The container image on Kubernetes ("" = the backend's default image, which carries the
+    # sample model). The local backend runs `command` on this machine and ignores it.
+    image: str = ""
 
     def validate(self) -> ServiceSpec:
         """Refuse specs the control plane cannot honour, before anything is stored."""

@@ -76,7 +76,8 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
     )
     container = _take(
         pred.get("container") or {},
-        {"command", "args", "env", "resources", "readinessPath", "startupTimeoutSeconds"},
+        {"command", "args", "env", "resources", "readinessPath", "startupTimeoutSeconds",
+         "image"},
         "spec.predictor.container",
     )
     command = list(container.get("command") or DEFAULT_COMMAND) + list(container.get("args") or [])
@@ -123,6 +124,7 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
         readiness_path=str(container.get("readinessPath", "/v2/health/ready")),
         startup_timeout_s=float(container.get("startupTimeoutSeconds", 60)),
         model=str(pred.get("model", "")),
+        image=str(container.get("image", "")),
         batching=BatchingSpec(
             max_batch_size=int(batching.get("maxBatchSize", 0)),
             max_wait_ms=float(batching.get("maxWaitMs", 5)),

@@ -151,6 +151,24 @@ async def test_a_pod_that_exits_is_failed_with_its_reason_and_output(
         await wait_for(lambda: not cluster.pods(), timeout=10, what="the failed pod deleted")
 
 
+async def test_a_service_image_is_the_pods_image_else_the_backends(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """A user's own server (MLServer, Triton, a FastAPI app) runs from its own image; a spec
+    without one runs the backend's image, which carries the sample model. Fake API server:
+    no real cluster can run here."""
+    async with fake_cluster(tmp_path, NODES) as cluster, backend_on(cluster, nats_url):
+        await start_pod(nats_url, "own-aaaa0005", "n1", name="own",
+                        image="registry.example/team/model:1.2")
+        await start_pod(nats_url, "sample-aaaa0006", "n1")
+        images = {p["metadata"]["name"]: p["spec"]["containers"][0]["image"]
+                  for p in cluster.pods()}
+    assert any(img == "registry.example/team/model:1.2" and "own" in name
+               for name, img in images.items()), images
+    assert any(img != "registry.example/team/model:1.2" and "sample" in name
+               for name, img in images.items()), images
+
+
 async def test_a_pod_not_ready_within_its_startup_timeout_is_failed(
     nats_url: str, tmp_path: Path
 ) -> None:

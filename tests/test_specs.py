@@ -324,7 +324,7 @@ def container(**fields: Any) -> Callable[[dict[str, Any]], None]:
     [
         (predictor(minReplica=1), r"spec.predictor: unknown field\(s\) minReplica"),
         (lambda d: d.update(specs={}), r"document: unknown field\(s\) specs"),
-        (container(image="x"), r"spec.predictor.container: unknown field\(s\) image"),
+        (container(imag="x"), r"spec.predictor.container: unknown field\(s\) imag"),
         (
             container(resources={"requests": {"nvidia.com/gpus": 1}}),
             r"resources.requests: unknown field\(s\) nvidia.com/gpus",
@@ -392,3 +392,14 @@ def test_a_bad_spec_file_names_itself(tmp_path: Path, text: str, message: str) -
 
     with pytest.raises(SpecError, match=message):
         load_spec_file(path)
+
+
+def test_a_manifest_may_name_the_container_image() -> None:
+    from controlplane.specfile import spec_from_manifest
+
+    spec = spec_from_manifest({
+        "apiVersion": "fnplane.dev/v1alpha1", "kind": "FnService", "metadata": {"name": "own"},
+        "spec": {"predictor": {"container": {"image": "registry.example/m:1",
+                                             "command": ["serve"]}}},
+    })
+    assert spec.image == "registry.example/m:1" and spec.command == ["serve"]

@@ -81,7 +81,9 @@ class PodTracker:
         pod = self.pods[msg.pod] = KubePod(
             msg.pod, spec.name, msg.node, port, spec.container_concurrency, spec.resources,
             PodTimeline(msg.requested_at, msg.placed_at), spec.startup_timeout_s)
-        manifest = ko.pod_manifest(msg, namespace=self.api.namespace, image=self.image,
+        # The service's own image, else the backend's (which carries the sample model).
+        image = spec.image or self.image
+        manifest = ko.pod_manifest(msg, namespace=self.api.namespace, image=image,
                                    port=port, image_pull_policy=self.image_pull_policy,
                                    grace_s=self.stop_grace_s)
         try:
