@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import msgspec
 import nats
@@ -242,12 +241,3 @@ class Bus:
 async def _log_error(exc: Exception) -> None:
     """nats-py logs every failed reconnect with a traceback; one line is enough."""
     log.info("nats: %s", exc)
-
-
-def error_reply(code: int, message: str) -> ErrorReply:
-    return ErrorReply(code, message)
-
-
-def as_dict(msg: Any) -> Any:
-    """For the CLI's JSON output."""
-    return msgspec.to_builtins(msg)
