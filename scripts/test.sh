@@ -5,4 +5,5 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
 "$ROOT/.venv/bin/ruff" check .
+"$ROOT/.venv/bin/lint-imports" --no-cache
 exec "$ROOT/.venv/bin/pytest" -q "$@"
