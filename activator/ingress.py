@@ -161,6 +161,9 @@ async def _forward(request: web.Request, *, check) -> web.Response:
             return error(502, f"pods of {name} unreachable: {exc}", headers=retry)
         except TimeoutError:
             return error(504, f"model {name} did not answer in {gw.config.pod_timeout_s:g}s")
+        except Exception as exc:  # never a bare 500 page: KServe's shape, and the cause
+            log.exception("activator: request to %s failed", name)
+            return error(500, f"{type(exc).__name__}: {exc}")
         path = "activator" if served.via_activator else "direct"
         span.set_attribute("fnplane.pod", served.pod)
         span.set_attribute("fnplane.path", path)

@@ -59,7 +59,8 @@ class Proxy:
                     resp.headers.get("content-type", "application/json"),
                     first_byte,
                 )
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-            # ServerDisconnected before a status line: the pod closed on us (it was
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
+                aiohttp.ClientOSError) as exc:
+            # Refused, reset or closed before an answer: the pod is gone or going (killed,
             # stopping); the request was not processed to an answer we could return.
             raise PodUnreachable(f"{base_url}: {exc}") from exc
