@@ -19,7 +19,6 @@ import time
 import uuid
 
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 
 from controlplane import subjects
 from controlplane.bus import Bus, RemoteError
@@ -37,10 +36,8 @@ from controlplane.schemas import (
     Resources,
     StartPod,
     Unschedulable,
-    decode,
-    encode,
 )
-from functions.schedule.core import PartitionView
+from functions.schedule.core import PartitionView, inventoried
 
 log = logging.getLogger(__name__)
 
@@ -140,38 +137,21 @@ class CentralScheduler(_NodeListFollower):
         collected until every node is covered (a backend may answer for many nodes at once,
         in several messages): a node taken as empty when it is not would be over-committed."""
         assert self.bus is not None
-        nc = self.bus.nc
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        missing = set(nodes)
-        try:
-            await nc.publish(subjects.NODE_INVENTORY, encode(InventoryRequest(nodes)), reply=inbox)
-            async with asyncio.timeout(ADOPT_TIMEOUT_S):
-                while missing:
-                    answer = decode((await sub.next_msg(timeout=ADOPT_TIMEOUT_S)).data)
-                    if isinstance(answer, Inventory):
-                        self._account(answer)
-                        missing -= answer.pods.keys()
-        except (TimeoutError, NatsTimeout):
+        wanted = set(nodes)
+        answers = await self.bus.request_many(
+            subjects.NODE_INVENTORY, InventoryRequest(nodes), timeout=ADOPT_TIMEOUT_S,
+            max_msgs=1_000_000, done=lambda got: wanted <= inventoried(got),
+        )
+        for answer in answers:
+            if isinstance(answer, Inventory):
+                self.view.record_inventory(answer)
+        missing = wanted - inventoried(answers)
+        if missing:
             log.warning("%s: no inventory from %d node(s); taken as empty", self.id, len(missing))
-        finally:
-            await sub.unsubscribe()
-
-    def _account(self, answer: Inventory) -> None:
-        for node, pods in answer.pods.items():
-            state = self.view.nodes.get(node)
-            if state is None:
-                continue
-            for alloc in pods:
-                self.view.record(alloc.pod, node, alloc.resources)
 
     async def _on_pod_event(self, msg: Message, _raw: Msg) -> None:
-        if not isinstance(msg, PodEvent):
-            return
-        if msg.state in ("stopped", "failed"):
-            self.view.release(msg.pod)
-        elif msg.state == "ready":
-            self.view.note_model(msg.node, msg.service)
+        if isinstance(msg, PodEvent):
+            self.view.apply_pod_event(msg)
 
     async def _on_place(self, msg: Message, _raw: Msg) -> Message:
         if not isinstance(msg, PlaceRequest):

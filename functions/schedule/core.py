@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
-from controlplane.schemas import NodeInfo, PartitionSummary, Resources
+from controlplane.schemas import Inventory, NodeInfo, PartitionSummary, PodEvent, Resources
 from partitions.nodes import NodeState
 
 Key = tuple[float, int, int, str]  # free cpu, free memory, free gpu, name
@@ -181,6 +181,19 @@ class PartitionView:
         self._changed(node, add)
         self.pods[pod] = node_name
 
+    def record_inventory(self, answer: Inventory) -> None:
+        """What nodes reported they run, as `record` for each pod."""
+        for node, pods in answer.pods.items():
+            for alloc in pods:
+                self.record(alloc.pod, node, alloc.resources)
+
+    def apply_pod_event(self, ev: PodEvent) -> None:
+        """A pod that ended gives its resources back; a ready one tells what its node caches."""
+        if ev.state in ("stopped", "failed"):
+            self.release(ev.pod)
+        elif ev.state == "ready":
+            self.note_model(ev.node, ev.model or ev.service)
+
     def release(self, pod: str) -> bool:
         name = self.pods.pop(pod, None)
         if name is None or name not in self.nodes:
@@ -209,3 +222,8 @@ class PartitionView:
             largest = Resources(cpu, mem, gpu)
         return PartitionSummary(self.partition, self.epoch, owner, self._free_total, largest,
                                 len(self.nodes))
+
+
+def inventoried(answers: list[object]) -> set[str]:
+    """The nodes a set of inventory answers covers (a backend may answer for many at once)."""
+    return {node for a in answers if isinstance(a, Inventory) for node in a.pods}

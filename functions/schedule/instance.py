@@ -34,7 +34,7 @@ from controlplane.schemas import (
     StartPod,
     Unschedulable,
 )
-from functions.schedule.core import PartitionView
+from functions.schedule.core import PartitionView, inventoried
 from partitions.probecache import ProbeCache
 
 log = logging.getLogger(__name__)
@@ -141,25 +141,14 @@ class ScheduleInstance:
         could over-commit it."""
         assert self.bus is not None
         wanted = set(nodes)
-        covered: set[str] = set()
-
-        def all_in(answers: list[Message]) -> bool:
-            for answer in answers[len(covered_from):]:
-                covered_from.append(answer)
-                if isinstance(answer, Inventory):
-                    covered.update(answer.pods)
-            return wanted <= covered
-
-        covered_from: list[Message] = []
         answers = await self.bus.request_many(
-            subjects.NODE_INVENTORY, InventoryRequest(nodes), timeout=timeout, done=all_in
+            subjects.NODE_INVENTORY, InventoryRequest(nodes), timeout=timeout,
+            done=lambda got: wanted <= inventoried(got),
         )
         for answer in answers:
-            if not isinstance(answer, Inventory):
-                continue
-            for node, pods in answer.pods.items():
-                for alloc in pods:
-                    self.view.record(alloc.pod, node, alloc.resources)
+            if isinstance(answer, Inventory):
+                self.view.record_inventory(answer)
+        covered = inventoried(answers)
         missing = wanted - covered
         for node in covered & self.view.held:
             self.view.unhold(node)
@@ -194,12 +183,8 @@ class ScheduleInstance:
     # ---- events ---------------------------------------------------------------------------
 
     async def _on_pod_event(self, msg: Message, _raw: Msg) -> None:
-        if not isinstance(msg, PodEvent):
-            return
-        if msg.state in ("stopped", "failed"):
-            self.view.release(msg.pod)
-        elif msg.state == "ready":
-            self.view.note_model(msg.node, msg.model or msg.service)
+        if isinstance(msg, PodEvent):
+            self.view.apply_pod_event(msg)
 
     async def _on_summary(self, msg: Message, _raw: Msg) -> None:
         if isinstance(msg, PartitionSummary) and msg.owner != self.id:
