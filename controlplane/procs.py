@@ -223,6 +223,9 @@ class ManagedProcess(asyncio.SubprocessProtocol):
         tail_lines: int = TAIL_LINES,
     ) -> ManagedProcess:
         """Spawn argv; output is kept in memory and, with log_dir, appended to <name>.log."""
+        if preexec_fn is pdeathsig_preexec:
+            # The same death signal without blocking the event loop on a fork().
+            argv, preexec_fn = without_preexec(list(argv))
         log_file = _open_log(log_dir, name) if log_dir is not None else None
         self = cls(name=name, log_file=log_file, tail_lines=tail_lines)
         try:
