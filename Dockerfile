@@ -6,6 +6,7 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY kernel kernel
 COPY controlplane controlplane
 COPY functions functions
 COPY partitions partitions

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from activator.batch_codec import Rows, SplitError, merge, parse, split
-from controlplane.schemas import BatchingSpec
+from kernel.messages import BatchingSpec
 
 Protocol = Literal["v1", "v2"]
 Send = Callable[[str, dict], Awaitable[tuple[int, dict]]]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from controlplane.schemas import Endpoint
+from kernel.messages import Endpoint
 
 
 @dataclass

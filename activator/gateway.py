@@ -18,10 +18,10 @@ from activator.batcher import MicroBatcher
 from activator.direct import DirectPath
 from activator.proxy import PodResponse, PodUnreachable, Proxy
 from activator.throttler import ServiceGone, ServiceThrottler, StartFailed
-from controlplane import subjects, telemetry
-from controlplane.bus import Bus, RemoteError
-from controlplane.config import ActivatorConfig
-from controlplane.schemas import (
+from kernel import subjects, telemetry
+from kernel.bus import Bus, RemoteError
+from kernel.config import ActivatorConfig
+from kernel.messages import (
     ColdStart,
     Demand,
     Empty,

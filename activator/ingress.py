@@ -14,7 +14,7 @@ from activator.batcher import BatchAborted, BatcherClosed
 from activator.gateway import Gateway
 from activator.proxy import PodUnreachable
 from activator.throttler import BufferFull, ServiceGone, StartFailed, WaitTimeout
-from controlplane import telemetry
+from kernel import telemetry
 
 log = logging.getLogger(__name__)
 

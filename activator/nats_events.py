@@ -28,10 +28,10 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from activator.gateway import Gateway
-from controlplane import subjects
-from controlplane.bus import Bus
-from controlplane.config import NatsIngressConfig
-from controlplane.schemas import Demand
+from kernel import subjects
+from kernel.bus import Bus
+from kernel.config import NatsIngressConfig
+from kernel.messages import Demand
 
 if TYPE_CHECKING:
     from activator.nats_ingress import Answer

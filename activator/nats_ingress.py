@@ -22,10 +22,10 @@ from activator.ingress import check_v1, check_v2
 from activator.nats_events import EventStreams
 from activator.proxy import PodUnreachable
 from activator.throttler import BufferFull, ServiceGone, StartFailed, WaitTimeout
-from controlplane import subjects, telemetry
-from controlplane.bus import Bus
-from controlplane.config import NatsIngressConfig
-from controlplane.schemas import Message, ServiceDeleted, SpecUpdated
+from kernel import subjects, telemetry
+from kernel.bus import Bus
+from kernel.config import NatsIngressConfig
+from kernel.messages import Message, ServiceDeleted, SpecUpdated
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from aiohttp import web
 from activator.gateway import Gateway
 from activator.ingress import build_app
 from activator.nats_ingress import NatsIngress
-from controlplane.config import ActivatorConfig
+from kernel.config import ActivatorConfig
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from controlplane.schemas import Endpoint
+from kernel.messages import Endpoint
 
 
 class BufferFull(Exception):

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import msgspec
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.config import (
+from controlplane.specfile import DEFAULT_COMMAND, load_spec_file, parse_cpu, parse_memory_mb
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.config import (
     DEFAULT_NATS_URL,
     ActivatorConfig,
     Config,
@@ -27,8 +28,7 @@ from controlplane.config import (
     NodesConfig,
     default_state_dir,
 )
-from controlplane.procs import PortInUseError, ServerStartError, port_in_use
-from controlplane.schemas import (
+from kernel.messages import (
     BatchingSpec,
     ClusterStatus,
     DeployRequest,
@@ -41,7 +41,7 @@ from controlplane.schemas import (
     ServiceStatus,
     SpecError,
 )
-from controlplane.specfile import DEFAULT_COMMAND, load_spec_file, parse_cpu, parse_memory_mb
+from kernel.procs import PortInUseError, ServerStartError, port_in_use
 
 
 class CliError(Exception):
@@ -79,7 +79,7 @@ async def run_up(args: argparse.Namespace) -> int:
     ))
     kube = None
     if args.backend == "kubernetes":
-        from partitions.backends.kubernetes import KubernetesConfig
+        from partitions.agents.kubernetes.agent import KubernetesConfig
 
         config = replace(config, nodes=replace(config.nodes, backend="kubernetes"))
         kube = KubernetesConfig(kubeconfig=args.kubeconfig,

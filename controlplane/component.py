@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controlplane.config import DEFAULT_NATS_URL, ActivatorConfig, Config, CoordinatorConfig
-from controlplane.runtime import Runtime
+from controlplane.elastic import Runtime
+from kernel.config import DEFAULT_NATS_URL, ActivatorConfig, Config, CoordinatorConfig
 
 COMPONENTS = ("coordinator", "scale", "schedule", "route", "activator", "node", "operator")
 ALIVE_EVERY_S = 5.0
@@ -55,7 +55,7 @@ class Coordinated:
                  runtime: Runtime | None = None) -> None:
         from controlplane.coordinator import Coordinator
         from controlplane.registry import Registry
-        from controlplane.store import Store
+        from kernel.store import Store
 
         self.store = Store.from_url(redis_url)
         self.runtime = runtime
@@ -98,7 +98,7 @@ def build(name: str, env: dict[str, str]) -> Any:
         port = int(env.get("FNPLANE_ACTIVATOR_PORT", "8080"))
         return Activator(nats_url, ActivatorConfig(host="0.0.0.0", port=port))
     if name == "node":
-        from partitions.backends.kubernetes import KubernetesBackend, KubernetesConfig
+        from partitions.agents.kubernetes.agent import KubernetesBackend, KubernetesConfig
 
         return KubernetesBackend(nats_url, KubernetesConfig(
             namespace=env.get("FNPLANE_NAMESPACE", ""),

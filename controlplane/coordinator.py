@@ -14,12 +14,11 @@ from collections.abc import Callable
 import msgspec
 from nats.aio.msg import Msg
 
-from controlplane import subjects
-from controlplane.bus import Bus
-from controlplane.config import CoordinatorConfig
-from controlplane.elastic import InstancePolicy, InstanceScaler
-from controlplane.runtime import Runtime
-from controlplane.schemas import (
+from controlplane.elastic import InstancePolicy, InstanceScaler, Runtime
+from kernel import subjects
+from kernel.bus import Bus
+from kernel.config import CoordinatorConfig
+from kernel.messages import (
     ClusterStatus,
     Empty,
     Heartbeat,
@@ -30,7 +29,7 @@ from controlplane.schemas import (
     PartitionMap,
     PartitionSummary,
 )
-from controlplane.store import StaleWrite, Store
+from kernel.store import StaleWrite, Store
 from partitions.partitioner import rebalance
 
 log = logging.getLogger(__name__)

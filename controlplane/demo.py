@@ -14,11 +14,12 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from controlplane import subjects
-from controlplane.bus import Bus
-from controlplane.config import ActivatorConfig, Config, NodesConfig, ScaleConfig
-from controlplane.procs import alive, descendants, port_in_use
-from controlplane.schemas import (
+from controlplane.specfile import DEFAULT_COMMAND
+from controlplane.stack import Stack
+from kernel import subjects
+from kernel.bus import Bus
+from kernel.config import ActivatorConfig, Config, NodesConfig, ScaleConfig
+from kernel.messages import (
     DeployRequest,
     NameRequest,
     Resources,
@@ -26,8 +27,7 @@ from controlplane.schemas import (
     ServiceSpec,
     ServiceStatus,
 )
-from controlplane.specfile import DEFAULT_COMMAND
-from controlplane.stack import Stack
+from kernel.procs import alive, descendants, port_in_use
 
 REPO = Path(__file__).resolve().parent.parent
 

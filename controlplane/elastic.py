@@ -10,9 +10,11 @@ keeps an instance count from flapping around a threshold.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from controlplane.schemas import Heartbeat
+from kernel.messages import Heartbeat
 
 
 @dataclass(frozen=True)
@@ -58,3 +60,28 @@ class InstanceScaler:
             return current
         self._low_since = None
         return min(max(current, p.min_instances), p.max_instances)
+
+
+# ---- the interface the coordinator scales instances through (runtime.py, kube_runtime.py) --
+
+
+class Instance(Protocol):
+    id: str
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+ExitCallback = Callable[[str, str], None]  # (kind, instance id)
+
+
+class Runtime(Protocol):
+    """Starts and stops instances; reports through `on_exit` an instance that died, so the
+    coordinator reassigns its partition at once instead of waiting for missed heartbeats."""
+
+    on_exit: ExitCallback | None
+
+    def instances(self, kind: str) -> list[str]: ...
+    async def scale(self, kind: str, n: int) -> None: ...
+    async def kill(self, kind: str, instance: str) -> None: ...
+    async def stop(self) -> None: ...

@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 
-from controlplane.config import Config, ScaleConfig, ScheduleConfig
+from kernel.config import Config, ScaleConfig, ScheduleConfig
 
 
 def build(kind: str, args: argparse.Namespace):

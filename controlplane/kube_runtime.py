@@ -25,8 +25,8 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from controlplane.runtime import ExitCallback
-from partitions.backends.kube_api import (
+from controlplane.elastic import ExitCallback
+from partitions.kubeapi import (
     Changed,
     ListWatch,
     Synced,

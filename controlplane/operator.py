@@ -23,11 +23,11 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.schemas import DeployRequest, NameRequest, ServiceStatus, SpecError
 from controlplane.specfile import spec_from_manifest
-from partitions.backends.kube_api import (
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.messages import DeployRequest, NameRequest, ServiceStatus, SpecError
+from partitions.kubeapi import (
     Changed,
     ListWatch,
     Synced,

@@ -13,9 +13,9 @@ import uuid
 import msgspec
 from nats.aio.msg import Msg
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.schemas import (
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.messages import (
     ColdStart,
     DeployRequest,
     Empty,
@@ -29,7 +29,7 @@ from controlplane.schemas import (
     SpecError,
     SpecUpdated,
 )
-from controlplane.store import Store
+from kernel.store import Store
 
 log = logging.getLogger(__name__)
 

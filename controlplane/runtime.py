@@ -15,30 +15,11 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable
-from typing import Protocol
 
-from controlplane.procs import ManagedProcess
+from controlplane.elastic import ExitCallback, Instance
+from kernel.procs import ManagedProcess
 
 log = logging.getLogger(__name__)
-
-
-class Instance(Protocol):
-    id: str
-
-    async def start(self) -> None: ...
-    async def stop(self) -> None: ...
-
-
-ExitCallback = Callable[[str, str], None]  # (kind, instance id)
-
-
-class Runtime(Protocol):
-    on_exit: ExitCallback | None
-
-    def instances(self, kind: str) -> list[str]: ...
-    async def scale(self, kind: str, n: int) -> None: ...
-    async def kill(self, kind: str, instance: str) -> None: ...
-    async def stop(self) -> None: ...
 
 
 class TaskRuntime:

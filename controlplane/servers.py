@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from controlplane.procs import (
+from kernel.procs import (
     START_TIMEOUT,
     ManagedProcess,
     PortInUseError,

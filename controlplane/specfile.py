@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from controlplane.schemas import BatchingSpec, Resources, ScalingSpec, ServiceSpec, SpecError
+from kernel.messages import BatchingSpec, Resources, ScalingSpec, ServiceSpec, SpecError
 
 DEFAULT_COMMAND = ["python", "-m", "examples.sample.server"]
 

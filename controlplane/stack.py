@@ -12,19 +12,20 @@ from pathlib import Path
 from typing import Protocol
 
 from activator.server import Activator
-from controlplane import telemetry
-from controlplane.config import Config
 from controlplane.coordinator import Coordinator
+from controlplane.elastic import Runtime
 from controlplane.registry import Registry
-from controlplane.runtime import ProcessRuntime, Runtime, TaskRuntime
-from controlplane.schemas import NodeInfo
+from controlplane.runtime import ProcessRuntime, TaskRuntime
 from controlplane.servers import NatsServer, RedisServer, start_nats, start_redis
-from controlplane.store import ROUTES, Store
 from functions.route.instance import RouteInstance
 from functions.scale.instance import ScaleInstance
 from functions.schedule.instance import ScheduleInstance
-from partitions.backends.kubernetes import KubernetesBackend, KubernetesConfig
-from partitions.backends.local import LocalNode
+from kernel import telemetry
+from kernel.config import Config
+from kernel.messages import NodeInfo
+from kernel.store import ROUTES, Store
+from partitions.agents.kubernetes.agent import KubernetesBackend, KubernetesConfig
+from partitions.agents.local import LocalNode
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from controlplane import subjects
-from controlplane.config import CoordinatorConfig
-from controlplane.schemas import PlaceRequest
+from kernel import subjects
+from kernel.config import CoordinatorConfig
+from kernel.messages import PlaceRequest
 from loadtests.bench_harness import (
     BenchOptions,
     load,

@@ -20,12 +20,12 @@ from typing import Any
 
 import msgspec
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.config import CoordinatorConfig
 from controlplane.coordinator import Coordinator
-from controlplane.procs import ManagedProcess
-from controlplane.schemas import (
+from controlplane.servers import start_nats, start_redis
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.config import CoordinatorConfig
+from kernel.messages import (
     Heartbeat,
     Message,
     NodeInfo,
@@ -35,9 +35,9 @@ from controlplane.schemas import (
     ServiceSpec,
     Unschedulable,
 )
-from controlplane.servers import start_nats, start_redis
-from controlplane.store import Store
-from partitions.backends.sim import SimCluster
+from kernel.procs import ManagedProcess
+from kernel.store import Store
+from partitions.agents.sim import SimCluster
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("partitioned", "central", "sampling")

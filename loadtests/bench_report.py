@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from controlplane.schemas import Placement, Unschedulable
+from kernel.messages import Placement, Unschedulable
 from loadtests.bench_harness import MODES, BenchOptions, Drive, pct
-from partitions.backends.sim import SimCluster
+from partitions.agents.sim import SimCluster
 
 GOALS = {
     "throughput_ratio": 5.0,

@@ -33,9 +33,9 @@ from typing import Any
 
 import msgspec
 
-from controlplane import subjects
-from controlplane.bus import Bus
-from controlplane.schemas import NodeInfo, PlaceRequest
+from kernel import subjects
+from kernel.bus import Bus
+from kernel.messages import NodeInfo, PlaceRequest
 from loadtests.bench_elastic import run_elastic
 from loadtests.bench_harness import (
     MODES,

@@ -34,8 +34,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from controlplane.procs import alive, descendants
 from controlplane.stack import Stack
+from kernel.procs import alive, descendants
 from loadtests.burst_run import BurstOptions, BurstRun, progress
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import aiohttp
 from nats.aio.msg import Msg
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.config import ActivatorConfig, Config, NodesConfig
-from controlplane.procs import pdeathsig_preexec
-from controlplane.schemas import (
+from controlplane.stack import Stack
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.config import ActivatorConfig, Config, NodesConfig
+from kernel.messages import (
     ColdStart,
     DeployRequest,
     Endpoints,
@@ -33,7 +33,7 @@ from controlplane.schemas import (
     ServiceSpec,
     ServiceStatus,
 )
-from controlplane.stack import Stack
+from kernel.procs import pdeathsig_preexec
 from loadtests import report
 from loadtests.burst_client import BODY, JSON_HEADERS
 from loadtests.report import BufferSample, ModeChange, PodSample, PodStats, RequestRecord

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from controlplane.schemas import PartitionMap, StartPod
+from kernel.messages import PartitionMap, StartPod
 
 
 @dataclass

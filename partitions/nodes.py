@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from controlplane.schemas import NodeInfo, Resources
+from kernel.messages import NodeInfo, Resources
 
 
 class OverCommit(Exception):

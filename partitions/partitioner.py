@@ -12,7 +12,7 @@ which fences the old owner.
 
 from __future__ import annotations
 
-from controlplane.schemas import NodeInfo, Partition
+from kernel.messages import NodeInfo, Partition
 
 
 def weight(info: NodeInfo) -> float:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from controlplane.schemas import PartitionSummary, Resources
+from kernel.messages import PartitionSummary, Resources
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Real nats-server and redis-server for the whole test session (STYLE.md §12).
 
-The servers are started through `controlplane.procs`, as `fnplane up` starts them, on free
+The servers are started through `kernel.procs`, as `fnplane up` starts them, on free
 loopback ports in a temporary directory, and are stopped at session teardown whether tests
 passed or not; if pytest itself is SIGKILLed, PR_SET_PDEATHSIG takes them down with it.
 """

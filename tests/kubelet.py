@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from controlplane.procs import pdeathsig_preexec
+from kernel.procs import pdeathsig_preexec
 from tests.fakekube import FakeKubernetes, now_rfc3339
 
 USER_AGENT = "kubelet-emulator/0.1"

@@ -15,10 +15,10 @@ import kmock
 import yaml
 from nats.aio.msg import Msg
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.schemas import Empty, Message, NameRequest, NodeInfo, NodeRegistration, PodEvent
-from partitions.backends.kubernetes import KubernetesConfig
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.messages import Empty, Message, NameRequest, NodeInfo, NodeRegistration, PodEvent
+from partitions.agents.kubernetes.agent import KubernetesConfig
 from tests.fakekube import FakeKubernetes
 from tests.kubelet import KubeletEmulator
 from tests.stackutil import REPO

@@ -12,10 +12,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
-from controlplane import subjects
-from controlplane.bus import Bus
-from controlplane.config import ActivatorConfig, Config, NodesConfig, ScaleConfig
-from controlplane.schemas import (
+from controlplane.stack import Stack
+from kernel import subjects
+from kernel.bus import Bus
+from kernel.config import ActivatorConfig, Config, NodesConfig, ScaleConfig
+from kernel.messages import (
     DeployRequest,
     NameRequest,
     Resources,
@@ -23,7 +24,6 @@ from controlplane.schemas import (
     ServiceSpec,
     ServiceStatus,
 )
-from controlplane.stack import Stack
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = [sys.executable, "-m", "examples.sample.server"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from controlplane.schemas import ScalingSpec
+from kernel.messages import ScalingSpec
 from tests.stackutil import deploy, describe, running_stack, sample_spec, wait_until
 
 BODY = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP32",

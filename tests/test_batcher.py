@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from activator.batch_codec import Rows, merge, parse, split
 from activator.batcher import BatchAborted, BatcherClosed, MicroBatcher
-from controlplane.schemas import BatchingSpec
 from examples.sample.model import load_model
+from kernel.messages import BatchingSpec
 
 FAR_MS = 60_000.0  # a window the real timer never closes during a fake-clock test
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from controlplane.schemas import BatchingSpec, ScalingSpec
 from examples.sample.model import load_model
+from kernel.messages import BatchingSpec, ScalingSpec
 from tests.stackutil import deploy, running_stack, sample_spec
 
 MODEL = load_model()

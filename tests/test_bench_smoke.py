@@ -14,10 +14,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from controlplane import subjects
-from controlplane.bus import RemoteError
-from controlplane.config import ScheduleConfig
-from controlplane.schemas import (
+from functions.schedule.instance import ScheduleInstance
+from kernel import subjects
+from kernel.bus import RemoteError
+from kernel.config import ScheduleConfig
+from kernel.messages import (
     NodeInfo,
     Placement,
     PlaceRequest,
@@ -25,7 +26,6 @@ from controlplane.schemas import (
     ServiceSpec,
     Unschedulable,
 )
-from functions.schedule.instance import ScheduleInstance
 from loadtests.bench_harness import MODES, BenchOptions, wait_beating, wait_partitioned, world
 from loadtests.bench_report import write
 from loadtests.bench_schedule import run_benchmark

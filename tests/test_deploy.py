@@ -14,8 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from controlplane.schemas import SpecError
 from controlplane.specfile import spec_from_manifest
+from kernel.messages import SpecError
 from tests.deployutil import allowed, build, cel, crd, validate_custom_resource
 from tests.fakekube import ApiCall
 from tests.stackutil import REPO

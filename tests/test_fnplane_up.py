@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import urllib3
 
-from controlplane.procs import alive, descendants, free_port
 from examples.sample.model import load_model
+from kernel.procs import alive, descendants, free_port
 from tests.stackutil import REPO
 
 FNPLANE = [sys.executable, "-m", "controlplane.cli"]

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.schemas import ScalingSpec
 from functions.scale.kpa import Autoscaler, Decision
+from kernel.messages import ScalingSpec
 
 TARGET_10 = {"target_concurrency": 10.0}
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.schemas import Resources, StartPod, StopPod
-from partitions.backends import kube_objects as ko
-from partitions.backends.kubernetes import KubernetesBackend
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.messages import Resources, StartPod, StopPod
+from partitions.agents.kubernetes import objects as ko
+from partitions.agents.kubernetes.agent import KubernetesBackend
 from tests.deployutil import assert_least_privilege
 from tests.kubelet import node, wait_for
 from tests.kubeutil import Cluster, fake_cluster, witness

@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from controlplane.schemas import ScalingSpec
 from controlplane.stack import Stack
+from kernel.messages import ScalingSpec
 from tests.deployutil import assert_least_privilege
 from tests.kubelet import node
 from tests.kubeutil import Cluster, fake_cluster

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
-from controlplane import subjects
-from controlplane.bus import RemoteError
 from controlplane.operator import FINALIZER, FnServiceOperator, OperatorConfig
-from controlplane.schemas import NameRequest
+from kernel import subjects
+from kernel.bus import RemoteError
+from kernel.messages import NameRequest
 from tests.deployutil import assert_least_privilege
 from tests.kubelet import node, wait_for
 from tests.kubeutil import Cluster, fake_cluster

@@ -19,9 +19,9 @@ from typing import Any
 import kmock
 
 from controlplane import component
-from controlplane.config import ScheduleConfig
 from controlplane.kube_runtime import InstanceSet, KubernetesRuntime, pod_is_instance
 from functions.schedule.instance import ScheduleInstance
+from kernel.config import ScheduleConfig
 from tests.deployutil import assert_least_privilege, build
 from tests.fakekube import ApiCall, FakeKubernetes, now_rfc3339
 from tests.kubelet import wait_for

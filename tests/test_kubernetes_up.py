@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from controlplane.procs import free_port
+from kernel.procs import free_port
 from tests.kubelet import node
 from tests.kubeutil import fake_cluster
 from tests.stackutil import REPO

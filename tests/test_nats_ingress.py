@@ -23,10 +23,10 @@ from nats.js.errors import NotFoundError
 
 from activator.nats_events import DURABLE, LAG_REPORTER, REPLY_TO_HEADER, stream_name
 from activator.nats_ingress import STATUS_HEADER
-from controlplane import subjects
-from controlplane.config import NatsIngressConfig
-from controlplane.schemas import Demand, Message
 from examples.sample.model import load_model
+from kernel import subjects
+from kernel.config import NatsIngressConfig
+from kernel.messages import Demand, Message
 from tests.stackutil import REPO, admin, deploy, describe, running_stack, sample_spec, wait_until
 
 MODEL = load_model()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from controlplane import telemetry
+from kernel import telemetry
 from tests.stackutil import deploy, running_stack, sample_spec
 
 BODY = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP32",

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.config import CoordinatorConfig, ScheduleConfig
 from controlplane.coordinator import Coordinator
-from controlplane.runtime import ProcessRuntime, Runtime, TaskRuntime
-from controlplane.schemas import (
+from controlplane.elastic import Runtime
+from controlplane.runtime import ProcessRuntime, TaskRuntime
+from functions.schedule.instance import ScheduleInstance
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.config import CoordinatorConfig, ScheduleConfig
+from kernel.messages import (
     NodeInfo,
     Placement,
     PlaceRequest,
@@ -27,9 +29,8 @@ from controlplane.schemas import (
     ServiceSpec,
     StartPod,
 )
-from controlplane.store import Store
-from functions.schedule.instance import ScheduleInstance
-from partitions.backends.local import LocalNode
+from kernel.store import Store
+from partitions.agents.local import LocalNode
 
 SLEEPER = ServiceSpec("sleeper", ["sleep", "30"], resources=Resources(0.1, 16),
                       scaling=ScalingSpec(), startup_timeout_s=60)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.schemas import NodeInfo, Partition, Resources
+from kernel.messages import NodeInfo, Partition, Resources
 from partitions.partitioner import rebalance, weight
 
 # ---- building clusters ---------------------------------------------------------------------

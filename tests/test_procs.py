@@ -1,4 +1,4 @@
-"""controlplane.procs and .servers: real servers start, answer, stop, leave nothing behind."""
+"""kernel.procs and .servers: real servers start, answer, stop, leave nothing behind."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import nats
 import pytest
 import redis.asyncio as aioredis
 
-from controlplane import procs
-from controlplane.procs import (
+from controlplane.servers import start_nats, start_redis
+from kernel import procs
+from kernel.procs import (
     ManagedProcess,
     PortInUseError,
     ServerStartError,
@@ -27,7 +28,6 @@ from controlplane.procs import (
     free_port,
     port_in_use,
 )
-from controlplane.servers import start_nats, start_redis
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -244,7 +244,7 @@ def test_zombie_counts_as_dead() -> None:
 MIDDLE = textwrap.dedent(
     """
     import subprocess, sys, time
-    from controlplane.procs import pdeathsig_preexec
+    from kernel.procs import pdeathsig_preexec
     hook = pdeathsig_preexec if sys.argv[1] == "yes" else None
     child = subprocess.Popen(["sleep", "60"], preexec_fn=hook)
     print(child.pid, flush=True)

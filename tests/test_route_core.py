@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.schemas import Endpoint, Endpoints, PodEvent
 from functions.route.core import EndpointTable
+from kernel.messages import Endpoint, Endpoints, PodEvent
 
 
 def event(

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.schemas import Demand, PodEvent, ScalingSpec, ServiceSpec
 from functions.scale.core import BACKOFF_MAX_S, STALE_REPORTS, ServiceScaler
+from kernel.messages import Demand, PodEvent, ScalingSpec, ServiceSpec
 
 INTERVAL = 1.0
 

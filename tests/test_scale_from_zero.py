@@ -14,10 +14,10 @@ import aiohttp
 import numpy as np
 import pytest
 
-from controlplane import subjects
-from controlplane.bus import RemoteError
-from controlplane.schemas import DeployRequest, ScalingSpec
 from examples.sample.model import load_model
+from kernel import subjects
+from kernel.bus import RemoteError
+from kernel.messages import DeployRequest, ScalingSpec
 from tests.stackutil import (
     REPO,
     admin,

@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.schemas import (
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.messages import (
     Empty,
     Inventory,
     InventoryRequest,
@@ -29,7 +29,7 @@ from controlplane.schemas import (
     StartPod,
     StopPod,
 )
-from partitions.backends.sim import SimCluster
+from partitions.agents.sim import SimCluster
 
 NODE = Resources(cpu=4.0, memory_mb=8192, gpu=0)
 

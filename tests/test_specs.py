@@ -17,8 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane import schemas
-from controlplane.schemas import (
+from controlplane.specfile import load_spec_file, parse_cpu, parse_memory_mb, spec_from_manifest
+from kernel import messages
+from kernel.messages import (
     BatchingSpec,
     Demand,
     PartitionMap,
@@ -27,7 +28,6 @@ from controlplane.schemas import (
     ServiceSpec,
     SpecError,
 )
-from controlplane.specfile import load_spec_file, parse_cpu, parse_memory_mb, spec_from_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -118,7 +118,7 @@ def strategy(t: mi.Type) -> st.SearchStrategy[Any]:
     raise NotImplementedError(f"no strategy for {t!r}")
 
 
-TAGGED = typing.get_args(schemas.Message)
+TAGGED = typing.get_args(messages.Message)
 
 
 @pytest.mark.parametrize("kind", TAGGED, ids=lambda k: k.__name__)
@@ -127,7 +127,7 @@ TAGGED = typing.get_args(schemas.Message)
 def test_every_tagged_message_round_trips(kind: type[msgspec.Struct], data: st.DataObject) -> None:
     msg = data.draw(strategy(mi.type_info(kind)))
 
-    out = schemas.decode(schemas.encode(msg))
+    out = messages.decode(messages.encode(msg))
 
     assert type(out) is kind
     assert out == msg
@@ -139,9 +139,9 @@ def test_every_message_is_tagged_with_its_own_name() -> None:
 
 
 def test_a_record_round_trips_as_its_own_type() -> None:
-    pmap = PartitionMap(3, [schemas.Partition(0, 2, "schedule-1", ["n1"])])
+    pmap = PartitionMap(3, [messages.Partition(0, 2, "schedule-1", ["n1"])])
 
-    assert schemas.decode_record(schemas.encode_record(pmap), PartitionMap) == pmap
+    assert messages.decode_record(messages.encode_record(pmap), PartitionMap) == pmap
 
 
 def msgpack(obj: object) -> bytes:
@@ -178,7 +178,7 @@ def msgpack(obj: object) -> bytes:
 )
 def test_garbage_is_refused_with_msgspec_errors(data: bytes, error: type[Exception]) -> None:
     with pytest.raises(error):
-        schemas.decode(data)
+        messages.decode(data)
 
 
 # ---- quantities ----------------------------------------------------------------------------

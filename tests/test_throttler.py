@@ -19,7 +19,7 @@ from activator.throttler import (
     StartFailed,
     WaitTimeout,
 )
-from controlplane.schemas import Endpoint
+from kernel.messages import Endpoint
 
 LONG = 30.0  # a wait that must never time out in a test
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from controlplane.schemas import Endpoint, Endpoints, PodEvent
+from kernel.messages import Endpoint, Endpoints, PodEvent
 
 
 @dataclass

@@ -11,9 +11,10 @@ import uuid
 
 from nats.aio.msg import Msg
 
-from controlplane import subjects
-from controlplane.bus import Bus
-from controlplane.schemas import (
+from functions.route.core import EndpointTable
+from kernel import subjects
+from kernel.bus import Bus
+from kernel.messages import (
     Endpoints,
     Heartbeat,
     Message,
@@ -22,8 +23,7 @@ from controlplane.schemas import (
     ServiceDeleted,
     ServiceMode,
 )
-from controlplane.store import Store
-from functions.route.core import EndpointTable
+from kernel.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from controlplane.schemas import Demand, PodEvent, ServiceSpec
 from functions.scale.kpa import Autoscaler, Decision
+from kernel.messages import Demand, PodEvent, ServiceSpec
 
 # A report older than this many metric intervals is treated as gone (activator died).
 STALE_REPORTS = 3.0

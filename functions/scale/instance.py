@@ -11,10 +11,11 @@ import uuid
 
 from nats.aio.msg import Msg
 
-from controlplane import subjects
-from controlplane.bus import Bus, NoResponders, RemoteError
-from controlplane.config import ScaleConfig
-from controlplane.schemas import (
+from functions.scale.core import Plan, ServiceScaler
+from kernel import subjects
+from kernel.bus import Bus, NoResponders, RemoteError
+from kernel.config import ScaleConfig
+from kernel.messages import (
     Demand,
     Empty,
     Heartbeat,
@@ -31,7 +32,6 @@ from controlplane.schemas import (
     StopPod,
     Unschedulable,
 )
-from functions.scale.core import Plan, ServiceScaler
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from controlplane.schemas import ScalingSpec
+from kernel.messages import ScalingSpec
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Any
 
-from controlplane.config import ScheduleConfig
+from kernel.config import ScheduleConfig
 
 READY_LINE = "fnplane-schedule ready"
 KINDS = ("partitioned", "central", "sampling")

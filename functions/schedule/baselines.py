@@ -20,9 +20,9 @@ import uuid
 
 from nats.aio.msg import Msg
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.schemas import (
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.messages import (
     Empty,
     Inventory,
     InventoryRequest,
@@ -37,7 +37,7 @@ from controlplane.schemas import (
     StartPod,
     Unschedulable,
 )
-from functions.schedule.core import PartitionView, inventoried
+from partitions.view import PartitionView, inventoried
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import uuid
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.config import ScheduleConfig
-from controlplane.schemas import (
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.config import ScheduleConfig
+from kernel.messages import (
     Empty,
     Heartbeat,
     Inventory,
@@ -34,8 +34,8 @@ from controlplane.schemas import (
     StartPod,
     Unschedulable,
 )
-from functions.schedule.core import PartitionView, inventoried
 from partitions.probecache import ProbeCache
+from partitions.view import PartitionView, inventoried
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from controlplane.schemas import (
+from kernel.messages import (
     ColdStart,
     Endpoints,
     PartitionMap,

@@ -23,7 +23,7 @@ from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
 
-from controlplane.schemas import NodeInfo, PodTimeline, Resources, StartPod
+from kernel.messages import NodeInfo, PodTimeline, Resources, StartPod
 
 SCHEDULER_NAME = "fnplane"
 CONTAINER = "predictor"

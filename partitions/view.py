@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
-from controlplane.schemas import Inventory, NodeInfo, PartitionSummary, PodEvent, Resources
+from kernel.messages import Inventory, NodeInfo, PartitionSummary, PodEvent, Resources
 from partitions.nodes import NodeState
 
 Key = tuple[float, int, int, str]  # free cpu, free memory, free gpu, name

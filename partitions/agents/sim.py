@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.schemas import (
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.messages import (
     Empty,
     Inventory,
     InventoryRequest,
@@ -36,7 +36,7 @@ from controlplane.schemas import (
     StopPod,
     encode,
 )
-from partitions.backends.contract import follow_map, register
+from partitions.agents.contract import follow_map, register
 from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.schemas import NodeInfo, Resources
-from functions.schedule.core import PartitionView
+from kernel.messages import NodeInfo, Resources
 from partitions.nodes import NodeState, OverCommit
+from partitions.view import PartitionView
 
 
 def info(name: str, cpu: float, memory_mb: int = 16384, gpu: int = 0, models=()) -> NodeInfo:

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controlplane.schemas import Resources
+from kernel.messages import Resources
 
 
 class ConfigError(ValueError):

@@ -21,8 +21,8 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from controlplane import schemas, telemetry
-from controlplane.schemas import ErrorReply, Message
+from kernel import messages, telemetry
+from kernel.messages import ErrorReply, Message
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Bus:
     # ---- sending --------------------------------------------------------------------------
 
     def _headers(self, extra: dict[str, str] | None) -> dict[str, str]:
-        headers = {SCHEMA_HEADER: schemas.SCHEMA_VERSION}
+        headers = {SCHEMA_HEADER: messages.SCHEMA_VERSION}
         telemetry.inject(headers)
         if extra:
             headers.update(extra)
@@ -91,7 +91,7 @@ class Bus:
     async def publish(
         self, subject: str, msg: Message, *, headers: dict[str, str] | None = None
     ) -> None:
-        await self.nc.publish(subject, schemas.encode(msg), headers=self._headers(headers))
+        await self.nc.publish(subject, messages.encode(msg), headers=self._headers(headers))
 
     async def request(
         self,
@@ -104,13 +104,13 @@ class Bus:
         """Send and wait for the typed answer; an `ErrorReply` is raised as `RemoteError`."""
         try:
             reply = await self.nc.request(
-                subject, schemas.encode(msg), timeout=timeout, headers=self._headers(headers)
+                subject, messages.encode(msg), timeout=timeout, headers=self._headers(headers)
             )
         except NoRespondersError:
             raise NoResponders(subject) from None
         except NatsTimeout:
             raise RequestTimeout(subject, timeout) from None
-        answer = schemas.decode(reply.data)
+        answer = messages.decode(reply.data)
         if isinstance(answer, ErrorReply):
             raise RemoteError(answer.code, answer.message)
         return answer
@@ -130,7 +130,7 @@ class Bus:
         answers: list[Message] = []
         try:
             await self.nc.publish(
-                subject, schemas.encode(msg), reply=inbox, headers=self._headers(None)
+                subject, messages.encode(msg), reply=inbox, headers=self._headers(None)
             )
             deadline = asyncio.get_running_loop().time() + timeout
             while len(answers) < max_msgs:
@@ -142,7 +142,7 @@ class Bus:
                 except (TimeoutError, NatsTimeout):
                     break
                 try:
-                    answers.append(schemas.decode(raw.data))
+                    answers.append(messages.decode(raw.data))
                 except msgspec.MsgspecError:
                     self.dropped += 1
                 if done is not None and done(answers):
@@ -184,7 +184,7 @@ class Bus:
 
     async def _handle(self, handler: Handler, raw: Msg) -> None:
         try:
-            msg = schemas.decode(raw.data)
+            msg = messages.decode(raw.data)
         except (msgspec.MsgspecError, ValueError) as exc:
             log.warning("%s: malformed message on %s: %s", self.name, raw.subject, exc)
             if raw.reply:
@@ -192,8 +192,8 @@ class Bus:
             else:
                 self.dropped += 1
             return
-        version = (raw.headers or {}).get(SCHEMA_HEADER, schemas.SCHEMA_VERSION)
-        if version.split(".")[0] != schemas.SCHEMA_VERSION:
+        version = (raw.headers or {}).get(SCHEMA_HEADER, messages.SCHEMA_VERSION)
+        if version.split(".")[0] != messages.SCHEMA_VERSION:
             if raw.reply:
                 await self._reply(raw, ErrorReply(400, f"unsupported schema version {version}"))
             return
@@ -212,7 +212,7 @@ class Bus:
 
     async def _reply(self, raw: Msg, answer: Message) -> None:
         try:
-            await self.nc.publish(raw.reply, schemas.encode(answer))
+            await self.nc.publish(raw.reply, messages.encode(answer))
         except Exception:  # the connection is closing; the requester times out instead
             log.debug("%s: reply on %s lost", self.name, raw.subject, exc_info=True)
 

@@ -15,10 +15,10 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from msgspec.structs import replace
 
-from controlplane.bus import RemoteError
-from controlplane.schemas import PodAllocation, PodTimeline, Resources, StartPod
-from partitions.backends import kube_objects as ko
-from partitions.backends.kube_api import KubeApi, api_reason
+from kernel.bus import RemoteError
+from kernel.messages import PodAllocation, PodTimeline, Resources, StartPod
+from partitions.agents.kubernetes import objects as ko
+from partitions.kubeapi import KubeApi, api_reason
 
 log = logging.getLogger(__name__)
 

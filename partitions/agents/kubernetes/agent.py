@@ -24,10 +24,9 @@ from typing import Any
 import aiohttp
 from nats.aio.msg import Msg
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.procs import free_port
-from controlplane.schemas import (
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.messages import (
     Demand,
     Empty,
     Inventory,
@@ -40,9 +39,12 @@ from controlplane.schemas import (
     StartPod,
     StopPod,
 )
-from partitions.backends import kube_objects as ko
-from partitions.backends.contract import follow_map, register
-from partitions.backends.kube_api import (
+from kernel.procs import free_port
+from partitions.agents.contract import follow_map, register
+from partitions.agents.kubernetes import objects as ko
+from partitions.agents.kubernetes.pods import KubePod, PodTracker
+from partitions.fencing import EpochFence
+from partitions.kubeapi import (
     Changed,
     KubeApi,
     ListWatch,
@@ -50,8 +52,6 @@ from partitions.backends.kube_api import (
     load_client,
     threadsafe_put,
 )
-from partitions.backends.kube_pods import KubePod, PodTracker
-from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)
 

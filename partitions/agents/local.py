@@ -19,10 +19,9 @@ from pathlib import Path
 import aiohttp
 from nats.aio.msg import Msg
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.procs import free_port, without_preexec
-from controlplane.schemas import (
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.messages import (
     Demand,
     Empty,
     Inventory,
@@ -36,7 +35,8 @@ from controlplane.schemas import (
     StartPod,
     StopPod,
 )
-from partitions.backends.contract import follow_map, register
+from kernel.procs import free_port, without_preexec
+from partitions.agents.contract import follow_map, register
 from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ import logging
 
 from nats.aio.msg import Msg
 
-from controlplane import subjects
-from controlplane.bus import Bus, RemoteError
-from controlplane.schemas import Empty, Message, NodeInfo, NodeRegistration, PartitionMap, encode
+from kernel import subjects
+from kernel.bus import Bus, RemoteError
+from kernel.messages import Empty, Message, NodeInfo, NodeRegistration, PartitionMap, encode
 from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)
