@@ -12,22 +12,25 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import nats.errors
 from nats.aio.msg import Msg
 
 from activator.batcher import MicroBatcher
 from activator.direct import DirectPath
 from activator.proxy import PodResponse, PodUnreachable, Proxy
 from activator.throttler import ServiceGone, ServiceThrottler, StartFailed
-from kernel import subjects, telemetry
-from kernel.bus import Bus, RemoteError
+from kernel import endpoints as ep
+from kernel import telemetry
+from kernel.bus import Bus
 from kernel.config import ActivatorConfig
+from kernel.errors import RemoteError
 from kernel.messages import (
     ColdStart,
     Demand,
     Empty,
+    Endpoint,
     Endpoints,
     Heartbeat,
-    Message,
     NameRequest,
     RoutingSnapshot,
     ServiceDeleted,
@@ -73,8 +76,9 @@ class Gateway:
     async def start(self) -> None:
         await self.proxy.start()
         self.bus = bus = await Bus.connect(self.nats_url, self.id)
-        await bus.subscribe(f"{subjects.ENDPOINTS}.>", self._on_endpoints)
-        await bus.subscribe(subjects.SPEC_EVENTS, self._on_spec_event)
+        await bus.serve(ep.ENDPOINTS, self._on_endpoints)
+        await bus.serve(ep.SERVICE_UPDATED, self._on_spec_updated)
+        await bus.serve(ep.SERVICE_DELETED, self._on_service_deleted)
         await self._catch_up()
         self._tasks = [asyncio.create_task(self._report_loop(), name=f"{self.id}-metrics")]
 
@@ -82,17 +86,15 @@ class Gateway:
         """A late activator learns the services and the routing snapshot it missed."""
         assert self.bus is not None
         try:
-            services = await self.bus.request(f"{subjects.ADMIN}.list", Empty(), timeout=2.0)
-            if isinstance(services, ServiceList):
-                for st in services.services:
-                    self._upsert(st.spec)
+            services: ServiceList = await self.bus.call(ep.ADMIN_LIST, Empty(), timeout=2.0)
+            for st in services.services:
+                self._upsert(st.spec)
         except RemoteError as exc:
             log.warning("%s: no service list yet (%s); learning from events", self.id, exc)
         try:
-            snap = await self.bus.request(subjects.ROUTE_SNAPSHOT, Empty(), timeout=2.0)
-            if isinstance(snap, RoutingSnapshot):
-                for eps in snap.services:
-                    self._apply_endpoints(eps)
+            snap: RoutingSnapshot = await self.bus.call(ep.ROUTES, Empty(), timeout=2.0)
+            for eps in snap.services:
+                self._apply_endpoints(eps)
         except RemoteError as exc:
             log.warning("%s: no routing snapshot yet (%s)", self.id, exc)
 
@@ -127,22 +129,21 @@ class Gateway:
         else:
             thr.container_concurrency = spec.container_concurrency
 
-    async def _on_spec_event(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, SpecUpdated):
-            self._upsert(msg.spec)
-        elif isinstance(msg, ServiceDeleted):
-            self.specs.pop(msg.name, None)
-            self.endpoints.pop(msg.name, None)
-            batcher = self.batchers.pop(msg.name, None)
-            if batcher is not None:
-                self._spawn(batcher.close(timeout=5.0))
-            thr = self.throttlers.pop(msg.name, None)
-            if thr is not None:
-                thr.fail_waiters(ServiceGone(f"service {msg.name!r} was deleted"))
+    async def _on_spec_updated(self, msg: SpecUpdated, _raw: Msg) -> None:
+        self._upsert(msg.spec)
 
-    async def _on_endpoints(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, Endpoints):
-            self._apply_endpoints(msg)
+    async def _on_service_deleted(self, msg: ServiceDeleted, _raw: Msg) -> None:
+        self.specs.pop(msg.name, None)
+        self.endpoints.pop(msg.name, None)
+        batcher = self.batchers.pop(msg.name, None)
+        if batcher is not None:
+            self._spawn(batcher.close(timeout=5.0))
+        thr = self.throttlers.pop(msg.name, None)
+        if thr is not None:
+            thr.fail_waiters(ServiceGone(f"service {msg.name!r} was deleted"))
+
+    async def _on_endpoints(self, msg: Endpoints, _raw: Msg) -> None:
+        self._apply_endpoints(msg)
 
     def _apply_endpoints(self, eps: Endpoints) -> None:
         prev = self.endpoints.get(eps.service)
@@ -166,13 +167,12 @@ class Gateway:
         if spec is not None or self.bus is None:
             return spec
         try:
-            reply = await self.bus.request(f"{subjects.ADMIN}.spec", NameRequest(name), timeout=1.0)
+            reply: SpecUpdated = await self.bus.call(ep.ADMIN_SPEC, NameRequest(name=name),
+                                                     timeout=1.0)
         except RemoteError:
             return None
-        if isinstance(reply, SpecUpdated):
-            self._upsert(reply.spec)
-            return reply.spec
-        return None
+        self._upsert(reply.spec)
+        return reply.spec
 
     # ---- micro-batching -----------------------------------------------------------------
 
@@ -217,23 +217,24 @@ class Gateway:
         thr = self.throttlers.get(name)
         if eps is None or spec is None or thr is None or eps.mode != "direct":
             return None
-        ep = self.direct.try_acquire(name, eps.endpoints, spec.container_concurrency, thr.busy())
-        if ep is None:
+        target = self.direct.try_acquire(name, eps.endpoints, spec.container_concurrency,
+                                         thr.busy())
+        if target is None:
             return None
         t0 = time.time()
         thr.admitted += 1
         try:
-            resp = await self.proxy.forward(ep.url, method, path, body, headers)
+            resp = await self.proxy.forward(target.url, method, path, body, headers)
         except PodUnreachable:
             return None
         finally:
-            self.direct.release(name, ep.pod)
+            self.direct.release(name, target.pod)
             thr.dispatch()
         self.metrics.inc("fnplane.gateway.direct.count", service=name)
         self.metrics.observe(
             "fnplane.serving.invocation.duration", time.time() - t0, service=name, path="direct"
         )
-        return Served(resp, ep.pod, False, via_activator=False)
+        return Served(resp, target.pod, False, via_activator=False)
 
     async def serve(
         self, name: str, method: str, path: str, body: bytes, headers: dict[str, str]
@@ -278,23 +279,33 @@ class Gateway:
         if now - self._last_urgent.get(name, 0.0) < URGENT_MIN_GAP_S:
             return
         self._last_urgent[name] = now
-        demand = Demand(name, self.id, thr.buffered + 1, thr.in_flight, thr.admitted, now, True)
+        demand = Demand(
+            service=name,
+            reporter=self.id,
+            buffered=thr.buffered + 1,
+            in_flight=thr.in_flight,
+            requests=thr.admitted,
+            ts=now,
+            urgent=True,
+        )
         self._spawn(self._publish_demand(demand))
 
-    def _report_cold_start(self, name: str, ep, request_in: float, first_byte: float) -> None:
+    def _report_cold_start(self, name: str, target: Endpoint, request_in: float,
+                           first_byte: float) -> None:
         eps = self.endpoints.get(name)
         version = eps.version if eps else 0
         if self._cold_reported.get(name) == version:
             return
         self._cold_reported[name] = version
-        tl = ep.timeline
+        tl = target.timeline
         cs = ColdStart(
-            name, ep.pod, ep.node, request_in, tl.placed_at, tl.spawned_at, tl.ready_at,
-            first_byte, telemetry.current_trace_id(),
+            service=name, pod=target.pod, node=target.node, request_in=request_in,
+            placement_decided=tl.placed_at, process_spawned=tl.spawned_at, ready=tl.ready_at,
+            first_byte_out=first_byte, trace_id=telemetry.current_trace_id(),
         )
         self.metrics.observe("fnplane.cold_start.duration", first_byte - request_in, service=name)
         if self.bus is not None:
-            self._spawn(self.bus.publish(subjects.COLD_START, cs))
+            self._spawn(self.bus.send(ep.COLD_START, cs))
 
     # ---- metrics to scale ----------------------------------------------------------------
 
@@ -302,8 +313,8 @@ class Gateway:
         if self.bus is None:
             return
         try:
-            await self.bus.publish(subjects.DEMAND, demand)
-        except Exception:
+            await self.bus.send(ep.DEMAND, demand)
+        except (nats.errors.Error, OSError):
             log.debug("%s: demand report lost", self.id, exc_info=True)
 
     async def _report_loop(self) -> None:
@@ -317,7 +328,8 @@ class Gateway:
                 busy = thr.buffered + in_flight + thr.admitted > 0
                 if not busy and name not in self._reported_nonzero:
                     continue
-                demand = Demand(name, self.id, thr.buffered, in_flight, thr.admitted, now)
+                demand = Demand(service=name, reporter=self.id, buffered=thr.buffered,
+                                in_flight=in_flight, requests=thr.admitted, ts=now)
                 thr.admitted = 0
                 if busy:
                     self._reported_nonzero.add(name)
@@ -329,12 +341,12 @@ class Gateway:
                 await self._publish_demand(demand)
             if self.bus is not None:
                 try:
-                    await self.bus.publish(
-                        f"{subjects.HEARTBEAT}.activator",
-                        Heartbeat("activator", self.id, now),
+                    await self.bus.send(
+                        ep.HEARTBEAT, Heartbeat(kind="activator", instance=self.id, ts=now),
+                        kind="activator",
                     )
-                except Exception:
-                    pass
+                except (nats.errors.Error, OSError):
+                    log.debug("%s: heartbeat lost", self.id, exc_info=True)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -28,7 +29,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from activator.gateway import Gateway
-from kernel import subjects
+from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.config import NatsIngressConfig
 from kernel.messages import Demand
@@ -134,7 +135,7 @@ class EventStreams:
         cfg = self.config
         stream = StreamConfig(
             name=ev.stream,
-            subjects=[subjects.events(name)],
+            subjects=[ep.EVENTS.subject_for(service=name)],
             retention=RetentionPolicy.LIMITS,
             max_age=cfg.stream_max_age_s,
             max_msgs=cfg.stream_max_msgs,
@@ -322,7 +323,9 @@ class EventStreams:
         thr = self.gateway.throttlers.get(name)
         urgent = lag > 0 and (thr is None or thr.ready_pods() == 0)
         self.gateway.metrics.set("fnplane.activator.events.lag", lag, service=name)
-        with contextlib.suppress(Exception):
-            await self.bus.publish(
-                subjects.DEMAND, Demand(name, LAG_REPORTER, lag, 0, 0, now, urgent)
-            )
+        demand = Demand(service=name, reporter=LAG_REPORTER, buffered=lag, in_flight=0,
+                        requests=0, ts=now, urgent=urgent)
+        try:
+            await self.bus.send(ep.DEMAND, demand)
+        except (nats.errors.Error, OSError):
+            log.debug("events: lag report of %s lost", name, exc_info=True)

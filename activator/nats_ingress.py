@@ -22,10 +22,11 @@ from activator.ingress import check_v1, check_v2
 from activator.nats_events import EventStreams
 from activator.proxy import PodUnreachable
 from activator.throttler import BufferFull, ServiceGone, StartFailed, WaitTimeout
-from kernel import subjects, telemetry
+from kernel import endpoints as ep
+from kernel import telemetry
 from kernel.bus import Bus
 from kernel.config import NatsIngressConfig
-from kernel.messages import Message, ServiceDeleted, SpecUpdated
+from kernel.messages import ServiceDeleted, SpecUpdated
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +141,11 @@ class NatsIngress:
         if self.bus is not None:
             return
         self.bus = bus = await Bus.connect(self.nats_url, f"{self.gateway.id}-nats")
-        await bus.subscribe(subjects.SPEC_EVENTS, self._on_spec_event)
+        await bus.serve(ep.SERVICE_UPDATED, self._on_spec_updated)
+        await bus.serve(ep.SERVICE_DELETED, self._on_service_deleted)
+        # Client bodies are JSON, not fnplane messages: a raw subscription.
         self._sub = await bus.nc.subscribe(
-            subjects.invoke("*"), queue=self.config.queue_group, cb=self._on_invoke
+            ep.INVOKE.pattern, queue=self.config.queue_group, cb=self._on_invoke
         )
         js = bus.nc.jetstream(timeout=2.0)
         try:
@@ -186,12 +189,12 @@ class NatsIngress:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
 
-    async def _on_spec_event(self, msg: Message, _raw: Msg) -> None:
-        if self.events is None:
-            return
-        if isinstance(msg, SpecUpdated):
+    async def _on_spec_updated(self, msg: SpecUpdated, _raw: Msg) -> None:
+        if self.events is not None:
             await self.events.ensure(msg.spec.name)
-        elif isinstance(msg, ServiceDeleted):
+
+    async def _on_service_deleted(self, msg: ServiceDeleted, _raw: Msg) -> None:
+        if self.events is not None:
             self.events.retire(msg.name)
 
     # ---- request-reply ------------------------------------------------------------------
@@ -207,7 +210,7 @@ class NatsIngress:
         task.add_done_callback(self._requests.discard)
 
     async def _answer(self, raw: Msg) -> None:
-        name = raw.subject.removeprefix(subjects.invoke(""))
+        name = ep.INVOKE.params_of(raw.subject).get("service", "")
         try:
             answer = await self._invoke(name, raw)
         except asyncio.CancelledError:

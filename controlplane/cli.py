@@ -14,12 +14,13 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 
 from controlplane.specfile import DEFAULT_COMMAND, load_spec_file, parse_cpu, parse_memory_mb
-from kernel import subjects
-from kernel.bus import Bus, RemoteError
+from kernel import endpoints as ep
+from kernel.bus import Bus
 from kernel.config import (
     DEFAULT_NATS_URL,
     ActivatorConfig,
@@ -28,17 +29,16 @@ from kernel.config import (
     NodesConfig,
     default_state_dir,
 )
+from kernel.endpoints import Endpoint
+from kernel.errors import RemoteError
 from kernel.messages import (
     BatchingSpec,
-    ClusterStatus,
     DeployRequest,
     Empty,
     NameRequest,
     Resources,
     ScalingSpec,
-    ServiceList,
     ServiceSpec,
-    ServiceStatus,
     SpecError,
 )
 from kernel.procs import PortInUseError, ServerStartError, port_in_use
@@ -69,7 +69,9 @@ async def run_up(args: argparse.Namespace) -> int:
         activator=ActivatorConfig(host=args.host, port=args.port),
         nodes=NodesConfig(
             count=args.nodes,
-            capacity=Resources(parse_cpu(args.node_cpu), parse_memory_mb(args.node_memory)),
+            capacity=Resources(
+                cpu=parse_cpu(args.node_cpu), memory_mb=parse_memory_mb(args.node_memory)
+            ),
             workdir=Path(args.workdir).resolve(),
         ),
     )
@@ -114,7 +116,11 @@ async def run_up(args: argparse.Namespace) -> int:
 # ---- management commands -----------------------------------------------------------------
 
 
-async def _admin(nats_url: str, verb: str, msg, timeout: float = 5.0):
+Rep = TypeVar("Rep")
+
+
+async def _admin(nats_url: str, endpoint: Endpoint[Any, Rep], msg: msgspec.Struct,
+                 timeout: float = 5.0) -> Rep:
     try:
         bus = await Bus.connect(
             nats_url, f"fnplane-cli-{os.getpid()}", connect_timeout=2.0, reconnect=False
@@ -125,7 +131,7 @@ async def _admin(nats_url: str, verb: str, msg, timeout: float = 5.0):
             "(set --nats or FNPLANE_NATS_URL)"
         ) from None
     try:
-        return await bus.request(f"{subjects.ADMIN}.{verb}", msg, timeout=timeout)
+        return await bus.call(endpoint, msg, timeout=timeout)
     except RemoteError as exc:
         raise CliError(exc.message) from None
     finally:
@@ -158,11 +164,13 @@ def spec_from_flags(args: argparse.Namespace) -> ServiceSpec:
         name=args.name,
         command=args.command or list(DEFAULT_COMMAND),
         env=env,
-        resources=Resources(parse_cpu(args.cpu), parse_memory_mb(args.memory)),
+        resources=Resources(cpu=parse_cpu(args.cpu), memory_mb=parse_memory_mb(args.memory)),
         scaling=scaling,
         container_concurrency=cc,
         readiness_path=args.readiness_path,
-        batching=BatchingSpec(args.max_batch_size, args.max_batch_wait_ms),
+        batching=BatchingSpec(
+            max_batch_size=args.max_batch_size, max_wait_ms=args.max_batch_wait_ms
+        ),
         image=args.image,
     ).validate()
 
@@ -185,8 +193,7 @@ def _seconds(value: str) -> float:
 async def run_deploy(args: argparse.Namespace) -> int:
     spec = spec_from_flags(args)
     t0 = time.time()
-    reply = await _admin(args.nats, "deploy", DeployRequest(spec))
-    assert isinstance(reply, ServiceStatus)
+    reply = await _admin(args.nats, ep.ADMIN_DEPLOY, DeployRequest(spec=spec))
     verb = "created" if reply.spec.generation == 1 else "updated"
     if spec.scaling.min_scale > 0 and not args.no_wait:
         await _wait_ready(args.nats, spec.name, spec.scaling.min_scale, args.wait_timeout)
@@ -200,18 +207,17 @@ async def run_deploy(args: argparse.Namespace) -> int:
 async def _wait_ready(nats_url: str, name: str, want: int, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        st = await _admin(nats_url, "describe", NameRequest(name))
-        if isinstance(st, ServiceStatus) and st.ready_pods >= want:
+        st = await _admin(nats_url, ep.ADMIN_DESCRIBE, NameRequest(name=name))
+        if st.ready_pods >= want:
             return
-        if isinstance(st, ServiceStatus) and st.last_error:
+        if st.last_error:
             raise CliError(f"service {name} failed: {st.last_error}")
         await asyncio.sleep(0.2)
     raise CliError(f"service {name} not ready within {timeout:g}s")
 
 
 async def run_list(args: argparse.Namespace) -> int:
-    reply = await _admin(args.nats, "list", Empty())
-    assert isinstance(reply, ServiceList)
+    reply = await _admin(args.nats, ep.ADMIN_LIST, Empty())
     if args.json:
         print(json.dumps(msgspec.to_builtins(reply), indent=2))
         return 0
@@ -224,16 +230,13 @@ async def run_list(args: argparse.Namespace) -> int:
 
 
 async def run_describe(args: argparse.Namespace) -> int:
-    st = await _admin(args.nats, "describe", NameRequest(args.name))
-    assert isinstance(st, ServiceStatus)
-    cluster = await _admin(args.nats, "status", Empty())
+    st = await _admin(args.nats, ep.ADMIN_DESCRIBE, NameRequest(name=args.name))
+    cluster = await _admin(args.nats, ep.ADMIN_STATUS, Empty())
     if args.json:
         print(json.dumps(msgspec.to_builtins(st), indent=2))
         return 0
     sp, sc = st.spec, st.spec.scaling
-    part_of = {}
-    if isinstance(cluster, ClusterStatus):
-        part_of = {n: p.id for p in cluster.partitions.partitions for n in p.nodes}
+    part_of = {n: p.id for p in cluster.partitions.partitions for n in p.nodes}
     print(f"Name:        {sp.name}  (generation {sp.generation})")
     print(f"URL:         {st.url}")
     print(f"Command:     {' '.join(sp.command)}")
@@ -259,14 +262,13 @@ async def run_describe(args: argparse.Namespace) -> int:
 
 
 async def run_delete(args: argparse.Namespace) -> int:
-    await _admin(args.nats, "delete", NameRequest(args.name))
+    await _admin(args.nats, ep.ADMIN_DELETE, NameRequest(name=args.name))
     print(f"Service '{args.name}' deleted.")
     return 0
 
 
 async def run_status(args: argparse.Namespace) -> int:
-    st = await _admin(args.nats, "status", Empty())
-    assert isinstance(st, ClusterStatus)
+    st = await _admin(args.nats, ep.ADMIN_STATUS, Empty())
     if args.json:
         print(json.dumps(msgspec.to_builtins(st), indent=2))
         return 0

@@ -15,7 +15,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from controlplane.elastic import InstancePolicy, InstanceScaler, Runtime
-from kernel import subjects
+from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.config import CoordinatorConfig
 from kernel.messages import (
@@ -23,7 +23,6 @@ from kernel.messages import (
     Empty,
     Heartbeat,
     InstanceInfo,
-    Message,
     NodeInfo,
     NodeRegistration,
     PartitionMap,
@@ -56,12 +55,11 @@ class Coordinator:
         self.clock = clock
         self.nodes: dict[str, NodeInfo] = {}
         self.instances: dict[str, Heartbeat] = {}
-        self.pmap = PartitionMap(0, [])
+        self.pmap = PartitionMap(version=0, partitions=[])
         self.summaries: dict[int, PartitionSummary] = {}
         self.bus: Bus | None = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
-        self.listeners: list[Callable[[Heartbeat], None]] = []
         self.runtime = runtime
         self.scalers = {
             "schedule": InstanceScaler(
@@ -80,11 +78,11 @@ class Coordinator:
             self.pmap = stored
             self.nodes = dict(stored.nodes)
         self.bus = bus = await Bus.connect(self.nats_url, self.id)
-        await bus.subscribe(f"{subjects.HEARTBEAT}.>", self._on_heartbeat)
-        await bus.subscribe(subjects.NODE_REGISTER, self._on_register)
-        await bus.subscribe(subjects.PARTITIONS_GET, self._on_get)
-        await bus.subscribe(f"{subjects.ADMIN}.status", self._on_status)
-        await bus.subscribe(subjects.SUMMARIES, self._on_summary)
+        await bus.serve(ep.HEARTBEAT, self._on_heartbeat)
+        await bus.serve(ep.NODE_REGISTER, self._on_register)
+        await bus.serve(ep.PARTITION_MAP_GET, self._on_get)
+        await bus.serve(ep.ADMIN_STATUS, self._on_status)
+        await bus.serve(ep.PARTITION_SUMMARY, self._on_summary)
         if self.runtime is not None:
             for kind, scaler in self.scalers.items():
                 # At least the minimum, but never fewer than already run (instances that
@@ -115,47 +113,39 @@ class Coordinator:
 
     # ---- inputs ---------------------------------------------------------------------------
 
-    async def _on_heartbeat(self, msg: Message, _raw: Msg) -> None:
-        if not isinstance(msg, Heartbeat):
-            return
+    async def _on_heartbeat(self, msg: Heartbeat, _raw: Msg) -> None:
         if (self.runtime is not None and msg.kind in self.scalers
                 and msg.instance not in self.runtime.instances(msg.kind)):
             # A last beat from an instance the runtime already saw exit (or one it does not
             # run): counting it would hand a partition to the dead until its timeout.
             return
         new = msg.instance not in self.instances
-        self.instances[msg.instance] = Heartbeat(
-            msg.kind, msg.instance, self.clock(), msg.requests_per_s, msg.queue_depth,
-            msg.latency_ms_p99, msg.partition, msg.epoch,
-        )
-        for listener in self.listeners:
-            listener(msg)
+        # Our clock, not the sender's: liveness is judged on when we heard it.
+        self.instances[msg.instance] = msgspec.structs.replace(msg, ts=self.clock())
         if new and msg.kind == "schedule":
             self._changed.set()
 
-    async def _on_register(self, msg: Message, _raw: Msg) -> Message:
-        if isinstance(msg, NodeRegistration):
-            for info in msg.infos:
-                if self.nodes.get(info.name) != info:
-                    self.nodes[info.name] = info
-                    self._changed.set()
+    async def _on_register(self, msg: NodeRegistration, _raw: Msg) -> Empty:
+        for info in msg.infos:
+            if self.nodes.get(info.name) != info:
+                self.nodes[info.name] = info
+                self._changed.set()
         return Empty()
 
-    async def _on_summary(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, PartitionSummary):
-            self.summaries[msg.partition] = msg
+    async def _on_summary(self, msg: PartitionSummary, _raw: Msg) -> None:
+        self.summaries[msg.partition] = msg
 
-    async def _on_get(self, _msg: Message, _raw: Msg) -> Message:
+    async def _on_get(self, _msg: Empty, _raw: Msg) -> PartitionMap:
         return self.pmap
 
-    async def _on_status(self, _msg: Message, _raw: Msg) -> Message:
+    async def _on_status(self, _msg: Empty, _raw: Msg) -> ClusterStatus:
         infos = [
-            InstanceInfo(h.kind, h.instance, h.ts, h.partition)
+            InstanceInfo(kind=h.kind, instance=h.instance, last_seen=h.ts, partition=h.partition)
             for h in sorted(self.instances.values(), key=lambda h: (h.kind, h.instance))
         ]
         live = {p.id: p.epoch for p in self.pmap.partitions}
         summaries = [s for pid, s in sorted(self.summaries.items()) if live.get(pid) == s.epoch]
-        return ClusterStatus(self.pmap, infos, summaries)
+        return ClusterStatus(partitions=self.pmap, instances=infos, summaries=summaries)
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -215,14 +205,16 @@ class Coordinator:
         parts = rebalance(self.nodes, owners, self.pmap.partitions)
         if parts == self.pmap.partitions and self.pmap.nodes == self.nodes:
             return
-        pmap = PartitionMap(self.pmap.version + 1, parts, dict(self.nodes))
+        pmap = PartitionMap(version=self.pmap.version + 1, partitions=parts, nodes=dict(self.nodes))
         try:
             await self.store.put_partition_map(pmap)
         except StaleWrite:
             # Another coordinator wrote a newer map; adopt its version and retry next tick.
             stored = await self.store.get_partition_map()
             if stored is not None:
-                self.pmap = PartitionMap(stored.version, self.pmap.partitions, self.pmap.nodes)
+                self.pmap = PartitionMap(
+                    version=stored.version, partitions=self.pmap.partitions, nodes=self.pmap.nodes
+                )
             self._changed.set()
             return
         self.pmap = pmap
@@ -232,4 +224,4 @@ class Coordinator:
             ", ".join(f"p{p.id}@{p.owner or '-'}#e{p.epoch}({len(p.nodes)})" for p in parts),
         )
         if self.bus is not None:
-            await self.bus.publish(subjects.PARTITIONS, pmap)
+            await self.bus.send(ep.PARTITION_MAP, pmap)

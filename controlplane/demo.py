@@ -16,7 +16,7 @@ import numpy as np
 
 from controlplane.specfile import DEFAULT_COMMAND
 from controlplane.stack import Stack
-from kernel import subjects
+from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.config import ActivatorConfig, Config, NodesConfig, ScaleConfig
 from kernel.messages import (
@@ -25,7 +25,6 @@ from kernel.messages import (
     Resources,
     ScalingSpec,
     ServiceSpec,
-    ServiceStatus,
 )
 from kernel.procs import alive, descendants, port_in_use
 
@@ -42,7 +41,7 @@ async def main() -> int:
             state_dir=Path(state),
             activator=ActivatorConfig(port=port, metrics_interval_s=0.5),
             scale=ScaleConfig(tick_s=0.25),
-            nodes=NodesConfig(count=2, capacity=Resources(4, 8192), workdir=REPO),
+            nodes=NodesConfig(count=2, capacity=Resources(cpu=4, memory_mb=8192), workdir=REPO),
         )
         nats_port = 4222 if not port_in_use("127.0.0.1", 4222) else None
         stack = Stack(config, nats_port=nats_port)
@@ -71,8 +70,7 @@ async def _run(stack: Stack, model) -> int:
             scaling=ScalingSpec(min_scale=0, max_scale=4, target_concurrency=4,
                                 stable_window_s=6, scale_to_zero_grace_s=2),
         )
-        st = await bus.request(f"{subjects.ADMIN}.deploy", DeployRequest(spec), timeout=5)
-        assert isinstance(st, ServiceStatus)
+        st = await bus.call(ep.ADMIN_DEPLOY, DeployRequest(spec=spec), timeout=5)
         print(f"[fnplane] deployed 'sample' at zero pods: {st.url}")
 
         rows = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.1, 4.4, 1.4], [7.2, 3.0, 5.8, 1.6]]
@@ -99,8 +97,7 @@ async def _run(stack: Stack, model) -> int:
 
             cs = None
             for _ in range(50):
-                desc = await bus.request(f"{subjects.ADMIN}.describe", NameRequest("sample"))
-                assert isinstance(desc, ServiceStatus)
+                desc = await bus.call(ep.ADMIN_DESCRIBE, NameRequest(name="sample"))
                 if (cs := desc.last_cold_start) is not None:
                     break
                 await asyncio.sleep(0.1)
@@ -127,8 +124,7 @@ async def _run(stack: Stack, model) -> int:
         print("[scale] waiting for scale to zero (6 s window + 2 s grace)...")
         t0 = time.time()
         while time.time() - t0 < 60:
-            desc = await bus.request(f"{subjects.ADMIN}.describe", NameRequest("sample"))
-            assert isinstance(desc, ServiceStatus)
+            desc = await bus.call(ep.ADMIN_DESCRIBE, NameRequest(name="sample"))
             if not desc.pods:
                 print(f"[scale] 'sample' is back to zero pods after {time.time() - t0:.1f}s idle")
                 break

@@ -24,8 +24,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from controlplane.specfile import spec_from_manifest
-from kernel import subjects
-from kernel.bus import Bus, RemoteError
+from kernel import endpoints as ep
+from kernel.bus import Bus
+from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import DeployRequest, NameRequest, ServiceStatus, SpecError
 from partitions.kubeapi import (
     Changed,
@@ -189,9 +190,9 @@ class FnServiceOperator:
         if meta.get("deletionTimestamp"):
             if FINALIZER in finalizers:
                 try:
-                    await self._admin("delete", NameRequest(name))
+                    await self._admin(ep.ADMIN_DELETE, NameRequest(name=name))
                 except RemoteError as exc:
-                    if exc.code != 404:
+                    if exc.code is not ErrorCode.NOT_FOUND:
                         log.warning("operator: deleting %s: %s (retried)", name, exc.message)
                         return
                 finalizers.remove(FINALIZER)
@@ -212,15 +213,14 @@ class FnServiceOperator:
                 str(exc)))
             return
         try:
-            reply = await self._admin("deploy", DeployRequest(spec))
+            reply = await self._admin(ep.ADMIN_DEPLOY, DeployRequest(spec=spec))
         except RemoteError as exc:
             await self._status(name, _with_condition(
                 {**status, "observedGeneration": generation}, status, "False", "DeployFailed",
                 exc.message))
             return
         log.info("operator: %s registered (generation %d)", name, generation)
-        if isinstance(reply, ServiceStatus):
-            await self._status(name, status_for(reply, generation, status))
+        await self._status(name, status_for(reply, generation, status))
 
     async def refresh_all(self) -> None:
         for name, obj in list(self.objects.items()):
@@ -228,10 +228,8 @@ class FnServiceOperator:
             if obj["metadata"].get("deletionTimestamp") or not status.get("url"):
                 continue  # deleting, or not registered (invalid spec, failed deploy)
             try:
-                st = await self._admin("describe", NameRequest(name))
+                st = await self._admin(ep.ADMIN_DESCRIBE, NameRequest(name=name))
             except RemoteError:
-                continue
-            if not isinstance(st, ServiceStatus):
                 continue
             new = status_for(st, int(status.get("observedGeneration") or 0), status)
             if new != status:
@@ -239,9 +237,9 @@ class FnServiceOperator:
 
     # ---- I/O ----------------------------------------------------------------------------------
 
-    async def _admin(self, verb: str, msg: Any) -> Any:
+    async def _admin(self, endpoint: ep.Endpoint[Any, Any], msg: Any) -> Any:
         assert self.bus is not None
-        return await self.bus.request(f"{subjects.ADMIN}.{verb}", msg, timeout=5.0)
+        return await self.bus.call(endpoint, msg, timeout=5.0)
 
     async def _patch(self, name: str, body: dict[str, Any], *, status: bool = False) -> None:
         assert self.custom is not None

@@ -13,13 +13,13 @@ import uuid
 import msgspec
 from nats.aio.msg import Msg
 
-from kernel import subjects
-from kernel.bus import Bus, RemoteError
+from kernel import endpoints as ep
+from kernel.bus import Bus
+from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
     ColdStart,
     DeployRequest,
     Empty,
-    Message,
     NameRequest,
     RoutingSnapshot,
     ScaleStatus,
@@ -44,12 +44,12 @@ class Registry:
 
     async def start(self) -> None:
         self.bus = bus = await Bus.connect(self.nats_url, self.id)
-        await bus.subscribe(f"{subjects.ADMIN}.deploy", self._on_deploy)
-        await bus.subscribe(f"{subjects.ADMIN}.delete", self._on_delete)
-        await bus.subscribe(f"{subjects.ADMIN}.list", self._on_list)
-        await bus.subscribe(f"{subjects.ADMIN}.describe", self._on_describe)
-        await bus.subscribe(f"{subjects.ADMIN}.spec", self._on_spec)
-        await bus.subscribe(subjects.COLD_START, self._on_cold_start)
+        await bus.serve(ep.ADMIN_DEPLOY, self._on_deploy)
+        await bus.serve(ep.ADMIN_DELETE, self._on_delete)
+        await bus.serve(ep.ADMIN_LIST, self._on_list)
+        await bus.serve(ep.ADMIN_DESCRIBE, self._on_describe)
+        await bus.serve(ep.ADMIN_SPEC, self._on_spec)
+        await bus.serve(ep.COLD_START, self._on_cold_start)
 
     async def stop(self) -> None:
         if self.bus is not None:
@@ -58,59 +58,52 @@ class Registry:
     def url(self, name: str) -> str:
         return f"{self.public_url}/v2/models/{name}/infer"
 
-    async def _on_deploy(self, msg: Message, _raw: Msg) -> Message:
+    async def _on_deploy(self, msg: DeployRequest, _raw: Msg) -> ServiceStatus:
         assert self.bus is not None
-        if not isinstance(msg, DeployRequest):
-            raise RemoteError(400, "expected a DeployRequest")
         try:
             spec = msg.spec.validate()
         except SpecError as exc:
-            raise RemoteError(400, f"invalid service spec: {exc}") from None
+            raise RemoteError(ErrorCode.INVALID, f"invalid service spec: {exc}") from None
         old = await self.store.get_service(spec.name)
         gen = (old.generation if old else 0) + 1
         spec = msgspec.structs.replace(spec, generation=gen)
         await self.store.put_service(spec)
-        await self.bus.publish(subjects.SPEC_EVENTS, SpecUpdated(spec))
+        await self.bus.send(ep.SERVICE_UPDATED, SpecUpdated(spec=spec))
         log.info("registry: %s %s (generation %d)", "updated" if old else "created", spec.name, gen)
-        return ServiceStatus(spec, self.url(spec.name))
+        return ServiceStatus(spec=spec, url=self.url(spec.name))
 
-    async def _on_delete(self, msg: Message, _raw: Msg) -> Message:
+    async def _on_delete(self, msg: NameRequest, _raw: Msg) -> Empty:
         assert self.bus is not None
-        if not isinstance(msg, NameRequest):
-            raise RemoteError(400, "expected a NameRequest")
         if not await self.store.delete_service(msg.name):
-            raise RemoteError(404, f"service {msg.name!r} not found")
-        await self.bus.publish(subjects.SPEC_EVENTS, ServiceDeleted(msg.name))
+            raise RemoteError(ErrorCode.NOT_FOUND, f"service {msg.name!r} not found")
+        await self.bus.send(ep.SERVICE_DELETED, ServiceDeleted(name=msg.name))
         return Empty()
 
-    async def _on_list(self, _msg: Message, _raw: Msg) -> Message:
+    async def _on_list(self, _msg: Empty, _raw: Msg) -> ServiceList:
         specs = await self.store.list_services()
         routes = await self._routes()
         return ServiceList(
-            [
-                ServiceStatus(s, self.url(s.name), ready_pods=len(routes.get(s.name, [])))
+            services=[
+                ServiceStatus(spec=s, url=self.url(s.name),
+                              ready_pods=len(routes.get(s.name, [])))
                 for s in specs
             ]
         )
 
-    async def _on_describe(self, msg: Message, _raw: Msg) -> Message:
+    async def _on_describe(self, msg: NameRequest, _raw: Msg) -> ServiceStatus:
         assert self.bus is not None
-        if not isinstance(msg, NameRequest):
-            raise RemoteError(400, "expected a NameRequest")
         spec = await self.store.get_service(msg.name)
         if spec is None:
-            raise RemoteError(404, f"service {msg.name!r} not found")
-        scale = ScaleStatus(msg.name, 0, [])
+            raise RemoteError(ErrorCode.NOT_FOUND, f"service {msg.name!r} not found")
+        scale = ScaleStatus(service=msg.name, desired=0, pods=[])
         try:
-            reply = await self.bus.request(subjects.SCALE_STATUS, msg, timeout=1.0)
-            if isinstance(reply, ScaleStatus):
-                scale = reply
+            scale = await self.bus.call(ep.SCALE_STATUS, msg, timeout=1.0)
         except RemoteError as exc:
             log.warning("registry: scale status for %s unavailable: %s", msg.name, exc)
         ready = sum(1 for p in scale.pods if p.state == "ready")
         return ServiceStatus(
-            spec,
-            self.url(spec.name),
+            spec=spec,
+            url=self.url(spec.name),
             ready_pods=ready,
             desired_pods=scale.desired,
             pods=scale.pods,
@@ -118,25 +111,20 @@ class Registry:
             last_error=scale.last_error,
         )
 
-    async def _on_spec(self, msg: Message, _raw: Msg) -> Message:
-        if not isinstance(msg, NameRequest):
-            raise RemoteError(400, "expected a NameRequest")
+    async def _on_spec(self, msg: NameRequest, _raw: Msg) -> SpecUpdated:
         spec = await self.store.get_service(msg.name)
         if spec is None:
-            raise RemoteError(404, f"service {msg.name!r} not found")
-        return SpecUpdated(spec)
+            raise RemoteError(ErrorCode.NOT_FOUND, f"service {msg.name!r} not found")
+        return SpecUpdated(spec=spec)
 
-    async def _on_cold_start(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, ColdStart):
-            await self.store.put_cold_start(msg)
+    async def _on_cold_start(self, msg: ColdStart, _raw: Msg) -> None:
+        await self.store.put_cold_start(msg)
 
     async def _routes(self) -> dict[str, list[str]]:
         assert self.bus is not None
         try:
-            snap = await self.bus.request(subjects.ROUTE_SNAPSHOT, Empty(), timeout=1.0)
+            snap: RoutingSnapshot = await self.bus.call(ep.ROUTES, Empty(), timeout=1.0)
         except RemoteError:
-            return {}
-        if not isinstance(snap, RoutingSnapshot):
             return {}
         return {e.service: [x.pod for x in e.endpoints] for e in snap.services}
 

@@ -103,7 +103,7 @@ class Stack:
             nodes = [
                 LocalNode(
                     cfg.nats_url,
-                    NodeInfo(f"node-{i}", cfg.nodes.capacity, backend="local"),
+                    NodeInfo(name=f"node-{i}", capacity=cfg.nodes.capacity, backend="local"),
                     workdir=cfg.nodes.workdir,
                     log_dir=state / "pods",
                 )

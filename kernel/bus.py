@@ -1,16 +1,22 @@
-"""The NATS adapter every component uses: typed publish, request-reply and subscriptions.
+"""The NATS adapter every component uses, typed by the endpoint declarations
+(`kernel.endpoints`): `send` publishes, `call` asks and waits for the typed answer, `gather`
+collects the answers of many, `serve` subscribes a handler to one endpoint.
 
-Messages are `schemas` Structs; errors cross the wire as `ErrorReply` values, never as
-silence: a malformed message gets a 400 reply (or is counted and dropped when nobody waits
-for an answer), an exception in a handler becomes a 500. Trace context rides in the W3C
-`traceparent` header so one cold request is one trace across components.
+A handler receives the one request type its endpoint declares, decoded by that endpoint's
+msgspec decoder. A payload of another type, or garbage, is counted in `rejected` and
+answered with `ErrorCode.INVALID` when someone waits for an answer; an exception in a
+handler is answered with `ErrorCode.INTERNAL`. Error replies also carry nats.py `micro`'s
+`Nats-Service-Error` headers. Trace context rides in the W3C `traceparent` header so one cold
+request is one trace across components.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 import nats
@@ -22,32 +28,32 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from kernel import messages, telemetry
-from kernel.messages import ErrorReply, Message
+from kernel.endpoints import Endpoint
+from kernel.errors import ErrorCode, NoResponders, RemoteError, RequestTimeout, http_status
+from kernel.messages import ErrorReply
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Message, Msg], Awaitable[Message | None]]
+Handler = Callable[[Any, Msg], Awaitable[Any]]
 
 SCHEMA_HEADER = "Fnplane-Schema"
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
 
 
-class RemoteError(Exception):
-    """The other side answered with an `ErrorReply`; `code` follows HTTP."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class NoResponders(RemoteError):
-    def __init__(self, subject: str) -> None:
-        super().__init__(503, f"nobody serves {subject}")
+def _decoder(t: Any) -> msgspec.msgpack.Decoder[Any]:
+    """One decoder per type (and per reply type with `ErrorReply` beside it), made once."""
+    dec = _decoders.get(t)
+    if dec is None:
+        dec = _decoders[t] = msgspec.msgpack.Decoder(t)
+    return dec
 
 
-class RequestTimeout(RemoteError):
-    def __init__(self, subject: str, timeout: float) -> None:
-        super().__init__(504, f"no reply on {subject} within {timeout:.1f}s")
+def _reply_type(ep: Endpoint[Any, Any]) -> Any:
+    return ep.reply | ErrorReply
 
 
 class Bus:
@@ -58,7 +64,12 @@ class Bus:
         self.name = name
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self.dropped = 0  # malformed messages nobody could be told about
+        # Per endpoint name: payloads that did not decode as its request type.
+        self.rejected: collections.Counter[str] = collections.Counter()
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.rejected.values())
 
     @classmethod
     async def connect(
@@ -88,49 +99,67 @@ class Bus:
             headers.update(extra)
         return headers
 
-    async def publish(
-        self, subject: str, msg: Message, *, headers: dict[str, str] | None = None
-    ) -> None:
-        await self.nc.publish(subject, messages.encode(msg), headers=self._headers(headers))
-
-    async def request(
+    async def send(
         self,
-        subject: str,
-        msg: Message,
+        ep: Endpoint[Any, Any],
+        msg: msgspec.Struct,
+        *,
+        headers: dict[str, str] | None = None,
+        **params: str | int,
+    ) -> None:
+        """Publish on the endpoint's subject; nobody answers."""
+        await self.nc.publish(
+            ep.subject_for(**params), _encoder.encode(msg), headers=self._headers(headers)
+        )
+
+    async def call(
+        self,
+        ep: Endpoint[Any, Any],
+        msg: msgspec.Struct,
         *,
         timeout: float = 2.0,
         headers: dict[str, str] | None = None,
-    ) -> Message:
-        """Send and wait for the typed answer; an `ErrorReply` is raised as `RemoteError`."""
+        **params: str | int,
+    ) -> Any:
+        """Ask and wait for the endpoint's reply type; an error reply is raised as
+        `RemoteError` with its code."""
+        subject = ep.subject_for(**params)
         try:
             reply = await self.nc.request(
-                subject, messages.encode(msg), timeout=timeout, headers=self._headers(headers)
+                subject, _encoder.encode(msg), timeout=timeout, headers=self._headers(headers)
             )
         except NoRespondersError:
             raise NoResponders(subject) from None
         except NatsTimeout:
             raise RequestTimeout(subject, timeout) from None
-        answer = messages.decode(reply.data)
-        if isinstance(answer, ErrorReply):
+        try:
+            answer = _decoder(_reply_type(ep)).decode(reply.data)
+        except (msgspec.MsgspecError, ValueError) as exc:
+            raise RemoteError(ErrorCode.INTERNAL, f"malformed reply on {subject}: {exc}") from None
+        if type(answer) is ErrorReply:
             raise RemoteError(answer.code, answer.message)
         return answer
 
-    async def request_many(
+    async def gather(
         self,
-        subject: str,
-        msg: Message,
+        ep: Endpoint[Any, Any],
+        msg: msgspec.Struct,
         *,
         timeout: float = 0.5,
         max_msgs: int = 1000,
-        done: Callable[[list[Message]], bool] | None = None,
-    ) -> list[Message]:
-        """Scatter-gather: collect answers until `done(answers)`, `max_msgs` or `timeout`."""
+        done: Callable[[list[Any]], bool] | None = None,
+        **params: str | int,
+    ) -> list[Any]:
+        """Scatter-gather: collect replies until `done(replies)`, `max_msgs` or `timeout`.
+        Error replies and replies that do not decode are left out (and counted)."""
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox, max_msgs=max_msgs)
-        answers: list[Message] = []
+        answers: list[Any] = []
+        dec = _decoder(ep.reply)
         try:
             await self.nc.publish(
-                subject, messages.encode(msg), reply=inbox, headers=self._headers(None)
+                ep.subject_for(**params), _encoder.encode(msg), reply=inbox,
+                headers=self._headers(None),
             )
             deadline = asyncio.get_running_loop().time() + timeout
             while len(answers) < max_msgs:
@@ -142,9 +171,9 @@ class Bus:
                 except (TimeoutError, NatsTimeout):
                     break
                 try:
-                    answers.append(messages.decode(raw.data))
-                except msgspec.MsgspecError:
-                    self.dropped += 1
+                    answers.append(dec.decode(raw.data))
+                except (msgspec.MsgspecError, ValueError):
+                    self.rejected[f"{ep.name} reply"] += 1
                 if done is not None and done(answers):
                     break
         except nats.errors.ConnectionClosedError:
@@ -156,64 +185,82 @@ class Bus:
 
     # ---- receiving ------------------------------------------------------------------------
 
-    async def subscribe(
+    async def serve(
         self,
-        subject: str,
+        ep: Endpoint[Any, Any],
         handler: Handler,
         *,
-        queue: str = "",
         concurrent: bool = False,
+        queue: str | None = None,
+        **params: str | int,
     ) -> Subscription:
-        """Route decoded messages to `handler`; its return value (if any) is the reply.
+        """Route requests of `ep` to `handler(request, raw)`; its return value (if any) is
+        the reply. A parameter left out of `params` is a wildcard.
 
         nats-py runs one callback at a time per subscription; `concurrent=True` gives each
         message its own task, for handlers that wait on other components (placements).
         """
+        dec = _decoder(ep.request)
 
         async def on_msg(raw: Msg) -> None:
             if concurrent:
-                task = asyncio.create_task(self._handle(handler, raw))
+                task = asyncio.create_task(self._handle(ep, dec, handler, raw))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             else:
-                await self._handle(handler, raw)
+                await self._handle(ep, dec, handler, raw)
 
-        sub = await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+        sub = await self.nc.subscribe(
+            ep.subject_for(**params), queue=ep.queue if queue is None else queue, cb=on_msg
+        )
         self._subs.append(sub)
+        # Live on the server when we return: a caller told "ready" must not hit no responders.
+        await self.nc.flush()
         return sub
 
-    async def _handle(self, handler: Handler, raw: Msg) -> None:
-        try:
-            msg = messages.decode(raw.data)
-        except (msgspec.MsgspecError, ValueError) as exc:
-            log.warning("%s: malformed message on %s: %s", self.name, raw.subject, exc)
-            if raw.reply:
-                await self._reply(raw, ErrorReply(400, f"malformed message: {exc}"))
-            else:
-                self.dropped += 1
-            return
+    async def _handle(
+        self, ep: Endpoint[Any, Any], dec: msgspec.msgpack.Decoder[Any], handler: Handler,
+        raw: Msg,
+    ) -> None:
         version = (raw.headers or {}).get(SCHEMA_HEADER, messages.SCHEMA_VERSION)
         if version.split(".")[0] != messages.SCHEMA_VERSION:
-            if raw.reply:
-                await self._reply(raw, ErrorReply(400, f"unsupported schema version {version}"))
+            self.rejected[ep.name] += 1
+            await self._reply_error(raw, ErrorCode.INVALID, f"unsupported schema version {version}")
+            return
+        try:
+            msg = dec.decode(raw.data)
+        except (msgspec.MsgspecError, ValueError) as exc:
+            self.rejected[ep.name] += 1
+            log.warning("%s: %s: not a %s: %s", self.name, raw.subject, ep.request.__name__, exc)
+            await self._reply_error(raw, ErrorCode.INVALID,
+                                    f"{ep.name} expects {ep.request.__name__}: {exc}")
             return
         try:
             with telemetry.continue_trace(raw.headers, f"{self.name} {raw.subject}"):
                 answer = await handler(msg, raw)
         except RemoteError as exc:
-            answer = ErrorReply(exc.code, exc.message)
+            await self._reply_error(raw, exc.code, exc.message)
+            return
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("%s: handler for %s failed", self.name, raw.subject)
-            answer = ErrorReply(500, f"{type(exc).__name__}: {exc}")
+            await self._reply_error(raw, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return
         if raw.reply and answer is not None:
-            await self._reply(raw, answer)
+            await self._reply(raw, _encoder.encode(answer))
 
-    async def _reply(self, raw: Msg, answer: Message) -> None:
+    async def _reply_error(self, raw: Msg, code: ErrorCode, message: str) -> None:
+        if raw.reply:
+            await self._reply(raw, _encoder.encode(ErrorReply(code=code, message=message)),
+                              {ERROR_HEADER: message[:200],
+                               ERROR_CODE_HEADER: str(http_status(code))})
+
+    async def _reply(self, raw: Msg, data: bytes, headers: dict[str, str] | None = None) -> None:
         try:
-            await self.nc.publish(raw.reply, messages.encode(answer))
-        except Exception:  # the connection is closing; the requester times out instead
+            await self.nc.publish(raw.reply, data, headers=headers)
+        except (nats.errors.Error, OSError):
+            # The connection is closing; the requester times out instead.
             log.debug("%s: reply on %s lost", self.name, raw.subject, exc_info=True)
 
     async def close(self) -> None:
@@ -223,8 +270,8 @@ class Bus:
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
-            except Exception:
-                pass
+            except nats.errors.Error:
+                log.debug("%s: unsubscribe failed", self.name, exc_info=True)
         self._subs.clear()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2.0)
@@ -232,8 +279,8 @@ class Bus:
                 task.cancel()
         try:
             await asyncio.wait_for(self.nc.drain(), timeout=2.0)
-        except Exception:
-            pass
+        except (TimeoutError, nats.errors.Error):
+            log.debug("%s: drain incomplete", self.name, exc_info=True)
         if not self.nc.is_closed:
             await self.nc.close()
 

@@ -1,8 +1,9 @@
 """Every message that crosses NATS, and every record kept in Redis, defined once.
 
-Structs are msgpack-encoded and tagged so a subscriber can decode a union and reject a
-message of the wrong kind with a clear error instead of guessing. `SCHEMA_VERSION` travels in
-the `Fnplane-Schema` header; a receiver refuses a major version it does not know.
+Structs are msgpack-encoded, tagged (a payload of another kind fails to decode with a clear
+error instead of being guessed at) and keyword-only (a call names every field it sets).
+`SCHEMA_VERSION` travels in the `Fnplane-Schema` header; a receiver refuses a major version
+it does not know.
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ from typing import Literal, TypeVar
 
 import msgspec
 
-SCHEMA_VERSION = "1"
+from kernel.errors import ErrorCode
+
+SCHEMA_VERSION = "2"
 
 T = TypeVar("T")
+
+# How gateways reach a service's pods: through the activator, or straight (direct).
+ServingMode = Literal["proxy", "direct"]
+PodState = Literal["starting", "ready", "terminating", "stopped", "failed"]
 
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -23,7 +30,7 @@ class SpecError(ValueError):
     """A service spec a user sent is invalid; the message says which field and why."""
 
 
-class Resources(msgspec.Struct, frozen=True):
+class Resources(msgspec.Struct, frozen=True, kw_only=True):
     """Requests of one pod, or free/total capacity of a node; cpu in cores, memory in MiB."""
 
     cpu: float = 0.0
@@ -39,20 +46,20 @@ class Resources(msgspec.Struct, frozen=True):
 
     def __add__(self, other: Resources) -> Resources:
         return Resources(
-            round(self.cpu + other.cpu, 6),
-            self.memory_mb + other.memory_mb,
-            self.gpu + other.gpu,
+            cpu=round(self.cpu + other.cpu, 6),
+            memory_mb=self.memory_mb + other.memory_mb,
+            gpu=self.gpu + other.gpu,
         )
 
     def __sub__(self, other: Resources) -> Resources:
         return Resources(
-            round(self.cpu - other.cpu, 6),
-            self.memory_mb - other.memory_mb,
-            self.gpu - other.gpu,
+            cpu=round(self.cpu - other.cpu, 6),
+            memory_mb=self.memory_mb - other.memory_mb,
+            gpu=self.gpu - other.gpu,
         )
 
 
-class ScalingSpec(msgspec.Struct, frozen=True):
+class ScalingSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Knative KPA knobs, same names and defaults (pkg/autoscaler/config/config.go)."""
 
     min_scale: int = 0
@@ -72,12 +79,12 @@ class ScalingSpec(msgspec.Struct, frozen=True):
     target_burst_capacity: float = 211.0  # -1: activator always in path, 0: only at zero
 
 
-class BatchingSpec(msgspec.Struct, frozen=True):
+class BatchingSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_batch_size: int = 0  # 0 = no micro-batching
     max_wait_ms: float = 5.0
 
 
-class ServiceSpec(msgspec.Struct, frozen=True):
+class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
     """A user's inference deployment. `command` is the pod's argv (Knative runtime contract)."""
 
     name: str
@@ -138,7 +145,7 @@ class ServiceSpec(msgspec.Struct, frozen=True):
 # ---- node inventory and partitions -------------------------------------------------------
 
 
-class NodeInfo(msgspec.Struct, frozen=True):
+class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
     """A machine pods can run on; `models` are the weights already in its cache."""
 
     name: str
@@ -148,30 +155,30 @@ class NodeInfo(msgspec.Struct, frozen=True):
     backend: str = "local"
 
 
-class NodeRegistration(msgspec.Struct, frozen=True, tag=True):
+class NodeRegistration(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """Node backend → coordinator, at start: these nodes exist and can take pods (a `sim`
     backend registers thousands in one message)."""
 
     infos: list[NodeInfo]
 
 
-class InventoryRequest(msgspec.Struct, frozen=True, tag=True):
+class InventoryRequest(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """A new partition owner asks the nodes it was given what they already run."""
 
     nodes: list[str]
 
 
-class PodAllocation(msgspec.Struct, frozen=True):
+class PodAllocation(msgspec.Struct, frozen=True, kw_only=True):
     pod: str
     service: str
     resources: Resources
 
 
-class Inventory(msgspec.Struct, frozen=True, tag=True):
+class Inventory(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     pods: dict[str, list[PodAllocation]]  # node → pods running or starting there
 
 
-class Partition(msgspec.Struct, frozen=True):
+class Partition(msgspec.Struct, frozen=True, kw_only=True):
     """A disjoint set of nodes with one owner; `epoch` fences a stale owner's writes."""
 
     id: int
@@ -180,7 +187,7 @@ class Partition(msgspec.Struct, frozen=True):
     nodes: list[str]
 
 
-class PartitionMap(msgspec.Struct, frozen=True, tag=True):
+class PartitionMap(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     version: int
     partitions: list[Partition]
     nodes: dict[str, NodeInfo] = {}
@@ -189,7 +196,7 @@ class PartitionMap(msgspec.Struct, frozen=True, tag=True):
 # ---- control-function messages -------------------------------------------------------------
 
 
-class Demand(msgspec.Struct, frozen=True, tag=True):
+class Demand(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """Activator → scale: what one activator sees of a service right now.
 
     Sent at once when a request is buffered for a service with no ready pod (`urgent`),
@@ -197,7 +204,7 @@ class Demand(msgspec.Struct, frozen=True, tag=True):
     """
 
     service: str
-    activator: str
+    reporter: str  # the activator's id, or the node agent's (`node:NAME`) for pod counts
     buffered: int
     in_flight: int
     requests: int  # requests admitted since the previous report, for the RPS mode
@@ -209,16 +216,16 @@ class Demand(msgspec.Struct, frozen=True, tag=True):
     source: Literal["activator", "pods"] = "activator"
 
 
-class ServiceMode(msgspec.Struct, frozen=True, tag=True):
+class ServiceMode(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """scale → route: whether gateways send straight to pods (enough spare capacity, by
     Knative's excess-burst-capacity rule) or through the activator."""
 
     service: str
-    mode: Literal["proxy", "direct"]
+    mode: ServingMode
     excess_burst_capacity: float = 0.0
 
 
-class PlaceRequest(msgspec.Struct, frozen=True, tag=True):
+class PlaceRequest(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """scale → schedule: find a node for one new pod of a service. The spec travels along
     so the node can start the pod without another round trip to the registry."""
 
@@ -239,7 +246,7 @@ class PlaceRequest(msgspec.Struct, frozen=True, tag=True):
         return self.spec.model_id
 
 
-class PartitionSummary(msgspec.Struct, frozen=True, tag=True):
+class PartitionSummary(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """An owner's view of its partition's free capacity, for other instances' probe caches."""
 
     partition: int
@@ -250,7 +257,7 @@ class PartitionSummary(msgspec.Struct, frozen=True, tag=True):
     nodes: int = 0
 
 
-class Placement(msgspec.Struct, frozen=True, tag=True):
+class Placement(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     pod: str
     service: str
     node: str
@@ -261,14 +268,14 @@ class Placement(msgspec.Struct, frozen=True, tag=True):
     summary: PartitionSummary | None = None  # piggybacked for the asker's probe cache
 
 
-class Unschedulable(msgspec.Struct, frozen=True, tag=True):
+class Unschedulable(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     pod: str
     service: str
     reason: str
     probes: int = 0
 
 
-class ReserveRequest(msgspec.Struct, frozen=True, tag=True):
+class ReserveRequest(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """schedule → the owner of another partition: place this pod in your partition, or refuse
     with your current summary. `epoch` is the epoch the asker's cache saw, for diagnosis."""
 
@@ -279,7 +286,7 @@ class ReserveRequest(msgspec.Struct, frozen=True, tag=True):
     deadline: float = 0.0
 
 
-class Refused(msgspec.Struct, frozen=True, tag=True):
+class Refused(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     pod: str
     partition: int
     reason: str
@@ -287,7 +294,7 @@ class Refused(msgspec.Struct, frozen=True, tag=True):
     stale: bool = False  # a node refused our epoch: our map is behind
 
 
-class StartPod(msgspec.Struct, frozen=True, tag=True):
+class StartPod(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """schedule → node backend: run one pod of a service on this node. `partition` and
     `epoch` fence a stale owner: a node refuses a start from an epoch older than it knows."""
 
@@ -300,16 +307,13 @@ class StartPod(msgspec.Struct, frozen=True, tag=True):
     epoch: int = 0
 
 
-class StopPod(msgspec.Struct, frozen=True, tag=True):
+class StopPod(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     pod: str
     service: str
     reason: str = "scale-down"
 
 
-PodState = Literal["starting", "ready", "terminating", "stopped", "failed"]
-
-
-class PodTimeline(msgspec.Struct, frozen=True):
+class PodTimeline(msgspec.Struct, frozen=True, kw_only=True):
     """Wall-clock stamps of one pod's cold start, for the breakdown `describe` shows."""
 
     requested_at: float = 0.0
@@ -318,7 +322,7 @@ class PodTimeline(msgspec.Struct, frozen=True):
     ready_at: float = 0.0
 
 
-class PodEvent(msgspec.Struct, frozen=True, tag=True):
+class PodEvent(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """Node backend → scale, schedule, route: a pod changed state."""
 
     pod: str
@@ -335,7 +339,7 @@ class PodEvent(msgspec.Struct, frozen=True, tag=True):
     model: str = ""  # the weights the pod loaded, for schedule's cache locality
 
 
-class Endpoint(msgspec.Struct, frozen=True):
+class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
     pod: str
     url: str
     node: str
@@ -343,7 +347,7 @@ class Endpoint(msgspec.Struct, frozen=True):
     timeline: PodTimeline = PodTimeline()
 
 
-class Endpoints(msgspec.Struct, frozen=True, tag=True):
+class Endpoints(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """route → activators: the full ready set of one service, replacing the previous one.
 
     `error` is set when the service has no ready pod because its pods fail to start, so
@@ -353,15 +357,15 @@ class Endpoints(msgspec.Struct, frozen=True, tag=True):
     service: str
     version: int
     endpoints: list[Endpoint]
-    mode: Literal["proxy", "direct"] = "proxy"
+    mode: ServingMode = "proxy"
     error: str = ""
 
 
-class RoutingSnapshot(msgspec.Struct, frozen=True, tag=True):
+class RoutingSnapshot(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     services: list[Endpoints]
 
 
-class ColdStart(msgspec.Struct, frozen=True, tag=True):
+class ColdStart(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """One cold request, stage by stage (wall clock seconds), as the activator saw it end."""
 
     service: str
@@ -387,7 +391,7 @@ class ColdStart(msgspec.Struct, frozen=True, tag=True):
         }
 
 
-class Heartbeat(msgspec.Struct, frozen=True, tag=True):
+class Heartbeat(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """Every control-function instance, every few hundred ms: alive, and how loaded."""
 
     kind: Literal["scale", "schedule", "route", "activator", "node"]
@@ -403,19 +407,19 @@ class Heartbeat(msgspec.Struct, frozen=True, tag=True):
 # ---- admin API (CLI ↔ coordinator) ---------------------------------------------------------
 
 
-class DeployRequest(msgspec.Struct, frozen=True, tag=True):
+class DeployRequest(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     spec: ServiceSpec
 
 
-class NameRequest(msgspec.Struct, frozen=True, tag=True):
+class NameRequest(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     name: str
 
 
-class Empty(msgspec.Struct, frozen=True, tag=True):
+class Empty(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     pass
 
 
-class ServiceStatus(msgspec.Struct, frozen=True, tag=True):
+class ServiceStatus(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     spec: ServiceSpec
     url: str
     ready_pods: int = 0
@@ -425,48 +429,47 @@ class ServiceStatus(msgspec.Struct, frozen=True, tag=True):
     last_error: str = ""
 
 
-class ServiceList(msgspec.Struct, frozen=True, tag=True):
+class ServiceList(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     services: list[ServiceStatus]
 
 
-class InstanceInfo(msgspec.Struct, frozen=True):
+class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     kind: str
     instance: str
     last_seen: float
     partition: int = -1
 
 
-class ClusterStatus(msgspec.Struct, frozen=True, tag=True):
+class ClusterStatus(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     partitions: PartitionMap
     instances: list[InstanceInfo]
     # The latest summary each partition's owner broadcast: what is free where.
     summaries: list[PartitionSummary] = []
 
 
-class ErrorReply(msgspec.Struct, frozen=True, tag=True):
-    """A typed error on the wire: `code` follows HTTP (400 bad input, 404 unknown, 409
-    stale epoch, 503 no capacity, 500 anything unexpected)."""
+class ErrorReply(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """A typed error on the wire (`kernel.errors`); its HTTP status follows from the code."""
 
-    code: int
+    code: ErrorCode
     message: str
 
 
-class SpecUpdated(msgspec.Struct, frozen=True, tag=True):
+class SpecUpdated(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     spec: ServiceSpec
 
 
-class ServiceDeleted(msgspec.Struct, frozen=True, tag=True):
+class ServiceDeleted(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     name: str
 
 
-class ScaleStatus(msgspec.Struct, frozen=True, tag=True):
+class ScaleStatus(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     service: str
     desired: int
     pods: list[PodEvent]
     last_error: str = ""
 
 
-class NodeFree(msgspec.Struct, frozen=True, tag=True):
+class NodeFree(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """Node backend → the sampling baseline: a probed node's free capacity right now, and
     the models in its cache (for the same locality-first scoring as the other schedulers)."""
 
@@ -475,50 +478,21 @@ class NodeFree(msgspec.Struct, frozen=True, tag=True):
     models: list[str] = []
 
 
-Message = (
-    NodeRegistration
-    | PartitionMap
-    | InventoryRequest
-    | Inventory
-    | Demand
-    | ServiceMode
-    | PlaceRequest
-    | Placement
-    | PartitionSummary
-    | ReserveRequest
-    | Refused
-    | Unschedulable
-    | StartPod
-    | StopPod
-    | PodEvent
-    | Endpoints
-    | RoutingSnapshot
-    | ColdStart
-    | Heartbeat
-    | DeployRequest
-    | NameRequest
-    | Empty
-    | ServiceStatus
-    | ServiceList
-    | ClusterStatus
-    | ErrorReply
-    | SpecUpdated
-    | ServiceDeleted
-    | ScaleStatus
-    | NodeFree
-)
+def _tagged() -> tuple[type[msgspec.Struct], ...]:
+    return tuple(
+        v for v in list(globals().values())
+        if isinstance(v, type) and issubclass(v, msgspec.Struct) and v.__struct_config__.tag
+    )
+
+
+# Every message that crosses NATS (each endpoint declares which it takes and answers).
+TAGGED = _tagged()
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)
 
 
-def encode(msg: Message) -> bytes:
+def encode(msg: msgspec.Struct) -> bytes:
     return _encoder.encode(msg)
-
-
-def decode(data: bytes) -> Message:
-    """Decode any wire message; raises msgspec.ValidationError/DecodeError on bad input."""
-    return _decoder.decode(data)
 
 
 def encode_record(obj: msgspec.Struct) -> bytes:

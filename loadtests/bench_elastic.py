@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kernel import subjects
+from kernel import endpoints as ep
 from kernel.config import CoordinatorConfig
 from kernel.messages import PlaceRequest
 from loadtests.bench_harness import (
@@ -119,7 +119,7 @@ async def run_elastic(opts: BenchOptions, a: argparse.Namespace) -> dict[str, An
                     sampler = asyncio.create_task(sample())
                     try:
                         sent = await open_loop(
-                            bus, subjects.PLACE, plan, opts.request_timeout_s, failures
+                            bus, ep.PLACE, plan, opts.request_timeout_s, failures
                         )
                     finally:
                         sampler.cancel()

@@ -22,12 +22,13 @@ import msgspec
 
 from controlplane.coordinator import Coordinator
 from controlplane.servers import start_nats, start_redis
-from kernel import subjects
-from kernel.bus import Bus, RemoteError
+from kernel import endpoints as ep
+from kernel.bus import Bus
 from kernel.config import CoordinatorConfig
+from kernel.endpoints import Endpoint
+from kernel.errors import RemoteError
 from kernel.messages import (
     Heartbeat,
-    Message,
     NodeInfo,
     Placement,
     PlaceRequest,
@@ -42,6 +43,9 @@ from partitions.agents.sim import SimCluster
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("partitioned", "central", "sampling")
 READY_LINE = "fnplane-schedule ready"
+
+# What every mode answers a PlaceRequest on: ep.PLACE, ep.PLACE_CENTRAL or ep.PLACE_SAMPLING.
+PlaceEndpoint = Endpoint[PlaceRequest, Placement | Unschedulable]
 
 
 @dataclass(frozen=True)
@@ -87,18 +91,21 @@ def make_nodes(n: int, services: int, seed: int) -> list[NodeInfo]:
     for i in range(n):
         cpu, mem, gpu, _ = rng.choices(kinds, weights)[0]
         models = sorted({f"model-{rng.randrange(services)}" for _ in range(2)})
-        out.append(NodeInfo(f"sim-{i:05d}", Resources(cpu, mem, gpu), models=models, backend="sim"))
+        cap = Resources(cpu=cpu, memory_mb=mem, gpu=gpu)
+        out.append(NodeInfo(name=f"sim-{i:05d}", capacity=cap, models=models, backend="sim"))
     return out
 
 
 def make_services(k: int, seed: int) -> list[ServiceSpec]:
     rng = random.Random(seed + 1)
-    shapes = [(Resources(0.5, 1024), 0.6), (Resources(1.0, 4096), 0.3),
-              (Resources(2.0, 8192), 0.07), (Resources(4.0, 16384, 1), 0.03)]  # fmt: skip
+    shapes = [(Resources(cpu=0.5, memory_mb=1024), 0.6),
+              (Resources(cpu=1.0, memory_mb=4096), 0.3),
+              (Resources(cpu=2.0, memory_mb=8192), 0.07),
+              (Resources(cpu=4.0, memory_mb=16384, gpu=1), 0.03)]  # fmt: skip
     return [
         ServiceSpec(
-            f"svc-{i}",
-            ["sim"],
+            name=f"svc-{i}",
+            command=["sim"],
             resources=rng.choices([s for s, _ in shapes], [w for _, w in shapes])[0],
             model=f"model-{i}",
         )
@@ -108,7 +115,10 @@ def make_services(k: int, seed: int) -> list[ServiceSpec]:
 
 def make_requests(services: list[ServiceSpec], n: int, seed: int, tag: str) -> list[PlaceRequest]:
     rng = random.Random(seed + 2)
-    return [PlaceRequest(f"{tag}-{i}", rng.choice(services), 0.0) for i in range(n)]
+    return [
+        PlaceRequest(pod=f"{tag}-{i}", spec=rng.choice(services), requested_at=0.0)
+        for i in range(n)
+    ]
 
 
 # ---- the drivers ------------------------------------------------------------------------
@@ -118,13 +128,14 @@ def make_requests(services: list[ServiceSpec], n: int, seed: int, tag: str) -> l
 class Drive:
     latencies: list[float] = field(default_factory=list)  # seconds, in request order
     done_at: list[float] = field(default_factory=list)  # seconds since the drive started
-    replies: list[Message | Exception] = field(default_factory=list)
+    replies: list[Placement | Unschedulable | Exception] = field(default_factory=list)
     pods: list[str] = field(default_factory=list)
     wall_s: float = 0.0
 
 
 async def drive(
-    bus: Bus, subject: str, requests: list[PlaceRequest], concurrency: int, timeout: float
+    bus: Bus, endpoint: PlaceEndpoint, requests: list[PlaceRequest], concurrency: int,
+    timeout: float,
 ) -> Drive:
     """Closed loop: `concurrency` workers, each sends its next request once answered."""
     n = len(requests)
@@ -137,7 +148,7 @@ async def drive(
             req = msgspec.structs.replace(requests[i], requested_at=time.time())
             t0 = time.perf_counter()
             try:
-                res.replies[i] = await bus.request(subject, req, timeout=timeout)
+                res.replies[i] = await bus.call(endpoint, req, timeout=timeout)
             except RemoteError as exc:
                 res.replies[i] = exc
             t1 = time.perf_counter()
@@ -157,7 +168,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def open_loop(
     bus: Bus,
-    subject: str,
+    endpoint: PlaceEndpoint,
     plan: list[tuple[float, PlaceRequest]],
     timeout: float,
     failures: collections.Counter[str] | None = None,
@@ -171,8 +182,8 @@ async def open_loop(
 
     async def one(at: float, req: PlaceRequest) -> None:
         try:
-            reply = await bus.request(
-                subject, msgspec.structs.replace(req, requested_at=time.time()), timeout=timeout
+            reply = await bus.call(
+                endpoint, msgspec.structs.replace(req, requested_at=time.time()), timeout=timeout
             )
             why = reply.reason if isinstance(reply, Unschedulable) else ""
         except RemoteError as exc:
@@ -231,9 +242,8 @@ class Beats:
     def __init__(self) -> None:
         self.last: dict[str, tuple[float, Heartbeat]] = {}
 
-    async def on_beat(self, msg: Message, _raw: Any) -> None:
-        if isinstance(msg, Heartbeat):
-            self.last[msg.instance] = (time.monotonic(), msg)
+    async def on_beat(self, msg: Heartbeat, _raw: Any) -> None:
+        self.last[msg.instance] = (time.monotonic(), msg)
 
     def live(self, within_s: float = 1.5) -> int:
         now = time.monotonic()
@@ -298,7 +308,7 @@ async def world(
     sim = SimCluster(nats_url, nodes, start_delay_s=opts.start_delay_s, prefill=opts.fill)
     bus = await Bus.connect(nats_url, "bench-driver")
     beats = Beats()
-    await bus.subscribe(f"{subjects.HEARTBEAT}.schedule", beats.on_beat)
+    await bus.serve(ep.HEARTBEAT, beats.on_beat, kind="schedule")
     try:
         await coord.start()
         if start_sim:

@@ -33,7 +33,7 @@ from typing import Any
 
 import msgspec
 
-from kernel import subjects
+from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.messages import NodeInfo, PlaceRequest
 from loadtests.bench_elastic import run_elastic
@@ -42,6 +42,7 @@ from loadtests.bench_harness import (
     REPO,
     BenchOptions,
     Drive,
+    PlaceEndpoint,
     cpu_s,
     drive,
     load,
@@ -61,10 +62,10 @@ from loadtests.bench_report import goals, ratios, summarize, write
 
 log = logging.getLogger("bench_schedule")
 
-SUBJECT = {
-    "partitioned": subjects.PLACE,
-    "central": subjects.PLACE_CENTRAL,
-    "sampling": subjects.PLACE_SAMPLING,
+ENDPOINT: dict[str, PlaceEndpoint] = {
+    "partitioned": ep.PLACE,
+    "central": ep.PLACE_CENTRAL,
+    "sampling": ep.PLACE_SAMPLING,
 }
 
 
@@ -78,9 +79,8 @@ async def at_rate(
     capacity), beside the closed loop's latency at saturation, where p99 is mostly queueing."""
     n = int(opts.rate * opts.rate_s)
     reqs = [msgspec.structs.replace(r, pod=f"{r.pod}-rate") for r in requests[:n]]
-    sent = await open_loop(
-        bus, SUBJECT[mode], [(i / opts.rate, r) for i, r in enumerate(reqs)], opts.request_timeout_s
-    )
+    plan = [(i / opts.rate, r) for i, r in enumerate(reqs)]
+    sent = await open_loop(bus, ENDPOINT[mode], plan, opts.request_timeout_s)
     lat = [x for _, x, _ in sent]
     return {
         "rate_per_s": opts.rate,
@@ -130,7 +130,7 @@ async def run_mode(
                 "nats_server": [nats_pid] if nats_pid else [],
             }
             cpu0 = {k: sum(cpu_s(p) for p in v) for k, v in pids.items()}
-            d = await drive(bus, SUBJECT[mode], requests, opts.concurrency, opts.request_timeout_s)
+            d = await drive(bus, ENDPOINT[mode], requests, opts.concurrency, opts.request_timeout_s)
             cpu1 = {k: sum(cpu_s(p) for p in v) for k, v in pids.items()}
             await asyncio.sleep(opts.start_delay_s + 0.2)  # the last pods become ready
             result = summarize(mode, d, sim, len(ids))

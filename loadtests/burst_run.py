@@ -19,14 +19,14 @@ import aiohttp
 from nats.aio.msg import Msg
 
 from controlplane.stack import Stack
-from kernel import subjects
-from kernel.bus import Bus, RemoteError
+from kernel import endpoints as ep
+from kernel.bus import Bus
 from kernel.config import ActivatorConfig, Config, NodesConfig
+from kernel.errors import RemoteError
 from kernel.messages import (
     ColdStart,
     DeployRequest,
     Endpoints,
-    Message,
     NameRequest,
     Resources,
     ScalingSpec,
@@ -130,32 +130,32 @@ class BurstRun:
 
     # ---- observers ------------------------------------------------------------------------
 
-    async def _on_endpoints(self, msg: Message, _raw: Msg) -> None:
-        if not isinstance(msg, Endpoints) or msg.service != SERVICE:
+    async def _on_endpoints(self, msg: Endpoints, _raw: Msg) -> None:
+        if msg.service != SERVICE:
             return
         if msg.version <= self._endpoints_version:
             return  # a snapshot racing a newer update
         self._endpoints_version = msg.version
-        for ep in msg.endpoints:
-            self.pod_urls[ep.pod] = ep.url
+        for e in msg.endpoints:
+            self.pod_urls[e.pod] = e.url
         last = self._modes[-1] if self._modes else None
         if last is None or (last[1], last[2]) != (msg.mode, len(msg.endpoints)):
             self._modes.append((time.time(), msg.mode, len(msg.endpoints)))
 
-    async def _on_cold_start(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, ColdStart) and msg.service == SERVICE:
+    async def _on_cold_start(self, msg: ColdStart, _raw: Msg) -> None:
+        if msg.service == SERVICE:
             self.cold_starts.append(msg)
 
     async def _describe(self) -> ServiceStatus | None:
         assert self.bus is not None
         try:
-            st = await self.bus.request(
-                f"{subjects.ADMIN}.describe", NameRequest(SERVICE), timeout=2.0
+            st: ServiceStatus = await self.bus.call(
+                ep.ADMIN_DESCRIBE, NameRequest(name=SERVICE), timeout=2.0
             )
         except RemoteError as exc:
             log.debug("describe failed: %s", exc)
             return None
-        return st if isinstance(st, ServiceStatus) else None
+        return st
 
     async def _sample_pods(self) -> None:
         interval = self.opts.sample_interval_s
@@ -200,10 +200,10 @@ class BurstRun:
         self.bus = bus = await Bus.connect(self.stack.nats_url, "loadtests-burst")
         samplers: list[asyncio.Task[None]] = []
         try:
-            await bus.subscribe(f"{subjects.ENDPOINTS}.{SERVICE}", self._on_endpoints)
-            await bus.subscribe(subjects.COLD_START, self._on_cold_start)
-            st = await bus.request(
-                f"{subjects.ADMIN}.deploy", DeployRequest(self.opts.spec()), timeout=5.0
+            await bus.serve(ep.ENDPOINTS, self._on_endpoints, service=SERVICE)
+            await bus.serve(ep.COLD_START, self._on_cold_start)
+            st = await bus.call(
+                ep.ADMIN_DEPLOY, DeployRequest(spec=self.opts.spec()), timeout=5.0
             )
             assert isinstance(st, ServiceStatus), st
             progress(

@@ -27,8 +27,11 @@ def rebalance(
     if not owners:
         # Nobody to own anything: keep node sets (so accounting can resume) but unowned, and
         # keep empty partitions too: a dropped id could come back with an epoch it had.
-        kept = list(previous) or [Partition(0, 0, "", sorted(nodes))]
-        return [Partition(p.id, p.epoch + (p.owner != ""), "", p.nodes) for p in kept]
+        kept = list(previous) or [Partition(id=0, epoch=0, owner="", nodes=sorted(nodes))]
+        return [
+            Partition(id=p.id, epoch=p.epoch + (p.owner != ""), owner="", nodes=p.nodes)
+            for p in kept
+        ]
 
     live = set(owners)
     assigned: dict[str, int] = {}  # node → partition id
@@ -73,7 +76,7 @@ def rebalance(
         epoch = epochs.get(pid, 0)
         if before.get(pid) != (owner_of[pid], members):
             epoch += 1
-        out.append(Partition(pid, epoch, owner_of[pid], members))
+        out.append(Partition(id=pid, epoch=epoch, owner=owner_of[pid], nodes=members))
     return out
 
 

@@ -219,9 +219,15 @@ class PartitionView:
         largest = Resources()
         if self._all:
             cpu, mem, gpu, _ = self._all[-1]
-            largest = Resources(cpu, mem, gpu)
-        return PartitionSummary(self.partition, self.epoch, owner, self._free_total, largest,
-                                len(self.nodes))
+            largest = Resources(cpu=cpu, memory_mb=mem, gpu=gpu)
+        return PartitionSummary(
+            partition=self.partition,
+            epoch=self.epoch,
+            owner=owner,
+            free=self._free_total,
+            largest_free=largest,
+            nodes=len(self.nodes),
+        )
 
 
 def inventoried(answers: list[object]) -> set[str]:

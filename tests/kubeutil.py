@@ -15,13 +15,21 @@ import kmock
 import yaml
 from nats.aio.msg import Msg
 
-from kernel import subjects
-from kernel.bus import Bus, RemoteError
-from kernel.messages import Empty, Message, NameRequest, NodeInfo, NodeRegistration, PodEvent
+from kernel import endpoints as ep
+from kernel.bus import Bus
+from kernel.errors import ErrorCode, RemoteError
+from kernel.messages import (
+    Empty,
+    NameRequest,
+    NodeInfo,
+    NodeRegistration,
+    PodEvent,
+    SpecUpdated,
+)
 from partitions.agents.kubernetes.agent import KubernetesConfig
 from tests.fakekube import FakeKubernetes
 from tests.kubelet import KubeletEmulator
-from tests.stackutil import REPO
+from tests.stackutil import REPO, sample_spec
 
 NAMESPACE = "fnplane"
 
@@ -94,23 +102,21 @@ async def witness(nats_url: str, *, services: set[str] | None = None
     w = Witness(services=set(services or ()))
     bus = await Bus.connect(nats_url, "test-witness")
 
-    async def on_register(msg: Message, _raw: Msg) -> Message:
-        if isinstance(msg, NodeRegistration):
-            w.registered.extend(msg.infos)
+    async def on_register(msg: NodeRegistration, _raw: Msg) -> Empty:
+        w.registered.extend(msg.infos)
         return Empty()
 
-    async def on_event(msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, PodEvent):
-            w.events.append(msg)
+    async def on_event(msg: PodEvent, _raw: Msg) -> None:
+        w.events.append(msg)
 
-    async def on_spec(msg: Message, _raw: Msg) -> Message:
-        if isinstance(msg, NameRequest) and msg.name in w.services:
-            return Empty()
-        raise RemoteError(404, "service not found")
+    async def on_spec(msg: NameRequest, _raw: Msg) -> SpecUpdated:
+        if msg.name in w.services:
+            return SpecUpdated(spec=sample_spec(msg.name))
+        raise RemoteError(ErrorCode.NOT_FOUND, "service not found")
 
-    await bus.subscribe(subjects.NODE_REGISTER, on_register)
-    await bus.subscribe(f"{subjects.POD_EVENTS}.>", on_event)
-    await bus.subscribe(f"{subjects.ADMIN}.spec", on_spec)
+    await bus.serve(ep.NODE_REGISTER, on_register)
+    await bus.serve(ep.POD_EVENTS, on_event)
+    await bus.serve(ep.ADMIN_SPEC, on_spec)
     try:
         yield w
     finally:

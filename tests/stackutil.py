@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from controlplane.stack import Stack
-from kernel import subjects
+from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.config import ActivatorConfig, Config, NodesConfig, ScaleConfig
 from kernel.messages import (
@@ -81,14 +81,14 @@ async def admin(nats_url: str) -> AsyncIterator[Bus]:
 
 async def deploy(nats_url: str, spec: ServiceSpec) -> ServiceStatus:
     async with admin(nats_url) as bus:
-        reply = await bus.request(f"{subjects.ADMIN}.deploy", DeployRequest(spec), timeout=5)
+        reply = await bus.call(ep.ADMIN_DEPLOY, DeployRequest(spec=spec), timeout=5)
     assert isinstance(reply, ServiceStatus)
     return reply
 
 
 async def describe(nats_url: str, name: str) -> ServiceStatus:
     async with admin(nats_url) as bus:
-        reply = await bus.request(f"{subjects.ADMIN}.describe", NameRequest(name), timeout=5)
+        reply = await bus.call(ep.ADMIN_DESCRIBE, NameRequest(name=name), timeout=5)
     assert isinstance(reply, ServiceStatus)
     return reply
 

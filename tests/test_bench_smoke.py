@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from functions.schedule.instance import ScheduleInstance
-from kernel import subjects
-from kernel.bus import RemoteError
+from kernel import endpoints as ep
 from kernel.config import ScheduleConfig
+from kernel.errors import RemoteError
 from kernel.messages import (
     NodeInfo,
     Placement,
@@ -63,13 +63,16 @@ async def test_tiny_benchmark_all_modes(nats_url: str, redis_url: str, tmp_path:
 
 
 def cluster(caps: list[tuple[float, int]]) -> list[NodeInfo]:
-    return [NodeInfo(f"hyp-{i}", Resources(c, m), backend="sim") for i, (c, m) in enumerate(caps)]
+    return [NodeInfo(name=f"hyp-{i}", capacity=Resources(cpu=c, memory_mb=m), backend="sim")
+            for i, (c, m) in enumerate(caps)]
 
 
 def requests(sizes: list[tuple[float, int]], tag: str) -> list[PlaceRequest]:
     return [
-        PlaceRequest(f"{tag}-{i}", ServiceSpec(f"hyp-svc-{i % 3}", ["sim"],
-                                               resources=Resources(c, m)), 0.0)
+        PlaceRequest(pod=f"{tag}-{i}",
+                     spec=ServiceSpec(name=f"hyp-svc-{i % 3}", command=["sim"],
+                                      resources=Resources(cpu=c, memory_mb=m)),
+                     requested_at=0.0)
         for i, (c, m) in enumerate(sizes)
     ]  # fmt: skip
 
@@ -94,7 +97,7 @@ async def place_concurrently(
 
             async def one(req: PlaceRequest) -> object:
                 try:
-                    return await bus.request(subjects.PLACE, req, timeout=10.0)
+                    return await bus.call(ep.PLACE, req, timeout=10.0)
                 except RemoteError as exc:
                     return exc
 

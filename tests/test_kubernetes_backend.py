@@ -13,8 +13,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from kernel import subjects
-from kernel.bus import Bus, RemoteError
+from kernel import endpoints as ep
+from kernel.bus import Bus
+from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import Resources, StartPod, StopPod
 from partitions.agents.kubernetes import objects as ko
 from partitions.agents.kubernetes.agent import KubernetesBackend
@@ -50,8 +51,9 @@ async def start_pod(nats_url: str, pod: str, node_name: str, **spec: object) -> 
     bus = await Bus.connect(nats_url, "test-schedule")
     try:
         now = time.time()
-        await bus.request(subjects.node_start(node_name),
-                          StartPod(pod, sample_spec(**spec), node_name, now, now), timeout=10)
+        start = StartPod(pod=pod, spec=sample_spec(**spec), node=node_name, requested_at=now,
+                         placed_at=now)
+        await bus.call(ep.NODE_START, start, timeout=10, node=node_name)
     finally:
         await bus.close()
 
@@ -59,7 +61,8 @@ async def start_pod(nats_url: str, pod: str, node_name: str, **spec: object) -> 
 async def stop_pod(nats_url: str, pod: str, service: str, node_name: str) -> None:
     bus = await Bus.connect(nats_url, "test-scale")
     try:
-        await bus.request(subjects.node_stop(node_name), StopPod(pod, service), timeout=10)
+        await bus.call(ep.NODE_STOP, StopPod(pod=pod, service=service), timeout=10,
+                       node=node_name)
     finally:
         await bus.close()
 
@@ -84,7 +87,7 @@ async def test_nodes_come_from_node_objects_and_unschedulable_ones_take_no_pods(
                           ("n4", "not Ready")):
             with pytest.raises(RemoteError) as err:
                 await start_pod(nats_url, f"s-{name}", name)
-            assert err.value.code == 503 and why in err.value.message
+            assert err.value.code == ErrorCode.UNAVAILABLE and why in err.value.message
         assert cluster.pods() == []
 
 
@@ -241,7 +244,8 @@ async def test_restarted_backend_adopts_its_pods_and_cleans_up_leftovers(
         first = w.last("sample-aaaa0005")
         creates = [x for x in cluster.fake.calls("fnplane-node") if x.verb == "create"]
         leftover = ko.pod_manifest(
-            StartPod("sample-aaaa0007", sample_spec(), "n1", 0.0, 0.0),
+            StartPod(pod="sample-aaaa0007", spec=sample_spec(), node="n1", requested_at=0.0,
+                     placed_at=0.0),
             namespace="fnplane", image="fnplane", port=1)
         cluster.fake.put("", "pods", leftover)
         w.events.clear()

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from controlplane.operator import FINALIZER, FnServiceOperator, OperatorConfig
-from kernel import subjects
-from kernel.bus import RemoteError
+from kernel import endpoints as ep
+from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import NameRequest
 from tests.deployutil import assert_least_privilege
 from tests.kubelet import node, wait_for
@@ -120,5 +120,5 @@ async def test_an_fnservice_is_registered_served_updated_and_deleted(
         await wait_for(lambda: fnservice(cluster) == {}, timeout=10, what="the FnService gone")
         async with admin(nats_url) as bus:
             with pytest.raises(RemoteError) as err:
-                await bus.request(f"{subjects.ADMIN}.describe", NameRequest("sample"), timeout=5)
-        assert err.value.code == 404
+                await bus.call(ep.ADMIN_DESCRIBE, NameRequest(name="sample"), timeout=5)
+        assert err.value.code == ErrorCode.NOT_FOUND

@@ -24,9 +24,9 @@ from nats.js.errors import NotFoundError
 from activator.nats_events import DURABLE, LAG_REPORTER, REPLY_TO_HEADER, stream_name
 from activator.nats_ingress import STATUS_HEADER
 from examples.sample.model import load_model
-from kernel import subjects
+from kernel import endpoints as ep
 from kernel.config import NatsIngressConfig
-from kernel.messages import Demand, Message
+from kernel.messages import Demand
 from tests.stackutil import REPO, admin, deploy, describe, running_stack, sample_spec, wait_until
 
 MODEL = load_model()
@@ -108,7 +108,7 @@ async def test_request_reply_v2_and_v1_from_zero_answer_with_the_model_output(
         traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
 
         reply = await nc.request(
-            subjects.invoke("sample"),
+            ep.INVOKE.subject_for(service="sample"),
             v2_body(),
             timeout=COLD_S,
             headers={"traceparent": traceparent},
@@ -120,7 +120,7 @@ async def test_request_reply_v2_and_v1_from_zero_answer_with_the_model_output(
 
         instances = json.loads((REPO / "examples/sample/request_v1.json").read_text())
         reply = await nc.request(
-            subjects.invoke("sample"), json.dumps(instances).encode(), timeout=COLD_S
+            ep.INVOKE.subject_for(service="sample"), json.dumps(instances).encode(), timeout=COLD_S
         )
         assert status(reply) == "200", reply.data
         preds = json.loads(reply.data)["predictions"]
@@ -133,12 +133,12 @@ async def test_unknown_service_404_and_malformed_json_400_without_waking(
 ) -> None:
     async with running_stack(nats_url, redis_url, tmp_path) as stack:
         await deploy(nats_url, sample_spec())
-        reply = await nc.request(subjects.invoke("nope"), v2_body(), timeout=10)
+        reply = await nc.request(ep.INVOKE.subject_for(service="nope"), v2_body(), timeout=10)
         assert status(reply) == "404"
         assert "nope" in json.loads(reply.data)["error"]
 
         for bad, says in ((b"{not json", "JSON"), (b'{"x": 1}', "inputs"), (b"[1, 2]", "inputs")):
-            reply = await nc.request(subjects.invoke("sample"), bad, timeout=10)
+            reply = await nc.request(ep.INVOKE.subject_for(service="sample"), bad, timeout=10)
             assert status(reply) == "400", (bad, reply.data)
             assert says in json.loads(reply.data)["error"]
 
@@ -156,7 +156,9 @@ async def test_50_concurrent_requests_at_zero_are_all_answered(
         await deploy(nats_url, sample_spec(env={"SAMPLE_LATENCY_MS": "20"}))
 
         async def one(i: int) -> Msg:
-            return await nc.request(subjects.invoke("sample"), v2_body([row(i)]), timeout=COLD_S)
+            return await nc.request(
+                ep.INVOKE.subject_for(service="sample"), v2_body([row(i)]), timeout=COLD_S
+            )
 
         started = time.monotonic()
         replies = await asyncio.gather(*(one(i) for i in range(50)))
@@ -186,12 +188,14 @@ async def test_events_at_zero_are_answered_and_acked_only_after_the_pod_answered
         await nc.subscribe(f"{inbox}.>", cb=on_reply)
         for i in range(20):
             await js.publish(
-                subjects.events("sample"),
+                ep.EVENTS.subject_for(service="sample"),
                 v2_body([row(i)]),
                 headers={REPLY_TO_HEADER: f"{inbox}.{i}"},
             )
         await js.publish(
-            subjects.events("sample"), b"{oops", headers={REPLY_TO_HEADER: f"{inbox}.bad"}
+            ep.EVENTS.subject_for(service="sample"),
+            b"{oops",
+            headers={REPLY_TO_HEADER: f"{inbox}.bad"},
         )
 
         def answered() -> int:  # the bad event is answered at once, without a pod
@@ -237,14 +241,14 @@ async def test_consumer_lag_alone_scales_a_service_from_zero(
         assert (await describe(nats_url, "sample")).pods == []
         demands: list[Demand] = []
 
-        async def on_demand(msg: Message, _raw: Msg) -> None:
-            if isinstance(msg, Demand) and msg.service == "sample":
+        async def on_demand(msg: Demand, _raw: Msg) -> None:
+            if msg.service == "sample":
                 demands.append(msg)
 
         async with admin(nats_url) as bus:
-            await bus.subscribe(subjects.DEMAND, on_demand)
+            await bus.serve(ep.DEMAND, on_demand)
             for i in range(5):
-                await js.publish(subjects.events("sample"), v2_body([row(i)]))
+                await js.publish(ep.EVENTS.subject_for(service="sample"), v2_body([row(i)]))
             st = await wait_until(
                 lambda: describe(nats_url, "sample"),
                 lambda s: len(s.pods) >= 1,
@@ -252,10 +256,10 @@ async def test_consumer_lag_alone_scales_a_service_from_zero(
                 what="a pod for the waiting events",
             )
         assert st.pods[0].service == "sample"
-        from_lag = [d for d in demands if d.activator == LAG_REPORTER]
+        from_lag = [d for d in demands if d.reporter == LAG_REPORTER]
         assert any(d.buffered == 5 and d.urgent for d in from_lag), demands
         gw = stack.activator.gateway  # type: ignore[union-attr]
-        assert not [d for d in demands if d.activator == gw.id and d.buffered], demands
+        assert not [d for d in demands if d.reporter == gw.id and d.buffered], demands
         info = await js.consumer_info(stream_name("sample"), DURABLE)
         assert info.num_pending == 5  # nobody consumed them: the demand came from lag
 
@@ -271,7 +275,9 @@ async def test_event_for_a_service_that_fails_to_start_is_retried_then_given_up(
         inbox = nc.new_inbox()
         replies: list[Msg] = []
         sub = await nc.subscribe(inbox, cb=functools.partial(_append, replies))
-        await js.publish(subjects.events("broken"), v2_body(), headers={REPLY_TO_HEADER: inbox})
+        await js.publish(
+            ep.EVENTS.subject_for(service="broken"), v2_body(), headers={REPLY_TO_HEADER: inbox}
+        )
         info = await wait_until(
             lambda: js.consumer_info(stream_name("broken"), DURABLE),
             lambda i: i.delivered.consumer_seq >= 2 and i.num_ack_pending == 0,
@@ -310,7 +316,7 @@ async def test_a_flood_of_events_cannot_fill_the_buffer(
         await nc.subscribe(f"{inbox}.>", cb=functools.partial(_append, replies))
         for i in range(12):
             await js.publish(
-                subjects.events("sample"),
+                ep.EVENTS.subject_for(service="sample"),
                 v2_body([row(i)]),
                 headers={REPLY_TO_HEADER: f"{inbox}.{i}"},
             )
@@ -324,7 +330,7 @@ async def test_a_flood_of_events_cannot_fill_the_buffer(
         assert not replies, "the pod cannot have answered yet"
         assert info.num_ack_pending <= 2 and thr.buffered <= 2, (info, thr.buffered)
         # The caller finds room in the buffer beside the waiting events.
-        reply = await nc.request(subjects.invoke("sample"), v2_body(), timeout=COLD_S)
+        reply = await nc.request(ep.INVOKE.subject_for(service="sample"), v2_body(), timeout=COLD_S)
         assert status(reply) == "200", reply.data
         await wait_until(
             lambda: _count(replies), lambda n: n == 12, timeout=COLD_S, what="every event answered"

@@ -17,9 +17,10 @@ from controlplane.coordinator import Coordinator
 from controlplane.elastic import Runtime
 from controlplane.runtime import ProcessRuntime, TaskRuntime
 from functions.schedule.instance import ScheduleInstance
-from kernel import subjects
-from kernel.bus import Bus, RemoteError
+from kernel import endpoints as ep
+from kernel.bus import Bus
 from kernel.config import CoordinatorConfig, ScheduleConfig
+from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
     NodeInfo,
     Placement,
@@ -32,8 +33,9 @@ from kernel.messages import (
 from kernel.store import Store
 from partitions.agents.local import LocalNode
 
-SLEEPER = ServiceSpec("sleeper", ["sleep", "30"], resources=Resources(0.1, 16),
-                      scaling=ScalingSpec(), startup_timeout_s=60)
+SLEEPER = ServiceSpec(name="sleeper", command=["sleep", "30"],
+                      resources=Resources(cpu=0.1, memory_mb=16), scaling=ScalingSpec(),
+                      startup_timeout_s=60)
 
 
 @asynccontextmanager
@@ -44,8 +46,8 @@ async def cluster(
     config = CoordinatorConfig(schedule_min=2, schedule_max=2)
     coord = Coordinator(nats_url, store, config, runtime=runtime)
     agents = [
-        LocalNode(nats_url, NodeInfo(f"n{i}", Resources(2, 2048)), workdir=tmp_path,
-                  log_dir=tmp_path / "pods")
+        LocalNode(nats_url, NodeInfo(name=f"n{i}", capacity=Resources(cpu=2, memory_mb=2048)),
+                  workdir=tmp_path, log_dir=tmp_path / "pods")
         for i in range(nodes)
     ]
     await coord.start()
@@ -82,8 +84,9 @@ async def place_some(nats_url: str, n: int) -> list[Placement]:
     try:
         out = []
         for _ in range(n):
-            req = PlaceRequest(f"sleeper-{uuid.uuid4().hex[:6]}", SLEEPER, time.time())
-            reply = await bus.request(subjects.PLACE, req, timeout=5)
+            req = PlaceRequest(pod=f"sleeper-{uuid.uuid4().hex[:6]}", spec=SLEEPER,
+                               requested_at=time.time())
+            reply = await bus.call(ep.PLACE, req, timeout=5)
             assert isinstance(reply, Placement), reply
             out.append(reply)
         return out
@@ -151,13 +154,14 @@ async def test_stale_owner_commit_is_refused_by_the_node(
                     "reassignment")
         bus = await Bus.connect(nats_url, "stale-owner")
         try:
-            start = StartPod("sleeper-stale", SLEEPER, node, time.time(), time.time(),
-                             part.id, old_epoch)
+            start = StartPod(pod="sleeper-stale", spec=SLEEPER, node=node,
+                             requested_at=time.time(), placed_at=time.time(),
+                             partition=part.id, epoch=old_epoch)
             with pytest.raises(RemoteError) as err:
-                await bus.request(subjects.node_start(node), start, timeout=5)
+                await bus.call(ep.NODE_START, start, timeout=5, node=node)
             # Refused either way the map moved on: a newer epoch for the partition, or the
             # node now belonging to another partition.
-            assert err.value.code == 409
+            assert err.value.code == ErrorCode.STALE_EPOCH
             assert "stale epoch" in err.value.message or "not 0" in err.value.message
         finally:
             await bus.close()

@@ -14,7 +14,9 @@ from partitions.view import PartitionView
 
 
 def info(name: str, cpu: float, memory_mb: int = 16384, gpu: int = 0, models=()) -> NodeInfo:
-    return NodeInfo(name, Resources(cpu, memory_mb, gpu), models=list(models))
+    return NodeInfo(
+        name=name, capacity=Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu), models=list(models)
+    )
 
 
 def view(*infos: NodeInfo) -> PartitionView:
@@ -23,7 +25,7 @@ def view(*infos: NodeInfo) -> PartitionView:
     return v
 
 
-POD = Resources(1.0, 1024)
+POD = Resources(cpu=1.0, memory_mb=1024)
 
 
 # ---- choosing a node -----------------------------------------------------------------------
@@ -38,7 +40,12 @@ POD = Resources(1.0, 1024)
         ([info("a", 4, 8192), info("b", 4, 4096)], POD, "llama", "b"),
         ([info("b", 4), info("a", 4)], POD, "llama", "a"),
         ([info("cached", 0.5, models=["llama"]), info("roomy", 8)], POD, "llama", "roomy"),
-        ([info("cpu", 64), info("gpu", 8, gpu=1)], Resources(1.0, 1024, 1), "llama", "gpu"),
+        (
+            [info("cpu", 64), info("gpu", 8, gpu=1)],
+            Resources(cpu=1.0, memory_mb=1024, gpu=1),
+            "llama",
+            "gpu",
+        ),
         ([info("a", 64, 512)], POD, "llama", None),
         ([], POD, "llama", None),
     ],
@@ -63,10 +70,10 @@ def test_choice(nodes: list[NodeInfo], req: Resources, model: str, expected: str
 def test_best_fit_is_measured_after_what_is_already_placed() -> None:
     v = view(info("a", 8), info("b", 4))
     for i in range(3):
-        v.place(f"p{i}", Resources(1.0, 1024), "m")  # fill b down to 1 free cpu
+        v.place(f"p{i}", Resources(cpu=1.0, memory_mb=1024), "m")  # fill b down to 1 free cpu
 
-    assert v.place("big", Resources(2.0, 1024), "m").name == "a"
-    assert v.place("tiny", Resources(1.0, 1024), "m").name == "b"
+    assert v.place("big", Resources(cpu=2.0, memory_mb=1024), "m").name == "a"
+    assert v.place("tiny", Resources(cpu=1.0, memory_mb=1024), "m").name == "b"
 
 
 def test_a_model_noted_on_a_node_attracts_the_next_pod() -> None:
@@ -82,22 +89,25 @@ def test_a_model_noted_on_a_node_attracts_the_next_pod() -> None:
 
 def test_placing_the_same_pod_again_changes_nothing() -> None:
     v = view(info("a", 4), info("b", 8))
-    first = v.place("p", Resources(2.0, 1024), "m")
+    first = v.place("p", Resources(cpu=2.0, memory_mb=1024), "m")
 
-    again = v.place("p", Resources(2.0, 1024), "m")
+    again = v.place("p", Resources(cpu=2.0, memory_mb=1024), "m")
 
     assert again is first
-    assert v.free() == {"a": Resources(2.0, 15360), "b": Resources(8.0, 16384)}
+    assert v.free() == {
+        "a": Resources(cpu=2.0, memory_mb=15360),
+        "b": Resources(cpu=8.0, memory_mb=16384),
+    }
 
 
 def test_release_frees_what_the_pod_held_once() -> None:
     v = view(info("a", 4))
-    v.place("p", Resources(2.5, 1000, 0), "m")
+    v.place("p", Resources(cpu=2.5, memory_mb=1000, gpu=0), "m")
 
     assert v.release("p") is True
     assert v.release("p") is False
     assert v.release("never-placed") is False
-    assert v.free() == {"a": Resources(4.0, 16384)}
+    assert v.free() == {"a": Resources(cpu=4.0, memory_mb=16384)}
 
 
 @pytest.mark.parametrize(
@@ -115,29 +125,29 @@ def test_commit_on_a_named_node(
     pod: str, node: str, expected: bool, free_cpu: dict[str, float]
 ) -> None:
     v = view(info("a", 4), info("b", 4))
-    v.commit_on("placed", "a", Resources(2.0, 1024))
+    v.commit_on("placed", "a", Resources(cpu=2.0, memory_mb=1024))
 
-    assert v.commit_on(pod, node, Resources(1.0, 1024)) is expected
+    assert v.commit_on(pod, node, Resources(cpu=1.0, memory_mb=1024)) is expected
     assert {n: f.cpu for n, f in v.free().items()} == free_cpu
 
 
 def test_commit_on_a_full_node_is_refused() -> None:
     v = view(info("a", 1))
 
-    assert v.commit_on("p", "a", Resources(2.0, 1024)) is False
+    assert v.commit_on("p", "a", Resources(cpu=2.0, memory_mb=1024)) is False
     assert v.pods == {}
 
 
 def test_assign_keeps_the_accounting_of_nodes_still_owned() -> None:
     v = view(info("n1", 4), info("n2", 4))
-    v.commit_on("p1", "n1", Resources(2.0, 1024))
-    v.commit_on("p2", "n2", Resources(3.0, 1024))
+    v.commit_on("p1", "n1", Resources(cpu=2.0, memory_mb=1024))
+    v.commit_on("p2", "n2", Resources(cpu=3.0, memory_mb=1024))
     n1 = v.nodes["n1"]
 
     v.assign(3, 7, [info("n1", 4), info("n3", 8)])
 
     assert (v.partition, v.epoch) == (3, 7)
-    assert v.nodes["n1"] is n1 and n1.committed == {"p1": Resources(2.0, 1024)}
+    assert v.nodes["n1"] is n1 and n1.committed == {"p1": Resources(cpu=2.0, memory_mb=1024)}
     assert v.pods == {"p1": "n1"}, "pods on a node given away are no longer ours"
     assert {n: f.cpu for n, f in v.free().items()} == {"n1": 2.0, "n3": 8.0}
     assert v.release("p2") is False
@@ -145,15 +155,15 @@ def test_assign_keeps_the_accounting_of_nodes_still_owned() -> None:
 
 def test_node_state_refuses_an_over_commit_and_repeats_nothing() -> None:
     node = NodeState(info("a", 2, 2048, models=["llama"]))
-    node.commit("p1", Resources(1.5, 1024))
-    node.commit("p1", Resources(1.5, 1024))  # a retried commit
+    node.commit("p1", Resources(cpu=1.5, memory_mb=1024))
+    node.commit("p1", Resources(cpu=1.5, memory_mb=1024))  # a retried commit
 
     with pytest.raises(OverCommit):
-        node.commit("p2", Resources(1.0, 512))
+        node.commit("p2", Resources(cpu=1.0, memory_mb=512))
 
     assert (node.used, node.free, node.models) == (
-        Resources(1.5, 1024),
-        Resources(0.5, 1024),
+        Resources(cpu=1.5, memory_mb=1024),
+        Resources(cpu=0.5, memory_mb=1024),
         {"llama"},
     )
     assert not node.over_committed()
@@ -215,15 +225,17 @@ def test_no_sequence_of_placements_and_releases_over_commits_a_node(
 
 
 def test_a_re_registered_node_keeps_its_accounting_with_its_new_capacity() -> None:
-    small = NodeInfo("n1", Resources(2, 1024))
+    small = NodeInfo(name="n1", capacity=Resources(cpu=2, memory_mb=1024))
     view = PartitionView()
     view.assign(0, 1, [small])
-    assert view.place("p1", Resources(1.5, 256), "m") is not None
-    assert view.place("p2", Resources(1.0, 256), "m") is None
-    view.assign(0, 1, [NodeInfo("n1", Resources(4, 1024), models=["m2"])])
-    assert view.nodes["n1"].used == Resources(1.5, 256)
+    assert view.place("p1", Resources(cpu=1.5, memory_mb=256), "m") is not None
+    assert view.place("p2", Resources(cpu=1.0, memory_mb=256), "m") is None
+    view.assign(
+        0, 1, [NodeInfo(name="n1", capacity=Resources(cpu=4, memory_mb=1024), models=["m2"])]
+    )
+    assert view.nodes["n1"].used == Resources(cpu=1.5, memory_mb=256)
     assert "m2" in view.nodes["n1"].models
-    assert view.place("p2", Resources(1.0, 256), "m") is not None
+    assert view.place("p2", Resources(cpu=1.0, memory_mb=256), "m") is not None
 
 
 @settings(max_examples=150, deadline=None)
@@ -243,13 +255,13 @@ def test_a_re_registered_node_keeps_its_accounting_with_its_new_capacity() -> No
 def test_the_index_chooses_what_scoring_every_node_chooses(caps, ops) -> None:
     """`choose` (bisection over the free-capacity index) and `scan` (filter and score every
     node, the central baseline) agree on every request, whatever happened before."""
-    infos = [NodeInfo(f"n{i}", Resources(c, m, g), models=list(ms))
+    infos = [NodeInfo(name=f"n{i}", capacity=Resources(cpu=c, memory_mb=m, gpu=g), models=list(ms))
              for i, (c, m, g, ms) in enumerate(caps)]
     view = PartitionView()
     view.assign(0, 1, infos)
     placed: list[str] = []
     for i, (op, cpu, mem, gpu, model, pick) in enumerate(ops):
-        req = Resources(cpu, mem, gpu)
+        req = Resources(cpu=cpu, memory_mb=mem, gpu=gpu)
         chosen, scanned = view.choose(req, model), view.scan(req, model)
         assert (chosen and chosen.name) == (scanned and scanned.name)
         if op == "place":

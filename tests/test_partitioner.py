@@ -18,7 +18,7 @@ from partitions.partitioner import rebalance, weight
 
 
 def node(name: str, cpu: float = 4.0, gpu: int = 0) -> NodeInfo:
-    return NodeInfo(name, Resources(cpu, int(cpu * 4096), gpu))
+    return NodeInfo(name=name, capacity=Resources(cpu=cpu, memory_mb=int(cpu * 4096), gpu=gpu))
 
 
 def uniform(n: int) -> dict[str, NodeInfo]:
@@ -240,8 +240,8 @@ def test_first_map_gives_each_owner_an_epoch_one_partition() -> None:
     parts = rebalance(uniform(4), ["b", "a"], [])
 
     assert parts == [
-        Partition(0, 1, "a", ["n000", "n002"]),
-        Partition(1, 1, "b", ["n001", "n003"]),
+        Partition(id=0, epoch=1, owner="a", nodes=["n000", "n002"]),
+        Partition(id=1, epoch=1, owner="b", nodes=["n001", "n003"]),
     ]
 
 
@@ -265,7 +265,10 @@ def test_an_orphaned_partition_waits_unowned_and_comes_back_with_a_new_epoch() -
 
     again = rebalance(nodes, ["a", "c"], one)  # c joins
 
-    assert one == [Partition(0, 2, "a", sorted(nodes)), Partition(1, 2, "", [])]
+    assert one == [
+        Partition(id=0, epoch=2, owner="a", nodes=sorted(nodes)),
+        Partition(id=1, epoch=2, owner="", nodes=[]),
+    ]
     # Had id 1 been dropped and reissued at epoch 1, b (if only cut off) could still write.
     assert (again[1].id, again[1].owner, again[1].epoch) == (1, "c", 3)
 

@@ -16,10 +16,10 @@ def event(
     pod: str, state: str, service: str = "svc", *, reason: str = "", log_tail: str = "", cc: int = 4
 ) -> PodEvent:
     return PodEvent(
-        pod,
-        service,
-        "node-1",
-        state,  # type: ignore[arg-type]
+        pod=pod,
+        service=service,
+        node="node-1",
+        state=state,  # type: ignore[arg-type]
         url=f"http://10.0.0.1:80{pod[-1]}",
         container_concurrency=cc,
         reason=reason,
@@ -28,7 +28,9 @@ def event(
 
 
 def endpoint(pod: str, cc: int = 4) -> Endpoint:
-    return Endpoint(pod, f"http://10.0.0.1:80{pod[-1]}", "node-1", cc)
+    return Endpoint(
+        pod=pod, url=f"http://10.0.0.1:80{pod[-1]}", node="node-1", container_concurrency=cc
+    )
 
 
 def test_a_ready_pod_becomes_an_endpoint() -> None:
@@ -36,7 +38,9 @@ def test_a_ready_pod_becomes_an_endpoint() -> None:
 
     eps = table.apply(event("pod-1", "ready", cc=8))
 
-    assert eps == Endpoints("svc", 1, [endpoint("pod-1", 8)], "proxy", "")
+    assert eps == Endpoints(
+        service="svc", version=1, endpoints=[endpoint("pod-1", 8)], mode="proxy", error=""
+    )
     assert table.snapshot("svc") == eps
 
 
@@ -115,18 +119,26 @@ def test_drop_announces_an_empty_set_and_a_redeploy_goes_on_from_it() -> None:
     dropped = table.drop("svc")
     again = table.apply(event("pod-3", "ready"))  # deployed again under the same name
 
-    assert dropped == Endpoints("svc", 3, [], "proxy", "")
+    assert dropped == Endpoints(service="svc", version=3, endpoints=[], mode="proxy", error="")
     assert again is not None
     assert again.version > dropped.version, "activators would ignore the redeployed pods"
     assert [e.pod for e in again.endpoints] == ["pod-3"]
 
 
 def test_drop_of_an_unknown_service_is_version_one() -> None:
-    assert EndpointTable().drop("ghost") == Endpoints("ghost", 1, [], "proxy", "")
+    assert EndpointTable().drop("ghost") == Endpoints(
+        service="ghost", version=1, endpoints=[], mode="proxy", error=""
+    )
 
 
 def test_restore_picks_up_where_the_snapshot_was() -> None:
-    saved = Endpoints("svc", 7, [endpoint("pod-1"), endpoint("pod-2")], "proxy", "")
+    saved = Endpoints(
+        service="svc",
+        version=7,
+        endpoints=[endpoint("pod-1"), endpoint("pod-2")],
+        mode="proxy",
+        error="",
+    )
     table = EndpointTable()
 
     table.restore(saved)
@@ -139,7 +151,7 @@ def test_restore_picks_up_where_the_snapshot_was() -> None:
 
 def test_restore_keeps_an_error() -> None:
     table = EndpointTable()
-    table.restore(Endpoints("svc", 3, [], "proxy", "exit 1"))
+    table.restore(Endpoints(service="svc", version=3, endpoints=[], mode="proxy", error="exit 1"))
 
     eps = table.apply(event("pod-1", "ready"))
 

@@ -14,17 +14,26 @@ INTERVAL = 1.0
 
 def service(**knobs: object) -> ServiceSpec:
     """A service whose pods each take 10 × 0.7 = 7 concurrent requests."""
-    return ServiceSpec("svc", ["serve"], scaling=ScalingSpec(target_concurrency=10.0, **knobs))
+    return ServiceSpec(
+        name="svc", command=["serve"], scaling=ScalingSpec(target_concurrency=10.0, **knobs)
+    )
 
 
 def demand(
-    buffered: int, in_flight: int = 0, *, ts: float, activator: str = "act-1", requests: int = 0
+    buffered: int, in_flight: int = 0, *, ts: float, reporter: str = "act-1", requests: int = 0
 ) -> Demand:
-    return Demand("svc", activator, buffered, in_flight, requests, ts)
+    return Demand(
+        service="svc",
+        reporter=reporter,
+        buffered=buffered,
+        in_flight=in_flight,
+        requests=requests,
+        ts=ts,
+    )
 
 
 def event(pod: str, state: str, node: str = "node-1", reason: str = "") -> PodEvent:
-    return PodEvent(pod, "svc", node, state, reason=reason)  # type: ignore[arg-type]
+    return PodEvent(pod=pod, service="svc", node=node, state=state, reason=reason)  # type: ignore[arg-type]
 
 
 def scaler(**knobs: object) -> ServiceScaler:
@@ -74,15 +83,15 @@ def test_reports_from_several_activators_are_summed(
 ) -> None:
     s = scaler()
     for name, buffered, in_flight in reports:
-        s.observe(demand(buffered, in_flight, ts=0.0, activator=name))
+        s.observe(demand(buffered, in_flight, ts=0.0, reporter=name))
 
     assert s.concurrency(0.0, INTERVAL)[0] == expected
 
 
 def test_rps_is_requests_per_interval_summed_over_activators() -> None:
     s = scaler()
-    s.observe(demand(0, ts=0.0, activator="act-1", requests=6))
-    s.observe(demand(0, ts=0.0, activator="act-2", requests=4))
+    s.observe(demand(0, ts=0.0, reporter="act-1", requests=6))
+    s.observe(demand(0, ts=0.0, reporter="act-2", requests=4))
 
     assert s.concurrency(0.0, 2.0) == (0.0, 5.0)
 
@@ -94,8 +103,8 @@ def test_rps_is_requests_per_interval_summed_over_activators() -> None:
 )
 def test_stale_reports_are_ignored_and_forgotten(age: float, counted: bool) -> None:
     s = scaler()
-    s.observe(demand(35, ts=0.0, activator="dead-or-alive"))
-    s.observe(demand(7, ts=age, activator="alive"))
+    s.observe(demand(35, ts=0.0, reporter="dead-or-alive"))
+    s.observe(demand(7, ts=age, reporter="alive"))
 
     conc, _ = s.concurrency(age, INTERVAL)
 
@@ -254,7 +263,10 @@ def test_placed_records_the_node_of_a_pod_being_placed() -> None:
 def test_update_spec_reaches_the_autoscaler() -> None:
     s = scaler()
     new = ServiceSpec(
-        "svc", ["serve"], scaling=ScalingSpec(target_concurrency=50.0), container_concurrency=4
+        name="svc",
+        command=["serve"],
+        scaling=ScalingSpec(target_concurrency=50.0),
+        container_concurrency=4,
     )
 
     s.update_spec(new)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from examples.sample.model import load_model
-from kernel import subjects
-from kernel.bus import RemoteError
+from kernel import endpoints as ep
+from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import DeployRequest, ScalingSpec
 from tests.stackutil import (
     REPO,
@@ -218,5 +218,6 @@ async def test_invalid_spec_is_refused_with_a_clear_error(nats_url: str, redis_u
         bad = sample_spec(scaling=ScalingSpec(min_scale=3, max_scale=1))
         async with admin(nats_url) as bus:
             with pytest.raises(RemoteError) as err:
-                await bus.request(f"{subjects.ADMIN}.deploy", DeployRequest(bad), timeout=5)
-        assert err.value.code == 400 and "min-scale 3 > max-scale 1" in err.value.message
+                await bus.call(ep.ADMIN_DEPLOY, DeployRequest(spec=bad), timeout=5)
+        assert err.value.code == ErrorCode.INVALID
+        assert "min-scale 3 > max-scale 1" in err.value.message

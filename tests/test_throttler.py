@@ -25,7 +25,9 @@ LONG = 30.0  # a wait that must never time out in a test
 
 
 def ep(pod: str, cc: int = 0) -> Endpoint:
-    return Endpoint(pod, f"http://127.0.0.1:9/{pod}", "node-1", cc)
+    return Endpoint(
+        pod=pod, url=f"http://127.0.0.1:9/{pod}", node="node-1", container_concurrency=cc
+    )
 
 
 def throttler(buffer_size: int = 100, now: list[float] | None = None) -> ServiceThrottler:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kernel.messages import Endpoint, Endpoints, PodEvent
+from kernel.messages import Endpoint, Endpoints, PodEvent, ServingMode
 
 
 @dataclass
@@ -14,7 +14,7 @@ class ServiceRoutes:
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     version: int = 0
     error: str = ""
-    mode: str = "proxy"
+    mode: ServingMode = "proxy"
 
 
 @dataclass
@@ -27,7 +27,11 @@ class EndpointTable:
         if ev.state == "ready":
             if ev.pod not in routes.endpoints:
                 routes.endpoints[ev.pod] = Endpoint(
-                    ev.pod, ev.url, ev.node, ev.container_concurrency, ev.timeline
+                    pod=ev.pod,
+                    url=ev.url,
+                    node=ev.node,
+                    container_concurrency=ev.container_concurrency,
+                    timeline=ev.timeline,
                 )
                 changed = True
             if routes.error:
@@ -47,7 +51,7 @@ class EndpointTable:
         routes.version += 1
         return self.snapshot(ev.service)
 
-    def set_mode(self, service: str, mode: str) -> Endpoints | None:
+    def set_mode(self, service: str, mode: ServingMode) -> Endpoints | None:
         routes = self.services.setdefault(service, ServiceRoutes())
         if routes.mode == mode:
             return None
@@ -60,7 +64,8 @@ class EndpointTable:
         eps = sorted(routes.endpoints.values(), key=lambda e: e.pod)
         # Never direct without a pod to go to: an empty set always means the activator.
         mode = routes.mode if eps else "proxy"
-        return Endpoints(service, routes.version, eps, mode, routes.error)  # type: ignore[arg-type]
+        return Endpoints(service=service, version=routes.version, endpoints=eps, mode=mode,
+                         error=routes.error)
 
     def drop(self, service: str) -> Endpoints:
         # Keep the version (not the pods): activators ignore versions they have passed, so a

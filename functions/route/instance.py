@@ -9,15 +9,17 @@ import logging
 import time
 import uuid
 
+import nats.errors
 from nats.aio.msg import Msg
+from redis.exceptions import RedisError
 
 from functions.route.core import EndpointTable
-from kernel import subjects
+from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.messages import (
+    Empty,
     Endpoints,
     Heartbeat,
-    Message,
     PodEvent,
     RoutingSnapshot,
     ServiceDeleted,
@@ -45,10 +47,10 @@ class RouteInstance:
         for eps in await self.store.get_routes():
             self.table.restore(eps)
         self.bus = bus = await Bus.connect(self.nats_url, self.id)
-        await bus.subscribe(f"{subjects.POD_EVENTS}.>", self._on_pod_event)
-        await bus.subscribe(subjects.SPEC_EVENTS, self._on_spec_event)
-        await bus.subscribe(subjects.MODE, self._on_mode)
-        await bus.subscribe(subjects.ROUTE_SNAPSHOT, self._on_snapshot, queue="route")
+        await bus.serve(ep.POD_EVENTS, self._on_pod_event)
+        await bus.serve(ep.SERVICE_DELETED, self._on_service_deleted)
+        await bus.serve(ep.SERVICE_MODE, self._on_mode)
+        await bus.serve(ep.ROUTES, self._on_snapshot)
         self._tasks = [
             asyncio.create_task(self._write_behind(), name=f"{self.id}-store"),
             asyncio.create_task(self._heartbeat(), name=f"{self.id}-beat"),
@@ -63,54 +65,60 @@ class RouteInstance:
             await self.bus.close()
         await self.store.close()
 
-    async def _on_pod_event(self, msg: Message, _raw: Msg) -> None:
-        if not isinstance(msg, PodEvent):
-            return
+    async def _on_pod_event(self, msg: PodEvent, _raw: Msg) -> None:
         eps = self.table.apply(msg)
         if eps is not None:
             await self._publish(eps)
 
-    async def _on_mode(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, ServiceMode):
-            eps = self.table.set_mode(msg.service, msg.mode)
-            if eps is not None:
-                await self._publish(eps)
+    async def _on_mode(self, msg: ServiceMode, _raw: Msg) -> None:
+        eps = self.table.set_mode(msg.service, msg.mode)
+        if eps is not None:
+            await self._publish(eps)
 
-    async def _on_spec_event(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, ServiceDeleted):
-            await self._publish(self.table.drop(msg.name))
+    async def _on_service_deleted(self, msg: ServiceDeleted, _raw: Msg) -> None:
+        await self._publish(self.table.drop(msg.name))
 
-    async def _on_snapshot(self, _msg: Message, _raw: Msg) -> Message:
-        return RoutingSnapshot(self.table.all())
+    async def _on_snapshot(self, _msg: Empty, _raw: Msg) -> RoutingSnapshot:
+        return RoutingSnapshot(services=self.table.all())
 
     async def _publish(self, eps: Endpoints) -> None:
         assert self.bus is not None
-        await self.bus.publish(f"{subjects.ENDPOINTS}.{eps.service}", eps)
+        await self.bus.send(ep.ENDPOINTS, eps, service=eps.service)
         self._dirty[eps.service] = eps
         self._flush.set()
 
     async def _write_behind(self) -> None:
+        failures = 0
         while True:
             await self._flush.wait()
             self._flush.clear()
-            await self._persist()
-            await asyncio.sleep(0.1)
+            failures = 0 if await self._persist() else failures + 1
+            await asyncio.sleep(min(0.1 * 2**failures, 5.0))  # back off while Redis refuses
 
-    async def _persist(self) -> None:
+    async def _persist(self) -> bool:
+        """Write what changed; what Redis refused stays dirty for the next round (unless a
+        newer version of the same service arrived meanwhile, which supersedes it)."""
         dirty, self._dirty = self._dirty, {}
-        for eps in dirty.values():
+        ok = True
+        for service, eps in dirty.items():
             try:
                 await self.store.put_endpoints(eps)
-            except Exception:
-                log.warning("%s: routing snapshot not saved", self.id, exc_info=True)
+            except (RedisError, OSError):
+                log.warning("%s: routing snapshot of %s not saved; retrying", self.id, service,
+                            exc_info=True)
+                self._dirty.setdefault(service, eps)
+                self._flush.set()
+                ok = False
+        return ok
 
     async def _heartbeat(self) -> None:
         assert self.bus is not None
         while True:
             try:
-                await self.bus.publish(
-                    f"{subjects.HEARTBEAT}.{self.kind}", Heartbeat(self.kind, self.id, time.time())
+                await self.bus.send(
+                    ep.HEARTBEAT, Heartbeat(kind=self.kind, instance=self.id, ts=time.time()),
+                    kind=self.kind,
                 )
-            except Exception:
+            except (nats.errors.Error, OSError):
                 log.debug("heartbeat lost", exc_info=True)
             await asyncio.sleep(0.5)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from functions.scale.kpa import Autoscaler, Decision
-from kernel.messages import Demand, PodEvent, ServiceSpec
+from kernel.messages import Demand, PodEvent, ServiceSpec, ServingMode
 
 # A report older than this many metric intervals is treated as gone (activator died).
 STALE_REPORTS = 3.0
@@ -33,7 +33,7 @@ class Plan:
     start: int  # new pods to place
     stop: list[TrackedPod]  # pods to stop, with their nodes
     decision: Decision | None
-    mode_change: str | None = None  # "proxy"/"direct" when the gateway path must switch
+    mode_change: ServingMode | None = None  # "proxy"/"direct" when the gateway path must switch
 
 
 @dataclass
@@ -46,7 +46,7 @@ class ServiceScaler:
     backoff_until: float = 0.0
     backoff_s: float = 0.0
     last_error: str = ""
-    mode: str = "proxy"
+    mode: ServingMode = "proxy"
 
     @classmethod
     def for_spec(cls, spec: ServiceSpec, now: float | None = None) -> ServiceScaler:
@@ -66,7 +66,7 @@ class ServiceScaler:
     # ---- inputs ---------------------------------------------------------------------------
 
     def observe(self, demand: Demand) -> None:
-        self.reports[demand.activator] = demand
+        self.reports[demand.reporter] = demand
 
     def concurrency(self, now: float, interval_s: float) -> tuple[float, float]:
         """(concurrency, requests per second) from fresh reports. Activators and pods count

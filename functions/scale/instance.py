@@ -12,14 +12,14 @@ import uuid
 from nats.aio.msg import Msg
 
 from functions.scale.core import Plan, ServiceScaler
-from kernel import subjects
-from kernel.bus import Bus, NoResponders, RemoteError
+from kernel import endpoints as ep
+from kernel.bus import Bus
 from kernel.config import ScaleConfig
+from kernel.errors import NoResponders, RemoteError
 from kernel.messages import (
     Demand,
     Empty,
     Heartbeat,
-    Message,
     NameRequest,
     Placement,
     PlaceRequest,
@@ -56,10 +56,11 @@ class ScaleInstance:
 
     async def start(self) -> None:
         self.bus = bus = await Bus.connect(self.nats_url, self.id)
-        await bus.subscribe(subjects.DEMAND, self._on_demand)
-        await bus.subscribe(f"{subjects.POD_EVENTS}.>", self._on_pod_event)
-        await bus.subscribe(subjects.SPEC_EVENTS, self._on_spec_event)
-        await bus.subscribe(subjects.SCALE_STATUS, self._on_status, queue="scale")
+        await bus.serve(ep.DEMAND, self._on_demand)
+        await bus.serve(ep.POD_EVENTS, self._on_pod_event)
+        await bus.serve(ep.SERVICE_UPDATED, self._on_spec_updated)
+        await bus.serve(ep.SERVICE_DELETED, self._on_service_deleted)
+        await bus.serve(ep.SCALE_STATUS, self._on_status)
         await self._load_services()
         self._loop_task = asyncio.create_task(self._run(), name=f"{self.id}-tick")
 
@@ -68,13 +69,12 @@ class ScaleInstance:
         assert self.bus is not None
         for attempt in range(50):
             try:
-                reply = await self.bus.request(f"{subjects.ADMIN}.list", Empty(), timeout=1.0)
+                reply: ServiceList = await self.bus.call(ep.ADMIN_LIST, Empty(), timeout=1.0)
             except RemoteError:
                 await asyncio.sleep(min(0.1 * (attempt + 1), 1.0))
                 continue
-            if isinstance(reply, ServiceList):
-                for st in reply.services:
-                    self._upsert(st.spec)
+            for st in reply.services:
+                self._upsert(st.spec)
             return
 
     def _upsert(self, spec) -> None:
@@ -98,9 +98,7 @@ class ScaleInstance:
 
     # ---- inputs ---------------------------------------------------------------------------
 
-    async def _on_demand(self, msg: Message, _raw: Msg) -> None:
-        if not isinstance(msg, Demand):
-            return
+    async def _on_demand(self, msg: Demand, _raw: Msg) -> None:
         scaler = self.services.get(msg.service)
         if scaler is None:
             return
@@ -111,9 +109,7 @@ class ScaleInstance:
             # than at the next tick. Activators rate-limit urgent reports per service.
             self._reconcile(scaler, time.time())
 
-    async def _on_pod_event(self, msg: Message, _raw: Msg) -> None:
-        if not isinstance(msg, PodEvent):
-            return
+    async def _on_pod_event(self, msg: PodEvent, _raw: Msg) -> None:
         scaler = self.services.get(msg.service)
         if msg.state in ("stopped", "failed"):
             self.pod_info.pop(msg.pod, None)
@@ -124,24 +120,23 @@ class ScaleInstance:
             if msg.state in ("failed", "stopped"):
                 self._wake.set()
 
-    async def _on_spec_event(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, SpecUpdated):
-            self._upsert(msg.spec)
-        elif isinstance(msg, ServiceDeleted):
-            scaler = self.services.pop(msg.name, None)
-            if scaler is not None:
-                for pod in scaler.pods.values():
-                    if pod.node:
-                        self._spawn(self._stop_pod(msg.name, pod.pod, pod.node, "deleted"))
+    async def _on_spec_updated(self, msg: SpecUpdated, _raw: Msg) -> None:
+        self._upsert(msg.spec)
 
-    async def _on_status(self, msg: Message, _raw: Msg) -> Message | None:
-        if not isinstance(msg, NameRequest):
-            return None
+    async def _on_service_deleted(self, msg: ServiceDeleted, _raw: Msg) -> None:
+        scaler = self.services.pop(msg.name, None)
+        if scaler is not None:
+            for pod in scaler.pods.values():
+                if pod.node:
+                    self._spawn(self._stop_pod(msg.name, pod.pod, pod.node, "deleted"))
+
+    async def _on_status(self, msg: NameRequest, _raw: Msg) -> ScaleStatus:
         scaler = self.services.get(msg.name)
         if scaler is None:
-            return ScaleStatus(msg.name, 0, [])
+            return ScaleStatus(service=msg.name, desired=0, pods=[])
         pods = [self.pod_info[p] for p in scaler.pods if p in self.pod_info]
-        return ScaleStatus(msg.name, scaler.desired, pods, scaler.last_error)
+        return ScaleStatus(service=msg.name, desired=scaler.desired, pods=pods,
+                           last_error=scaler.last_error)
 
     # ---- the tick -------------------------------------------------------------------------
 
@@ -159,10 +154,11 @@ class ScaleInstance:
                 self._reconcile(scaler, now)
             if now - last_beat >= 0.5:
                 last_beat = now
-                beat = Heartbeat(self.kind, self.id, now, requests_per_s=self._handled / 0.5)
+                beat = Heartbeat(kind=self.kind, instance=self.id, ts=now,
+                                 requests_per_s=self._handled / 0.5)
                 self._handled = 0
                 try:
-                    await self.bus.publish(f"{subjects.HEARTBEAT}.{self.kind}", beat)
+                    await self.bus.send(ep.HEARTBEAT, beat, kind=self.kind)
                 except Exception:
                     log.debug("heartbeat lost", exc_info=True)
 
@@ -173,8 +169,9 @@ class ScaleInstance:
     def _execute(self, scaler: ServiceScaler, plan: Plan, now: float) -> None:
         if plan.mode_change is not None and self.bus is not None:
             ebc = plan.decision.excess_burst_capacity if plan.decision else -1.0
-            mode = ServiceMode(plan.service, plan.mode_change, ebc)  # type: ignore[arg-type]
-            self._spawn(self.bus.publish(subjects.MODE, mode))
+            mode = ServiceMode(service=plan.service, mode=plan.mode_change,
+                               excess_burst_capacity=ebc)
+            self._spawn(self.bus.send(ep.SERVICE_MODE, mode))
         for _ in range(plan.start):
             pod = f"{plan.service}-{uuid.uuid4().hex[:8]}"
             scaler.placing(pod, now)
@@ -190,12 +187,12 @@ class ScaleInstance:
     async def _place(self, scaler: ServiceScaler, pod: str, requested_at: float) -> None:
         assert self.bus is not None
         spec = scaler.spec
-        req = PlaceRequest(pod, spec, requested_at)
+        req = PlaceRequest(pod=pod, spec=spec, requested_at=requested_at)
         deadline = time.monotonic() + self.config.place_timeout_s
         while True:
             try:
-                reply = await self.bus.request(
-                    subjects.PLACE, req, timeout=self.config.place_timeout_s
+                reply: Placement | Unschedulable = await self.bus.call(
+                    ep.PLACE, req, timeout=self.config.place_timeout_s
                 )
             except NoResponders:
                 # No `schedule` instance owns a partition right now (start-up, a partition
@@ -203,26 +200,30 @@ class ScaleInstance:
                 if time.monotonic() < deadline:
                     await asyncio.sleep(0.1)
                     continue
-                reply = Unschedulable(pod, spec.name, "no schedule instance owns a partition")
+                reply = Unschedulable(pod=pod, service=spec.name,
+                                      reason="no schedule instance owns a partition")
             except RemoteError as exc:
-                reply = Unschedulable(pod, spec.name, f"placement failed: {exc.message}")
+                reply = Unschedulable(pod=pod, service=spec.name,
+                                      reason=f"placement failed: {exc.message}")
             break
-        if isinstance(reply, Placement):
+        if type(reply) is Placement:
             scaler.placed(pod, reply.node)
             return
-        reason = reply.reason if isinstance(reply, Unschedulable) else f"unexpected {reply!r}"
+        reason = reply.reason
         log.warning("%s: pod %s of %s not placed: %s", self.id, pod, spec.name, reason)
         scaler.placement_failed(pod, reason, time.time())
         # Tell everyone, as a node would for a pod that failed: route turns it into a clear
         # error for the requests waiting in activators.
-        ev = PodEvent(pod, spec.name, "", "failed", reason=reason, ts=time.time())
-        await self.bus.publish(f"{subjects.POD_EVENTS}.{spec.name}", ev)
+        ev = PodEvent(pod=pod, service=spec.name, node="", state="failed", reason=reason,
+                      ts=time.time())
+        await self.bus.send(ep.POD_EVENTS, ev, service=spec.name)
 
     async def _stop_pod(self, service: str, pod: str, node: str, reason: str) -> None:
         assert self.bus is not None
         try:
-            await self.bus.request(
-                subjects.node_stop(node), StopPod(pod, service, reason), timeout=15.0
+            await self.bus.call(
+                ep.NODE_STOP, StopPod(pod=pod, service=service, reason=reason), timeout=15.0,
+                node=node,
             )
         except RemoteError as exc:
             log.warning("%s: stopping %s on %s: %s", self.id, pod, node, exc)

@@ -20,13 +20,13 @@ import uuid
 
 from nats.aio.msg import Msg
 
-from kernel import subjects
-from kernel.bus import Bus, RemoteError
+from kernel import endpoints as ep
+from kernel.bus import Bus
+from kernel.errors import RemoteError
 from kernel.messages import (
     Empty,
     Inventory,
     InventoryRequest,
-    Message,
     NodeFree,
     NodeInfo,
     PartitionMap,
@@ -59,23 +59,21 @@ class _NodeListFollower:
 
     async def _follow_map(self) -> None:
         assert self.bus is not None
-        await self.bus.subscribe(subjects.PARTITIONS, self._on_map)
+        await self.bus.serve(ep.PARTITION_MAP, self._on_map)
         self._tasks.append(asyncio.create_task(self._fetch_map(), name=f"{self.id}-map"))
 
     async def _fetch_map(self) -> None:
         assert self.bus is not None
         while not self._known.is_set():
             try:
-                pmap = await self.bus.request(subjects.PARTITIONS_GET, Empty(), timeout=1.0)
-                if isinstance(pmap, PartitionMap):
-                    await self._apply(pmap)
+                pmap = await self.bus.call(ep.PARTITION_MAP_GET, Empty(), timeout=1.0)
+                await self._apply(pmap)
             except RemoteError:
                 pass
             await asyncio.sleep(0.2)
 
-    async def _on_map(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, PartitionMap):
-            await self._apply(msg)
+    async def _on_map(self, msg: PartitionMap, _raw: Msg) -> None:
+        await self._apply(msg)
 
     async def _apply(self, pmap: PartitionMap) -> None:
         if pmap.version <= self._map_version or not pmap.nodes:
@@ -103,22 +101,19 @@ class CentralScheduler(_NodeListFollower):
 
     kind = "central"
 
-    def __init__(
-        self, nats_url: str, *, instance_id: str = "", subject: str = subjects.PLACE_CENTRAL
-    ) -> None:
+    def __init__(self, nats_url: str, *, instance_id: str = "") -> None:
         super().__init__()
         self.id = instance_id or f"central-{uuid.uuid4().hex[:6]}"
         self.nats_url = nats_url
-        self.subject = subject
         # Exhaustive: filter and score every node for every placement, as kube-scheduler.
         self.view = PartitionView(indexed=False)
         self.bus: Bus | None = None
 
     async def start(self) -> None:
         self.bus = bus = await Bus.connect(self.nats_url, self.id)
-        await bus.subscribe(f"{subjects.POD_EVENTS}.>", self._on_pod_event)
+        await bus.serve(ep.POD_EVENTS, self._on_pod_event)
         await self._follow_map()
-        await bus.subscribe(self.subject, self._on_place, concurrent=True)
+        await bus.serve(ep.PLACE_CENTRAL, self._on_place, concurrent=True)
 
     async def stop(self) -> None:
         await self._stop_tasks()
@@ -138,41 +133,43 @@ class CentralScheduler(_NodeListFollower):
         in several messages): a node taken as empty when it is not would be over-committed."""
         assert self.bus is not None
         wanted = set(nodes)
-        answers = await self.bus.request_many(
-            subjects.NODE_INVENTORY, InventoryRequest(nodes), timeout=ADOPT_TIMEOUT_S,
+        answers: list[Inventory] = await self.bus.gather(
+            ep.NODE_INVENTORY, InventoryRequest(nodes=nodes), timeout=ADOPT_TIMEOUT_S,
             max_msgs=1_000_000, done=lambda got: wanted <= inventoried(got),
         )
         for answer in answers:
-            if isinstance(answer, Inventory):
-                self.view.record_inventory(answer)
+            self.view.record_inventory(answer)
         missing = wanted - inventoried(answers)
         if missing:
             log.warning("%s: no inventory from %d node(s); taken as empty", self.id, len(missing))
 
-    async def _on_pod_event(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, PodEvent):
-            self.view.apply_pod_event(msg)
+    async def _on_pod_event(self, msg: PodEvent, _raw: Msg) -> None:
+        self.view.apply_pod_event(msg)
 
-    async def _on_place(self, msg: Message, _raw: Msg) -> Message:
-        if not isinstance(msg, PlaceRequest):
-            raise RemoteError(400, f"expected PlaceRequest, got {type(msg).__name__}")
+    async def _on_place(self, msg: PlaceRequest, _raw: Msg) -> Placement | Unschedulable:
         if not self._known.is_set():
-            return Unschedulable(msg.pod, msg.service, f"{self.id} knows no nodes yet")
+            return Unschedulable(pod=msg.pod, service=msg.service,
+                                 reason=f"{self.id} knows no nodes yet")
         assert self.bus is not None
         node = self.view.place(msg.pod, msg.resources, msg.model)  # scans every node
         if node is None:
-            return Unschedulable(msg.pod, msg.service, "no node in the cluster has room")
+            return Unschedulable(pod=msg.pod, service=msg.service,
+                                 reason="no node in the cluster has room")
         decided = time.time()
         try:
-            await self.bus.request(
-                subjects.node_start(node.name),
-                StartPod(msg.pod, msg.spec, node.name, msg.requested_at, decided),
+            await self.bus.call(
+                ep.NODE_START,
+                StartPod(pod=msg.pod, spec=msg.spec, node=node.name,
+                         requested_at=msg.requested_at, placed_at=decided),
                 timeout=START_TIMEOUT_S,
+                node=node.name,
             )
         except RemoteError as exc:
             self.view.release(msg.pod)
-            return Unschedulable(msg.pod, msg.service, f"node {node.name}: {exc.message}")
-        return Placement(msg.pod, msg.service, node.name, -1, 0, decided)
+            return Unschedulable(pod=msg.pod, service=msg.service,
+                                 reason=f"node {node.name}: {exc.message}")
+        return Placement(pod=msg.pod, service=msg.service, node=node.name, partition=-1,
+                         epoch=0, decided_at=decided)
 
 
 def _score(free: Resources, models: list[str], req: Resources, model: str) -> tuple:
@@ -194,7 +191,6 @@ class SamplingScheduler(_NodeListFollower):
         d: int = 2,
         max_tries: int = 4,
         probe_timeout_s: float = 1.0,
-        subject: str = subjects.PLACE_SAMPLING,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -202,7 +198,6 @@ class SamplingScheduler(_NodeListFollower):
             raise ValueError("d and max_tries must be >= 1")
         self.id = instance_id or f"sampling-{uuid.uuid4().hex[:6]}"
         self.nats_url = nats_url
-        self.subject = subject
         self.d = d
         self.max_tries = max_tries
         self.probe_timeout_s = probe_timeout_s
@@ -215,7 +210,7 @@ class SamplingScheduler(_NodeListFollower):
     async def start(self) -> None:
         self.bus = bus = await Bus.connect(self.nats_url, self.id)
         await self._follow_map()
-        await bus.subscribe(self.subject, self._on_place, concurrent=True)
+        await bus.serve(ep.PLACE_SAMPLING, self._on_place, concurrent=True)
 
     async def stop(self) -> None:
         await self._stop_tasks()
@@ -238,21 +233,19 @@ class SamplingScheduler(_NodeListFollower):
     async def _probe(self, node: str) -> NodeFree | None:
         assert self.bus is not None
         try:
-            reply = await self.bus.request(
-                subjects.node_probe(node), Empty(), timeout=self.probe_timeout_s
+            return await self.bus.call(
+                ep.NODE_PROBE, Empty(), timeout=self.probe_timeout_s, node=node
             )
         except RemoteError:
             return None
-        return reply if isinstance(reply, NodeFree) else None
 
-    async def _on_place(self, msg: Message, _raw: Msg) -> Message:
-        if not isinstance(msg, PlaceRequest):
-            raise RemoteError(400, f"expected PlaceRequest, got {type(msg).__name__}")
+    async def _on_place(self, msg: PlaceRequest, _raw: Msg) -> Placement | Unschedulable:
         assert self.bus is not None
         req, probes = msg.resources, 0
         names = self.eligible(req)
         if not names:
-            return Unschedulable(msg.pod, msg.service, "no node is large enough", 0)
+            return Unschedulable(pod=msg.pod, service=msg.service,
+                                 reason="no node is large enough", probes=0)
         for _ in range(self.max_tries):
             sample = self.rng.sample(names, min(self.d, len(names)))
             probes += len(sample)
@@ -264,19 +257,22 @@ class SamplingScheduler(_NodeListFollower):
             best = min(fits, key=lambda a: (*_score(a.free, a.models, req, msg.model), a.node))
             decided = time.time()
             try:
-                await self.bus.request(
-                    subjects.node_start(best.node),
-                    StartPod(msg.pod, msg.spec, best.node, msg.requested_at, decided),
+                await self.bus.call(
+                    ep.NODE_START,
+                    StartPod(pod=msg.pod, spec=msg.spec, node=best.node,
+                             requested_at=msg.requested_at, placed_at=decided),
                     timeout=START_TIMEOUT_S,
-                    headers={subjects.ADMIT_IF_FITS: "1"},
+                    headers={ep.ADMIT_IF_FITS: "1"},
+                    node=best.node,
                 )
             except RemoteError as exc:
                 log.debug("%s: %s refused %s: %s", self.id, best.node, msg.pod, exc)
                 continue  # a concurrent placement took the room between probe and start
-            return Placement(msg.pod, msg.service, best.node, -1, 0, decided, probes)
+            return Placement(pod=msg.pod, service=msg.service, node=best.node, partition=-1,
+                             epoch=0, decided_at=decided, probes=probes)
         return Unschedulable(
-            msg.pod,
-            msg.service,
-            f"{self.max_tries} tries of {self.d} random nodes found no room",
-            probes,
+            pod=msg.pod,
+            service=msg.service,
+            reason=f"{self.max_tries} tries of {self.d} random nodes found no room",
+            probes=probes,
         )

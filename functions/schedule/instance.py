@@ -12,18 +12,20 @@ import logging
 import time
 import uuid
 
+import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from kernel import subjects
-from kernel.bus import Bus, RemoteError
+from kernel import endpoints as ep
+from kernel.bus import Bus
 from kernel.config import ScheduleConfig
+from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
     Empty,
     Heartbeat,
     Inventory,
     InventoryRequest,
-    Message,
     PartitionMap,
     PartitionSummary,
     Placement,
@@ -72,9 +74,9 @@ class ScheduleInstance:
 
     async def start(self) -> None:
         self.bus = bus = await Bus.connect(self.nats_url, self.id)
-        await bus.subscribe(subjects.PARTITIONS, self._on_map)
-        await bus.subscribe(f"{subjects.POD_EVENTS}.>", self._on_pod_event)
-        await bus.subscribe(subjects.SUMMARIES, self._on_summary)
+        await bus.serve(ep.PARTITION_MAP, self._on_map)
+        await bus.serve(ep.POD_EVENTS, self._on_pod_event)
+        await bus.serve(ep.PARTITION_SUMMARY, self._on_summary)
         # PLACE is subscribed only while we own a partition (see _listen), so the queue
         # group never hands a placement to an instance that cannot place it.
         self._tasks = [
@@ -101,9 +103,8 @@ class ScheduleInstance:
 
     # ---- partition assignment -------------------------------------------------------------
 
-    async def _on_map(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, PartitionMap):
-            await self._apply_map(msg)
+    async def _on_map(self, msg: PartitionMap, _raw: Msg) -> None:
+        await self._apply_map(msg)
 
     async def _apply_map(self, pmap: PartitionMap) -> None:
         async with self._assign_lock:
@@ -141,13 +142,12 @@ class ScheduleInstance:
         could over-commit it."""
         assert self.bus is not None
         wanted = set(nodes)
-        answers = await self.bus.request_many(
-            subjects.NODE_INVENTORY, InventoryRequest(nodes), timeout=timeout,
+        answers: list[Inventory] = await self.bus.gather(
+            ep.NODE_INVENTORY, InventoryRequest(nodes=nodes), timeout=timeout,
             done=lambda got: wanted <= inventoried(got),
         )
         for answer in answers:
-            if isinstance(answer, Inventory):
-                self.view.record_inventory(answer)
+            self.view.record_inventory(answer)
         covered = inventoried(answers)
         missing = wanted - covered
         for node in covered & self.view.held:
@@ -171,30 +171,25 @@ class ScheduleInstance:
                 self._place_sub = None
             return
         if self._reserve_sub is None:
-            self._reserve_sub = await self.bus.subscribe(
-                subjects.reserve(partition), self._on_reserve, concurrent=True
+            self._reserve_sub = await self.bus.serve(
+                ep.RESERVE, self._on_reserve, concurrent=True, partition=partition
             )
             self._reserve_partition = partition
         if self._place_sub is None:
-            self._place_sub = await self.bus.subscribe(
-                subjects.PLACE, self._on_place, queue="schedule", concurrent=True
-            )
+            self._place_sub = await self.bus.serve(ep.PLACE, self._on_place, concurrent=True)
 
     # ---- events ---------------------------------------------------------------------------
 
-    async def _on_pod_event(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, PodEvent):
-            self.view.apply_pod_event(msg)
+    async def _on_pod_event(self, msg: PodEvent, _raw: Msg) -> None:
+        self.view.apply_pod_event(msg)
 
-    async def _on_summary(self, msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, PartitionSummary) and msg.owner != self.id:
+    async def _on_summary(self, msg: PartitionSummary, _raw: Msg) -> None:
+        if msg.owner != self.id:
             self.cache.update(msg)
 
     # ---- placing --------------------------------------------------------------------------
 
-    async def _on_place(self, msg: Message, _raw: Msg) -> Message:
-        if not isinstance(msg, PlaceRequest):
-            raise RemoteError(400, f"expected PlaceRequest, got {type(msg).__name__}")
+    async def _on_place(self, msg: PlaceRequest, _raw: Msg) -> Placement | Unschedulable:
         t0 = time.monotonic()
         self._in_flight += 1
         try:
@@ -204,12 +199,13 @@ class ScheduleInstance:
             self._handled += 1
             self._latencies.append(time.monotonic() - t0)
 
-    async def _place(self, req: PlaceRequest) -> Message:
+    async def _place(self, req: PlaceRequest) -> Placement | Unschedulable:
         assert self.bus is not None
         try:
             await asyncio.wait_for(self._assigned.wait(), timeout=2.0)
         except TimeoutError:
-            return Unschedulable(req.pod, req.service, f"{self.id} owns no partition yet")
+            return Unschedulable(pod=req.pod, service=req.service,
+                                 reason=f"{self.id} owns no partition yet")
         local = await self._commit_and_start(req)
         if isinstance(local, Refused) and local.stale:
             # The node knows a newer map than we do (a rebalance is under way): catch up
@@ -234,12 +230,14 @@ class ScheduleInstance:
             self.probes_sent += 1
             deadline = time.time() + self.config.reserve_timeout_s
             try:
-                reply = await self.bus.request(
-                    subjects.reserve(target.partition),
-                    ReserveRequest(req, self.id, target.epoch, deadline),
+                reply: Placement | Refused = await self.bus.call(
+                    ep.RESERVE,
+                    ReserveRequest(place=req, asker=self.id, epoch=target.epoch,
+                                   deadline=deadline),
                     # A little longer than the deadline, so an owner that committed in time
                     # is heard rather than taken for a refusal.
                     timeout=self.config.reserve_timeout_s + RESERVE_SLACK_S,
+                    partition=target.partition,
                 )
             except RemoteError as exc:
                 self.cache.forget(target.partition)
@@ -248,24 +246,23 @@ class ScheduleInstance:
             if isinstance(reply, Placement):
                 if reply.summary is not None:
                     self.cache.update(reply.summary)
-                return Placement(reply.pod, reply.service, reply.node, reply.partition,
-                                 reply.epoch, reply.decided_at, probes, reply.summary)
-            if isinstance(reply, Refused) and reply.summary is not None:
+                return msgspec.structs.replace(reply, probes=probes)
+            if reply.summary is not None:
                 self.cache.update(reply.summary)
         reason = local.reason if isinstance(local, Refused) else "no room"
         return Unschedulable(
-            req.pod, req.service,
-            f"{reason}; {probes} other partition(s) probed without room", probes,
+            pod=req.pod, service=req.service,
+            reason=f"{reason}; {probes} other partition(s) probed without room", probes=probes,
         )
 
-    async def _on_reserve(self, msg: Message, _raw: Msg) -> Message:
+    async def _on_reserve(self, msg: ReserveRequest, _raw: Msg) -> Placement | Refused:
         """Another instance asks us, the owner, to place a pod in our partition."""
-        if not isinstance(msg, ReserveRequest):
-            raise RemoteError(400, f"expected ReserveRequest, got {type(msg).__name__}")
         if not self._assigned.is_set():
-            return Refused(msg.place.pod, self.view.partition, f"{self.id} is not ready")
+            return Refused(pod=msg.place.pod, partition=self.view.partition,
+                           reason=f"{self.id} is not ready")
         if msg.deadline and time.time() > msg.deadline:
-            return Refused(msg.place.pod, self.view.partition, "the asker has given up")
+            return Refused(pod=msg.place.pod, partition=self.view.partition,
+                           reason="the asker has given up")
         return await self._commit_and_start(msg.place, deadline=msg.deadline)
 
     async def _commit_and_start(
@@ -279,37 +276,43 @@ class ScheduleInstance:
         if node is None:
             free = self.view.summary(self.id)
             return Refused(
-                req.pod, pid,
-                f"partition {pid}: no node has {req.resources.cpu:g} cpu and "
+                pod=req.pod, partition=pid,
+                reason=f"partition {pid}: no node has {req.resources.cpu:g} cpu and "
                 f"{req.resources.memory_mb} MiB free (largest free: "
                 f"{free.largest_free.cpu:g} cpu/{free.largest_free.memory_mb} MiB)",
-                free,
+                summary=free,
             )
         decided = time.time()
         timeout = NODE_START_TIMEOUT_S
         if deadline:
             timeout = max(0.05, min(timeout, deadline + RESERVE_SLACK_S / 2 - decided))
         try:
-            await self.bus.request(
-                subjects.node_start(node.name),
-                StartPod(req.pod, req.spec, node.name, req.requested_at, decided, pid, epoch),
+            await self.bus.call(
+                ep.NODE_START,
+                StartPod(pod=req.pod, spec=req.spec, node=node.name,
+                         requested_at=req.requested_at, placed_at=decided, partition=pid,
+                         epoch=epoch),
                 timeout=timeout,
+                node=node.name,
             )
         except RemoteError as exc:
             self.view.release(req.pod)
-            return Refused(req.pod, pid, f"node {node.name} refused pod: {exc.message}",
-                           self.view.summary(self.id), stale=exc.code == 409)
-        return Placement(req.pod, req.service, node.name, pid, epoch, decided, 0,
-                         self.view.summary(self.id))
+            # Only a stale epoch says our map is behind; any other refusal is the node's.
+            return Refused(pod=req.pod, partition=pid,
+                           reason=f"node {node.name} refused pod: {exc.message}",
+                           summary=self.view.summary(self.id),
+                           stale=exc.code is ErrorCode.STALE_EPOCH)
+        return Placement(pod=req.pod, service=req.service, node=node.name, partition=pid,
+                         epoch=epoch, decided_at=decided, probes=0,
+                         summary=self.view.summary(self.id))
 
     async def _refresh_map(self) -> None:
         assert self.bus is not None
         try:
-            pmap = await self.bus.request(subjects.PARTITIONS_GET, Empty(), timeout=0.5)
+            pmap: PartitionMap = await self.bus.call(ep.PARTITION_MAP_GET, Empty(), timeout=0.5)
         except RemoteError:
             return
-        if isinstance(pmap, PartitionMap):
-            await self._apply_map(pmap)
+        await self._apply_map(pmap)
 
     # ---- background -----------------------------------------------------------------------
 
@@ -321,7 +324,7 @@ class ScheduleInstance:
             lat = sorted(self._latencies)
             p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else 0.0
             beat = Heartbeat(
-                self.kind, self.id, time.time(),
+                kind=self.kind, instance=self.id, ts=time.time(),
                 requests_per_s=self._handled / interval,
                 queue_depth=self._in_flight,
                 latency_ms_p99=p99,
@@ -330,17 +333,14 @@ class ScheduleInstance:
             )
             self._handled, self._latencies = 0, []
             try:
-                await self.bus.publish(f"{subjects.HEARTBEAT}.{self.kind}", beat)
+                await self.bus.send(ep.HEARTBEAT, beat, kind=self.kind)
                 if not self._assigned.is_set():
-                    reply = await self.bus.request(subjects.PARTITIONS_GET, Empty(), timeout=0.5)
-                    if isinstance(reply, PartitionMap):
-                        await self._apply_map(reply)
+                    reply = await self.bus.call(ep.PARTITION_MAP_GET, Empty(), timeout=0.5)
+                    await self._apply_map(reply)
                 elif self.view.held:
                     async with self._assign_lock:
                         await self._adopt(sorted(self.view.held), timeout=0.2)
-            except RemoteError:
-                pass
-            except Exception:
+            except (RemoteError, nats.errors.Error, OSError):
                 log.debug("%s: heartbeat failed", self.id, exc_info=True)
             await asyncio.sleep(0.2 if not self._assigned.is_set() else interval)
 
@@ -351,13 +351,13 @@ class ScheduleInstance:
             await asyncio.sleep(SUMMARY_INTERVAL_S)
             if self._assigned.is_set():
                 try:
-                    await self.bus.publish(subjects.SUMMARIES, self.view.summary(self.id))
-                except Exception:
+                    await self.bus.send(ep.PARTITION_SUMMARY, self.view.summary(self.id))
+                except (nats.errors.Error, OSError):
                     log.debug("%s: summary lost", self.id, exc_info=True)
 
 
 async def _drain(sub: Subscription) -> None:
     try:
         await sub.drain()
-    except Exception:
+    except nats.errors.Error:
         log.debug("subscription drain failed", exc_info=True)

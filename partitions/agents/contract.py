@@ -9,9 +9,10 @@ import logging
 
 from nats.aio.msg import Msg
 
-from kernel import subjects
-from kernel.bus import Bus, RemoteError
-from kernel.messages import Empty, Message, NodeInfo, NodeRegistration, PartitionMap, encode
+from kernel import endpoints as ep
+from kernel.bus import Bus
+from kernel.errors import RemoteError
+from kernel.messages import Empty, NodeInfo, NodeRegistration, PartitionMap, encode
 from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)
@@ -23,13 +24,13 @@ async def register(bus: Bus, infos: list[NodeInfo], *, attempts: int = 100) -> N
     if not infos:
         return
     limit = max(bus.nc.max_payload - 4096, 4096)
-    size = len(encode(NodeRegistration(infos)))
+    size = len(encode(NodeRegistration(infos=infos)))
     per_msg = max(1, len(infos) * limit // size) if size > limit else len(infos)
     for i in range(0, len(infos), per_msg):
-        msg = NodeRegistration(infos[i : i + per_msg])
+        msg = NodeRegistration(infos=infos[i : i + per_msg])
         for attempt in range(attempts):
             try:
-                await bus.request(subjects.NODE_REGISTER, msg, timeout=2.0)
+                await bus.call(ep.NODE_REGISTER, msg, timeout=2.0)
                 break
             except RemoteError:
                 await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
@@ -41,14 +42,12 @@ async def register(bus: Bus, infos: list[NodeInfo], *, attempts: int = 100) -> N
 async def follow_map(bus: Bus, fence: EpochFence) -> None:
     """Keep `fence` on the current partition map: every change, and the map as it is now."""
 
-    async def on_map(msg: Message, _raw: Msg) -> None:
-        if isinstance(msg, PartitionMap):
-            fence.apply(msg)
+    async def on_map(msg: PartitionMap, _raw: Msg) -> None:
+        fence.apply(msg)
 
-    await bus.subscribe(subjects.PARTITIONS, on_map)
+    await bus.serve(ep.PARTITION_MAP, on_map)
     try:
-        pmap = await bus.request(subjects.PARTITIONS_GET, Empty(), timeout=1.0)
+        pmap: PartitionMap = await bus.call(ep.PARTITION_MAP_GET, Empty(), timeout=1.0)
     except RemoteError:
         return  # the map arrives with the next change
-    if isinstance(pmap, PartitionMap):
-        fence.apply(pmap)
+    fence.apply(pmap)

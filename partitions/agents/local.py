@@ -17,20 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import nats.errors
 from nats.aio.msg import Msg
 
-from kernel import subjects
-from kernel.bus import Bus, RemoteError
+from kernel import endpoints as ep
+from kernel.bus import Bus
+from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
     Demand,
     Empty,
     Inventory,
     InventoryRequest,
-    Message,
     NodeInfo,
-    NodeRegistration,
     PodAllocation,
     PodEvent,
+    PodState,
     PodTimeline,
     StartPod,
     StopPod,
@@ -53,7 +54,7 @@ class LocalPod:
     proc: asyncio.subprocess.Process
     spawned_at: float
     output: deque[str] = field(default_factory=lambda: deque(maxlen=50))
-    state: str = "starting"
+    state: PodState = "starting"
     ready_at: float = 0.0
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -89,10 +90,9 @@ class LocalNode:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
         self.bus = bus = await Bus.connect(self.nats_url, f"node-{self.name}")
-        await bus.subscribe(subjects.node_start(self.name), self._on_start, concurrent=True)
-        await bus.subscribe(subjects.node_stop(self.name), self._on_stop, concurrent=True)
-        await bus.subscribe(f"{subjects.NODE}.{self.name}.info", self._on_info)
-        await bus.subscribe(subjects.NODE_INVENTORY, self._on_inventory)
+        await bus.serve(ep.NODE_START, self._on_start, concurrent=True, node=self.name)
+        await bus.serve(ep.NODE_STOP, self._on_stop, concurrent=True, node=self.name)
+        await bus.serve(ep.NODE_INVENTORY, self._on_inventory)
         await register(bus, [self.info])
         self._metrics_task = asyncio.create_task(self._scrape(), name=f"node-{self.name}-metrics")
         await follow_map(bus, self.fence)
@@ -116,27 +116,23 @@ class LocalNode:
 
     # ---- commands -------------------------------------------------------------------------
 
-    async def _on_info(self, _msg: Message, _raw: Msg) -> Message:
-        return _node_msg(self.info)
-
-    async def _on_inventory(self, msg: Message, _raw: Msg) -> Message | None:
-        if not isinstance(msg, InventoryRequest) or self.name not in msg.nodes:
-            return None
+    async def _on_inventory(self, msg: InventoryRequest, _raw: Msg) -> Inventory | None:
+        if self.name not in msg.nodes:
+            return None  # asked of other nodes: their agents answer
         pods = [
-            PodAllocation(p.start.pod, p.start.spec.name, p.start.spec.resources)
+            PodAllocation(pod=p.start.pod, service=p.start.spec.name,
+                          resources=p.start.spec.resources)
             for p in self.pods.values()
         ]
-        return Inventory({self.name: pods})
+        return Inventory(pods={self.name: pods})
 
-    async def _on_start(self, msg: Message, _raw: Msg) -> Message:
-        if not isinstance(msg, StartPod):
-            raise RemoteError(400, f"expected StartPod, got {type(msg).__name__}")
+    async def _on_start(self, msg: StartPod, _raw: Msg) -> Empty:
         if self._stopping:
-            raise RemoteError(503, f"node {self.name} is shutting down")
+            raise RemoteError(ErrorCode.UNAVAILABLE, f"node {self.name} is shutting down")
         if msg.pod in self.pods:
             return Empty()
         if (why := self.fence.check(msg)) is not None:
-            raise RemoteError(409, why)
+            raise RemoteError(ErrorCode.STALE_EPOCH, why)
         spec = msg.spec
         port = free_port()
         env = {
@@ -152,7 +148,8 @@ class LocalNode:
             "FNPLANE_NODE": self.name,
         }
         if shutil.which(spec.command[0], path=env["PATH"]) is None:
-            raise RemoteError(400, f"cannot start {spec.command[0]!r}: not found on PATH")
+            raise RemoteError(ErrorCode.INVALID,
+                              f"cannot start {spec.command[0]!r}: not found on PATH")
         argv, preexec = without_preexec(list(spec.command))
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -165,7 +162,8 @@ class LocalNode:
                 preexec_fn=preexec,
             )
         except OSError as exc:
-            raise RemoteError(400, f"cannot start {spec.command[0]!r}: {exc}") from None
+            raise RemoteError(ErrorCode.INVALID,
+                              f"cannot start {spec.command[0]!r}: {exc}") from None
         pod = LocalPod(msg, port, proc, time.time())
         self.pods[msg.pod] = pod
         pod.tasks = [
@@ -175,9 +173,7 @@ class LocalNode:
         await self._emit(pod, "starting")
         return Empty()
 
-    async def _on_stop(self, msg: Message, _raw: Msg) -> Message:
-        if not isinstance(msg, StopPod):
-            raise RemoteError(400, f"expected StopPod, got {type(msg).__name__}")
+    async def _on_stop(self, msg: StopPod, _raw: Msg) -> Empty:
         pod = self.pods.get(msg.pod)
         if pod is not None:
             await self._terminate(pod, msg.reason)
@@ -212,10 +208,11 @@ class LocalNode:
                     self._reported.add(name)
                 else:
                     self._reported.discard(name)
-                demand = Demand(name, f"node:{self.name}", 0, n, 0, now, source="pods")
+                demand = Demand(service=name, reporter=f"node:{self.name}", buffered=0,
+                                in_flight=n, requests=0, ts=now, source="pods")
                 try:
-                    await self.bus.publish(subjects.DEMAND, demand)
-                except Exception:
+                    await self.bus.send(ep.DEMAND, demand)
+                except (nats.errors.Error, OSError):
                     log.debug("node %s: pod metrics lost", self.name, exc_info=True)
 
     # ---- pod lifecycle -------------------------------------------------------------------
@@ -278,20 +275,23 @@ class LocalNode:
             task.cancel()
 
     async def _emit(
-        self, pod: LocalPod, state: str, *, reason: str = "", log_tail: str = ""
+        self, pod: LocalPod, state: PodState, *, reason: str = "", log_tail: str = ""
     ) -> None:
         assert self.bus is not None
         spec = pod.start.spec
         ev = PodEvent(
-            pod.start.pod,
-            spec.name,
-            self.name,
-            state,  # type: ignore[arg-type]
+            pod=pod.start.pod,
+            service=spec.name,
+            node=self.name,
+            state=state,
             url=pod.url,
             container_concurrency=spec.container_concurrency,
             resources=spec.resources,
             timeline=PodTimeline(
-                pod.start.requested_at, pod.start.placed_at, pod.spawned_at, pod.ready_at
+                requested_at=pod.start.requested_at,
+                placed_at=pod.start.placed_at,
+                spawned_at=pod.spawned_at,
+                ready_at=pod.ready_at,
             ),
             reason=reason,
             log_tail=log_tail,
@@ -299,8 +299,8 @@ class LocalNode:
             model=spec.model_id,
         )
         try:
-            await self.bus.publish(f"{subjects.POD_EVENTS}.{spec.name}", ev)
-        except Exception:
+            await self.bus.send(ep.POD_EVENTS, ev, service=spec.name)
+        except (nats.errors.Error, OSError):
             log.warning("node %s: pod event lost", self.name, exc_info=True)
 
 
@@ -316,6 +316,3 @@ async def _kill(proc: asyncio.subprocess.Process, *, grace: float) -> None:
     except ProcessLookupError:
         pass
 
-
-def _node_msg(info: NodeInfo) -> Message:
-    return NodeRegistration([info])

@@ -17,19 +17,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import nats.errors
 from nats.aio.msg import Msg
 
-from kernel import subjects
-from kernel.bus import Bus, RemoteError
+from kernel import endpoints as ep
+from kernel.bus import Bus
+from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
     Empty,
     Inventory,
     InventoryRequest,
-    Message,
     NodeFree,
     NodeInfo,
     PodAllocation,
     PodEvent,
+    PodState,
     PodTimeline,
     Resources,
     StartPod,
@@ -51,7 +53,7 @@ class SimPod:
     alloc: PodAllocation
     node: str
     start: StartPod | None = None  # None for pods that existed before the simulation
-    state: str = "ready"
+    state: PodState = "ready"
     spawned_at: float = 0.0
     ready_at: float = 0.0
     warm: bool = False  # the node had the pod's model cached when it started
@@ -90,16 +92,24 @@ def prefill_pods(info: NodeInfo, fraction: float, pods: int) -> list[PodAllocati
         return []
     cap = info.capacity
     total = Resources(
-        round(cap.cpu * fraction, 3), int(cap.memory_mb * fraction), math.floor(cap.gpu * fraction)
+        cpu=round(cap.cpu * fraction, 3),
+        memory_mb=int(cap.memory_mb * fraction),
+        gpu=math.floor(cap.gpu * fraction),
     )
     n = max(1, pods)
-    share = Resources(round(total.cpu / n, 3), total.memory_mb // n, total.gpu // n)
+    share = Resources(
+        cpu=round(total.cpu / n, 3), memory_mb=total.memory_mb // n, gpu=total.gpu // n
+    )
     out: list[PodAllocation] = []
     left = total
     for i in range(n):
         res = share if i < n - 1 else left  # the last pod takes the rounding remainder
         left = left - res
-        out.append(PodAllocation(f"{PREFILL_SERVICE}-{info.name}-{i}", PREFILL_SERVICE, res))
+        out.append(
+            PodAllocation(
+                pod=f"{PREFILL_SERVICE}-{info.name}-{i}", service=PREFILL_SERVICE, resources=res
+            )
+        )
     return out
 
 
@@ -142,10 +152,12 @@ class SimCluster:
 
     async def start(self) -> None:
         self.bus = bus = await Bus.connect(self.nats_url, self.name)
-        await bus.subscribe(f"{subjects.NODE}.*.start", self._on_start)
-        await bus.subscribe(f"{subjects.NODE}.*.stop", self._on_stop)
-        await bus.subscribe(f"{subjects.NODE}.*.probe", self._on_probe)
-        await bus.subscribe(subjects.NODE_INVENTORY, self._on_inventory)
+        # One subscription per verb for every node (thousands of nodes, not thousands of
+        # subscriptions); the subject says which node.
+        await bus.serve(ep.NODE_START, self._on_start)
+        await bus.serve(ep.NODE_STOP, self._on_stop)
+        await bus.serve(ep.NODE_PROBE, self._on_probe)
+        await bus.serve(ep.NODE_INVENTORY, self._on_inventory)
         self._task = asyncio.create_task(self._run_timers(), name=f"{self.name}-timers")
         await register(bus, [n.info for n in self.nodes.values()])
         await follow_map(bus, self.fence)
@@ -187,34 +199,36 @@ class SimCluster:
     # ---- the node contract ----------------------------------------------------------------
 
     def _node_of(self, raw: Msg) -> SimNode | None:
-        # fnplane.node.{node}.{verb}
+        # fnplane.node.{node}.{verb}, for every node verb
         return self.nodes.get(raw.subject.split(".")[2])
 
-    async def _on_start(self, msg: Message, raw: Msg) -> Message | None:
+    async def _on_start(self, msg: StartPod, raw: Msg) -> Empty | None:
         node = self._node_of(raw)
         if node is None:
             return None  # another backend's node on the same wildcard: not ours to answer
-        if not isinstance(msg, StartPod):
-            raise RemoteError(400, f"expected StartPod, got {type(msg).__name__}")
         if msg.node != node.info.name:
-            raise RemoteError(400, f"StartPod for {msg.node} sent to node {node.info.name}")
+            raise RemoteError(
+                ErrorCode.INVALID, f"StartPod for {msg.node} sent to node {node.info.name}"
+            )
         known = self.pods.get(msg.pod)
         if known is not None:
             if known.node == node.info.name:
                 return Empty()  # a retried start: idempotent, as the local backend
             self.stats.duplicate_starts += 1
-            raise RemoteError(409, f"pod {msg.pod} already runs on {known.node}")
+            raise RemoteError(ErrorCode.CONFLICT, f"pod {msg.pod} already runs on {known.node}")
         if (why := self.fence.check(msg)) is not None:
             self.stats.refused_fence += 1
-            raise RemoteError(409, why)
+            raise RemoteError(ErrorCode.STALE_EPOCH, why)
         res = msg.spec.resources
-        if raw.headers and raw.headers.get(subjects.ADMIT_IF_FITS) and not res.fits_in(node.free):
+        if raw.headers and raw.headers.get(ep.ADMIT_IF_FITS) and not res.fits_in(node.free):
             self.stats.refused_fit += 1
-            raise RemoteError(503, f"node {node.info.name} has no room for {msg.pod}")
+            raise RemoteError(
+                ErrorCode.NO_CAPACITY, f"node {node.info.name} has no room for {msg.pod}"
+            )
         now = self.clock()
         model = msg.spec.model_id
         pod = SimPod(
-            PodAllocation(msg.pod, msg.spec.name, res),
+            PodAllocation(pod=msg.pod, service=msg.spec.name, resources=res),
             node.info.name,
             msg,
             state="starting",
@@ -232,12 +246,10 @@ class SimCluster:
         self._wake.set()
         return Empty()
 
-    async def _on_stop(self, msg: Message, raw: Msg) -> Message | None:
+    async def _on_stop(self, msg: StopPod, raw: Msg) -> Empty | None:
         node = self._node_of(raw)
         if node is None:
             return None
-        if not isinstance(msg, StopPod):
-            raise RemoteError(400, f"expected StopPod, got {type(msg).__name__}")
         pod = self.pods.get(msg.pod)
         if pod is not None and pod.node == node.info.name:
             await self._emit(pod, "terminating", reason=msg.reason)
@@ -247,17 +259,17 @@ class SimCluster:
             await self._emit(pod, "stopped", reason=msg.reason)
         return Empty()
 
-    async def _on_probe(self, _msg: Message, raw: Msg) -> Message | None:
+    async def _on_probe(self, _msg: Empty, raw: Msg) -> NodeFree | None:
         node = self._node_of(raw)
         if node is None:
             return None
         self.stats.probes += 1
-        return NodeFree(node.info.name, node.free, sorted(node.models))
+        return NodeFree(node=node.info.name, free=node.free, models=sorted(node.models))
 
-    async def _on_inventory(self, msg: Message, raw: Msg) -> None:
+    async def _on_inventory(self, msg: InventoryRequest, raw: Msg) -> None:
         """One answer for all requested nodes we have (in chunks if large); none if we have
         none of them, so other backends' nodes answer for themselves."""
-        if not isinstance(msg, InventoryRequest) or not raw.reply or self.bus is None:
+        if not raw.reply or self.bus is None:
             return
         pods: dict[str, list[PodAllocation]] = {}
         count = 0
@@ -274,7 +286,7 @@ class SimCluster:
         if pods:
             chunks.append(pods)
         for chunk in chunks:
-            await self.bus.nc.publish(raw.reply, encode(Inventory(chunk)))
+            await self.bus.nc.publish(raw.reply, encode(Inventory(pods=chunk)))
 
     # ---- time -----------------------------------------------------------------------------
 
@@ -305,24 +317,25 @@ class SimCluster:
                     self.nodes[pod.node].models.add(pod.start.spec.model_id)
                 await self._emit(pod, "ready")
 
-    async def _emit(self, pod: SimPod, state: str, *, reason: str = "") -> None:
+    async def _emit(self, pod: SimPod, state: PodState, *, reason: str = "") -> None:
         assert self.bus is not None
         start = pod.start
         if start is None:
             return  # prefilled pods were never announced and are never watched
         ev = PodEvent(
-            start.pod,
-            start.spec.name,
-            pod.node,
-            state,  # type: ignore[arg-type]
+            pod=start.pod,
+            service=start.spec.name,
+            node=pod.node,
+            state=state,
             url=f"sim://{pod.node}/{start.pod}",
             container_concurrency=start.spec.container_concurrency,
             resources=start.spec.resources,
-            timeline=PodTimeline(start.requested_at, start.placed_at, pod.spawned_at, pod.ready_at),
+            timeline=PodTimeline(requested_at=start.requested_at, placed_at=start.placed_at,
+                                 spawned_at=pod.spawned_at, ready_at=pod.ready_at),
             reason=reason,
             ts=self.clock(),
         )
         try:
-            await self.bus.publish(f"{subjects.POD_EVENTS}.{start.spec.name}", ev)
-        except Exception:
+            await self.bus.send(ep.POD_EVENTS, ev, service=start.spec.name)
+        except (nats.errors.Error, OSError):
             log.warning("%s: pod event lost", self.name, exc_info=True)

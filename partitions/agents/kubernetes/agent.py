@@ -22,20 +22,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import nats.errors
 from nats.aio.msg import Msg
 
-from kernel import subjects
-from kernel.bus import Bus, RemoteError
+from kernel import endpoints as ep
+from kernel.bus import Bus
+from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
     Demand,
     Empty,
     Inventory,
     InventoryRequest,
-    Message,
     NameRequest,
     NodeInfo,
-    NodeRegistration,
     PodEvent,
+    PodState,
     StartPod,
     StopPod,
 )
@@ -150,7 +151,7 @@ class KubernetesBackend:
             await self._wait_synced()
             # Adopted pods are tracked by now: answer inventories before `schedule` hears of
             # any node, so its accounting starts from what really runs.
-            await bus.subscribe(subjects.NODE_INVENTORY, self._on_inventory)
+            await bus.serve(ep.NODE_INVENTORY, self._on_inventory)
             self._registering = True
             await self._register(list(self.nodes.values()))
             await follow_map(bus, self.fence)
@@ -251,11 +252,8 @@ class KubernetesBackend:
             name = node.info.name
             if name not in self._subscribed:
                 self._subscribed.add(name)
-                await self.bus.subscribe(subjects.node_start(name), self._on_start,
-                                         concurrent=True)
-                await self.bus.subscribe(subjects.node_stop(name), self._on_stop,
-                                         concurrent=True)
-                await self.bus.subscribe(f"{subjects.NODE}.{name}.info", self._on_info)
+                await self.bus.serve(ep.NODE_START, self._on_start, concurrent=True, node=name)
+                await self.bus.serve(ep.NODE_STOP, self._on_stop, concurrent=True, node=name)
         # A registered node cannot be withdrawn; one that became unschedulable refuses
         # StartPod with the reason instead.
         await register(self.bus, [n.info for n in nodes if not n.unschedulable])
@@ -274,10 +272,9 @@ class KubernetesBackend:
         assert self.bus is not None and self.tracker is not None
         for service in sorted({p.service for p in self.pods.values()}):
             try:
-                await self.bus.request(f"{subjects.ADMIN}.spec", NameRequest(service),
-                                       timeout=2.0)
+                await self.bus.call(ep.ADMIN_SPEC, NameRequest(name=service), timeout=2.0)
             except RemoteError as exc:
-                if exc.code != 404:
+                if exc.code is not ErrorCode.NOT_FOUND:
                     continue
                 for pod in [p for p in self.pods.values() if p.service == service]:
                     await self.tracker.stop(pod.name, "service no longer exists")
@@ -299,10 +296,11 @@ class KubernetesBackend:
             for name in set(per_service) | self._reported:
                 n = per_service.get(name, 0)
                 (self._reported.add if n else self._reported.discard)(name)
-                demand = Demand(name, "node:kubernetes", 0, n, 0, now, source="pods")
+                demand = Demand(service=name, reporter="node:kubernetes", buffered=0,
+                                in_flight=n, requests=0, ts=now, source="pods")
                 try:
-                    await self.bus.publish(subjects.DEMAND, demand)
-                except Exception:
+                    await self.bus.send(ep.DEMAND, demand)
+                except (nats.errors.Error, OSError):
                     log.debug("kubernetes: pod metrics lost", exc_info=True)
 
     async def _in_flight(self, pod: KubePod) -> int | None:
@@ -317,50 +315,38 @@ class KubernetesBackend:
 
     # ---- commands ---------------------------------------------------------------------------
 
-    async def _on_info(self, _msg: Message, raw: Msg) -> Message:
-        name = raw.subject.split(".")[-2]
-        node = self.nodes.get(name)
-        if node is None:
-            raise RemoteError(404, f"node {name} is not in the cluster")
-        return NodeRegistration([node.info])
-
-    async def _on_inventory(self, msg: Message, _raw: Msg) -> Message | None:
+    async def _on_inventory(self, msg: InventoryRequest, _raw: Msg) -> Inventory | None:
         """A new partition owner asks what runs on its nodes: one answer for all of ours."""
         assert self.tracker is not None
-        if not isinstance(msg, InventoryRequest):
-            return None
         wanted = set(msg.nodes) & set(self.nodes)
-        return Inventory(self.tracker.allocations(wanted)) if wanted else None
+        return Inventory(pods=self.tracker.allocations(wanted)) if wanted else None
 
-    async def _on_start(self, msg: Message, _raw: Msg) -> Message:
-        if not isinstance(msg, StartPod):
-            raise RemoteError(400, f"expected StartPod, got {type(msg).__name__}")
+    async def _on_start(self, msg: StartPod, _raw: Msg) -> Empty:
         assert self.tracker is not None
         node = self.nodes.get(msg.node)
         if node is None or self._stopping:
-            raise RemoteError(503, f"node {msg.node} is not in the cluster")
+            raise RemoteError(ErrorCode.UNAVAILABLE, f"node {msg.node} is not in the cluster")
         if node.unschedulable:
-            raise RemoteError(503, f"node {msg.node} takes no pods: {node.unschedulable}")
+            raise RemoteError(ErrorCode.UNAVAILABLE,
+                              f"node {msg.node} takes no pods: {node.unschedulable}")
         if (why := self.fence.check(msg)) is not None:
-            raise RemoteError(409, why)
+            raise RemoteError(ErrorCode.STALE_EPOCH, why)
         await self.tracker.start(msg, node.k8s_name, self.config.pod_port or free_port())
         return Empty()
 
-    async def _on_stop(self, msg: Message, _raw: Msg) -> Message:
-        if not isinstance(msg, StopPod):
-            raise RemoteError(400, f"expected StopPod, got {type(msg).__name__}")
+    async def _on_stop(self, msg: StopPod, _raw: Msg) -> Empty:
         assert self.tracker is not None
         await self.tracker.stop(msg.pod, msg.reason)
         return Empty()
 
-    async def _emit(self, pod: KubePod, state: str, *, reason: str = "",
+    async def _emit(self, pod: KubePod, state: PodState, *, reason: str = "",
                     log_tail: str = "") -> None:
         assert self.bus is not None
         ev = PodEvent(
-            pod.name,
-            pod.service,
-            pod.node,
-            state,  # type: ignore[arg-type]
+            pod=pod.name,
+            service=pod.service,
+            node=pod.node,
+            state=state,
             url=pod.url,
             container_concurrency=pod.container_concurrency,
             resources=pod.resources,
@@ -370,6 +356,6 @@ class KubernetesBackend:
             ts=time.time(),
         )
         try:
-            await self.bus.publish(f"{subjects.POD_EVENTS}.{pod.service}", ev)
-        except Exception:
+            await self.bus.send(ep.POD_EVENTS, ev, service=pod.service)
+        except (nats.errors.Error, OSError):
             log.warning("kubernetes: pod event lost", exc_info=True)

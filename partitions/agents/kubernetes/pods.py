@@ -15,7 +15,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from msgspec.structs import replace
 
-from kernel.bus import RemoteError
+from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import PodAllocation, PodTimeline, Resources, StartPod
 from partitions.agents.kubernetes import objects as ko
 from partitions.kubeapi import KubeApi, api_reason
@@ -68,7 +68,9 @@ class PodTracker:
         out: dict[str, list[PodAllocation]] = {n: [] for n in sorted(nodes)}
         for p in self.pods.values():
             if p.node in nodes and p.alive:
-                out[p.node].append(PodAllocation(p.name, p.service, p.resources))
+                out[p.node].append(
+                    PodAllocation(pod=p.name, service=p.service, resources=p.resources)
+                )
         return out
 
     # ---- StartPod / StopPod --------------------------------------------------------------
@@ -79,8 +81,15 @@ class PodTracker:
             return  # a retried StartPod
         spec = msg.spec
         pod = self.pods[msg.pod] = KubePod(
-            msg.pod, spec.name, msg.node, port, spec.container_concurrency, spec.resources,
-            PodTimeline(msg.requested_at, msg.placed_at), spec.startup_timeout_s)
+            msg.pod,
+            spec.name,
+            msg.node,
+            port,
+            spec.container_concurrency,
+            spec.resources,
+            PodTimeline(requested_at=msg.requested_at, placed_at=msg.placed_at),
+            spec.startup_timeout_s,
+        )
         # The service's own image, else the backend's (which carries the sample model).
         image = spec.image or self.image
         manifest = ko.pod_manifest(msg, namespace=self.api.namespace, image=image,
@@ -200,6 +209,8 @@ class PodTracker:
         await self.api.delete_pod(pod.name, grace_s=0)
 
 
-def _code(exc: ApiException) -> int:
-    """API status → the bus's HTTP-like codes: what the caller can act on."""
-    return {400: 400, 404: 404, 409: 409, 422: 400}.get(exc.status or 0, 502)
+def _code(exc: ApiException) -> ErrorCode:
+    """API status → an error code the caller can act on (a Pod name taken is a conflict,
+    never a stale epoch: `schedule` refreshes its map only on the latter)."""
+    return {400: ErrorCode.INVALID, 404: ErrorCode.NOT_FOUND, 409: ErrorCode.CONFLICT,
+            422: ErrorCode.INVALID}.get(exc.status or 0, ErrorCode.UNAVAILABLE)
