@@ -1,7 +1,7 @@
 """Micro-batching in front of one service's pods (issue 4): for a service whose spec sets
 `batching.max_batch_size > 0`, requests that arrive together reach a pod as ONE request, and
 each caller gets back only its own rows (KServe v1 `instances`, OIP v2 tensors). No network
-here: the gateway injects `send`, which forwards one merged body to one pod.
+here: the request handler injects `send`, which forwards one merged body to one pod.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ Send = Callable[[str, dict], Awaitable[tuple[int, dict]]]
 
 
 class BatcherClosed(Exception):
-    """submit() after close(): the service is going away (the gateway answers 503)."""
+    """submit() after close(): the service is going away (the handler answers 503)."""
 
 
 class BatchAborted(Exception):
@@ -74,7 +74,7 @@ class MicroBatcher:
     The default is False: the spec's `max_wait_ms` is then the exact window.
 
     Error policy: a non-2xx answer to a batch is every member's answer (one bad row fails
-    its batch, so the gateway validates payloads before batching); a 2xx answer that cannot
+    its batch, so the handler validates payloads before batching); a 2xx answer that cannot
     be cut by rows becomes 502 for every member; if `send` raises, every member's submit
     raises it. A batch of one is sent as is and its answer returned verbatim. A submitter
     cancelled before its batch goes out leaves the batch; after, its rows are discarded.

@@ -1,4 +1,4 @@
-"""The gateway's direct path: when `route` says a service has spare capacity (direct mode),
+"""The activator's direct path: when `route` says a service has spare capacity (direct mode),
 requests go straight to a pod and the activator's buffer and throttler leave the path, as
 Knative's ingress bypasses its activator (and unlike KEDA's interceptor, which stays in the
 path of all warm traffic, kedacore/http-add-on#1752).

@@ -1,6 +1,6 @@
 """Fire-and-forget events of the activator's NATS ingress: one JetStream stream per service
 on `svc.events.{service}`, a durable pull consumer shared by every activator, a per-service
-worker that serves events through the gateway like any request, and the consumer's lag
+worker that serves events through the request handler like any request, and the consumer's lag
 reported to `scale` as demand, so waiting events alone wake a service at zero.
 """
 
@@ -13,7 +13,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -28,25 +27,25 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
-from activator.gateway import Gateway
+from activator.handler import Answer, Handler
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.config import NatsIngressConfig
 from kernel.messages import Demand
-
-if TYPE_CHECKING:
-    from activator.nats_ingress import Answer
+from kernel.store import STATE_SCHEMA, schema_verdict
 
 log = logging.getLogger(__name__)
 
 DURABLE = "fnplane-activator"
+# The stream metadata key of its schema stamp (kernel.store.STATE_SCHEMA).
+SCHEMA_METADATA = "fnplane.schema"
 # A stream's lag is one number whichever activator reads it; `scale` sums reports per
 # reporter, so every activator reports it under this one key and it is counted once.
 LAG_REPORTER = f"{DURABLE}-events"
 REPLY_TO_HEADER = "Fnplane-Reply-To"
 
-Invoke = Callable[[str, Msg], Awaitable["Answer"]]
-Publish = Callable[[str, "Answer"], Awaitable[None]]
+Invoke = Callable[[str, Msg], Awaitable[Answer]]
+Publish = Callable[[str, Answer], Awaitable[None]]
 
 
 def stream_name(service: str) -> str:
@@ -62,7 +61,7 @@ class ServiceEvents:
     ready: bool = False  # stream and consumer exist
     sub: JetStreamContext.PullSubscription | None = None  # only while consuming
     worker: asyncio.Task[None] | None = None
-    in_flight: int = 0  # events inside gateway.serve
+    in_flight: int = 0  # events inside the request handler
     backlog: deque[Msg] = field(default_factory=deque)  # fetched, not started yet
     handlers: set[asyncio.Task[None]] = field(default_factory=set)
     freed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -74,7 +73,7 @@ class EventStreams:
 
     def __init__(
         self,
-        gateway: Gateway,
+        handler: Handler,
         config: NatsIngressConfig,
         bus: Bus,
         js: JetStreamContext,
@@ -82,15 +81,15 @@ class EventStreams:
         invoke: Invoke,
         publish: Publish,
     ) -> None:
-        self.gateway = gateway
+        self.handler = handler
         self.config = config
         self.bus = bus
         self.js = js
         self._invoke = invoke
         self._publish = publish
-        self.ack_wait_s = config.ack_wait_s or 2 * gateway.config.request_timeout_s
+        self.ack_wait_s = config.ack_wait_s or 2 * handler.config.request_timeout_s
         # Half the buffer at most, so HTTP and request-reply callers always find room.
-        self.limit = max(1, min(config.max_in_flight, gateway.config.buffer_size // 2))
+        self.limit = max(1, min(config.max_in_flight, handler.config.buffer_size // 2))
         self.streams: dict[str, ServiceEvents] = {}
         self._retiring: set[ServiceEvents] = set()
         self._lag_task: asyncio.Task[None] | None = None
@@ -98,9 +97,9 @@ class EventStreams:
         self._stopping = False
 
     async def start(self) -> None:
-        for name in list(self.gateway.specs):
+        for name in self.handler.table.names():
             await self.ensure(name)
-        self._lag_task = asyncio.create_task(self._lag_loop(), name=f"{self.gateway.id}-lag")
+        self._lag_task = asyncio.create_task(self._lag_loop(), name=f"{self.handler.id}-lag")
 
     async def stop(self, timeout: float) -> None:
         """Stop fetching (never mid-fetch: a pull request abandoned on the server would hold
@@ -142,6 +141,7 @@ class EventStreams:
             discard=DiscardPolicy.OLD,
             storage=StorageType.FILE,
             num_replicas=1,
+            metadata={SCHEMA_METADATA: str(STATE_SCHEMA)},
         )
         consumer = ConsumerConfig(
             durable_name=DURABLE,
@@ -151,6 +151,7 @@ class EventStreams:
             max_deliver=cfg.max_deliver,
         )
         try:
+            await self._check_schema(ev.stream)
             try:
                 await self.js.add_stream(stream)
             except BadRequestError:  # exists with other limits: the config is ours to set
@@ -159,13 +160,23 @@ class EventStreams:
             if cfg.consume_events:
                 ev.sub = await self.js.pull_subscribe_bind(durable=DURABLE, stream=ev.stream)
         except Exception as exc:
-            log.warning("%s: no event stream for %s yet: %s", self.gateway.id, name, exc)
+            log.warning("%s: no event stream for %s yet: %s", self.handler.id, name, exc)
             if self.streams.get(name) is ev:
                 del self.streams[name]
             return
         ev.ready = True
         if ev.sub is not None and not ev.stopping:
             ev.worker = asyncio.create_task(self._work(ev), name=f"events-{name}")
+
+    async def _check_schema(self, stream: str) -> None:
+        """A stream stamped by a newer release is left alone (its events wait for that
+        release); one without a stamp is the first release's, adopted and stamped below."""
+        try:
+            info = await self.js.stream_info(stream)
+        except NotFoundError:
+            return
+        found = (info.config.metadata or {}).get(SCHEMA_METADATA)
+        schema_verdict(int(found) if found else None, where=f"JetStream stream {stream}")
 
     def retire(self, name: str) -> None:
         """A deleted service's stream is left in place (its limits bound it): a producer's
@@ -184,10 +195,11 @@ class EventStreams:
 
     def _room(self, ev: ServiceEvents) -> int:
         """Events that may start now: within this activator's per-service limit and within
-        what the gateway's buffer still holds, so events never crowd callers out of it."""
-        thr = self.gateway.throttlers.get(ev.service)
-        if thr is None:
+        what the service's buffer still holds, so events never crowd callers out of it."""
+        svc = self.handler.table.get(ev.service)
+        if svc is None:
             return 0
+        thr = svc.throttler
         return min(self.limit - ev.in_flight, thr.buffer_size - thr.buffered)
 
     async def _work(self, ev: ServiceEvents) -> None:
@@ -199,8 +211,8 @@ class EventStreams:
                     self._start_event(ev, ev.backlog.popleft())
                 want = min(self._room(ev) - len(ev.backlog), self.config.fetch_batch)
                 if want <= 0:
-                    if ev.service not in self.gateway.throttlers:
-                        await self.gateway.lookup(ev.service)  # its spec event is in flight
+                    if ev.service not in self.handler.table:
+                        await self.handler.lookup(ev.service)  # its spec event is in flight
                     ev.freed.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(ev.freed.wait(), 0.5)
@@ -210,13 +222,13 @@ class EventStreams:
                 except TimeoutError:
                     continue
                 except Exception as exc:
-                    log.warning("%s: fetching events of %s: %s", self.gateway.id, ev.service, exc)
+                    log.warning("%s: fetching events of %s: %s", self.handler.id, ev.service, exc)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
                     continue
                 backoff = 0.5
                 # fetch() may hand over strays of an earlier pull beyond `want`: they wait
-                # here, never in the gateway's buffer.
+                # here, never in the service's buffer.
                 ev.backlog.extend(msgs)
         finally:
             while ev.backlog:  # fetched, never started: back to the stream at once
@@ -266,7 +278,7 @@ class EventStreams:
             outcome = "term"
             log.warning(
                 "%s: event %s of %s dropped after %d deliveries (%d): %s",
-                self.gateway.id,
+                self.handler.id,
                 msg.metadata.sequence.stream,
                 service,
                 delivered,
@@ -285,15 +297,15 @@ class EventStreams:
         else:
             cfg = self.config
             await msg.nak(delay=min(cfg.nak_delay_s * 2 ** (delivered - 1), cfg.nak_max_delay_s))
-        self.gateway.metrics.inc("fnplane.activator.events", service=service, outcome=outcome)
+        self.handler.metrics.inc("fnplane.activator.events", service=service, outcome=outcome)
 
     # ---- consumer lag as demand ----------------------------------------------------------
 
     async def _lag_loop(self) -> None:
-        interval = self.gateway.config.metrics_interval_s
+        interval = self.handler.config.metrics_interval_s
         while True:
             await asyncio.sleep(interval)
-            for name in list(self.gateway.specs):
+            for name in self.handler.table.names():
                 await self.ensure(name)  # services learnt by lookup, or a failed create
             now = time.time()
             for name, ev in list(self.streams.items()):
@@ -305,9 +317,9 @@ class EventStreams:
                     self.retire(name)
                     continue
                 except Exception as exc:
-                    log.debug("%s: lag of %s unknown: %s", self.gateway.id, name, exc)
+                    log.debug("%s: lag of %s unknown: %s", self.handler.id, name, exc)
                     continue
-                # Events inside gateway.serve are in the gateway's own report already.
+                # Events inside the handler are in the activator's own demand report already.
                 waiting = (info.num_pending or 0) + (info.num_ack_pending or 0) - ev.in_flight
                 await self._report_lag(name, max(0, waiting), now)
 
@@ -320,9 +332,9 @@ class EventStreams:
             self._reported.add(name)
         else:
             self._reported.discard(name)  # one last zero, so `scale` forgets it at once
-        thr = self.gateway.throttlers.get(name)
-        urgent = lag > 0 and (thr is None or thr.ready_pods() == 0)
-        self.gateway.metrics.set("fnplane.activator.events.lag", lag, service=name)
+        svc = self.handler.table.get(name)
+        urgent = lag > 0 and (svc is None or svc.throttler.ready_pods() == 0)
+        self.handler.metrics.set("fnplane.activator.events.lag", lag, service=name)
         demand = Demand(service=name, reporter=LAG_REPORTER, buffered=lag, in_flight=0,
                         requests=0, ts=now, urgent=urgent)
         try:

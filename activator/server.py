@@ -1,18 +1,28 @@
-"""The activator process piece: the gateway plus its HTTP listener and NATS ingress,
-started and stopped together. Stopping refuses new work on both ingresses first, then lets
-in-flight requests finish while the gateway still serves them."""
+"""The activator component, wired: the service table kept current by `ServiceSync`, the
+request handler, the demand reporter, the HTTP listener and the NATS ingress, started and
+stopped together. Stopping refuses new work on both ingresses first, then lets in-flight
+requests finish while the handler still serves them. Wiring only; no decision here."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 from aiohttp import web
 
-from activator.gateway import Gateway
-from activator.ingress import build_app
+from activator.direct import DirectPath
+from activator.handler import Handler
+from activator.ingress import ReadyCheck, build_app
 from activator.nats_ingress import NatsIngress
+from activator.proxy import Proxy
+from activator.reporter import DemandReporter
+from activator.services import ServiceTable
+from activator.sync import ServiceSync
+from kernel import telemetry
+from kernel.bus import Bus
 from kernel.config import ActivatorConfig
+from kernel.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -21,25 +31,41 @@ class Activator:
     kind = "activator"
 
     def __init__(self, nats_url: str, config: ActivatorConfig) -> None:
+        self.id = f"activator-{uuid.uuid4().hex[:6]}"
+        self.nats_url = nats_url
         self.config = config
-        self.gateway = Gateway(nats_url, config)
-        self.nats_ingress = (
-            NatsIngress(self.gateway, nats_url, config.nats) if config.nats.enabled else None
-        )
-        self._runner: web.AppRunner | None = None
         self.port = config.port
+        self.metrics = telemetry.Registry()
+        self.direct = DirectPath()
+        self.services = ServiceTable(buffer_size=config.buffer_size, direct=self.direct)
+        self.proxy = Proxy(timeout_s=config.pod_timeout_s)
+        self.tasks = TaskGroup(self.id)
+        self.bus: Bus | None = None
+        self.handler: Handler | None = None
+        self.nats_ingress: NatsIngress | None = None
+        self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
 
     async def start(self) -> None:
-        await self.gateway.start()
-        if self.nats_ingress is not None:
+        await self.proxy.start()
+        self.bus = bus = await Bus.connect(self.nats_url, self.id)
+        sync = ServiceSync(bus, self.services, self.tasks, log_id=self.id)
+        reporter = DemandReporter(bus, self.id, self.services, self.direct, self.metrics,
+                                  self.tasks, interval_s=self.config.metrics_interval_s)
+        self.handler = handler = Handler(self.config, self.services, self.proxy, self.direct,
+                                         reporter, self.metrics, lookup=sync.lookup,
+                                         log_id=self.id)
+        await sync.start()
+        self.tasks.spawn(reporter.run(), name="report")
+        if self.config.nats.enabled:
+            self.nats_ingress = NatsIngress(handler, self.nats_url, self.config.nats)
             await self.nats_ingress.start()
-        self._runner = web.AppRunner(
-            build_app(self.gateway), access_log=None, shutdown_timeout=10.0
-        )
+        ready = ReadyCheck(lambda: not bus.nc.is_closed and bus.nc.is_connected)
+        self._runner = web.AppRunner(build_app(handler, ready=ready), access_log=None,
+                                     shutdown_timeout=10.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=2048)
         await site.start()
@@ -48,12 +74,19 @@ class Activator:
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
-        # Both ingresses drain at once (their bounds do not add up), then the gateway.
-        results = await asyncio.gather(self._stop_http(), self._stop_nats(), return_exceptions=True)
+        # Both ingresses drain at once (their bounds do not add up), then the rest.
+        results = await asyncio.gather(self._stop_http(), self._stop_nats(),
+                                       return_exceptions=True)
         for result in results:
             if isinstance(result, Exception):
                 log.error("activator: stopping an ingress failed", exc_info=result)
-        await self.gateway.stop()
+        for batcher in self.services.take_batchers():
+            await batcher.close(timeout=5.0)
+        await self.tasks.close(timeout=1.0)
+        self.services.fail_all("the activator is shutting down")
+        if self.bus is not None:
+            await self.bus.close()
+        await self.proxy.close()
 
     async def _stop_http(self) -> None:
         if self._runner is not None:

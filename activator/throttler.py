@@ -5,7 +5,7 @@ and breaker, pkg/activator/net/throttler.go and pkg/queue/breaker.go).
 A request takes a slot on the least-loaded pod with room, or waits in the buffer; a full
 buffer refuses at once (503 + Retry-After, never unbounded memory: knative/serving#13583);
 a wait longer than the request timeout gives up. Slots are handed over in FIFO order as pods
-free up or appear. No network here: the gateway owns the I/O.
+free up or appear. No network here: the request handler owns the I/O.
 """
 
 from __future__ import annotations

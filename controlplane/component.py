@@ -69,6 +69,7 @@ class Coordinated:
         if start_runtime is not None:
             # Before the coordinator: it starts from the instances that already run.
             await start_runtime()
+        await self.store.check_schema()  # before anything reads what Redis holds
         for part in self.parts:
             await part.start()
 

@@ -17,6 +17,7 @@ from controlplane.elastic import Runtime
 from controlplane.registry import Registry
 from controlplane.runtime import ProcessRuntime, TaskRuntime
 from controlplane.servers import NatsServer, RedisServer, start_nats, start_redis
+from controlplane.statedir import check_state_dir
 from functions.route.instance import RouteInstance
 from functions.scale.instance import ScaleInstance
 from functions.schedule.instance import ScheduleInstance
@@ -60,7 +61,7 @@ class Stack:
     async def start(self) -> None:
         self.started_at = time.time()
         state = Path(self.config.state_dir)
-        state.mkdir(parents=True, exist_ok=True)
+        check_state_dir(state)  # before any server reads it
         try:
             await self._start(state)
         except BaseException:
@@ -79,6 +80,7 @@ class Stack:
         # Every cold request becomes one trace across components, written as JSON lines.
         telemetry.setup_tracing("fnplane", trace_file=cfg.trace_file or state / "traces.jsonl")
         self.store = Store.from_url(self.redis_url)
+        await self.store.check_schema()
         # Local pods never outlive the stack, so routes stored by a previous run are stale.
         await self.store.r.delete(ROUTES)
 

@@ -18,6 +18,13 @@ from kernel.messages import (
     encode_record,
 )
 
+# The format of what fnplane keeps (Redis records and keys, JetStream streams, the state
+# dir). Raise it with any change an older release could not read, and teach `check_schema`
+# (and controlplane/statedir.py) to migrate from the previous one. The first release wrote
+# no version: its state is schema 1.
+STATE_SCHEMA = 1
+SCHEMA_KEY = "fnplane:schema"
+
 SERVICES = "fnplane:services"
 PARTITIONS = "fnplane:partitions"
 ROUTES = "fnplane:routes"
@@ -37,6 +44,26 @@ class StaleWrite(Exception):
     pass
 
 
+class StateSchemaError(RuntimeError):
+    """Stored state this release cannot read: refused whole, never half-read."""
+
+
+def schema_verdict(found: int | None, *, where: str) -> int:
+    """The schema to stamp on stored state, or the error that refuses it. `found` is the
+    stamped version (None: none, as the first release left it)."""
+    if found is None:
+        return STATE_SCHEMA  # empty, or the first release's state: both read as schema 1
+    if found > STATE_SCHEMA:
+        raise StateSchemaError(
+            f"{where} holds fnplane state of schema {found}, newer than this release reads "
+            f"({STATE_SCHEMA}): run the fnplane release that wrote it, or start this one "
+            f"on a fresh state (another --state-dir, or an empty Redis)"
+        )
+    if found < 1:
+        raise StateSchemaError(f"{where}: schema version {found} is not a fnplane schema")
+    return found
+
+
 class Store:
     def __init__(self, client: aioredis.Redis) -> None:
         self.r = client
@@ -45,6 +72,19 @@ class Store:
     @classmethod
     def from_url(cls, url: str) -> Store:
         return cls(aioredis.from_url(url, decode_responses=False))
+
+    async def check_schema(self) -> int:
+        """Refuse state of a newer schema before reading any of it; stamp ours on state
+        that has none (new, or written by the first release, which is schema 1)."""
+        raw = await self.r.get(SCHEMA_KEY)
+        try:
+            found = None if raw is None else int(raw)
+        except ValueError:
+            raise StateSchemaError(f"Redis key {SCHEMA_KEY} is {raw!r}, not a version") from None
+        version = schema_verdict(found, where="Redis")
+        if raw is None:
+            await self.r.set(SCHEMA_KEY, str(version))
+        return version
 
     async def ping(self) -> bool:
         return bool(await self.r.ping())

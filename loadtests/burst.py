@@ -12,7 +12,7 @@ How it observes the stack, so the numbers can be trusted:
 - pods (ready / starting / desired) come from the admin `describe` API over NATS, as the CLI sees
   them; the endpoint mode from `route`'s `Endpoints` on `fnplane.service.endpoints.sample`;
   the first cold start from the activator's `ColdStart` record on `fnplane.service.cold-start`;
-- the buffer depth is read in-process from `stack.activator.gateway.throttlers["sample"]`: a
+- the buffer depth is read in-process from `stack.activator.services["sample"].throttler`: a
   benchmark-only shortcut (the activator exports the same numbers as metrics, but only per
   metrics interval, too coarse for a burst that lasts seconds);
 - container concurrency is checked on both sides: every pod's own `/stats` peak after the

@@ -177,10 +177,11 @@ class BurstRun:
 
     async def _sample_buffer(self) -> None:
         assert self.stack.activator is not None
-        gateway = self.stack.activator.gateway
+        services = self.stack.activator.services
         while True:
-            thr = gateway.throttlers.get(SERVICE)
-            if thr is not None:
+            svc = services.get(SERVICE)
+            if svc is not None:
+                thr = svc.throttler
                 self.buffer.append(BufferSample(time.time(), thr.buffered, thr.in_flight))
             await asyncio.sleep(self.opts.sample_interval_s)
 
@@ -323,7 +324,8 @@ class BurstRun:
         self, duration: float, pod_stats: list[PodStats], unreadable: int
     ) -> dict[str, object]:
         assert self.stack.activator is not None
-        thr = self.stack.activator.gateway.throttlers.get(SERVICE)
+        svc = self.stack.activator.services.get(SERVICE)
+        thr = svc.throttler if svc is not None else None
         self.pods = [replace(p, t=p.t - self.t0) for p in self.pods]
         self.buffer = [replace(b, t=b.t - self.t0) for b in self.buffer]
         self.modes = modes = [ModeChange(t - self.t0, m, n) for t, m, n in self._modes]

@@ -32,8 +32,8 @@ async def test_buffer_timeout_is_a_503_with_retry_after(
                     assert r.status == 503
                     assert r.headers["Retry-After"] == "1"
                     assert "within 1s" in (await r.json())["error"]
-        gw = stack.activator.gateway  # type: ignore[union-attr]
-        assert gw.throttlers["sample"].buffered == 0, "the timed-out request left the buffer"
+        thr = stack.activator.services["sample"].throttler  # type: ignore[union-attr]
+        assert thr.buffered == 0, "the timed-out request left the buffer"
 
 
 async def test_pod_killed_mid_burst_loses_no_request(

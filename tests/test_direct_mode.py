@@ -6,10 +6,14 @@ traffic goes back through the activator. Real nats-server, Redis and sample-mode
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import aiohttp
+import nats
 
+from activator.nats_ingress import STATUS_HEADER
+from kernel import endpoints as ep
 from kernel.messages import ScalingSpec
 from tests.stackutil import deploy, running_stack, sample_spec, wait_until
 
@@ -31,13 +35,23 @@ async def test_activator_leaves_the_path_once_a_pod_is_ready_with_tbc_zero(
     async with running_stack(nats_url, redis_url, tmp_path) as stack:
         await deploy(nats_url, spec)
         url = f"{stack.url}/v2/models/sample/infer"
-        gw = stack.activator.gateway  # type: ignore[union-attr]
+        gw = stack.activator  # type: ignore[union-attr]
         async with aiohttp.ClientSession() as http:
             assert await _path(http, url) == "activator", "the cold request is buffered"
             await wait_until(lambda: _mode(gw), lambda m: m == "direct", timeout=10,
                              what="direct mode")
             paths = [await _path(http, url) for _ in range(5)]
         assert paths == ["direct"] * 5
+        # `svc.invoke` takes the same handler, so it goes direct too.
+        nc = await nats.connect(nats_url)
+        try:
+            replies = [await nc.request(ep.INVOKE.subject_for(service="sample"),
+                                        json.dumps(BODY).encode(), timeout=30)
+                       for _ in range(3)]
+        finally:
+            await nc.close()
+        assert [(r.headers or {}).get("Fnplane-Path") for r in replies] == ["direct"] * 3
+        assert [(r.headers or {}).get(STATUS_HEADER) for r in replies] == ["200"] * 3
 
 
 async def test_activator_stays_in_path_with_tbc_minus_one(
@@ -69,7 +83,7 @@ async def test_load_above_burst_capacity_brings_the_activator_back(
     async with running_stack(nats_url, redis_url, tmp_path) as stack:
         await deploy(nats_url, spec)
         url = f"{stack.url}/v2/models/sample/infer"
-        gw = stack.activator.gateway  # type: ignore[union-attr]
+        gw = stack.activator  # type: ignore[union-attr]
         async with aiohttp.ClientSession() as http:
             await _path(http, url)
             await wait_until(lambda: _mode(gw), lambda m: m == "direct", timeout=10,
@@ -90,12 +104,12 @@ async def test_load_above_burst_capacity_brings_the_activator_back(
                 stop.set()
                 await asyncio.gather(*workers)
             # Direct and activator paths together never put more than 8 on the pod.
-            for ep in gw.endpoints["sample"].endpoints:
+            for ep in gw.services["sample"].endpoints.endpoints:
                 async with http.get(f"{ep.url}/stats") as r:
                     stats = await r.json()
                 assert 1 <= stats["max_in_flight"] <= 8, stats
-        assert gw.throttlers["sample"].violations == 0
+        assert gw.services["sample"].throttler.violations == 0
 
 
 async def _mode(gw) -> str:
-    return gw.mode("sample")
+    return gw.services["sample"].mode

@@ -95,7 +95,7 @@ async def test_request_reply_v2_and_v1_from_zero_answer_with_the_model_output(
     async with running_stack(nats_url, redis_url, tmp_path) as stack:
         await deploy(nats_url, sample_spec())
         assert (await describe(nats_url, "sample")).ready_pods == 0
-        proxy = stack.activator.gateway.proxy  # type: ignore[union-attr]
+        proxy = stack.activator.proxy  # type: ignore[union-attr]
         sent_headers: list[dict[str, str]] = []
         forward = proxy.forward
 
@@ -143,7 +143,7 @@ async def test_unknown_service_404_and_malformed_json_400_without_waking(
             assert says in json.loads(reply.data)["error"]
 
         # Bad input never reached the gateway's request path, so nothing woke the service.
-        gw = stack.activator.gateway  # type: ignore[union-attr]
+        gw = stack.activator  # type: ignore[union-attr]
         assert gw.metrics.counter("fnplane.revision.request.count", service="sample") == 0
         st = await describe(nats_url, "sample")
         assert st.pods == [] and st.desired_pods == 0
@@ -258,7 +258,7 @@ async def test_consumer_lag_alone_scales_a_service_from_zero(
         assert st.pods[0].service == "sample"
         from_lag = [d for d in demands if d.reporter == LAG_REPORTER]
         assert any(d.buffered == 5 and d.urgent for d in from_lag), demands
-        gw = stack.activator.gateway  # type: ignore[union-attr]
+        gw = stack.activator  # type: ignore[union-attr]
         assert not [d for d in demands if d.reporter == gw.id and d.buffered], demands
         info = await js.consumer_info(stream_name("sample"), DURABLE)
         assert info.num_pending == 5  # nobody consumed them: the demand came from lag
@@ -320,7 +320,7 @@ async def test_a_flood_of_events_cannot_fill_the_buffer(
                 v2_body([row(i)]),
                 headers={REPLY_TO_HEADER: f"{inbox}.{i}"},
             )
-        thr = stack.activator.gateway.throttlers["sample"]  # type: ignore[union-attr]
+        thr = stack.activator.services["sample"].throttler  # type: ignore[union-attr]
         info = await wait_until(
             lambda: js.consumer_info(stream_name("sample"), DURABLE),
             lambda i: (i.num_ack_pending or 0) > 0,

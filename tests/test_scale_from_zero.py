@@ -128,8 +128,8 @@ async def test_burst_of_300_at_zero_honours_max_scale_and_container_concurrency(
                 async with http.get(f"{pod.url}/stats") as r:
                     stats = await r.json()
                 assert 1 <= stats["max_in_flight"] <= cc, (pod.pod, stats)
-        gw = stack.activator.gateway  # type: ignore[union-attr]
-        assert gw.throttlers["sample"].violations == 0
+        gw = stack.activator  # type: ignore[union-attr]
+        assert gw.services["sample"].throttler.violations == 0
 
 
 async def test_service_scales_back_to_zero_after_the_grace_period(

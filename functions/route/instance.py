@@ -44,6 +44,7 @@ class RouteInstance:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        await self.store.check_schema()
         for eps in await self.store.get_routes():
             self.table.restore(eps)
         self.bus = bus = await Bus.connect(self.nats_url, self.id)

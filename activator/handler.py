@@ -1,0 +1,258 @@
+"""One request, whatever door it came in by (HTTP, `svc.invoke`, `svc.events`): `handle`
+checks it (unknown service → 404, bad input → 400, before anything can wake a service from
+zero), chooses its path — micro-batch, direct to a pod (when `route` says there is spare
+capacity), or through the buffer and throttler — and maps every failure to an answer in
+KServe's error shape, in this one place. The ingresses only decode and encode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from activator.batcher import BatchAborted, BatcherClosed, MicroBatcher
+from activator.direct import DirectPath
+from activator.proxy import PodResponse, PodUnreachable, Proxy
+from activator.reporter import DemandReporter
+from activator.services import ServiceTable
+from activator.throttler import BufferFull, ServiceGone, StartFailed, WaitTimeout
+from kernel import telemetry
+from kernel.config import ActivatorConfig
+from kernel.messages import ServiceSpec
+
+log = logging.getLogger(__name__)
+
+Protocol = Literal["v1", "v2"]
+RETRYABLE_4XX = frozenset({408, 429})
+Lookup = Callable[[str], Awaitable[ServiceSpec | None]]
+
+
+@dataclass(frozen=True)
+class Request:
+    """`protocol` says which body check applies (None: a GET with no body to check)."""
+
+    service: str
+    method: str
+    path: str  # on the pod, with the query string
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    protocol: Protocol | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    pod: str = ""
+    path: str = ""  # activator | direct | activator-batch, for X-Fnplane-Path
+    retry_after_s: int = 0
+    cold: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def retryable(self) -> bool:
+        """A later try may succeed: 5xx, or a pod's 408/429 (KServe: 503 not ready)."""
+        return self.status >= 500 or self.status in RETRYABLE_4XX
+
+
+def error(status: int, message: str, *, retry_after_s: int = 0) -> Answer:
+    """KServe's error shape: `{"error": "..."}`."""
+    return Answer(status, json.dumps({"error": message}).encode(), retry_after_s=retry_after_s)
+
+
+def check_v2(payload: Any) -> str | None:
+    if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
+        return "invalid request: expected a JSON object with an 'inputs' list"
+    if not payload["inputs"]:
+        return "invalid request: 'inputs' is empty"
+    return None
+
+
+def check_v1(payload: Any) -> str | None:
+    if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
+        return "invalid request: expected a JSON object with an 'instances' list"
+    return None
+
+
+CHECKS = {"v1": check_v1, "v2": check_v2}
+
+
+class Handler:
+    def __init__(
+        self,
+        config: ActivatorConfig,
+        table: ServiceTable,
+        proxy: Proxy,
+        direct: DirectPath,
+        reporter: DemandReporter,
+        metrics: telemetry.Registry,
+        *,
+        lookup: Lookup,
+        log_id: str,
+    ) -> None:
+        self.config = config
+        self.table = table
+        self.proxy = proxy
+        self.direct = direct
+        self.reporter = reporter
+        self.metrics = metrics
+        self.lookup = lookup
+        self.id = log_id
+        table.make_batcher = self._batcher_for
+
+    async def handle(self, req: Request) -> Answer:
+        name = req.service
+        if await self.lookup(name) is None:
+            return error(404, f"Model with name {name} does not exist.")
+        payload: Any = None
+        if req.protocol is not None:
+            try:
+                payload = json.loads(req.body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                return error(400, f"invalid JSON body: {exc}")
+            if problem := CHECKS[req.protocol](payload):
+                return error(400, problem)
+        with telemetry.tracer.start_as_current_span(f"activator {name}") as span:
+            headers = dict(req.headers)
+            telemetry.inject(headers)
+            try:
+                answer = await self._route(req, payload, headers)
+            except Exception as exc:
+                return self._failure(name, exc)
+            span.set_attribute("fnplane.path", answer.path)
+            if answer.pod:
+                span.set_attribute("fnplane.pod", answer.pod)
+                span.set_attribute("fnplane.cold", answer.cold)
+        return answer
+
+    async def _route(self, req: Request, payload: Any, headers: dict[str, str]) -> Answer:
+        svc = self.table.get(req.service)
+        if svc is not None and svc.batcher is not None and req.protocol is not None:
+            status, body = await svc.batcher.submit(req.protocol, payload)
+            return Answer(status, json.dumps(body).encode(), path="activator-batch")
+        if svc is not None and svc.mode == "direct":
+            answer = await self.forward_direct(req.service, req.method, req.path, req.body,
+                                               headers)
+            if answer is not None:
+                return answer
+        return await self.forward(req.service, req.method, req.path, req.body, headers)
+
+    def _failure(self, name: str, exc: Exception) -> Answer:
+        """Every failure of the request path, mapped to an answer once."""
+        retry = self.config.retry_after_s
+        rejected = "fnplane.activator.rejected"
+        match exc:
+            case BufferFull():
+                self.metrics.inc(rejected, service=name, reason="buffer_full")
+                return error(503, str(exc), retry_after_s=retry)
+            case WaitTimeout():
+                self.metrics.inc(rejected, service=name, reason="timeout")
+                return error(503, str(exc), retry_after_s=retry)
+            case StartFailed():
+                self.metrics.inc(rejected, service=name, reason="start_failed")
+                return error(503, f"service {name} failed to start: {exc}", retry_after_s=retry)
+            case ServiceGone() | BatcherClosed() | BatchAborted():
+                return error(503, str(exc) or "service unavailable", retry_after_s=retry)
+            case PodUnreachable():
+                return error(502, f"pods of {name} unreachable: {exc}", retry_after_s=retry)
+            case TimeoutError():
+                return error(504, f"model {name} did not answer in {self.config.pod_timeout_s:g}s")
+            case _:  # never a bare 500 page: KServe's shape, and the cause
+                log.error("%s: request to %s failed", self.id, name, exc_info=exc)
+                return error(500, f"{type(exc).__name__}: {exc}")
+
+    # ---- the paths ---------------------------------------------------------------------------
+
+    async def forward_direct(
+        self, name: str, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> Answer | None:
+        """Straight to a pod, bypassing buffer and throttler; None when no pod has a free
+        slot (or it refused the connection), so the caller takes the activator path."""
+        svc = self.table.get(name)
+        if svc is None or svc.endpoints is None or svc.mode != "direct":
+            return None
+        thr = svc.throttler
+        target = self.direct.try_acquire(name, svc.endpoints.endpoints,
+                                         svc.spec.container_concurrency, thr.busy())
+        if target is None:
+            return None
+        t0 = time.time()
+        thr.admitted += 1
+        try:
+            resp = await self.proxy.forward(target.url, method, path, body, headers)
+        except PodUnreachable:
+            return None
+        finally:
+            self.direct.release(name, target.pod)
+            thr.dispatch()
+        self.metrics.inc("fnplane.gateway.direct.count", service=name)
+        self.metrics.observe(
+            "fnplane.serving.invocation.duration", time.time() - t0, service=name, path="direct"
+        )
+        return _answer(resp, target.pod, "direct", cold=False)
+
+    async def forward(
+        self, name: str, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> Answer:
+        """Admit, wait for a pod if needed, forward; one retry on another pod if the first
+        never received the request. Raises the throttler's errors for `_failure`."""
+        svc = self.table.get(name)
+        if svc is None:
+            raise ServiceGone(f"service {name!r} was deleted")
+        thr = svc.throttler
+        request_in = time.time()
+        self.metrics.inc("fnplane.revision.request.count", service=name)
+        attempts = 2
+        cold_any = False
+        while True:
+            if thr.would_wait():
+                self.reporter.urgent(name)
+            self.metrics.set("fnplane.revision.request.queued", thr.buffered + 1, service=name)
+            slot, cold = await thr.acquire(self.config.request_timeout_s)
+            cold_any = cold_any or cold
+            try:
+                resp = await self.proxy.forward(slot.url, method, path, body, headers)
+            except PodUnreachable as exc:
+                thr.mark_dead(slot)
+                attempts -= 1
+                log.warning("%s: %s unreachable (%s); %s", self.id, slot.pod, exc,
+                            "retrying" if attempts else "giving up")
+                if not attempts:
+                    raise
+                continue
+            finally:
+                thr.release(slot)
+            break
+        if cold_any:
+            self.reporter.cold_start(name, slot.endpoint, request_in, resp.first_byte_at)
+        self.metrics.observe(
+            "fnplane.serving.invocation.duration", time.time() - request_in, service=name
+        )
+        return _answer(resp, slot.pod, "activator", cold=cold_any)
+
+    def _batcher_for(self, spec: ServiceSpec) -> MicroBatcher | None:
+        name = spec.name
+
+        async def send(protocol: str, payload: dict) -> tuple[int, dict]:
+            """One merged request takes one pod slot, through the same path as any other."""
+            path = f"/v2/models/{name}/infer" if protocol == "v2" else f"/v1/models/{name}:predict"
+            headers = {"content-type": "application/json"}
+            answer = await self.forward(name, "POST", path, json.dumps(payload).encode(), headers)
+            try:
+                return answer.status, json.loads(answer.body)
+            except ValueError:
+                return 502, {"error": f"pod answered a batch with non-JSON: {answer.body[:200]!r}"}
+
+        return MicroBatcher.for_spec(spec.batching, send)
+
+
+def _answer(resp: PodResponse, pod: str, path: str, *, cold: bool) -> Answer:
+    return Answer(resp.status, resp.body, resp.content_type, pod=pod, path=path, cold=cold)

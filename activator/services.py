@@ -1,0 +1,115 @@
+"""The activator's service table: per service, its spec, its current endpoint set (with the
+mode `route` chose), its throttler and its micro-batcher. Kept current by `sync.py` from the
+registry's spec events and `route`'s endpoint sets; read by the request handler. No I/O."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from activator.batcher import MicroBatcher
+from activator.direct import DirectPath
+from activator.throttler import ServiceGone, ServiceThrottler, StartFailed
+from kernel.messages import Endpoints, ServiceSpec, ServingMode
+
+log = logging.getLogger(__name__)
+
+BatcherFactory = Callable[[ServiceSpec], MicroBatcher | None]
+
+
+@dataclass
+class Service:
+    spec: ServiceSpec
+    throttler: ServiceThrottler
+    endpoints: Endpoints | None = None
+    batcher: MicroBatcher | None = None
+
+    @property
+    def mode(self) -> ServingMode:
+        return self.endpoints.mode if self.endpoints is not None else "proxy"
+
+
+class ServiceTable:
+    def __init__(self, *, buffer_size: int, direct: DirectPath) -> None:
+        self.buffer_size = buffer_size
+        self.direct = direct
+        # Set by whoever sends batches (the request handler): a batch takes the same path
+        # as one request.
+        self.make_batcher: BatcherFactory = lambda _spec: None
+        self._services: dict[str, Service] = {}
+        # Endpoint sets that arrived before their service's spec (events race).
+        self._early: dict[str, Endpoints] = {}
+
+    def get(self, name: str) -> Service | None:
+        return self._services.get(name)
+
+    def __getitem__(self, name: str) -> Service:
+        return self._services[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._services
+
+    def __iter__(self) -> Iterator[Service]:
+        return iter(list(self._services.values()))
+
+    def names(self) -> list[str]:
+        return list(self._services)
+
+    def upsert(self, spec: ServiceSpec) -> MicroBatcher | None:
+        """Add or update a service; returns a batcher it replaced, for the caller to close."""
+        svc = self._services.get(spec.name)
+        if svc is None:
+            thr = ServiceThrottler(
+                spec.name, self.buffer_size, spec.container_concurrency,
+                elsewhere=lambda pod, name=spec.name: self.direct.on_pod(name, pod),
+            )
+            svc = self._services[spec.name] = Service(spec, thr, batcher=self.make_batcher(spec))
+            early = self._early.pop(spec.name, None)
+            if early is not None:
+                self.apply_endpoints(early)
+            return None
+        old_spec, svc.spec = svc.spec, spec
+        svc.throttler.container_concurrency = spec.container_concurrency
+        if old_spec.batching == spec.batching:
+            return None
+        retired, svc.batcher = svc.batcher, self.make_batcher(spec)
+        return retired
+
+    def remove(self, name: str) -> Service | None:
+        """A deleted service: its waiting requests fail at once; the caller closes the
+        batcher of the returned entry."""
+        self._early.pop(name, None)
+        svc = self._services.pop(name, None)
+        if svc is not None:
+            svc.throttler.fail_waiters(ServiceGone(f"service {name!r} was deleted"))
+        return svc
+
+    def apply_endpoints(self, eps: Endpoints) -> int:
+        """Take a newer endpoint set; returns how many waiting requests it failed (a service
+        whose pods fail to start has no endpoints and an error)."""
+        svc = self._services.get(eps.service)
+        if svc is None:
+            prev = self._early.get(eps.service)
+            if prev is None or prev.version < eps.version:
+                self._early[eps.service] = eps
+            return 0
+        if svc.endpoints is not None and svc.endpoints.version >= eps.version:
+            return 0  # older than what we have (a snapshot racing a live update)
+        svc.endpoints = eps
+        svc.throttler.set_endpoints(eps.endpoints, svc.spec.container_concurrency)
+        if eps.error and not eps.endpoints:
+            return svc.throttler.fail_waiters(StartFailed(eps.error))
+        return 0
+
+    def take_batchers(self) -> list[MicroBatcher]:
+        """Shutting down: the batchers, for the caller to close (flushing what they hold)."""
+        batchers = [svc.batcher for svc in self._services.values() if svc.batcher is not None]
+        for svc in self._services.values():
+            svc.batcher = None
+        return batchers
+
+    def fail_all(self, why: str) -> None:
+        """Shutting down: every request still waiting for a pod gets `why`."""
+        for svc in self._services.values():
+            svc.throttler.fail_waiters(ServiceGone(why))

@@ -1,0 +1,36 @@
+"""The state dir's own schema stamp (`fnplane-state.json`), checked before `fnplane up`
+starts a server on it: a state dir of a newer release is refused whole with what to do,
+never half-read; one of the first release (which stamped nothing) is adopted and stamped.
+Redis and JetStream carry their own stamps (kernel/store.py, activator/nats_events.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kernel.store import STATE_SCHEMA, StateSchemaError, schema_verdict
+
+STAMP = "fnplane-state.json"
+
+
+def check_state_dir(state: Path) -> int:
+    """Stamp or refuse `state` (created if missing); returns its schema version."""
+    state.mkdir(parents=True, exist_ok=True)
+    stamp = state / STAMP
+    found: int | None = None
+    if stamp.exists():
+        try:
+            found = int(json.loads(stamp.read_text())["schema"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateSchemaError(
+                f"{stamp} is unreadable ({exc}): restore it, or start on a fresh --state-dir"
+            ) from None
+    version = schema_verdict(found, where=f"state dir {state}")
+    if found is None:
+        tmp = stamp.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"schema": version}) + "\n")
+        tmp.replace(stamp)  # atomic: a crash leaves the old state or the whole stamp
+    return version
+
+
+__all__ = ["STATE_SCHEMA", "StateSchemaError", "check_state_dir"]
