@@ -87,6 +87,7 @@ async def test_a_payload_of_the_wrong_type_is_counted_and_answered_invalid(nats_
 
     try:
         await server.serve(ep.ADMIN_SPEC, on_spec)
+        await client.nc.flush()
         # A StopPod where a NameRequest is declared: refused before the handler runs.
         raw = await client.nc.request(
             ep.ADMIN_SPEC.subject_for(), encode(StopPod(pod="p", service="s")), timeout=2
