@@ -232,11 +232,11 @@ class EventStreams:
                 ev.backlog.extend(msgs)
         finally:
             while ev.backlog:  # fetched, never started: back to the stream at once
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(nats.errors.Error, OSError):
                     await ev.backlog.popleft().nak()
             # Unsubscribe rather than leave it to the connection's drain: status messages
             # of an expired pull may sit in its queue, and a drain would wait for them.
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats.errors.Error, OSError):
                 await ev.sub.unsubscribe()
 
     def _start_event(self, ev: ServiceEvents, msg: Msg) -> None:
@@ -251,7 +251,7 @@ class EventStreams:
             answer = await self._invoke(ev.service, msg)
             await self._settle(ev.service, msg, answer)
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats.errors.Error, OSError):
                 await msg.nak()
             raise
         finally:
@@ -264,7 +264,7 @@ class EventStreams:
         so only a crashed activator's events come back after the ack wait."""
         while True:
             await asyncio.sleep(self.ack_wait_s / 3)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats.errors.Error, OSError):
                 await msg.in_progress()
 
     async def _settle(self, service: str, msg: Msg, answer: Answer) -> None:

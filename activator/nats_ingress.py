@@ -8,11 +8,11 @@ status in the `Fnplane-Status` header. Fire-and-forget events on `svc.events.{se
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Mapping
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -73,20 +73,19 @@ async def invoke(handler: Handler, name: str, body: bytes,
 
 
 class NatsIngress:
-    def __init__(self, handler: Handler, nats_url: str, config: NatsIngressConfig) -> None:
+    """Uses the activator's connection; stopping it ends its own work, not the connection."""
+
+    def __init__(self, handler: Handler, bus: Bus, config: NatsIngressConfig) -> None:
         self.handler = handler
-        self.nats_url = nats_url
+        self.bus = bus
         self.config = config
-        self.bus: Bus | None = None
         self.events: EventStreams | None = None  # None while JetStream is unavailable
         self._sub: Subscription | None = None
         self._requests: set[asyncio.Task[None]] = set()
-        self._stopping = False
+        self._stopped = False
 
     async def start(self) -> None:
-        if self.bus is not None:
-            return
-        self.bus = bus = await Bus.connect(self.nats_url, f"{self.handler.id}-nats")
+        bus = self.bus
         await bus.serve(ep.SERVICE_UPDATED, self._on_spec_updated)
         await bus.serve(ep.SERVICE_DELETED, self._on_service_deleted)
         # Client bodies are JSON, not fnplane messages: a raw subscription.
@@ -96,7 +95,7 @@ class NatsIngress:
         js = bus.nc.jetstream(timeout=2.0)
         try:
             await js.account_info()
-        except Exception as exc:
+        except (nats.errors.Error, OSError) as exc:
             log.warning("%s: JetStream unavailable (%s): no events ingress", self.handler.id, exc)
             return
         self.events = EventStreams(
@@ -107,25 +106,22 @@ class NatsIngress:
     async def stop(self) -> None:
         """Idempotent. Take no new work, let what is in flight finish within the drain
         timeout (the handler still runs), cancel the rest (callers get a 503, events are
-        nak'ed for another activator), then drain the connection."""
-        bus = self.bus
-        if bus is None or self._stopping:
+        nak'ed for another activator)."""
+        if self._stopped:
             return
-        self._stopping = True
-        try:
-            if self._sub is not None:
-                with contextlib.suppress(Exception):
-                    await self._sub.unsubscribe()
-                self._sub = None
-            timeout = self.config.drain_timeout_s
-            await asyncio.gather(
-                self._drain_requests(timeout),
-                self.events.stop(timeout) if self.events else asyncio.sleep(0),
-            )
-            await bus.close()
-        finally:
-            self.bus = self.events = None
-            self._stopping = False
+        self._stopped = True
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except nats.errors.Error:
+                log.debug("%s: unsubscribing svc.invoke failed", self.handler.id, exc_info=True)
+            self._sub = None
+        timeout = self.config.drain_timeout_s
+        await asyncio.gather(
+            self._drain_requests(timeout),
+            self.events.stop(timeout) if self.events else asyncio.sleep(0),
+        )
+        self.events = None
 
     async def _drain_requests(self, timeout: float) -> None:
         if not self._requests:
@@ -182,9 +178,7 @@ class NatsIngress:
             return error(500, f"{type(exc).__name__}: {exc}")
 
     async def _publish(self, subject: str, answer: Answer) -> None:
-        if self.bus is None:
-            return
         try:
             await self.bus.nc.publish(subject, answer.body, headers=nats_headers(answer))
-        except Exception:  # connection closing: the requester times out instead
+        except (nats.errors.Error, OSError):  # closing: the requester times out instead
             log.debug("%s: answer on %s lost", self.handler.id, subject, exc_info=True)

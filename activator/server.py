@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 
 from aiohttp import web
 
@@ -21,26 +20,23 @@ from activator.services import ServiceTable
 from activator.sync import ServiceSync
 from kernel import telemetry
 from kernel.bus import Bus
+from kernel.component import Component
 from kernel.config import ActivatorConfig
-from kernel.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
 
-class Activator:
+class Activator(Component):
     kind = "activator"
 
-    def __init__(self, nats_url: str, config: ActivatorConfig) -> None:
-        self.id = f"activator-{uuid.uuid4().hex[:6]}"
-        self.nats_url = nats_url
+    def __init__(self, bus: Bus, config: ActivatorConfig) -> None:
+        super().__init__(bus)
         self.config = config
         self.port = config.port
         self.metrics = telemetry.Registry()
         self.direct = DirectPath()
         self.services = ServiceTable(buffer_size=config.buffer_size, direct=self.direct)
         self.proxy = Proxy(timeout_s=config.pod_timeout_s)
-        self.tasks = TaskGroup(self.id)
-        self.bus: Bus | None = None
         self.handler: Handler | None = None
         self.nats_ingress: NatsIngress | None = None
         self._runner: web.AppRunner | None = None
@@ -51,7 +47,7 @@ class Activator:
 
     async def start(self) -> None:
         await self.proxy.start()
-        self.bus = bus = await Bus.connect(self.nats_url, self.id)
+        bus = self.bus
         sync = ServiceSync(bus, self.services, self.tasks, log_id=self.id)
         reporter = DemandReporter(bus, self.id, self.services, self.direct, self.metrics,
                                   self.tasks, interval_s=self.config.metrics_interval_s)
@@ -61,7 +57,7 @@ class Activator:
         await sync.start()
         self.tasks.spawn(reporter.run(), name="report")
         if self.config.nats.enabled:
-            self.nats_ingress = NatsIngress(handler, self.nats_url, self.config.nats)
+            self.nats_ingress = NatsIngress(handler, bus, self.config.nats)
             await self.nats_ingress.start()
         ready = ReadyCheck(lambda: not bus.nc.is_closed and bus.nc.is_connected)
         self._runner = web.AppRunner(build_app(handler, ready=ready), access_log=None,
@@ -84,8 +80,7 @@ class Activator:
             await batcher.close(timeout=5.0)
         await self.tasks.close(timeout=1.0)
         self.services.fail_all("the activator is shutting down")
-        if self.bus is not None:
-            await self.bus.close()
+        await super().stop()
         await self.proxy.close()
 
     async def _stop_http(self) -> None:

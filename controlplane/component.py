@@ -8,7 +8,8 @@
   operator     the FnService reconciler
   probe        exit 0 when this container's component is alive (exec probe)
 
-Configuration comes from the environment, as a Deployment sets it: FNPLANE_NATS_URL,
+Configuration: the whole Config as JSON in FNPLANE_CONFIG if set; on top, the variables a
+Deployment sets: FNPLANE_NATS_URL,
 FNPLANE_REDIS_URL, FNPLANE_PUBLIC_URL (the gateway's URL services are announced at),
 FNPLANE_ACTIVATOR_PORT, FNPLANE_POD_IMAGE, FNPLANE_POD_PULL_POLICY, FNPLANE_POD_PORT,
 FNPLANE_NAMESPACE, FNPLANE_INSTANCE_ID (a `schedule` instance's id: its pod name, from the
@@ -32,11 +33,16 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
+from controlplane import build as builder
 from controlplane.elastic import Runtime
-from kernel.config import DEFAULT_NATS_URL, ActivatorConfig, Config, CoordinatorConfig
+from controlplane.instance import config_from_env as config_from_json_env
+from controlplane.operator import OperatorConfig
+from kernel.component import Component
+from kernel.config import DEFAULT_NATS_URL, Config
+from partitions.agents.kubernetes.agent import KubernetesConfig
 
 COMPONENTS = ("coordinator", "scale", "schedule", "route", "activator", "node", "operator")
 ALIVE_EVERY_S = 5.0
@@ -47,70 +53,41 @@ def alive_file() -> Path:
     return Path(os.environ.get("FNPLANE_ALIVE_FILE", "/tmp/fnplane/alive"))
 
 
-class Coordinated:
-    """The coordinator and the registry share one Redis store: one component here."""
-
-    def __init__(self, nats_url: str, redis_url: str, public_url: str, *,
-                 config: CoordinatorConfig | None = None,
-                 runtime: Runtime | None = None) -> None:
-        from controlplane.coordinator import Coordinator
-        from controlplane.registry import Registry
-        from kernel.store import Store
-
-        self.store = Store.from_url(redis_url)
-        self.runtime = runtime
-        self.coordinator = Coordinator(nats_url, self.store, config or CoordinatorConfig(),
-                                       runtime=runtime)
-        self.parts: list[Any] = [Registry(nats_url, self.store, public_url=public_url),
-                                 self.coordinator]
-
-    async def start(self) -> None:
-        start_runtime = getattr(self.runtime, "start", None)
-        if start_runtime is not None:
-            # Before the coordinator: it starts from the instances that already run.
-            await start_runtime()
-        await self.store.check_schema()  # before anything reads what Redis holds
-        for part in self.parts:
-            await part.start()
-
-    async def stop(self) -> None:
-        for part in reversed(self.parts):
-            await part.stop()
-        await self.store.close()
+def config_from_env(env: dict[str, str]) -> Config:
+    """The whole Config from `FNPLANE_CONFIG` (JSON) if set, with the Deployment's variables
+    on top (they are what deploy/ sets)."""
+    base = config_from_json_env(env)
+    coordinator = replace(
+        base.coordinator,
+        schedule_min=int(env.get("FNPLANE_SCHEDULE_MIN", base.coordinator.schedule_min)),
+        schedule_max=int(env.get("FNPLANE_SCHEDULE_MAX", base.coordinator.schedule_max)),
+    )
+    activator = replace(base.activator, host="0.0.0.0",
+                        port=int(env.get("FNPLANE_ACTIVATOR_PORT", "8080")))
+    return replace(base, nats_url=env.get("FNPLANE_NATS_URL", DEFAULT_NATS_URL),
+                   redis_url=env.get("FNPLANE_REDIS_URL", base.redis_url),
+                   coordinator=coordinator, activator=activator)
 
 
-def build(name: str, env: dict[str, str]) -> Any:
-    nats_url = env.get("FNPLANE_NATS_URL", DEFAULT_NATS_URL)
-    redis_url = env.get("FNPLANE_REDIS_URL", Config().redis_url)
+async def build(name: str, env: dict[str, str]) -> Component:
+    config = config_from_env(env)
     if name == "coordinator":
-        config = CoordinatorConfig(schedule_min=int(env.get("FNPLANE_SCHEDULE_MIN", "1")),
-                                   schedule_max=int(env.get("FNPLANE_SCHEDULE_MAX", "4")))
-        return Coordinated(nats_url, redis_url, env.get("FNPLANE_PUBLIC_URL", ""),
-                           config=config, runtime=coordinator_runtime(env))
+        return await builder.coordinator(config, public_url=env.get("FNPLANE_PUBLIC_URL", ""),
+                                         runtime=coordinator_runtime(env))
     if name in ("scale", "schedule", "route"):
-        from controlplane import instance
-
         instance_id = env.get("FNPLANE_INSTANCE_ID") or env.get("HOSTNAME", "")
-        return instance.build(name, argparse.Namespace(nats=nats_url, redis=redis_url,
-                                                       id=instance_id))
+        return await builder.instance(name, config, instance_id)
     if name == "activator":
-        from activator.server import Activator
-
-        port = int(env.get("FNPLANE_ACTIVATOR_PORT", "8080"))
-        return Activator(nats_url, ActivatorConfig(host="0.0.0.0", port=port))
+        return await builder.activator(config)
     if name == "node":
-        from partitions.agents.kubernetes.agent import KubernetesBackend, KubernetesConfig
-
-        return KubernetesBackend(nats_url, KubernetesConfig(
+        return await builder.kubernetes_nodes(config, KubernetesConfig(
             namespace=env.get("FNPLANE_NAMESPACE", ""),
             image=env.get("FNPLANE_POD_IMAGE", "fnplane:0.1.0"),
             image_pull_policy=env.get("FNPLANE_POD_PULL_POLICY", "IfNotPresent"),
             pod_port=int(env.get("FNPLANE_POD_PORT", "8080")),
         ))
     if name == "operator":
-        from controlplane.operator import FnServiceOperator, OperatorConfig
-
-        return FnServiceOperator(nats_url, OperatorConfig(
+        return await builder.operator(config, OperatorConfig(
             namespace=env.get("FNPLANE_NAMESPACE", "")))
     raise SystemExit(f"unknown component {name!r}; one of {', '.join(COMPONENTS)}")
 
@@ -138,7 +115,7 @@ async def _beat(path: Path) -> None:
 
 
 async def run(name: str) -> int:
-    component = build(name, dict(os.environ))
+    component = await build(name, dict(os.environ))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

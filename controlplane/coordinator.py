@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable
 
 import msgspec
@@ -17,6 +16,7 @@ from nats.aio.msg import Msg
 from controlplane.elastic import InstancePolicy, InstanceScaler, Runtime
 from kernel import endpoints as ep
 from kernel.bus import Bus
+from kernel.component import Component
 from kernel.config import CoordinatorConfig
 from kernel.messages import (
     ClusterStatus,
@@ -38,18 +38,19 @@ STALL_S = 0.25
 OTHER_KINDS_TIMEOUT_S = 5.0
 
 
-class Coordinator:
+class Coordinator(Component):
+    """`store` is shared with the registry and closed by whoever opened it."""
+
     def __init__(
         self,
-        nats_url: str,
+        bus: Bus,
         store: Store,
         config: CoordinatorConfig,
         *,
         clock: Callable[[], float] = time.time,
         runtime: Runtime | None = None,
     ) -> None:
-        self.id = f"coordinator-{uuid.uuid4().hex[:6]}"
-        self.nats_url = nats_url
+        super().__init__(bus)
         self.store = store
         self.config = config
         self.clock = clock
@@ -57,8 +58,6 @@ class Coordinator:
         self.instances: dict[str, Heartbeat] = {}
         self.pmap = PartitionMap(version=0, partitions=[])
         self.summaries: dict[int, PartitionSummary] = {}
-        self.bus: Bus | None = None
-        self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self.runtime = runtime
         self.scalers = {
@@ -77,12 +76,11 @@ class Coordinator:
             # partition is reassigned (with a new epoch) as instances announce themselves.
             self.pmap = stored
             self.nodes = dict(stored.nodes)
-        self.bus = bus = await Bus.connect(self.nats_url, self.id)
-        await bus.serve(ep.HEARTBEAT, self._on_heartbeat)
-        await bus.serve(ep.NODE_REGISTER, self._on_register)
-        await bus.serve(ep.PARTITION_MAP_GET, self._on_get)
-        await bus.serve(ep.ADMIN_STATUS, self._on_status)
-        await bus.serve(ep.PARTITION_SUMMARY, self._on_summary)
+        await self.bus.serve(ep.HEARTBEAT, self._on_heartbeat)
+        await self.bus.serve(ep.NODE_REGISTER, self._on_register)
+        await self.bus.serve(ep.PARTITION_MAP_GET, self._on_get)
+        await self.bus.serve(ep.ADMIN_STATUS, self._on_status)
+        await self.bus.serve(ep.PARTITION_SUMMARY, self._on_summary)
         if self.runtime is not None:
             for kind, scaler in self.scalers.items():
                 # At least the minimum, but never fewer than already run (instances that
@@ -92,17 +90,13 @@ class Coordinator:
                 running = len(self.runtime.instances(kind))
                 await self.runtime.scale(kind, min(max(running, p.min_instances),
                                                    p.max_instances))
-        self._task = asyncio.create_task(self._run(), name=f"{self.id}-loop")
+        self.tasks.spawn(self._run(), name="loop")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self.tasks.close()
         if self.runtime is not None:
             await self.runtime.stop()
-        if self.bus is not None:
-            await self.bus.close()
+        await super().stop()
 
     def _on_exit(self, kind: str, instance: str) -> None:
         """The runtime saw an instance exit: reassign its partition now, not after the
@@ -223,5 +217,4 @@ class Coordinator:
             pmap.version,
             ", ".join(f"p{p.id}@{p.owner or '-'}#e{p.epoch}({len(p.nodes)})" for p in parts),
         )
-        if self.bus is not None:
-            await self.bus.send(ep.PARTITION_MAP, pmap)
+        await self.bus.send(ep.PARTITION_MAP, pmap)

@@ -1,64 +1,64 @@
 """Run one control-function instance as its own process:
-`python -m controlplane.instance schedule --nats URL [--redis URL] [--id ID]`.
-The same entry point serves the process runtime here and the container image on Kubernetes.
-Wiring only; SIGTERM stops the instance cleanly."""
+`python -m controlplane.instance KIND [--id ID]`, KIND one of scale, schedule, route (and the
+benchmark's baselines, central and sampling). The whole `Config` comes from the environment
+as JSON (`FNPLANE_CONFIG`, what the process runtime passes), so every setting of the parent
+reaches the instance; without it, the defaults. The same entry point serves the process
+runtime here and the container image on Kubernetes. Prints `READY_LINE`, the instance id
+and its config once it serves; SIGTERM stops it cleanly. Wiring only."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
-from kernel.config import Config, ScaleConfig, ScheduleConfig
+from controlplane import build
+from kernel.config import Config, dumps, loads
+
+READY_LINE = "fnplane-instance ready"
+CONFIG_ENV = "FNPLANE_CONFIG"
 
 
-def build(kind: str, args: argparse.Namespace):
-    if kind == "schedule":
-        from functions.schedule.instance import ScheduleInstance
-
-        return ScheduleInstance(args.nats, ScheduleConfig(), instance_id=args.id)
-    if kind == "scale":
-        from functions.scale.instance import ScaleInstance
-
-        return ScaleInstance(args.nats, ScaleConfig())
-    if kind == "route":
-        from functions.route.instance import RouteInstance
-
-        return RouteInstance(args.nats, args.redis or Config().redis_url)
-    raise SystemExit(f"unknown control function {kind!r} (schedule, scale, route)")
+def config_from_env(env: dict[str, str]) -> Config:
+    text = env.get(CONFIG_ENV, "")
+    return loads(text) if text else Config()
 
 
-async def run(args: argparse.Namespace) -> int:
-    instance = build(args.kind, args)
+async def run(kind: str, config: Config, instance_id: str, *, ready_timeout: float) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await instance.start()
-    print(f"{args.kind} instance {getattr(instance, 'id', '?')} running", flush=True)
-    await stop.wait()
-    await instance.stop()
+    async with await build.instance(kind, config, instance_id) as component:
+        wait_ready = getattr(component, "wait_ready", None)
+        if wait_ready is not None:  # the baselines: once they know the nodes
+            await wait_ready(timeout=ready_timeout)
+        # A `schedule` instance is ready once the coordinator gives it a partition: its
+        # heartbeats say so, and that is what callers watch.
+        print(f"{READY_LINE} {kind} {component.id} config={dumps(config)}", flush=True)
+        await stop.wait()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m controlplane.instance")
-    p.add_argument("kind", choices=["schedule", "scale", "route"])
-    p.add_argument("--nats", required=True)
-    p.add_argument("--redis", default="")
+    p.add_argument("kind", choices=sorted(build.INSTANCES))
     p.add_argument("--id", default="")
+    p.add_argument("--ready-timeout", type=float, default=60.0)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"%(asctime)s {args.kind} %(levelname)s %(message)s")
+    config = config_from_env(dict(os.environ))
+    coro = run(args.kind, config, args.id, ready_timeout=args.ready_timeout)
     try:
         import uvloop
-
-        return uvloop.run(run(args))
     except ImportError:
-        return asyncio.run(run(args))
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 if __name__ == "__main__":

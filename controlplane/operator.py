@@ -26,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from controlplane.specfile import spec_from_manifest
 from kernel import endpoints as ep
 from kernel.bus import Bus
+from kernel.component import Component
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import DeployRequest, NameRequest, ServiceStatus, SpecError
 from partitions.kubeapi import (
@@ -101,26 +102,23 @@ def _with_condition(status: dict[str, Any], old: dict[str, Any], cond_status: st
     return status
 
 
-class FnServiceOperator:
+class FnServiceOperator(Component):
     kind = "operator"
 
-    def __init__(self, nats_url: str, config: OperatorConfig) -> None:
-        self.nats_url = nats_url
+    def __init__(self, bus: Bus, config: OperatorConfig) -> None:
+        super().__init__(bus)
         self.config = config
         self.namespace = config.namespace
         self.objects: dict[str, dict[str, Any]] = {}  # the newest FnService of each name
-        self.bus: Bus | None = None
         self.api: client.ApiClient | None = None
         self.custom: client.CustomObjectsApi | None = None
         self.watch: ListWatch | None = None
         self._queue: asyncio.Queue[Synced | Changed] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     async def start(self) -> None:
         cfg = self.config
         try:
-            self.bus = await Bus.connect(self.nats_url, "operator")
             self.api, ns = await asyncio.to_thread(load_client, cfg.kubeconfig, cfg.context,
                                                    user_agent=cfg.user_agent)
             self.namespace = cfg.namespace or ns
@@ -133,7 +131,7 @@ class FnServiceOperator:
                 watch_timeout_s=cfg.watch_timeout_s, request_timeout_s=cfg.request_timeout_s,
             )
             self.watch.start()
-            self._task = asyncio.create_task(self._run(), name="operator")
+            self.tasks.spawn(self._run(), name="reconcile")
         except BaseException:
             await self.stop()
             raise
@@ -144,11 +142,7 @@ class FnServiceOperator:
         self._stopping = True
         if self.watch is not None:
             await asyncio.to_thread(self.watch.stop)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self.bus is not None:
-            await self.bus.close()
+        await super().stop()
         if self.api is not None:
             self.api.close()
 
@@ -238,7 +232,6 @@ class FnServiceOperator:
     # ---- I/O ----------------------------------------------------------------------------------
 
     async def _admin(self, endpoint: ep.Endpoint[Any, Any], msg: Any) -> Any:
-        assert self.bus is not None
         return await self.bus.call(endpoint, msg, timeout=5.0)
 
     async def _patch(self, name: str, body: dict[str, Any], *, status: bool = False) -> None:

@@ -8,13 +8,13 @@ subject; status answers gather what `scale` and `route` know at that moment.
 from __future__ import annotations
 
 import logging
-import uuid
 
 import msgspec
 from nats.aio.msg import Msg
 
 from kernel import endpoints as ep
 from kernel.bus import Bus
+from kernel.component import Component
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
     ColdStart,
@@ -34,32 +34,26 @@ from kernel.store import Store
 log = logging.getLogger(__name__)
 
 
-class Registry:
-    def __init__(self, nats_url: str, store: Store, *, public_url: str) -> None:
-        self.id = f"registry-{uuid.uuid4().hex[:6]}"
-        self.nats_url = nats_url
+class Registry(Component):
+    """`store` is shared with the coordinator and closed by whoever opened it."""
+
+    def __init__(self, bus: Bus, store: Store, *, public_url: str) -> None:
+        super().__init__(bus)
         self.store = store
         self.public_url = public_url.rstrip("/")
-        self.bus: Bus | None = None
 
     async def start(self) -> None:
-        self.bus = bus = await Bus.connect(self.nats_url, self.id)
-        await bus.serve(ep.ADMIN_DEPLOY, self._on_deploy)
-        await bus.serve(ep.ADMIN_DELETE, self._on_delete)
-        await bus.serve(ep.ADMIN_LIST, self._on_list)
-        await bus.serve(ep.ADMIN_DESCRIBE, self._on_describe)
-        await bus.serve(ep.ADMIN_SPEC, self._on_spec)
-        await bus.serve(ep.COLD_START, self._on_cold_start)
-
-    async def stop(self) -> None:
-        if self.bus is not None:
-            await self.bus.close()
+        await self.bus.serve(ep.ADMIN_DEPLOY, self._on_deploy)
+        await self.bus.serve(ep.ADMIN_DELETE, self._on_delete)
+        await self.bus.serve(ep.ADMIN_LIST, self._on_list)
+        await self.bus.serve(ep.ADMIN_DESCRIBE, self._on_describe)
+        await self.bus.serve(ep.ADMIN_SPEC, self._on_spec)
+        await self.bus.serve(ep.COLD_START, self._on_cold_start)
 
     def url(self, name: str) -> str:
         return f"{self.public_url}/v2/models/{name}/infer"
 
     async def _on_deploy(self, msg: DeployRequest, _raw: Msg) -> ServiceStatus:
-        assert self.bus is not None
         try:
             spec = msg.spec.validate()
         except SpecError as exc:
@@ -73,7 +67,6 @@ class Registry:
         return ServiceStatus(spec=spec, url=self.url(spec.name))
 
     async def _on_delete(self, msg: NameRequest, _raw: Msg) -> Empty:
-        assert self.bus is not None
         if not await self.store.delete_service(msg.name):
             raise RemoteError(ErrorCode.NOT_FOUND, f"service {msg.name!r} not found")
         await self.bus.send(ep.SERVICE_DELETED, ServiceDeleted(name=msg.name))
@@ -91,7 +84,6 @@ class Registry:
         )
 
     async def _on_describe(self, msg: NameRequest, _raw: Msg) -> ServiceStatus:
-        assert self.bus is not None
         spec = await self.store.get_service(msg.name)
         if spec is None:
             raise RemoteError(ErrorCode.NOT_FOUND, f"service {msg.name!r} not found")
@@ -121,7 +113,6 @@ class Registry:
         await self.store.put_cold_start(msg)
 
     async def _routes(self) -> dict[str, list[str]]:
-        assert self.bus is not None
         try:
             snap: RoutingSnapshot = await self.bus.call(ep.ROUTES, Empty(), timeout=1.0)
         except RemoteError:

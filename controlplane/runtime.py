@@ -13,17 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from controlplane.elastic import ExitCallback, Instance
+from controlplane.instance import CONFIG_ENV
+from kernel.config import Config, dumps
 from kernel.procs import ManagedProcess
 
 log = logging.getLogger(__name__)
 
 
 class TaskRuntime:
-    def __init__(self, factories: dict[str, Callable[[], Instance]]) -> None:
+    """Each instance as objects on this loop; a factory builds a started-to-be instance
+    with its own connected bus (controlplane/build.py)."""
+
+    def __init__(self, factories: dict[str, Callable[[], Awaitable[Instance]]]) -> None:
         self.factories = factories
         self.running: dict[str, list[Instance]] = {k: [] for k in factories}
         self.on_exit: ExitCallback | None = None
@@ -36,7 +43,7 @@ class TaskRuntime:
         async with self._lock:
             group = self.running[kind]
             while len(group) < n:
-                inst = self.factories[kind]()
+                inst = await self.factories[kind]()
                 await inst.start()
                 group.append(inst)
                 log.info("runtime: started %s %s (%d running)", kind, inst.id, len(group))
@@ -67,11 +74,11 @@ class TaskRuntime:
 
 
 class ProcessRuntime:
-    """One OS process per instance; `argv_for(kind, id)` builds its command line."""
+    """One OS process per instance (`python -m controlplane.instance KIND --id ID`), handed
+    the whole `Config` as JSON in its environment, so it honours every setting."""
 
-    def __init__(self, nats_url: str, redis_url: str, *, kinds: list[str]) -> None:
-        self.nats_url = nats_url
-        self.redis_url = redis_url
+    def __init__(self, config: Config, *, kinds: list[str]) -> None:
+        self.config = config
         self.running: dict[str, dict[str, ManagedProcess]] = {k: {} for k in kinds}
         self.on_exit: ExitCallback | None = None
         self._watchers: set[asyncio.Task[None]] = set()
@@ -79,8 +86,10 @@ class ProcessRuntime:
         self._lock = asyncio.Lock()
 
     def argv_for(self, kind: str, instance: str) -> list[str]:
-        return [sys.executable, "-m", "controlplane.instance", kind, "--nats", self.nats_url,
-                "--redis", self.redis_url, "--id", instance]
+        return [sys.executable, "-m", "controlplane.instance", kind, "--id", instance]
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, CONFIG_ENV: dumps(self.config)}
 
     def instances(self, kind: str) -> list[str]:
         return list(self.running.get(kind, {}))
@@ -91,7 +100,8 @@ class ProcessRuntime:
             while len(group) < n:
                 self._seq += 1
                 instance = f"{kind}-p{self._seq}"
-                proc = await ManagedProcess.start(self.argv_for(kind, instance), name=instance)
+                proc = await ManagedProcess.start(self.argv_for(kind, instance), name=instance,
+                                                  env=self.env())
                 group[instance] = proc
                 task = asyncio.create_task(self._watch(kind, instance, proc))
                 self._watchers.add(task)
@@ -109,12 +119,8 @@ class ProcessRuntime:
                 self.on_exit(kind, instance)
 
     async def kill(self, kind: str, instance: str) -> None:
-        import signal
-
         proc = self.running.get(kind, {}).get(instance)
         if proc is not None and proc.pid:
-            import os
-
             os.kill(proc.pid, signal.SIGKILL)
 
     async def stop(self) -> None:

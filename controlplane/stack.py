@@ -7,33 +7,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TypeVar
 
 from activator.server import Activator
+from controlplane import build
 from controlplane.coordinator import Coordinator
 from controlplane.elastic import Runtime
-from controlplane.registry import Registry
 from controlplane.runtime import ProcessRuntime, TaskRuntime
 from controlplane.servers import NatsServer, RedisServer, start_nats, start_redis
 from controlplane.statedir import check_state_dir
-from functions.route.instance import RouteInstance
 from functions.scale.instance import ScaleInstance
-from functions.schedule.instance import ScheduleInstance
 from kernel import telemetry
+from kernel.component import Component
 from kernel.config import Config
-from kernel.messages import NodeInfo
 from kernel.store import ROUTES, Store
-from partitions.agents.kubernetes.agent import KubernetesBackend, KubernetesConfig
-from partitions.agents.local import LocalNode
+from partitions.agents.kubernetes.agent import KubernetesConfig
 
 log = logging.getLogger(__name__)
 
 
-class Component(Protocol):
-    async def start(self) -> None: ...
-    async def stop(self) -> None: ...
+C = TypeVar("C", bound=Component)
+
+
+async def _ready(component: C) -> C:
+    return component
 
 
 @dataclass
@@ -84,46 +84,33 @@ class Stack:
         # Local pods never outlive the stack, so routes stored by a previous run are stale.
         await self.store.r.delete(ROUTES)
 
-        self.activator = Activator(cfg.nats_url, cfg.activator)
         public = f"http://{cfg.activator.host}:{cfg.activator.port or 0}"
-        registry = Registry(cfg.nats_url, self.store, public_url=public)
-        await self._up(registry)
         # The coordinator starts `schedule` instances itself and scales them with their load.
         self.runtime = self._runtime(cfg)
-        self.coordinator = Coordinator(cfg.nats_url, self.store, cfg.coordinator,
-                                       runtime=self.runtime)
-        await self._up(self.coordinator)
-        await self._up(RouteInstance(cfg.nats_url, cfg.redis_url))
-        await self._up(
-            ScaleInstance(
-                cfg.nats_url, cfg.scale, metrics_interval_s=cfg.activator.metrics_interval_s
-            )
-        )
+        coordinated = await self._up(build.coordinator(cfg, public_url=public,
+                                                       runtime=self.runtime))
+        self.coordinator = coordinated.coordinator
+        await self._up(build.route(cfg))
+        await self._up(build.scale(cfg))
         if cfg.nodes.backend == "kubernetes":
-            await self._up(KubernetesBackend(cfg.nats_url, self.kubernetes or KubernetesConfig()))
+            await self._up(build.kubernetes_nodes(cfg, self.kubernetes or KubernetesConfig()))
         else:
-            nodes = [
-                LocalNode(
-                    cfg.nats_url,
-                    NodeInfo(name=f"node-{i}", capacity=cfg.nodes.capacity, backend="local"),
-                    workdir=cfg.nodes.workdir,
-                    log_dir=state / "pods",
-                )
-                for i in range(cfg.nodes.count)
-            ]
-            await asyncio.gather(*(self._up(n) for n in nodes))
-        await self._up(self.activator)
-        registry.public_url = self.activator.url
+            nodes = await build.local_nodes(cfg, log_dir=state / "pods")
+            await asyncio.gather(*(self._up(_ready(n)) for n in nodes))
+        self.activator = await self._up(build.activator(cfg))
+        coordinated.registry.public_url = self.activator.url
 
     @staticmethod
     def _runtime(cfg: Config) -> Runtime:
         if cfg.coordinator.runtime == "processes":
-            return ProcessRuntime(cfg.nats_url, cfg.redis_url, kinds=["schedule"])
-        return TaskRuntime({"schedule": lambda: ScheduleInstance(cfg.nats_url, cfg.schedule)})
+            return ProcessRuntime(cfg, kinds=["schedule"])
+        return TaskRuntime({"schedule": lambda: build.schedule(cfg)})
 
-    async def _up(self, component: Component) -> None:
+    async def _up(self, making: Awaitable[C]) -> C:
+        component = await making
         self.components.append(component)
         await component.start()
+        return component
 
     async def stop(self) -> None:
         components, self.components = self.components, []

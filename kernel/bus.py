@@ -67,10 +67,6 @@ class Bus:
         # Per endpoint name: payloads that did not decode as its request type.
         self.rejected: collections.Counter[str] = collections.Counter()
 
-    @property
-    def dropped(self) -> int:
-        return sum(self.rejected.values())
-
     @classmethod
     async def connect(
         cls, url: str, name: str, *, connect_timeout: float = 5.0, reconnect: bool = True

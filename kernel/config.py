@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from kernel.messages import Resources
 
 
@@ -108,6 +110,17 @@ class ScheduleConfig:
     probe_cache_ttl_s: float = 2.0
     max_probes: int = 3
     reserve_timeout_s: float = 1.0
+    # The sampling (Sparrow-like) baseline of the scheduler benchmark: nodes probed per
+    # try, tries per placement, and its random seed (None: a fresh one).
+    sampling_d: int = 2
+    sampling_max_tries: int = 4
+    sampling_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.probe_cache_ttl_s <= 0 or self.reserve_timeout_s <= 0 or self.max_probes < 0:
+            raise ConfigError("probe cache TTL and reserve timeout must be > 0, probes >= 0")
+        if self.sampling_d < 1 or self.sampling_max_tries < 1:
+            raise ConfigError("sampling d and max tries must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -148,3 +161,33 @@ class Config:
     nodes: NodesConfig = field(default_factory=NodesConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     trace_file: Path | None = None
+
+
+# ---- one Config across processes -------------------------------------------------------------
+# A child process (an instance started by the process runtime) gets the parent's whole Config
+# as JSON, so every setting reaches it, not just the few a command line would carry.
+
+
+def _enc(obj: object) -> object:
+    if isinstance(obj, Path):
+        return str(obj)
+    raise NotImplementedError(f"cannot encode {type(obj).__name__} in a Config")
+
+
+def _dec(kind: type, obj: object) -> object:
+    if kind is Path and isinstance(obj, str):
+        return Path(obj)
+    raise NotImplementedError(f"cannot decode {kind} in a Config")
+
+
+def dumps(config: Config) -> str:
+    return msgspec.json.encode(config, enc_hook=_enc).decode()
+
+
+def loads(text: str) -> Config:
+    """Validated as it decodes (every section's `__post_init__` runs): bad JSON or a bad
+    value is a `ConfigError`, never a half-read Config."""
+    try:
+        return msgspec.json.decode(text, type=Config, dec_hook=_dec)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"invalid fnplane config: {exc}") from None

@@ -22,6 +22,7 @@ T = TypeVar("T")
 # How gateways reach a service's pods: through the activator, or straight (direct).
 ServingMode = Literal["proxy", "direct"]
 PodState = Literal["starting", "ready", "terminating", "stopped", "failed"]
+InstanceKind = Literal["scale", "schedule", "route", "activator", "node", "central", "sampling"]
 
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -394,7 +395,7 @@ class ColdStart(msgspec.Struct, frozen=True, tag=True, kw_only=True):
 class Heartbeat(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """Every control-function instance, every few hundred ms: alive, and how loaded."""
 
-    kind: Literal["scale", "schedule", "route", "activator", "node"]
+    kind: InstanceKind
     instance: str
     ts: float
     requests_per_s: float = 0.0

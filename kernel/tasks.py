@@ -48,6 +48,13 @@ class TaskGroup:
         if timeout > 0:
             await asyncio.wait(set(self._tasks), timeout=timeout)
         late = set(self._tasks)
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
+        while late:
+            for task in late:
+                task.cancel()
+            # Cancel again if need be: on Python 3.11, asyncio.wait_for swallows a
+            # cancellation that races its inner future's completion (a NATS reply arriving
+            # at that instant), and the task carries on as if nothing happened.
+            _, late = await asyncio.wait(late, timeout=1.0)
+            if late:
+                log.warning("%s: %d task(s) ignored cancellation; cancelling again",
+                            self.owner, len(late))

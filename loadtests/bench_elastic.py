@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel import endpoints as ep
-from kernel.config import CoordinatorConfig
+from kernel.config import Config, CoordinatorConfig
 from kernel.messages import PlaceRequest
 from loadtests.bench_harness import (
     BenchOptions,
@@ -37,7 +37,7 @@ def elastic_runtime(nats_url: str, redis_url: str) -> Any:
     their load, which is what --elastic shows."""
     from controlplane.runtime import ProcessRuntime
 
-    return ProcessRuntime(nats_url, redis_url, kinds=["schedule"])
+    return ProcessRuntime(Config(nats_url=nats_url, redis_url=redis_url), kinds=["schedule"])
 
 
 def phases(a: argparse.Namespace) -> list[tuple[str, float, float]]:

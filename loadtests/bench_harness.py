@@ -21,10 +21,11 @@ from typing import Any
 import msgspec
 
 from controlplane.coordinator import Coordinator
+from controlplane.instance import CONFIG_ENV, READY_LINE
 from controlplane.servers import start_nats, start_redis
 from kernel import endpoints as ep
 from kernel.bus import Bus
-from kernel.config import CoordinatorConfig
+from kernel.config import Config, CoordinatorConfig, dumps
 from kernel.endpoints import Endpoint
 from kernel.errors import RemoteError
 from kernel.messages import (
@@ -42,7 +43,6 @@ from partitions.agents.sim import SimCluster
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("partitioned", "central", "sampling")
-READY_LINE = "fnplane-schedule ready"
 
 # What every mode answers a PlaceRequest on: ep.PLACE, ep.PLACE_CENTRAL or ep.PLACE_SAMPLING.
 PlaceEndpoint = Endpoint[PlaceRequest, Placement | Unschedulable]
@@ -205,20 +205,15 @@ async def open_loop(
 # ---- the world ----------------------------------------------------------------------------
 
 
+# A scheduler of each mode as the instance entry point runs it (controlplane/instance.py).
+INSTANCE_KIND = {"partitioned": "schedule", "central": "central", "sampling": "sampling"}
+
+
 async def spawn(kind: str, nats_url: str, ident: str, log_dir: Path) -> ManagedProcess:
-    argv = [
-        sys.executable,
-        "-m",
-        "functions.schedule",
-        "--nats",
-        nats_url,
-        "--kind",
-        kind,
-        "--id",
-        ident,
-    ]
+    argv = [sys.executable, "-m", "controlplane.instance", INSTANCE_KIND[kind], "--id", ident]
     env = {
         **os.environ,
+        CONFIG_ENV: dumps(Config(nats_url=nats_url)),
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(
             os.pathsep
         ),
@@ -300,12 +295,10 @@ async def world(
     store = Store.from_url(redis_url)
     await store.r.flushdb()
     config = config or CoordinatorConfig(heartbeat_timeout_s=opts.heartbeat_timeout_s)
-    coord = (
-        Coordinator(nats_url, store, config)
-        if runtime is None
-        else Coordinator(nats_url, store, config, runtime=runtime)
-    )
-    sim = SimCluster(nats_url, nodes, start_delay_s=opts.start_delay_s, prefill=opts.fill)
+    coord = Coordinator(await Bus.connect(nats_url, "coordinator-bench"), store, config,
+                        runtime=runtime)
+    sim = SimCluster(await Bus.connect(nats_url, "sim"), nodes, start_delay_s=opts.start_delay_s,
+                     prefill=opts.fill)
     bus = await Bus.connect(nats_url, "bench-driver")
     beats = Beats()
     await bus.serve(ep.HEARTBEAT, beats.on_beat, kind="schedule")

@@ -145,7 +145,8 @@ class KubeApi:
 
         try:
             return (await asyncio.to_thread(read))[-2000:]
-        except Exception:
+        except Exception as exc:  # the tail is a courtesy in an error report: never fatal
+            log.debug("log tail of %s unavailable: %s", name, exc)
             return ""
 
     def close(self) -> None:
@@ -193,11 +194,12 @@ class ListWatch:
         if resp is not None:
             try:
                 resp.shutdown()  # urllib3 >= 2.3: safe from another thread
-            except Exception:
+            except (AttributeError, OSError):
                 try:
                     resp.close()
-                except Exception:
-                    pass
+                except OSError:
+                    log.debug("list+watch %s: closing the stream failed", self.kind,
+                              exc_info=True)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=2.0)
 

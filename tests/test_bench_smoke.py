@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from functions.schedule.instance import ScheduleInstance
+from controlplane import build
 from kernel import endpoints as ep
-from kernel.config import ScheduleConfig
+from kernel.config import Config
 from kernel.errors import RemoteError
 from kernel.messages import (
     NodeInfo,
@@ -85,8 +85,8 @@ async def place_concurrently(
     every request sent at once."""
     opts = BenchOptions(nodes=len(infos), start_delay_s=0.01, fill=fill)
     async with world(opts, nats_url, redis_url, infos, start_sim=False) as (coord, sim, bus, beats):
-        instances = [ScheduleInstance(nats_url, ScheduleConfig(), instance_id=f"hyp-{i}")
-                     for i in range(n)]  # fmt: skip
+        config = Config(nats_url=nats_url)
+        instances = [await build.schedule(config, f"hyp-{i}") for i in range(n)]
         try:
             for inst in instances:
                 await inst.start()

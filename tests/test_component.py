@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from controlplane import component
+from kernel.component import Component
 from tests.deployutil import build
 
 ENV = {"FNPLANE_NATS_URL": "nats://nats:4222", "FNPLANE_REDIS_URL": "redis://redis:6379/0",
@@ -19,9 +20,10 @@ ENV = {"FNPLANE_NATS_URL": "nats://nats:4222", "FNPLANE_REDIS_URL": "redis://red
 
 
 @pytest.mark.parametrize("name", component.COMPONENTS)
-def test_every_component_is_built_from_the_environment(name: str) -> None:
-    built = component.build(name, dict(ENV))
-    assert callable(built.start) and callable(built.stop)
+async def test_every_component_is_built_from_the_environment(name: str, nats_url: str) -> None:
+    built = await component.build(name, {**ENV, "FNPLANE_NATS_URL": nats_url})
+    await built.stop()  # never started: stopping only closes its connection
+    assert isinstance(built, Component) and not built.tasks
 
 
 def test_the_deployments_name_only_known_components() -> None:
@@ -30,8 +32,9 @@ def test_the_deployments_name_only_known_components() -> None:
     assert args == set(component.COMPONENTS)
 
 
-def test_node_component_takes_the_pod_image_and_pull_policy() -> None:
-    node = component.build("node", dict(ENV))
+async def test_node_component_takes_the_pod_image_and_pull_policy(nats_url: str) -> None:
+    node = await component.build("node", {**ENV, "FNPLANE_NATS_URL": nats_url})
+    await node.stop()
     assert node.config.image == "fnplane:dev" and node.config.image_pull_policy == "Never"
     assert node.config.namespace == "fnplane"
 

@@ -36,7 +36,7 @@ NODES = [
 @asynccontextmanager
 async def backend_on(cluster: Cluster, nats_url: str, **config: object
                      ) -> AsyncIterator[KubernetesBackend]:
-    b = KubernetesBackend(nats_url, cluster.config(**config))
+    b = KubernetesBackend(await Bus.connect(nats_url, "node-kubernetes"), cluster.config(**config))
     await b.start()
     try:
         yield b

@@ -20,6 +20,7 @@ import yaml
 
 from controlplane.operator import FINALIZER, FnServiceOperator, OperatorConfig
 from kernel import endpoints as ep
+from kernel.bus import Bus
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import NameRequest
 from tests.deployutil import assert_least_privilege
@@ -34,7 +35,7 @@ PATH = "/apis/fnplane.dev/v1alpha1/namespaces/fnplane/fnservices"
 
 @asynccontextmanager
 async def operator_on(cluster: Cluster, nats_url: str) -> AsyncIterator[FnServiceOperator]:
-    op = FnServiceOperator(nats_url, OperatorConfig(
+    op = FnServiceOperator(await Bus.connect(nats_url, "operator"), OperatorConfig(
         kubeconfig=str(cluster.kubeconfig), status_interval_s=0.3, watch_timeout_s=5,
         request_timeout_s=5))
     await op.start()

@@ -18,10 +18,11 @@ from typing import Any
 
 import kmock
 
+from controlplane import build as builder
 from controlplane import component
 from controlplane.kube_runtime import InstanceSet, KubernetesRuntime, pod_is_instance
 from functions.schedule.instance import ScheduleInstance
-from kernel.config import ScheduleConfig
+from kernel.config import Config
 from tests.deployutil import assert_least_privilege, build
 from tests.fakekube import ApiCall, FakeKubernetes, now_rfc3339
 from tests.kubelet import wait_for
@@ -262,7 +263,7 @@ class ScheduleInstances:
     async def start(self, pod: str) -> None:
         if not pod.startswith(f"{DEPLOYMENT}-"):
             return  # the other Deployment's pods run nothing here
-        inst = ScheduleInstance(self.nats_url, ScheduleConfig(), instance_id=pod)
+        inst = await builder.schedule(Config(nats_url=self.nats_url), pod)
         await inst.start()
         self.running[pod] = inst
 
@@ -286,7 +287,7 @@ async def test_the_coordinator_scales_schedule_to_its_min_and_reassigns_a_crashe
     coordinator scales nothing down."""
     runner = ScheduleInstances(nats_url)
     async with fake_api(tmp_path, runner=runner) as api:
-        built = component.build("coordinator", {
+        built = await component.build("coordinator", {
             "FNPLANE_NATS_URL": nats_url, "FNPLANE_REDIS_URL": redis_url,
             "FNPLANE_RUNTIME": "kubernetes", "FNPLANE_NAMESPACE": NAMESPACE,
             "FNPLANE_KUBECONFIG": str(api.kubeconfig), "FNPLANE_SCHEDULE_MIN": "2",
@@ -332,21 +333,27 @@ async def _timed(pred: Any, *, timeout: float) -> float:
 # ---- wiring and manifests -------------------------------------------------------------------
 
 
-def test_the_coordinator_component_uses_the_kubernetes_runtime_only_when_told() -> None:
-    env = {"FNPLANE_NAMESPACE": NAMESPACE}
-    assert component.build("coordinator", env).runtime is None
-    built = component.build("coordinator", {**env, "FNPLANE_RUNTIME": "kubernetes"})
+async def test_the_coordinator_component_uses_the_kubernetes_runtime_only_when_told(
+    nats_url: str,
+) -> None:
+    env = {"FNPLANE_NAMESPACE": NAMESPACE, "FNPLANE_NATS_URL": nats_url}
+    plain = await component.build("coordinator", env)
+    await plain.stop()
+    assert plain.runtime is None
+    built = await component.build("coordinator", {**env, "FNPLANE_RUNTIME": "kubernetes"})
+    await built.stop()
     assert isinstance(built.runtime, KubernetesRuntime)
     assert built.coordinator.runtime is built.runtime
     assert built.runtime.namespace == NAMESPACE
     try:
-        component.build("coordinator", {**env, "FNPLANE_RUNTIME": "tasks"})
+        await component.build("coordinator", {**env, "FNPLANE_RUNTIME": "tasks"})
     except SystemExit as exc:
         assert "kubernetes" in str(exc)
     else:
         raise AssertionError("an unknown FNPLANE_RUNTIME was accepted")
-    schedule = component.build("schedule", {"FNPLANE_INSTANCE_ID": "fnplane-schedule-abc-x1",
-                                            "HOSTNAME": "truncated"})
+    schedule = await component.build("schedule", {
+        **env, "FNPLANE_INSTANCE_ID": "fnplane-schedule-abc-x1", "HOSTNAME": "truncated"})
+    await schedule.stop()
     assert schedule.id == "fnplane-schedule-abc-x1"
 
 

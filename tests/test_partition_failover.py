@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from controlplane import build
 from controlplane.coordinator import Coordinator
 from controlplane.elastic import Runtime
 from controlplane.runtime import ProcessRuntime, TaskRuntime
-from functions.schedule.instance import ScheduleInstance
 from kernel import endpoints as ep
 from kernel.bus import Bus
-from kernel.config import CoordinatorConfig, ScheduleConfig
+from kernel.config import Config, CoordinatorConfig
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
     NodeInfo,
@@ -44,9 +44,11 @@ async def cluster(
 ) -> AsyncIterator[Coordinator]:
     store = Store.from_url(redis_url)
     config = CoordinatorConfig(schedule_min=2, schedule_max=2)
-    coord = Coordinator(nats_url, store, config, runtime=runtime)
+    coord = Coordinator(await Bus.connect(nats_url, "coordinator-test"), store, config,
+                        runtime=runtime)
     agents = [
-        LocalNode(nats_url, NodeInfo(name=f"n{i}", capacity=Resources(cpu=2, memory_mb=2048)),
+        LocalNode(await Bus.connect(nats_url, f"node-n{i}"),
+                  NodeInfo(name=f"n{i}", capacity=Resources(cpu=2, memory_mb=2048)),
                   workdir=tmp_path, log_dir=tmp_path / "pods")
         for i in range(nodes)
     ]
@@ -95,7 +97,7 @@ async def place_some(nats_url: str, n: int) -> list[Placement]:
 
 
 def schedule_runtime(nats_url: str) -> TaskRuntime:
-    return TaskRuntime({"schedule": lambda: ScheduleInstance(nats_url, ScheduleConfig())})
+    return TaskRuntime({"schedule": lambda: build.schedule(Config(nats_url=nats_url))})
 
 
 async def test_crashed_instance_partition_reassigned_within_2s(
@@ -121,7 +123,7 @@ async def test_crashed_instance_partition_reassigned_within_2s(
 async def test_sigkilled_instance_process_partition_reassigned_within_2s(
     nats_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    runtime = ProcessRuntime(nats_url, redis_url, kinds=["schedule"])
+    runtime = ProcessRuntime(Config(nats_url=nats_url, redis_url=redis_url), kinds=["schedule"])
     async with cluster(nats_url, redis_url, tmp_path, runtime) as coord:
         victim = runtime.instances("schedule")[0]
         old_epochs = {p.id: p.epoch for p in coord.pmap.partitions if p.owner == victim}

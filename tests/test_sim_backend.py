@@ -81,7 +81,7 @@ async def client(nats_url: str) -> AsyncIterator[tuple[Bus, Registrar]]:
 
 
 async def running(nats_url: str, infos: list[NodeInfo], **kw: object) -> SimCluster:
-    sim = SimCluster(nats_url, infos, **kw)  # type: ignore[arg-type]
+    sim = SimCluster(await Bus.connect(nats_url, str(kw.pop("name", "sim"))), infos, **kw)  # type: ignore[arg-type]
     await sim.start()
     return sim
 

@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import uuid
 
-import nats.errors
 from nats.aio.msg import Msg
 from redis.exceptions import RedisError
 
 from functions.route.core import EndpointTable
 from kernel import endpoints as ep
 from kernel.bus import Bus
+from kernel.component import Component
+from kernel.heartbeat import Heartbeater
 from kernel.messages import (
     Empty,
     Endpoints,
-    Heartbeat,
     PodEvent,
     RoutingSnapshot,
     ServiceDeleted,
@@ -29,41 +27,38 @@ from kernel.store import Store
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_S = 0.5
 
-class RouteInstance:
+
+class RouteInstance(Component):
+    """Owns `store` as it owns its bus."""
+
     kind = "route"
 
-    def __init__(self, nats_url: str, redis_url: str) -> None:
-        self.id = f"route-{uuid.uuid4().hex[:6]}"
-        self.nats_url = nats_url
-        self.store = Store.from_url(redis_url)
+    def __init__(self, bus: Bus, store: Store, *, heartbeat_s: float = HEARTBEAT_S) -> None:
+        super().__init__(bus)
+        self.store = store
         self.table = EndpointTable()
-        self.bus: Bus | None = None
+        self.heartbeat_s = heartbeat_s
         self._dirty: dict[str, Endpoints] = {}
         self._flush = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await self.store.check_schema()
         for eps in await self.store.get_routes():
             self.table.restore(eps)
-        self.bus = bus = await Bus.connect(self.nats_url, self.id)
-        await bus.serve(ep.POD_EVENTS, self._on_pod_event)
-        await bus.serve(ep.SERVICE_DELETED, self._on_service_deleted)
-        await bus.serve(ep.SERVICE_MODE, self._on_mode)
-        await bus.serve(ep.ROUTES, self._on_snapshot)
-        self._tasks = [
-            asyncio.create_task(self._write_behind(), name=f"{self.id}-store"),
-            asyncio.create_task(self._heartbeat(), name=f"{self.id}-beat"),
-        ]
+        await self.bus.serve(ep.POD_EVENTS, self._on_pod_event)
+        await self.bus.serve(ep.SERVICE_DELETED, self._on_service_deleted)
+        await self.bus.serve(ep.SERVICE_MODE, self._on_mode)
+        await self.bus.serve(ep.ROUTES, self._on_snapshot)
+        self.tasks.spawn(self._write_behind(), name="store")
+        self.tasks.spawn(Heartbeater(self.bus, "route", interval_s=self.heartbeat_s).run(),
+                         name="beat")
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tasks.close()
         await self._persist()
-        if self.bus is not None:
-            await self.bus.close()
+        await super().stop()
         await self.store.close()
 
     async def _on_pod_event(self, msg: PodEvent, _raw: Msg) -> None:
@@ -83,7 +78,6 @@ class RouteInstance:
         return RoutingSnapshot(services=self.table.all())
 
     async def _publish(self, eps: Endpoints) -> None:
-        assert self.bus is not None
         await self.bus.send(ep.ENDPOINTS, eps, service=eps.service)
         self._dirty[eps.service] = eps
         self._flush.set()
@@ -111,15 +105,3 @@ class RouteInstance:
                 self._flush.set()
                 ok = False
         return ok
-
-    async def _heartbeat(self) -> None:
-        assert self.bus is not None
-        while True:
-            try:
-                await self.bus.send(
-                    ep.HEARTBEAT, Heartbeat(kind=self.kind, instance=self.id, ts=time.time()),
-                    kind=self.kind,
-                )
-            except (nats.errors.Error, OSError):
-                log.debug("heartbeat lost", exc_info=True)
-            await asyncio.sleep(0.5)

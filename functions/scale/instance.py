@@ -14,12 +14,13 @@ from nats.aio.msg import Msg
 from functions.scale.core import Plan, ServiceScaler
 from kernel import endpoints as ep
 from kernel.bus import Bus
+from kernel.component import Component
 from kernel.config import ScaleConfig
 from kernel.errors import NoResponders, RemoteError
+from kernel.heartbeat import Heartbeater
 from kernel.messages import (
     Demand,
     Empty,
-    Heartbeat,
     NameRequest,
     Placement,
     PlaceRequest,
@@ -28,6 +29,7 @@ from kernel.messages import (
     ServiceDeleted,
     ServiceList,
     ServiceMode,
+    ServiceSpec,
     SpecUpdated,
     StopPod,
     Unschedulable,
@@ -35,38 +37,39 @@ from kernel.messages import (
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_S = 0.5
 
-class ScaleInstance:
+
+class ScaleInstance(Component):
     kind = "scale"
 
-    def __init__(
-        self, nats_url: str, config: ScaleConfig, *, metrics_interval_s: float = 1.0
-    ) -> None:
-        self.id = f"scale-{uuid.uuid4().hex[:6]}"
-        self.nats_url = nats_url
+    def __init__(self, bus: Bus, config: ScaleConfig, *, metrics_interval_s: float = 1.0
+                 ) -> None:
+        super().__init__(bus)
         self.config = config
         self.metrics_interval_s = metrics_interval_s
         self.services: dict[str, ServiceScaler] = {}
         self.pod_info: dict[str, PodEvent] = {}
-        self.bus: Bus | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._handled = 0
 
     async def start(self) -> None:
-        self.bus = bus = await Bus.connect(self.nats_url, self.id)
-        await bus.serve(ep.DEMAND, self._on_demand)
-        await bus.serve(ep.POD_EVENTS, self._on_pod_event)
-        await bus.serve(ep.SERVICE_UPDATED, self._on_spec_updated)
-        await bus.serve(ep.SERVICE_DELETED, self._on_service_deleted)
-        await bus.serve(ep.SCALE_STATUS, self._on_status)
+        await self.bus.serve(ep.DEMAND, self._on_demand)
+        await self.bus.serve(ep.POD_EVENTS, self._on_pod_event)
+        await self.bus.serve(ep.SERVICE_UPDATED, self._on_spec_updated)
+        await self.bus.serve(ep.SERVICE_DELETED, self._on_service_deleted)
+        await self.bus.serve(ep.SCALE_STATUS, self._on_status)
         await self._load_services()
-        self._loop_task = asyncio.create_task(self._run(), name=f"{self.id}-tick")
+        self.tasks.spawn(self._run(), name="tick")
+        self.tasks.spawn(Heartbeater(self.bus, "scale", interval_s=HEARTBEAT_S,
+                                     load=self._load).run(), name="beat")
+
+    def _load(self, elapsed_s: float) -> dict[str, float]:
+        handled, self._handled = self._handled, 0
+        return {"requests_per_s": handled / elapsed_s}
 
     async def _load_services(self) -> None:
         """Services deployed before this instance started, from the registry."""
-        assert self.bus is not None
         for attempt in range(50):
             try:
                 reply: ServiceList = await self.bus.call(ep.ADMIN_LIST, Empty(), timeout=1.0)
@@ -77,24 +80,13 @@ class ScaleInstance:
                 self._upsert(st.spec)
             return
 
-    def _upsert(self, spec) -> None:
+    def _upsert(self, spec: ServiceSpec) -> None:
         scaler = self.services.get(spec.name)
         if scaler is None:
             self.services[spec.name] = ServiceScaler.for_spec(spec, time.time())
         else:
             scaler.update_spec(spec)
         self._wake.set()
-
-    async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-            self._loop_task = None
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.bus is not None:
-            await self.bus.close()
 
     # ---- inputs ---------------------------------------------------------------------------
 
@@ -128,7 +120,8 @@ class ScaleInstance:
         if scaler is not None:
             for pod in scaler.pods.values():
                 if pod.node:
-                    self._spawn(self._stop_pod(msg.name, pod.pod, pod.node, "deleted"))
+                    self.tasks.spawn(self._stop_pod(msg.name, pod.pod, pod.node, "deleted"),
+                                     name=f"stop-{pod.pod}")
 
     async def _on_status(self, msg: NameRequest, _raw: Msg) -> ScaleStatus:
         scaler = self.services.get(msg.name)
@@ -141,8 +134,6 @@ class ScaleInstance:
     # ---- the tick -------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        assert self.bus is not None
-        last_beat = 0.0
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.config.tick_s)
@@ -152,40 +143,28 @@ class ScaleInstance:
             now = time.time()
             for scaler in list(self.services.values()):
                 self._reconcile(scaler, now)
-            if now - last_beat >= 0.5:
-                last_beat = now
-                beat = Heartbeat(kind=self.kind, instance=self.id, ts=now,
-                                 requests_per_s=self._handled / 0.5)
-                self._handled = 0
-                try:
-                    await self.bus.send(ep.HEARTBEAT, beat, kind=self.kind)
-                except Exception:
-                    log.debug("heartbeat lost", exc_info=True)
 
     def _reconcile(self, scaler: ServiceScaler, now: float) -> None:
         plan = scaler.plan(now, self.metrics_interval_s)
         self._execute(scaler, plan, now)
 
     def _execute(self, scaler: ServiceScaler, plan: Plan, now: float) -> None:
-        if plan.mode_change is not None and self.bus is not None:
+        if plan.mode_change is not None:
             ebc = plan.decision.excess_burst_capacity if plan.decision else -1.0
             mode = ServiceMode(service=plan.service, mode=plan.mode_change,
                                excess_burst_capacity=ebc)
-            self._spawn(self.bus.send(ep.SERVICE_MODE, mode))
+            self.tasks.spawn(self.bus.send(ep.SERVICE_MODE, mode), name=f"mode-{plan.service}")
         for _ in range(plan.start):
             pod = f"{plan.service}-{uuid.uuid4().hex[:8]}"
             scaler.placing(pod, now)
-            self._spawn(self._place(scaler, pod, now))
+            self.tasks.spawn(self._place(scaler, pod, now), name=f"place-{pod}")
         for victim in plan.stop:
-            self._spawn(self._stop_pod(plan.service, victim.pod, victim.node, "scale-down"))
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            self.tasks.spawn(
+                self._stop_pod(plan.service, victim.pod, victim.node, "scale-down"),
+                name=f"stop-{victim.pod}",
+            )
 
     async def _place(self, scaler: ServiceScaler, pod: str, requested_at: float) -> None:
-        assert self.bus is not None
         spec = scaler.spec
         req = PlaceRequest(pod=pod, spec=spec, requested_at=requested_at)
         deadline = time.monotonic() + self.config.place_timeout_s
@@ -219,7 +198,6 @@ class ScaleInstance:
         await self.bus.send(ep.POD_EVENTS, ev, service=spec.name)
 
     async def _stop_pod(self, service: str, pod: str, node: str, reason: str) -> None:
-        assert self.bus is not None
         try:
             await self.bus.call(
                 ep.NODE_STOP, StopPod(pod=pod, service=service, reason=reason), timeout=15.0,

@@ -16,12 +16,12 @@ import asyncio
 import logging
 import random
 import time
-import uuid
 
 from nats.aio.msg import Msg
 
 from kernel import endpoints as ep
 from kernel.bus import Bus
+from kernel.component import Component
 from kernel.errors import RemoteError
 from kernel.messages import (
     Empty,
@@ -45,31 +45,26 @@ START_TIMEOUT_S = 5.0
 ADOPT_TIMEOUT_S = 10.0
 
 
-class _NodeListFollower:
+class _NodeListFollower(Component):
     """Both baselines learn the node set from the coordinator's partition map (they ignore
     its partitions): fetched at start, then followed on every change."""
 
-    bus: Bus | None
-    id: str
-
-    def __init__(self) -> None:
+    def __init__(self, bus: Bus) -> None:
+        super().__init__(bus)
         self._known = asyncio.Event()
         self._map_version = 0
-        self._tasks: list[asyncio.Task[None]] = []
 
     async def _follow_map(self) -> None:
-        assert self.bus is not None
         await self.bus.serve(ep.PARTITION_MAP, self._on_map)
-        self._tasks.append(asyncio.create_task(self._fetch_map(), name=f"{self.id}-map"))
+        self.tasks.spawn(self._fetch_map(), name="map")
 
     async def _fetch_map(self) -> None:
-        assert self.bus is not None
         while not self._known.is_set():
             try:
                 pmap = await self.bus.call(ep.PARTITION_MAP_GET, Empty(), timeout=1.0)
                 await self._apply(pmap)
-            except RemoteError:
-                pass
+            except RemoteError as exc:
+                log.debug("%s: no partition map yet: %s", self.id, exc)
             await asyncio.sleep(0.2)
 
     async def _on_map(self, msg: PartitionMap, _raw: Msg) -> None:
@@ -89,36 +84,21 @@ class _NodeListFollower:
         """Until the node set is known (and, for central, its accounting adopted)."""
         await asyncio.wait_for(self._known.wait(), timeout=timeout)
 
-    async def _stop_tasks(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-
 
 class CentralScheduler(_NodeListFollower):
     """One scheduler, every node: filter + score the whole cluster for each placement."""
 
     kind = "central"
 
-    def __init__(self, nats_url: str, *, instance_id: str = "") -> None:
-        super().__init__()
-        self.id = instance_id or f"central-{uuid.uuid4().hex[:6]}"
-        self.nats_url = nats_url
+    def __init__(self, bus: Bus) -> None:
+        super().__init__(bus)
         # Exhaustive: filter and score every node for every placement, as kube-scheduler.
         self.view = PartitionView(indexed=False)
-        self.bus: Bus | None = None
 
     async def start(self) -> None:
-        self.bus = bus = await Bus.connect(self.nats_url, self.id)
-        await bus.serve(ep.POD_EVENTS, self._on_pod_event)
+        await self.bus.serve(ep.POD_EVENTS, self._on_pod_event)
         await self._follow_map()
-        await bus.serve(ep.PLACE_CENTRAL, self._on_place, concurrent=True)
-
-    async def stop(self) -> None:
-        await self._stop_tasks()
-        if self.bus is not None:
-            await self.bus.close()
+        await self.bus.serve(ep.PLACE_CENTRAL, self._on_place, concurrent=True)
 
     async def nodes_changed(self, infos: list[NodeInfo]) -> None:
         known = set(self.view.nodes)
@@ -131,7 +111,6 @@ class CentralScheduler(_NodeListFollower):
         """What the nodes already run, as a schedule instance adopting a partition does, but
         collected until every node is covered (a backend may answer for many nodes at once,
         in several messages): a node taken as empty when it is not would be over-committed."""
-        assert self.bus is not None
         wanted = set(nodes)
         answers: list[Inventory] = await self.bus.gather(
             ep.NODE_INVENTORY, InventoryRequest(nodes=nodes), timeout=ADOPT_TIMEOUT_S,
@@ -150,7 +129,6 @@ class CentralScheduler(_NodeListFollower):
         if not self._known.is_set():
             return Unschedulable(pod=msg.pod, service=msg.service,
                                  reason=f"{self.id} knows no nodes yet")
-        assert self.bus is not None
         node = self.view.place(msg.pod, msg.resources, msg.model)  # scans every node
         if node is None:
             return Unschedulable(pod=msg.pod, service=msg.service,
@@ -185,37 +163,27 @@ class SamplingScheduler(_NodeListFollower):
 
     def __init__(
         self,
-        nats_url: str,
+        bus: Bus,
         *,
-        instance_id: str = "",
         d: int = 2,
         max_tries: int = 4,
         probe_timeout_s: float = 1.0,
         seed: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(bus)
         if d < 1 or max_tries < 1:
             raise ValueError("d and max_tries must be >= 1")
-        self.id = instance_id or f"sampling-{uuid.uuid4().hex[:6]}"
-        self.nats_url = nats_url
         self.d = d
         self.max_tries = max_tries
         self.probe_timeout_s = probe_timeout_s
         self.rng = random.Random(seed)
         self.infos: list[NodeInfo] = []
         self._eligible: dict[Resources, list[str]] = {}
-        self.bus: Bus | None = None
         self.probes_sent = 0
 
     async def start(self) -> None:
-        self.bus = bus = await Bus.connect(self.nats_url, self.id)
         await self._follow_map()
-        await bus.serve(ep.PLACE_SAMPLING, self._on_place, concurrent=True)
-
-    async def stop(self) -> None:
-        await self._stop_tasks()
-        if self.bus is not None:
-            await self.bus.close()
+        await self.bus.serve(ep.PLACE_SAMPLING, self._on_place, concurrent=True)
 
     async def nodes_changed(self, infos: list[NodeInfo]) -> None:
         self.infos = sorted(infos, key=lambda n: n.name)
@@ -231,7 +199,6 @@ class SamplingScheduler(_NodeListFollower):
         return names
 
     async def _probe(self, node: str) -> NodeFree | None:
-        assert self.bus is not None
         try:
             return await self.bus.call(
                 ep.NODE_PROBE, Empty(), timeout=self.probe_timeout_s, node=node
@@ -240,7 +207,6 @@ class SamplingScheduler(_NodeListFollower):
             return None
 
     async def _on_place(self, msg: PlaceRequest, _raw: Msg) -> Placement | Unschedulable:
-        assert self.bus is not None
         req, probes = msg.resources, 0
         names = self.eligible(req)
         if not names:

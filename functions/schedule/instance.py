@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 
 import msgspec
 import nats.errors
@@ -19,11 +18,12 @@ from nats.aio.subscription import Subscription
 
 from kernel import endpoints as ep
 from kernel.bus import Bus
+from kernel.component import Component
 from kernel.config import ScheduleConfig
 from kernel.errors import ErrorCode, RemoteError
+from kernel.heartbeat import Heartbeater
 from kernel.messages import (
     Empty,
-    Heartbeat,
     Inventory,
     InventoryRequest,
     PartitionMap,
@@ -49,22 +49,19 @@ RESERVE_SLACK_S = 0.5
 HEARTBEAT_INTERVAL_S = 0.25
 
 
-class ScheduleInstance:
+class ScheduleInstance(Component):
     kind = "schedule"
 
-    def __init__(self, nats_url: str, config: ScheduleConfig, *, instance_id: str = "") -> None:
-        self.id = instance_id or f"schedule-{uuid.uuid4().hex[:6]}"
-        self.nats_url = nats_url
+    def __init__(self, bus: Bus, config: ScheduleConfig) -> None:
+        super().__init__(bus)
         self.config = config
         self.view = PartitionView()
         self.cache = ProbeCache(ttl_s=config.probe_cache_ttl_s)
-        self.bus: Bus | None = None
         self._assigned = asyncio.Event()
         self._map_version = 0
         self._reserve_sub: Subscription | None = None
         self._place_sub: Subscription | None = None
         self._reserve_partition = -1
-        self._tasks: list[asyncio.Task[None]] = []
         self._assign_lock = asyncio.Lock()
         # load, for the coordinator's scaling of this control function
         self._handled = 0
@@ -73,32 +70,20 @@ class ScheduleInstance:
         self.probes_sent = 0
 
     async def start(self) -> None:
-        self.bus = bus = await Bus.connect(self.nats_url, self.id)
-        await bus.serve(ep.PARTITION_MAP, self._on_map)
-        await bus.serve(ep.POD_EVENTS, self._on_pod_event)
-        await bus.serve(ep.PARTITION_SUMMARY, self._on_summary)
+        await self.bus.serve(ep.PARTITION_MAP, self._on_map)
+        await self.bus.serve(ep.POD_EVENTS, self._on_pod_event)
+        await self.bus.serve(ep.PARTITION_SUMMARY, self._on_summary)
         # PLACE is subscribed only while we own a partition (see _listen), so the queue
         # group never hands a placement to an instance that cannot place it.
-        self._tasks = [
-            asyncio.create_task(self._heartbeat(), name=f"{self.id}-beat"),
-            asyncio.create_task(self._broadcast(), name=f"{self.id}-summary"),
-        ]
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        if self.bus is not None:
-            await self.bus.close()
+        self.tasks.spawn(Heartbeater(self.bus, "schedule", interval_s=HEARTBEAT_INTERVAL_S,
+                                     load=self._load).run(), name="beat")
+        self.tasks.spawn(self._follow(), name="follow")
+        self.tasks.spawn(self._broadcast(), name="summary")
 
     async def crash(self) -> None:
         """Die as a crashed process would: no unsubscribe, no drain, no goodbye."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        if self.bus is not None and not self.bus.nc.is_closed:
+        await self.tasks.close()
+        if not self.bus.nc.is_closed:
             await self.bus.nc.close()
 
     # ---- partition assignment -------------------------------------------------------------
@@ -140,7 +125,6 @@ class ScheduleInstance:
         """Rebuild the accounting of nodes we just got from what they actually run. A node
         that has not answered is held (never chosen) until it does: taking it as empty
         could over-commit it."""
-        assert self.bus is not None
         wanted = set(nodes)
         answers: list[Inventory] = await self.bus.gather(
             ep.NODE_INVENTORY, InventoryRequest(nodes=nodes), timeout=timeout,
@@ -161,7 +145,6 @@ class ScheduleInstance:
         """Serve placements and reserves exactly while we own `partition`. Subscriptions
         that stay valid are kept: dropping one would drop the requests queued on it, and
         their senders would wait out their timeouts. Those we give up are drained."""
-        assert self.bus is not None
         if self._reserve_sub is not None and partition != self._reserve_partition:
             await _drain(self._reserve_sub)
             self._reserve_sub = None
@@ -200,7 +183,6 @@ class ScheduleInstance:
             self._latencies.append(time.monotonic() - t0)
 
     async def _place(self, req: PlaceRequest) -> Placement | Unschedulable:
-        assert self.bus is not None
         try:
             await asyncio.wait_for(self._assigned.wait(), timeout=2.0)
         except TimeoutError:
@@ -213,6 +195,12 @@ class ScheduleInstance:
             await self._refresh_map()
             if self._assigned.is_set():
                 local = await self._commit_and_start(req)
+        if isinstance(local, Refused) and self.view.held:
+            # Some of our nodes have not said what they run yet (their agent is starting):
+            # ask them now rather than report no room while they may have plenty.
+            async with self._assign_lock:
+                await self._adopt(sorted(self.view.held))
+            local = await self._commit_and_start(req)
         if isinstance(local, Placement):
             return local
         probes = 0
@@ -270,7 +258,6 @@ class ScheduleInstance:
     ) -> Placement | Refused:
         """Commit in our view (atomic: no await between choosing and committing), then hand
         the pod to its node; a node's refusal (a newer epoch) undoes the commit."""
-        assert self.bus is not None
         pid, epoch = self.view.partition, self.view.epoch
         node = self.view.place(req.pod, req.resources, req.model)
         if node is None:
@@ -307,7 +294,6 @@ class ScheduleInstance:
                          summary=self.view.summary(self.id))
 
     async def _refresh_map(self) -> None:
-        assert self.bus is not None
         try:
             pmap: PartitionMap = await self.bus.call(ep.PARTITION_MAP_GET, Empty(), timeout=0.5)
         except RemoteError:
@@ -316,24 +302,22 @@ class ScheduleInstance:
 
     # ---- background -----------------------------------------------------------------------
 
-    async def _heartbeat(self) -> None:
-        """Announce ourselves and our load; until assigned, also ask for the map."""
-        assert self.bus is not None
-        interval = HEARTBEAT_INTERVAL_S
+    def _load(self, elapsed_s: float) -> dict[str, float | int]:
+        """This instance's load and partition, for the coordinator (it scales `schedule` on
+        the load, and reassigns a partition whose owner falls silent)."""
+        lat = sorted(self._latencies)
+        p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else 0.0
+        load = {"requests_per_s": self._handled / elapsed_s, "queue_depth": self._in_flight,
+                "latency_ms_p99": p99, "partition": self.view.partition,
+                "epoch": self.view.epoch}
+        self._handled, self._latencies = 0, []
+        return load
+
+    async def _follow(self) -> None:
+        """Until assigned, ask for the map (a late joiner must not wait for the next change);
+        once assigned, keep asking held nodes what they run until they answer."""
         while True:
-            lat = sorted(self._latencies)
-            p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else 0.0
-            beat = Heartbeat(
-                kind=self.kind, instance=self.id, ts=time.time(),
-                requests_per_s=self._handled / interval,
-                queue_depth=self._in_flight,
-                latency_ms_p99=p99,
-                partition=self.view.partition,
-                epoch=self.view.epoch,
-            )
-            self._handled, self._latencies = 0, []
             try:
-                await self.bus.send(ep.HEARTBEAT, beat, kind=self.kind)
                 if not self._assigned.is_set():
                     reply = await self.bus.call(ep.PARTITION_MAP_GET, Empty(), timeout=0.5)
                     await self._apply_map(reply)
@@ -341,12 +325,11 @@ class ScheduleInstance:
                     async with self._assign_lock:
                         await self._adopt(sorted(self.view.held), timeout=0.2)
             except (RemoteError, nats.errors.Error, OSError):
-                log.debug("%s: heartbeat failed", self.id, exc_info=True)
-            await asyncio.sleep(0.2 if not self._assigned.is_set() else interval)
+                log.debug("%s: following the map failed", self.id, exc_info=True)
+            await asyncio.sleep(0.2 if not self._assigned.is_set() else HEARTBEAT_INTERVAL_S)
 
     async def _broadcast(self) -> None:
         """The low-rate exchange that keeps other instances' probe caches fresh."""
-        assert self.bus is not None
         while True:
             await asyncio.sleep(SUMMARY_INTERVAL_S)
             if self._assigned.is_set():

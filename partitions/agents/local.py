@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 
 from kernel import endpoints as ep
 from kernel.bus import Bus
+from kernel.component import Component
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
     Demand,
@@ -66,20 +67,18 @@ class LocalPod:
         return "".join(self.output)[-2000:]
 
 
-class LocalNode:
+class LocalNode(Component):
     """One node agent. Several run in one `fnplane up`; each has its own NATS connection."""
 
-    def __init__(self, nats_url: str, info: NodeInfo, *, workdir: Path, log_dir: Path) -> None:
+    def __init__(self, bus: Bus, info: NodeInfo, *, workdir: Path, log_dir: Path) -> None:
+        super().__init__(bus)
         self.info = info
-        self.nats_url = nats_url
         self.workdir = workdir
         self.log_dir = log_dir
         self.pods: dict[str, LocalPod] = {}
-        self.bus: Bus | None = None
         self._http: aiohttp.ClientSession | None = None
         self._stopping = False
         self.fence = EpochFence()
-        self._metrics_task: asyncio.Task[None] | None = None
         self._reported: set[str] = set()
 
     @property
@@ -89,12 +88,12 @@ class LocalNode:
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
-        self.bus = bus = await Bus.connect(self.nats_url, f"node-{self.name}")
+        bus = self.bus
         await bus.serve(ep.NODE_START, self._on_start, concurrent=True, node=self.name)
         await bus.serve(ep.NODE_STOP, self._on_stop, concurrent=True, node=self.name)
         await bus.serve(ep.NODE_INVENTORY, self._on_inventory)
         await register(bus, [self.info])
-        self._metrics_task = asyncio.create_task(self._scrape(), name=f"node-{self.name}-metrics")
+        self.tasks.spawn(self._scrape(), name="metrics")
         await follow_map(bus, self.fence)
 
     async def stop(self) -> None:
@@ -102,15 +101,11 @@ class LocalNode:
         if self._stopping:
             return
         self._stopping = True
-        if self._metrics_task is not None:
-            self._metrics_task.cancel()
-            await asyncio.gather(self._metrics_task, return_exceptions=True)
         await asyncio.gather(
             *(self._terminate(p, "node shutting down") for p in list(self.pods.values())),
             return_exceptions=True,
         )
-        if self.bus is not None:
-            await self.bus.close()
+        await super().stop()
         if self._http is not None:
             await self._http.close()
 
@@ -167,8 +162,8 @@ class LocalNode:
         pod = LocalPod(msg, port, proc, time.time())
         self.pods[msg.pod] = pod
         pod.tasks = [
-            asyncio.create_task(self._pump_output(pod)),
-            asyncio.create_task(self._watch(pod)),
+            self.tasks.spawn(self._pump_output(pod), name=f"{msg.pod}-output"),
+            self.tasks.spawn(self._watch(pod), name=f"{msg.pod}-watch"),
         ]
         await self._emit(pod, "starting")
         return Empty()
@@ -185,7 +180,7 @@ class LocalNode:
         """Every second, the requests in flight each ready pod reports on `/stats` (pods
         without it are skipped), summed per service and sent to `scale` as pod metrics:
         the view of load that holds even when no activator is in the path."""
-        assert self._http is not None and self.bus is not None
+        assert self._http is not None
         while True:
             await asyncio.sleep(METRICS_INTERVAL_S)
             per_service: dict[str, int] = {}
@@ -277,7 +272,6 @@ class LocalNode:
     async def _emit(
         self, pod: LocalPod, state: PodState, *, reason: str = "", log_tail: str = ""
     ) -> None:
-        assert self.bus is not None
         spec = pod.start.spec
         ev = PodEvent(
             pod=pod.start.pod,

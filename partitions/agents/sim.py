@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 
 from kernel import endpoints as ep
 from kernel.bus import Bus
+from kernel.component import Component
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
     Empty,
@@ -113,35 +114,32 @@ def prefill_pods(info: NodeInfo, fraction: float, pods: int) -> list[PodAllocati
     return out
 
 
-class SimCluster:
+class SimCluster(Component):
     """Many simulated nodes; pods become ready `start_delay_s` after their StartPod."""
 
     def __init__(
         self,
-        nats_url: str,
+        bus: Bus,
         nodes: list[NodeInfo],
         *,
         start_delay_s: float = 0.05,
         prefill: float = 0.0,
         prefill_pods_per_node: int = 2,
-        name: str = "sim",
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not 0.0 <= prefill < 1.0:
             raise ValueError("prefill must be a fraction in [0, 1)")
-        self.nats_url = nats_url
-        self.name = name
+        super().__init__(bus)
+        self.name = bus.name
         self.start_delay_s = start_delay_s
         self.clock = clock
         self.nodes: dict[str, SimNode] = {}
         self.pods: dict[str, SimPod] = {}
         self.fence = EpochFence()
         self.stats = SimStats()
-        self.bus: Bus | None = None
         self._due: list[tuple[float, int, str]] = []  # (ready at, seq, pod): the timer heap
         self._seq = 0
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         for info in nodes:
             node = SimNode(info, models=set(info.models))
             self.nodes[info.name] = node
@@ -151,25 +149,16 @@ class SimCluster:
     # ---- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.bus = bus = await Bus.connect(self.nats_url, self.name)
+        bus = self.bus
         # One subscription per verb for every node (thousands of nodes, not thousands of
         # subscriptions); the subject says which node.
         await bus.serve(ep.NODE_START, self._on_start)
         await bus.serve(ep.NODE_STOP, self._on_stop)
         await bus.serve(ep.NODE_PROBE, self._on_probe)
         await bus.serve(ep.NODE_INVENTORY, self._on_inventory)
-        self._task = asyncio.create_task(self._run_timers(), name=f"{self.name}-timers")
+        self.tasks.spawn(self._run_timers(), name="timers")
         await register(bus, [n.info for n in self.nodes.values()])
         await follow_map(bus, self.fence)
-
-    async def stop(self) -> None:
-        """Idempotent. Simulated pods need no teardown: they vanish with the simulation."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        if self.bus is not None:
-            await self.bus.close()
 
     # ---- ground truth ---------------------------------------------------------------------
 
@@ -269,7 +258,7 @@ class SimCluster:
     async def _on_inventory(self, msg: InventoryRequest, raw: Msg) -> None:
         """One answer for all requested nodes we have (in chunks if large); none if we have
         none of them, so other backends' nodes answer for themselves."""
-        if not raw.reply or self.bus is None:
+        if not raw.reply:
             return
         pods: dict[str, list[PodAllocation]] = {}
         count = 0
@@ -318,7 +307,6 @@ class SimCluster:
                 await self._emit(pod, "ready")
 
     async def _emit(self, pod: SimPod, state: PodState, *, reason: str = "") -> None:
-        assert self.bus is not None
         start = pod.start
         if start is None:
             return  # prefilled pods were never announced and are never watched

@@ -27,6 +27,7 @@ from nats.aio.msg import Msg
 
 from kernel import endpoints as ep
 from kernel.bus import Bus
+from kernel.component import Component
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
     Demand,
@@ -92,16 +93,15 @@ class KubeNode:
     unschedulable: str  # why it takes no new pods, "" when it does
 
 
-class KubernetesBackend:
+class KubernetesBackend(Component):
     """All nodes of one cluster behind one NATS connection, one subscription set per node."""
 
     kind = "node"
 
-    def __init__(self, nats_url: str, config: KubernetesConfig) -> None:
-        self.nats_url = nats_url
+    def __init__(self, bus: Bus, config: KubernetesConfig) -> None:
+        super().__init__(bus)
         self.config = config
         self.nodes: dict[str, KubeNode] = {}
-        self.bus: Bus | None = None
         self.api: KubeApi | None = None
         self.tracker: PodTracker | None = None
         self.watches: list[ListWatch] = []
@@ -110,7 +110,6 @@ class KubernetesBackend:
         self._synced = {"nodes": asyncio.Event(), "pods": asyncio.Event()}
         self._subscribed: set[str] = set()
         self._registering = False
-        self._tasks: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
         self._reported: set[str] = set()
         self._stopping = False
@@ -128,7 +127,7 @@ class KubernetesBackend:
     async def start(self) -> None:
         cfg = self.config
         try:
-            self.bus = bus = await Bus.connect(self.nats_url, "node-kubernetes")
+            bus = self.bus
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
             client, ns = await asyncio.to_thread(load_client, cfg.kubeconfig, cfg.context,
                                                  user_agent=cfg.user_agent)
@@ -183,20 +182,14 @@ class KubernetesBackend:
             return
         self._stopping = True
         await asyncio.gather(*(asyncio.to_thread(w.stop) for w in self.watches))
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.bus is not None:
-            await self.bus.close()
+        await super().stop()
         if self._http is not None:
             await self._http.close()
         if self.api is not None:
             self.api.close()
 
     def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=f"kubernetes-{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.tasks.spawn(coro, name=name)
 
     # ---- what the watches see --------------------------------------------------------------
 
@@ -247,7 +240,6 @@ class KubernetesBackend:
     async def _register(self, nodes: list[KubeNode]) -> None:
         """Subscribe the nodes' subjects, then register the schedulable ones (again, when
         they changed) in one message; retried until the coordinator answers."""
-        assert self.bus is not None
         for node in nodes:
             name = node.info.name
             if name not in self._subscribed:
@@ -269,7 +261,7 @@ class KubernetesBackend:
     async def _delete_orphans(self) -> None:
         """Adopted pods of a service deleted while the control plane was down have no owner
         left to stop them: ask the registry once, delete those it does not know."""
-        assert self.bus is not None and self.tracker is not None
+        assert self.tracker is not None
         for service in sorted({p.service for p in self.pods.values()}):
             try:
                 await self.bus.call(ep.ADMIN_SPEC, NameRequest(name=service), timeout=2.0)
@@ -283,7 +275,6 @@ class KubernetesBackend:
         """Every second, the requests in flight each ready pod reports on `/stats` (pods
         without it are skipped), summed per service and sent to `scale` as pod metrics,
         as the `local` backend does."""
-        assert self.bus is not None
         while True:
             await asyncio.sleep(METRICS_INTERVAL_S)
             ready = [p for p in self.pods.values() if p.state == "ready"]
@@ -341,7 +332,6 @@ class KubernetesBackend:
 
     async def _emit(self, pod: KubePod, state: PodState, *, reason: str = "",
                     log_tail: str = "") -> None:
-        assert self.bus is not None
         ev = PodEvent(
             pod=pod.name,
             service=pod.service,

@@ -1,0 +1,138 @@
+"""One way to build any fnplane component from one `Config`: `fnplane up` (stack.py), the
+container entry (component.py), the instance process (instance.py) and the instance
+runtimes all build here, so a setting means the same wherever a component runs. Each
+component gets its own connected bus, named by its id. Wiring only."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from activator.server import Activator
+from controlplane.coordinator import Coordinator
+from controlplane.elastic import Runtime
+from controlplane.operator import FnServiceOperator, OperatorConfig
+from controlplane.registry import Registry
+from functions.route.instance import RouteInstance
+from functions.scale.instance import ScaleInstance
+from functions.schedule.baselines import CentralScheduler, SamplingScheduler
+from functions.schedule.instance import ScheduleInstance
+from kernel.bus import Bus
+from kernel.component import Component
+from kernel.config import Config
+from kernel.messages import NodeInfo
+from kernel.store import Store
+from partitions.agents.kubernetes.agent import KubernetesBackend, KubernetesConfig
+from partitions.agents.local import LocalNode
+
+
+def new_id(kind: str) -> str:
+    return f"{kind}-{uuid.uuid4().hex[:6]}"
+
+
+async def connect(config: Config, name: str) -> Bus:
+    return await Bus.connect(config.nats_url, name)
+
+
+# ---- control-function instances (what a runtime scales) ---------------------------------------
+
+
+async def scale(config: Config, instance_id: str = "") -> ScaleInstance:
+    bus = await connect(config, instance_id or new_id("scale"))
+    return ScaleInstance(bus, config.scale, metrics_interval_s=config.activator.metrics_interval_s)
+
+
+async def schedule(config: Config, instance_id: str = "") -> ScheduleInstance:
+    return ScheduleInstance(await connect(config, instance_id or new_id("schedule")),
+                            config.schedule)
+
+
+async def route(config: Config, instance_id: str = "") -> RouteInstance:
+    return RouteInstance(await connect(config, instance_id or new_id("route")),
+                         Store.from_url(config.redis_url))
+
+
+async def central(config: Config, instance_id: str = "") -> CentralScheduler:
+    """The central baseline of the scheduler benchmark."""
+    return CentralScheduler(await connect(config, instance_id or new_id("central")))
+
+
+async def sampling(config: Config, instance_id: str = "") -> SamplingScheduler:
+    """The sampling baseline of the scheduler benchmark."""
+    s = config.schedule
+    return SamplingScheduler(await connect(config, instance_id or new_id("sampling")),
+                             d=s.sampling_d, max_tries=s.sampling_max_tries, seed=s.sampling_seed)
+
+
+INSTANCES: dict[str, Callable[[Config, str], Awaitable[Component]]] = {
+    "scale": scale, "schedule": schedule, "route": route,
+    "central": central, "sampling": sampling,
+}
+
+
+async def instance(kind: str, config: Config, instance_id: str = "") -> Component:
+    try:
+        make = INSTANCES[kind]
+    except KeyError:
+        raise ValueError(f"unknown instance kind {kind!r}; one of {', '.join(INSTANCES)}"
+                         ) from None
+    return await make(config, instance_id)
+
+
+# ---- the other components --------------------------------------------------------------------
+
+
+async def activator(config: Config) -> Activator:
+    return Activator(await connect(config, new_id("activator")), config.activator)
+
+
+class Coordinated(Component):
+    """The coordinator and the registry share one Redis store, opened and closed here."""
+
+    def __init__(self, coordinator: Coordinator, registry: Registry, store: Store,
+                 runtime: Runtime | None) -> None:
+        super().__init__(coordinator.bus)
+        self.coordinator, self.registry, self.store = coordinator, registry, store
+        self.runtime = runtime
+
+    async def start(self) -> None:
+        start_runtime = getattr(self.runtime, "start", None)
+        if start_runtime is not None:
+            # Before the coordinator: it starts from the instances that already run.
+            await start_runtime()
+        await self.store.check_schema()  # before anything reads what Redis holds
+        await self.registry.start()
+        await self.coordinator.start()
+
+    async def stop(self) -> None:
+        await self.coordinator.stop()
+        await self.registry.stop()
+        await self.store.close()
+
+
+async def coordinator(config: Config, *, public_url: str, runtime: Runtime | None = None,
+                      store: Store | None = None) -> Coordinated:
+    store = store or Store.from_url(config.redis_url)
+    coord = Coordinator(await connect(config, new_id("coordinator")), store, config.coordinator,
+                        runtime=runtime)
+    registry = Registry(await connect(config, new_id("registry")), store, public_url=public_url)
+    return Coordinated(coord, registry, store, runtime)
+
+
+async def local_nodes(config: Config, *, log_dir: Path) -> list[LocalNode]:
+    nodes = config.nodes
+    return [
+        LocalNode(await connect(config, f"node-{i}"),
+                  NodeInfo(name=f"node-{i}", capacity=nodes.capacity, backend="local"),
+                  workdir=nodes.workdir, log_dir=log_dir)
+        for i in range(nodes.count)
+    ]
+
+
+async def kubernetes_nodes(config: Config, kube: KubernetesConfig) -> KubernetesBackend:
+    return KubernetesBackend(await connect(config, "node-kubernetes"), kube)
+
+
+async def operator(config: Config, op: OperatorConfig) -> FnServiceOperator:
+    return FnServiceOperator(await connect(config, "operator"), op)

@@ -1,0 +1,36 @@
+"""What every fnplane component is: it is handed a connected bus (one wiring path builds it,
+controlplane/build.py), which it then owns; its id is the bus connection's name. `start()`
+subscribes and starts its background work in a named task group; `stop()` is idempotent,
+ends that work and drains the bus. `async with component:` does both."""
+
+from __future__ import annotations
+
+from typing import Self
+
+from kernel.bus import Bus
+from kernel.tasks import TaskGroup
+
+
+class Component:
+    kind = ""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.id = bus.name
+        self.tasks = TaskGroup(self.id)
+
+    async def start(self) -> None:
+        """Subscribe and start background work; a subclass calls this last or not at all."""
+
+    async def stop(self) -> None:
+        """End background work, then drain and close the bus; subclasses do their own
+        cleanup first (it may still need the bus) and call this last."""
+        await self.tasks.close()
+        await self.bus.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
