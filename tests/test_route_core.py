@@ -9,17 +9,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from functions.route.core import EndpointTable
-from kernel.messages import Endpoint, Endpoints, PodEvent
+from kernel.messages import Endpoint, Endpoints, PodEvent, PodState
 
 
 def event(
-    pod: str, state: str, service: str = "svc", *, reason: str = "", log_tail: str = "", cc: int = 4
+    pod: str, state: PodState, service: str = "svc", *, reason: str = "", log_tail: str = "",
+    cc: int = 4,
 ) -> PodEvent:
     return PodEvent(
         pod=pod,
         service=service,
         node="node-1",
-        state=state,  # type: ignore[arg-type]
+        state=state,
         url=f"http://10.0.0.1:80{pod[-1]}",
         container_concurrency=cc,
         reason=reason,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from functions.scale.core import BACKOFF_MAX_S, STALE_REPORTS, ServiceScaler
-from kernel.messages import Demand, PodEvent, ScalingSpec, ServiceSpec
+from kernel.messages import Demand, PodEvent, PodState, ScalingSpec, ServiceSpec
 
 INTERVAL = 1.0
 
@@ -32,8 +32,8 @@ def demand(
     )
 
 
-def event(pod: str, state: str, node: str = "node-1", reason: str = "") -> PodEvent:
-    return PodEvent(pod=pod, service="svc", node=node, state=state, reason=reason)  # type: ignore[arg-type]
+def event(pod: str, state: PodState, node: str = "node-1", reason: str = "") -> PodEvent:
+    return PodEvent(pod=pod, service="svc", node=node, state=state, reason=reason)
 
 
 def scaler(**knobs: object) -> ServiceScaler:

@@ -28,17 +28,22 @@ from kernel.config import (
 )
 from kernel.messages import Empty, ServiceList
 
-NON_DEFAULT = dict(
-    schedule=ScheduleConfig(probe_cache_ttl_s=3.5, max_probes=7, reserve_timeout_s=0.75,
-                            sampling_d=3, sampling_max_tries=2, sampling_seed=11),
-    scale=ScaleConfig(tick_s=0.3, place_timeout_s=4.0),
-    activator=replace(ActivatorConfig(), buffer_size=77, request_timeout_s=12.0),
-    coordinator=CoordinatorConfig(heartbeat_timeout_s=1.5, schedule_max=3),
-)
+
+def non_default(nats_url: str = "nats://127.0.0.1:4222", redis_url: str = "redis://x") -> Config:
+    """A setting off its default in every section."""
+    return Config(
+        nats_url=nats_url,
+        redis_url=redis_url,
+        schedule=ScheduleConfig(probe_cache_ttl_s=3.5, max_probes=7, reserve_timeout_s=0.75,
+                                sampling_d=3, sampling_max_tries=2, sampling_seed=11),
+        scale=ScaleConfig(tick_s=0.3, place_timeout_s=4.0),
+        activator=replace(ActivatorConfig(), buffer_size=77, request_timeout_s=12.0),
+        coordinator=CoordinatorConfig(heartbeat_timeout_s=1.5, schedule_max=3),
+    )
 
 
 def test_a_config_round_trips_through_json_and_is_validated_on_the_way_in() -> None:
-    config = Config(**NON_DEFAULT)  # type: ignore[arg-type]
+    config = non_default()
 
     assert loads(dumps(config)) == config
     with pytest.raises(ConfigError, match="probes >= 0"):
@@ -50,7 +55,7 @@ def test_a_config_round_trips_through_json_and_is_validated_on_the_way_in() -> N
 async def test_the_process_runtime_hands_an_instance_the_whole_config(
     nats_url: str, redis_url: str
 ) -> None:
-    config = Config(nats_url=nats_url, redis_url=redis_url, **NON_DEFAULT)  # type: ignore[arg-type]
+    config = non_default(nats_url, redis_url)
     runtime = ProcessRuntime(config, kinds=["schedule"])
     try:
         await runtime.scale("schedule", 1)
@@ -68,7 +73,7 @@ async def test_the_process_runtime_hands_an_instance_the_whole_config(
 async def test_every_instance_owns_its_bus_and_leaves_nothing_behind(
     kind: str, nats_url: str, redis_url: str
 ) -> None:
-    config = Config(nats_url=nats_url, redis_url=redis_url, **NON_DEFAULT)  # type: ignore[arg-type]
+    config = non_default(nats_url, redis_url)
     component = await build.instance(kind, config, f"wiring-{kind}")
     registry = await Bus.connect(nats_url, "wiring-registry")  # `scale` asks it at start
 
