@@ -55,7 +55,7 @@ Rep = TypeVar("Rep")
 
 PREFIX = "fnplane"
 _PARAM = re.compile(r"\{(\w+)\}")
-_TOKEN = re.compile(r"^[A-Za-z0-9_\-:]+$")  # one subject token: no '.', spaces or wildcards
+_TOKEN = re.compile(r"[A-Za-z0-9_\-:]+")  # one subject token: no '.', spaces or wildcards
 
 
 class SubjectError(ValueError):
@@ -84,19 +84,22 @@ class Endpoint(Generic[Req, Rep]):
     def subject_for(self, **params: str | int) -> str:
         """The concrete subject; a parameter left out becomes the `*` wildcard (for a
         subscription to every node, service or partition at once)."""
-        unknown = set(params) - set(self.params)
-        if unknown:
-            raise SubjectError(f"{self.name}: unknown subject parameters {sorted(unknown)}")
         values: dict[str, str] = {}
+        used = 0
         for p in self.params:
-            if p not in params:
+            value = params.get(p)
+            if value is None:
                 values[p] = "*"
                 continue
-            value = str(params[p])
-            if not _TOKEN.match(value):
-                raise SubjectError(f"{self.name}: {p}={value!r} is not a single subject token")
-            values[p] = value
-        return self.subject.format(**values)
+            used += 1
+            text = str(value)
+            if _TOKEN.fullmatch(text) is None:
+                raise SubjectError(f"{self.name}: {p}={text!r} is not a single subject token")
+            values[p] = text
+        if used != len(params):
+            unknown = sorted(set(params) - set(self.params))
+            raise SubjectError(f"{self.name}: unknown subject parameters {unknown}")
+        return self.subject.format_map(values) if values else self.subject
 
     def params_of(self, subject: str) -> dict[str, str]:
         """The parameters a concrete subject of this endpoint carries ({} if it is not one)."""
@@ -138,8 +141,8 @@ SERVICE_DELETED: Endpoint[ServiceDeleted, None] = _ep(
     "service-deleted", "service.deleted", ServiceDeleted, None, "scale route activator",
     "coordinator", "a service was deleted: its pods stop, its routes go")
 ENDPOINTS: Endpoint[Endpoints, None] = _ep(
-    "endpoints", "service.endpoints.{service}", Endpoints, None, "activator", "route",
-    "the full ready set of one service, replacing the previous one")
+    "endpoints", "service.endpoints.{service}", Endpoints, None, "activator admin", "route",
+    "the full ready set of one service, replacing the previous one (admin may watch)")
 ROUTES: Endpoint[Empty, RoutingSnapshot] = _ep(
     "routes", "service.routes", Empty, RoutingSnapshot, "route", "activator coordinator",
     "every service's endpoints, for an activator that starts late", queue="route")
@@ -147,8 +150,8 @@ SCALE_STATUS: Endpoint[NameRequest, ScaleStatus] = _ep(
     "scale-status", "service.scale-status", NameRequest, ScaleStatus, "scale", "coordinator",
     "desired and current pods of a service, for `fnplane describe`", queue="scale")
 COLD_START: Endpoint[ColdStart, None] = _ep(
-    "cold-start", "service.cold-start", ColdStart, None, "coordinator", "activator",
-    "one cold request, stage by stage, for `fnplane describe`")
+    "cold-start", "service.cold-start", ColdStart, None, "coordinator admin", "activator",
+    "one cold request, stage by stage, for `fnplane describe` (admin may watch)")
 
 # ---- pods: placement and lifecycle ------------------------------------------------------------
 PLACE: Endpoint[PlaceRequest, Placement | Unschedulable] = _ep(
@@ -158,12 +161,13 @@ RESERVE: Endpoint[ReserveRequest, Placement | Refused] = _ep(
     "reserve", "pod.reserve.{partition}", ReserveRequest, Placement | Refused, "schedule",
     "schedule", "place in your partition or refuse with your summary (a probe)")
 POD_EVENTS: Endpoint[PodEvent, None] = _ep(
-    "pod-events", "pod.events.{service}", PodEvent, None, "scale schedule route", "node",
-    "a pod changed state: starting, ready, terminating, stopped, failed")
+    "pod-events", "pod.events.{service}", PodEvent, None, "scale schedule route bench",
+    "node scale", "a pod changed state: starting, ready, terminating, stopped, failed (scale "
+    "reports a pod it could not place as failed)")
 
 # ---- node agents ------------------------------------------------------------------------------
 NODE_START: Endpoint[StartPod, Empty] = _ep(
-    "node-start", "node.{node}.start", StartPod, Empty, "node", "schedule",
+    "node-start", "node.{node}.start", StartPod, Empty, "node", "schedule bench",
     "run one pod on this node; refused from a stale partition epoch")
 NODE_STOP: Endpoint[StopPod, Empty] = _ep(
     "node-stop", "node.{node}.stop", StopPod, Empty, "node", "scale",
@@ -197,21 +201,21 @@ HEARTBEAT: Endpoint[Heartbeat, None] = _ep(
 # ---- admin API (CLI, operator ↔ coordinator) ---------------------------------------------------
 ADMIN_DEPLOY: Endpoint[DeployRequest, ServiceStatus] = _ep(
     "admin-deploy", "admin.deploy", DeployRequest, ServiceStatus, "coordinator",
-    "cli operator", "create or update a service")
+    "admin operator", "create or update a service")
 ADMIN_DELETE: Endpoint[NameRequest, Empty] = _ep(
-    "admin-delete", "admin.delete", NameRequest, Empty, "coordinator", "cli operator",
+    "admin-delete", "admin.delete", NameRequest, Empty, "coordinator", "admin operator",
     "delete a service")
 ADMIN_LIST: Endpoint[Empty, ServiceList] = _ep(
-    "admin-list", "admin.list", Empty, ServiceList, "coordinator", "cli",
+    "admin-list", "admin.list", Empty, ServiceList, "coordinator", "admin activator scale",
     "every service with its URL and ready pods")
 ADMIN_DESCRIBE: Endpoint[NameRequest, ServiceStatus] = _ep(
     "admin-describe", "admin.describe", NameRequest, ServiceStatus, "coordinator",
-    "cli operator", "one service: pods, nodes, last cold start by stage")
+    "admin operator", "one service: pods, nodes, last cold start by stage")
 ADMIN_SPEC: Endpoint[NameRequest, SpecUpdated] = _ep(
     "admin-spec", "admin.spec", NameRequest, SpecUpdated, "coordinator", "activator node",
     "one service's spec, for an activator that meets a service it has not heard of")
 ADMIN_STATUS: Endpoint[Empty, ClusterStatus] = _ep(
-    "admin-status", "admin.status", Empty, ClusterStatus, "coordinator", "cli",
+    "admin-status", "admin.status", Empty, ClusterStatus, "coordinator", "admin",
     "partitions, their owners and free capacity, instances")
 
 # ---- scheduler baselines of the benchmark (functions/schedule/baselines.py) ---------------------
