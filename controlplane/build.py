@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from kernel.bus import Bus
 from kernel.component import Component
 from kernel.config import Config
+from kernel.identity import login
 from kernel.messages import NodeInfo
 
 if TYPE_CHECKING:
@@ -39,8 +40,9 @@ def new_id(kind: str) -> str:
     return f"{kind}-{uuid.uuid4().hex[:6]}"
 
 
-async def connect(config: Config, name: str) -> Bus:
-    return await Bus.connect(config.nats_url, name)
+async def connect(config: Config, name: str, kind: str) -> Bus:
+    """A connection as `kind`, with that kind's credentials when NATS asks for them."""
+    return await Bus.connect(config.nats_url, name, login=login(config.credentials, kind))
 
 
 # ---- control-function instances (what a runtime scales) ---------------------------------------
@@ -48,13 +50,13 @@ async def connect(config: Config, name: str) -> Bus:
 
 async def scale(config: Config, instance_id: str = "") -> ScaleInstance:
     from functions.scale.instance import ScaleInstance
-    bus = await connect(config, instance_id or new_id("scale"))
+    bus = await connect(config, instance_id or new_id("scale"), "scale")
     return ScaleInstance(bus, config.scale, metrics_interval_s=config.activator.metrics_interval_s)
 
 
 async def schedule(config: Config, instance_id: str = "") -> ScheduleInstance:
     from functions.schedule.instance import ScheduleInstance
-    return ScheduleInstance(await connect(config, instance_id or new_id("schedule")),
+    return ScheduleInstance(await connect(config, instance_id or new_id("schedule"), "schedule"),
                             config.schedule)
 
 
@@ -62,7 +64,7 @@ async def route(config: Config, instance_id: str = "") -> RouteInstance:
     from functions.route.instance import RouteInstance
     from kernel.store import Store
 
-    return RouteInstance(await connect(config, instance_id or new_id("route")),
+    return RouteInstance(await connect(config, instance_id or new_id("route"), "route"),
                          Store.from_url(config.redis_url))
 
 
@@ -70,7 +72,7 @@ async def central(config: Config, instance_id: str = "") -> CentralScheduler:
     """The central baseline of the scheduler benchmark."""
     from functions.schedule.baselines import CentralScheduler
 
-    return CentralScheduler(await connect(config, instance_id or new_id("central")))
+    return CentralScheduler(await connect(config, instance_id or new_id("central"), "bench"))
 
 
 async def sampling(config: Config, instance_id: str = "") -> SamplingScheduler:
@@ -78,7 +80,7 @@ async def sampling(config: Config, instance_id: str = "") -> SamplingScheduler:
     from functions.schedule.baselines import SamplingScheduler
 
     s = config.schedule
-    return SamplingScheduler(await connect(config, instance_id or new_id("sampling")),
+    return SamplingScheduler(await connect(config, instance_id or new_id("sampling"), "bench"),
                              d=s.sampling_d, max_tries=s.sampling_max_tries, seed=s.sampling_seed)
 
 
@@ -102,7 +104,7 @@ async def instance(kind: str, config: Config, instance_id: str = "") -> Componen
 
 async def activator(config: Config) -> Activator:
     from activator.server import Activator
-    return Activator(await connect(config, new_id("activator")), config.activator)
+    return Activator(await connect(config, new_id("activator"), "activator"), config.activator)
 
 
 class Coordinated(Component):
@@ -135,9 +137,11 @@ async def coordinator(config: Config, *, public_url: str, runtime: Runtime | Non
     from controlplane.registry import Registry
     from kernel.store import Store
     store = store or Store.from_url(config.redis_url)
-    coord = Coordinator(await connect(config, new_id("coordinator")), store, config.coordinator,
+    coord = Coordinator(await connect(config, new_id("coordinator"), "coordinator"), store,
+                        config.coordinator,
                         runtime=runtime)
-    registry = Registry(await connect(config, new_id("registry")), store, public_url=public_url)
+    registry = Registry(await connect(config, new_id("registry"), "coordinator"), store,
+                        public_url=public_url)
     return Coordinated(coord, registry, store, runtime)
 
 
@@ -145,7 +149,7 @@ async def local_nodes(config: Config, *, log_dir: Path) -> list[LocalNode]:
     from partitions.agents.local import LocalNode
     nodes = config.nodes
     return [
-        LocalNode(await connect(config, f"node-{i}"),
+        LocalNode(await connect(config, f"node-{i}", "node"),
                   NodeInfo(name=f"node-{i}", capacity=nodes.capacity, backend="local"),
                   workdir=nodes.workdir, log_dir=log_dir)
         for i in range(nodes.count)
@@ -154,9 +158,9 @@ async def local_nodes(config: Config, *, log_dir: Path) -> list[LocalNode]:
 
 async def kubernetes_nodes(config: Config, kube: KubernetesConfig) -> KubernetesBackend:
     from partitions.agents.kubernetes.agent import KubernetesBackend
-    return KubernetesBackend(await connect(config, "node-kubernetes"), kube)
+    return KubernetesBackend(await connect(config, "node-kubernetes", "node"), kube)
 
 
 async def operator(config: Config, op: OperatorConfig) -> FnServiceOperator:
     from controlplane.operator import FnServiceOperator
-    return FnServiceOperator(await connect(config, "operator"), op)
+    return FnServiceOperator(await connect(config, "operator", "operator"), op)

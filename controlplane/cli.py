@@ -31,6 +31,7 @@ from kernel.config import (
 )
 from kernel.endpoints import Endpoint
 from kernel.errors import RemoteError
+from kernel.identity import CREDENTIALS_FILE, Login, login
 from kernel.messages import (
     BatchingSpec,
     DeployRequest,
@@ -99,6 +100,10 @@ async def run_up(args: argparse.Namespace) -> int:
     print(f"fnplane is up in {time.time() - t0:.1f}s", flush=True)
     print(f"  gateway  {stack.url}   (KServe v1 and Open Inference Protocol v2)", flush=True)
     print(f"  nats     {stack.nats_url}   (export FNPLANE_NATS_URL={stack.nats_url})", flush=True)
+    if stack.config.credentials is not None:
+        print(f"  creds    {stack.config.credentials}   (one NATS user per component; the CLI "
+              f"uses its admin entry: export FNPLANE_CREDS={stack.config.credentials})",
+              flush=True)
     print(f"  redis    {stack.redis_url}", flush=True)
     if kube is not None:
         print(f"  nodes    the cluster of {args.kubeconfig or 'the default kubeconfig'}"
@@ -119,13 +124,26 @@ async def run_up(args: argparse.Namespace) -> int:
 Rep = TypeVar("Rep")
 
 
+def admin_login() -> Login | None:
+    """The admin credentials: `FNPLANE_CREDS` (a credentials file), else the state dir's
+    (`FNPLANE_STATE_DIR`, default ~/.fnplane), where `fnplane up` made them."""
+    path = Path(os.environ.get("FNPLANE_CREDS") or default_state_dir() / CREDENTIALS_FILE)
+    return login(path, "admin") if path.exists() else None
+
+
 async def _admin(nats_url: str, endpoint: Endpoint[Any, Rep], msg: msgspec.Struct,
                  timeout: float = 5.0) -> Rep:
     try:
         bus = await Bus.connect(
-            nats_url, f"fnplane-cli-{os.getpid()}", connect_timeout=2.0, reconnect=False
+            nats_url, f"fnplane-cli-{os.getpid()}", connect_timeout=2.0, reconnect=False,
+            login=admin_login(),
         )
     except Exception as exc:
+        if "Authorization" in str(exc):
+            raise CliError(
+                f"fnplane at {nats_url} refused our credentials: point FNPLANE_CREDS at the "
+                "credentials.json of its state dir (or set FNPLANE_STATE_DIR)"
+            ) from None
         raise CliError(
             f"cannot reach fnplane at {nats_url} ({exc}); is `fnplane up` running? "
             "(set --nats or FNPLANE_NATS_URL)"

@@ -9,8 +9,8 @@
   probe        exit 0 when this container's component is alive (exec probe)
 
 Configuration: the whole Config as JSON in FNPLANE_CONFIG if set; on top, the variables a
-Deployment sets: FNPLANE_NATS_URL,
-FNPLANE_REDIS_URL, FNPLANE_PUBLIC_URL (the gateway's URL services are announced at),
+Deployment sets: FNPLANE_NATS_URL, FNPLANE_REDIS_URL, FNPLANE_CREDS (the NATS credentials
+file, kernel/identity.py), FNPLANE_PUBLIC_URL (the gateway's URL services are announced at),
 FNPLANE_ACTIVATOR_PORT, FNPLANE_POD_IMAGE, FNPLANE_POD_PULL_POLICY, FNPLANE_POD_PORT,
 FNPLANE_NAMESPACE, FNPLANE_INSTANCE_ID (a `schedule` instance's id: its pod name, from the
 downward API; else HOSTNAME).
@@ -64,9 +64,11 @@ def config_from_env(env: dict[str, str]) -> Config:
     )
     activator = replace(base.activator, host="0.0.0.0",
                         port=int(env.get("FNPLANE_ACTIVATOR_PORT", "8080")))
+    creds = env.get("FNPLANE_CREDS")
     return replace(base, nats_url=env.get("FNPLANE_NATS_URL", DEFAULT_NATS_URL),
                    redis_url=env.get("FNPLANE_REDIS_URL", base.redis_url),
-                   coordinator=coordinator, activator=activator)
+                   coordinator=coordinator, activator=activator,
+                   credentials=Path(creds) if creds else base.credentials)
 
 
 async def build(name: str, env: dict[str, str]) -> Component:

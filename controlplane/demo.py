@@ -19,6 +19,7 @@ from controlplane.stack import Stack
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.config import ActivatorConfig, Config, NodesConfig, ScaleConfig
+from kernel.identity import login
 from kernel.messages import (
     DeployRequest,
     NameRequest,
@@ -59,7 +60,8 @@ async def main() -> int:
 
 async def _run(stack: Stack, model) -> int:
     assert stack.nats_url is not None
-    bus = await Bus.connect(stack.nats_url, "demo")
+    bus = await Bus.connect(stack.nats_url, "demo",
+                            login=login(stack.config.credentials, "admin"))
     try:
         spec = ServiceSpec(
             name="sample",

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kernel.procs import (
     START_TIMEOUT,
@@ -135,17 +136,25 @@ async def start_nats(
     jetstream: bool = True,
     name: str | None = None,
     ready_timeout: float = START_TIMEOUT,
+    authorization: dict[str, Any] | None = None,
 ) -> NatsServer:
     """Start nats-server and return once it prints "Server is ready" (as nats.py's tests wait).
 
-    JetStream state goes to state_dir/nats, the log to state_dir/logs/nats-server.log.
+    JetStream state goes to state_dir/nats, the log to state_dir/logs/nats-server.log. With
+    `authorization` (kernel.identity), only its users connect, each within its permissions.
     """
     binary = nats_server_binary()
     # The partition map of a big cluster (thousands of nodes) outgrows NATS's default 1 MiB
     # message limit; nats-server takes the limit only from a config file.
     state_dir.mkdir(parents=True, exist_ok=True)
     conf = state_dir / "nats-server.conf"
-    conf.write_text(f"max_payload: {NATS_MAX_PAYLOAD}\n")
+    text = f"max_payload: {NATS_MAX_PAYLOAD}\n"
+    if authorization is not None:
+        # NATS's config format reads JSON; the passwords make the file 0600 from the start.
+        text += f"authorization: {json.dumps(authorization)}\n"
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
     async def launch(chosen: int) -> NatsServer:
         argv = [binary, "-c", str(conf), "-a", host, "-p", str(chosen),

@@ -23,6 +23,7 @@ from functions.scale.instance import ScaleInstance
 from kernel import telemetry
 from kernel.component import Component
 from kernel.config import Config
+from kernel.identity import Credentials
 from kernel.store import ROUTES, Store
 from partitions.agents.kubernetes.agent import KubernetesConfig
 
@@ -71,8 +72,12 @@ class Stack:
     async def _start(self, state: Path) -> None:
         cfg = self.config
         if self.nats_url is None:
-            self.nats = await start_nats(state, port=self.nats_port)
+            # Our own NATS: every component kind gets its user and its permissions.
+            creds, path = Credentials.ensure(state)
+            self.nats = await start_nats(state, port=self.nats_port,
+                                         authorization=creds.server_authorization())
             self.nats_url = self.nats.url
+            cfg = replace(cfg, credentials=path)
         if self.redis_url is None:
             self.redis = await start_redis(state, port=self.redis_port)
             self.redis_url = self.redis.url

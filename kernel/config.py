@@ -161,6 +161,9 @@ class Config:
     nodes: NodesConfig = field(default_factory=NodesConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     trace_file: Path | None = None
+    # The components' NATS credentials (kernel/identity.py), None where NATS has no
+    # authorization. `fnplane up` makes them in its state dir.
+    credentials: Path | None = None
 
 
 # ---- one Config across processes -------------------------------------------------------------

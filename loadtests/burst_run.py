@@ -23,6 +23,7 @@ from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.config import ActivatorConfig, Config, NodesConfig
 from kernel.errors import RemoteError
+from kernel.identity import login
 from kernel.messages import (
     ColdStart,
     DeployRequest,
@@ -198,7 +199,8 @@ class BurstRun:
 
     async def run(self) -> dict[str, object]:
         assert self.stack.nats_url is not None
-        self.bus = bus = await Bus.connect(self.stack.nats_url, "loadtests-burst")
+        self.bus = bus = await Bus.connect(self.stack.nats_url, "loadtests-burst",
+                                           login=login(self.stack.config.credentials, "admin"))
         samplers: list[asyncio.Task[None]] = []
         try:
             await bus.serve(ep.ENDPOINTS, self._on_endpoints, service=SERVICE)

@@ -16,6 +16,7 @@ from controlplane.stack import Stack
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.config import ActivatorConfig, Config, NodesConfig, ScaleConfig
+from kernel.identity import Login
 from kernel.messages import (
     DeployRequest,
     NameRequest,
@@ -71,8 +72,8 @@ async def running_stack(
 
 
 @asynccontextmanager
-async def admin(nats_url: str) -> AsyncIterator[Bus]:
-    bus = await Bus.connect(nats_url, "test-admin")
+async def admin(nats_url: str, login: Login | None = None) -> AsyncIterator[Bus]:
+    bus = await Bus.connect(nats_url, "test-admin", login=login)
     try:
         yield bus
     finally:

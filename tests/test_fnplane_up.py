@@ -27,7 +27,9 @@ FNPLANE = [sys.executable, "-m", "controlplane.cli"]
 class Up:
     def __init__(self, state_dir: Path) -> None:
         self.port, self.nats_port = free_port(), free_port()
-        self.env = {**os.environ, "FNPLANE_NATS_URL": f"nats://127.0.0.1:{self.nats_port}"}
+        # The CLI finds the admin credentials `up` made in the state dir.
+        self.env = {**os.environ, "FNPLANE_NATS_URL": f"nats://127.0.0.1:{self.nats_port}",
+                    "FNPLANE_STATE_DIR": str(state_dir)}
         self.proc = subprocess.Popen(
             [*FNPLANE, "up", "--port", str(self.port), "--nats-port", str(self.nats_port),
              "--state-dir", str(state_dir), "--workdir", str(REPO)],

@@ -23,7 +23,8 @@ async def test_up_with_the_kubernetes_backend_uses_the_clusters_nodes(tmp_path: 
     nodes = [node("k8s-a", cpu="8", memory="16Gi", models="sample"), node("k8s-b", ready=False)]
     async with fake_cluster(tmp_path, nodes) as cluster:
         port, nats_port = free_port(), free_port()
-        env = {**os.environ, "FNPLANE_NATS_URL": f"nats://127.0.0.1:{nats_port}"}
+        env = {**os.environ, "FNPLANE_NATS_URL": f"nats://127.0.0.1:{nats_port}",
+               "FNPLANE_STATE_DIR": str(tmp_path / "state")}
         up = await asyncio.create_subprocess_exec(
             *FNPLANE, "up", "--backend", "kubernetes", "--kubeconfig", str(cluster.kubeconfig),
             "--port", str(port), "--nats-port", str(nats_port),

@@ -16,6 +16,7 @@ import pytest
 from controlplane.stack import Stack
 from controlplane.statedir import STAMP, check_state_dir
 from kernel import endpoints as ep
+from kernel.identity import login
 from kernel.messages import Empty, ServiceList
 from kernel.store import SCHEMA_KEY, STATE_SCHEMA, StateSchemaError, Store, schema_verdict
 from tests.stackutil import admin, stack_config
@@ -37,7 +38,8 @@ async def test_a_state_dir_of_the_first_release_loads_serves_and_is_stamped(
     await stack.start()
     try:
         assert stack.nats_url is not None and stack.redis_url is not None
-        async with admin(stack.nats_url) as bus:
+        creds = stack.config.credentials
+        async with admin(stack.nats_url, login(creds, "admin")) as bus:
             listed: ServiceList = await bus.call(ep.ADMIN_LIST, Empty(), timeout=5)
         specs = {s.spec.name: s.spec for s in listed.services}
         port = stack.activator.port  # type: ignore[union-attr]
@@ -47,7 +49,9 @@ async def test_a_state_dir_of_the_first_release_loads_serves_and_is_stamped(
             async with http.post(f"http://127.0.0.1:{port}/v2/models/sample/infer",
                                  json=body, timeout=aiohttp.ClientTimeout(total=60)) as resp:
                 status, answer = resp.status, await resp.json()
-        nc = await nats.connect(stack.nats_url)
+        activator = login(creds, "activator")  # the one kind with JetStream's API
+        assert activator is not None
+        nc = await nats.connect(stack.nats_url, **activator.nats_options())
         try:
             info = await nc.jetstream().stream_info("FNPLANE_EV_sample")
         finally:
