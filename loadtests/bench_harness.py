@@ -297,8 +297,9 @@ async def world(
     config = config or CoordinatorConfig(heartbeat_timeout_s=opts.heartbeat_timeout_s)
     coord = Coordinator(await Bus.connect(nats_url, "coordinator-bench"), store, config,
                         runtime=runtime)
+    # The baselines own no partition: this sim takes their unpartitioned starts.
     sim = SimCluster(await Bus.connect(nats_url, "sim"), nodes, start_delay_s=opts.start_delay_s,
-                     prefill=opts.fill)
+                     prefill=opts.fill, unpartitioned=True)
     bus = await Bus.connect(nats_url, "bench-driver")
     beats = Beats()
     await bus.serve(ep.HEARTBEAT, beats.on_beat, kind="schedule")

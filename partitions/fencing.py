@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import PartitionMap, StartPod
 
 
@@ -17,6 +18,9 @@ from kernel.messages import PartitionMap, StartPod
 class EpochFence:
     version: int = 0
     owner_of: dict[str, tuple[int, int]] = field(default_factory=dict)  # node → (pid, epoch)
+    # Starts that name no partition come only from the scheduler benchmark's baselines, which
+    # own no partition; only a node agent configured for them (the benchmark's sim) takes them.
+    allow_unpartitioned: bool = False
 
     def apply(self, pmap: PartitionMap) -> None:
         if pmap.version <= self.version:
@@ -26,13 +30,26 @@ class EpochFence:
 
     def check(self, start: StartPod) -> str | None:
         """None when the start may proceed, else why it is refused."""
+        if start.partition < 0:
+            if self.allow_unpartitioned:
+                return None
+            return (f"StartPod for {start.node} names no partition: refused (only the owner "
+                    f"of the node's partition starts pods here)")
         known = self.owner_of.get(start.node)
-        if known is None or start.partition < 0:
-            # No map yet (start-up) or an unpartitioned caller (a baseline scheduler).
-            return None
+        if known is None:
+            return None  # no map yet (start-up): the sender's epoch is checked once one is
         pid, epoch = known
         if start.partition != pid:
             return f"node {start.node} is in partition {pid}, not {start.partition}"
         if start.epoch < epoch:
             return f"stale epoch {start.epoch} for partition {pid} (current {epoch})"
         return None
+
+    def refusal(self, start: StartPod) -> RemoteError | None:
+        """The error a node answers a refused start with: a start that names no partition
+        is invalid; one from a stale or wrong owner says the sender's map is behind."""
+        why = self.check(start)
+        if why is None:
+            return None
+        return RemoteError(ErrorCode.INVALID if start.partition < 0 else ErrorCode.STALE_EPOCH,
+                           why)

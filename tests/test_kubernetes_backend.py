@@ -51,8 +51,9 @@ async def start_pod(nats_url: str, pod: str, node_name: str, **spec: object) -> 
     bus = await Bus.connect(nats_url, "test-schedule")
     try:
         now = time.time()
+        # As `schedule` sends it: its partition and epoch (no map published here).
         start = StartPod(pod=pod, spec=sample_spec(**spec), node=node_name, requested_at=now,
-                         placed_at=now)
+                         placed_at=now, partition=0, epoch=1)
         await bus.call(ep.NODE_START, start, timeout=10, node=node_name)
     finally:
         await bus.close()

@@ -81,7 +81,11 @@ async def client(nats_url: str) -> AsyncIterator[tuple[Bus, Registrar]]:
 
 
 async def running(nats_url: str, infos: list[NodeInfo], **kw: object) -> SimCluster:
-    sim = SimCluster(await Bus.connect(nats_url, str(kw.pop("name", "sim"))), infos, **kw)  # type: ignore[arg-type]
+    """A sim as the scheduler benchmark runs it: it also takes the baselines' starts, which
+    name no partition."""
+    kw.setdefault("unpartitioned", True)
+    bus = await Bus.connect(nats_url, str(kw.pop("name", "sim")))
+    sim = SimCluster(bus, infos, **kw)  # type: ignore[arg-type]
     await sim.start()
     return sim
 
@@ -198,6 +202,26 @@ async def test_fence_refuses_a_stale_epoch(nats_url: str, client: tuple[Bus, Reg
         assert sim.stats.refused_fence == 2
     finally:
         await sim.stop()
+
+
+async def test_outside_the_benchmark_a_start_must_name_a_partition(
+    nats_url: str, client: tuple[Bus, Registrar]
+) -> None:
+    """The partition −1 bypass is the benchmark's alone: a node agent not configured for
+    it refuses such a start as invalid (a forged one ran `sh -c id` before)."""
+    bus, _ = client
+    sim = await running(nats_url, nodes(2), name="sim-strict", unpartitioned=False)
+    try:
+        with pytest.raises(RemoteError) as refused:
+            await bus.call(ep.NODE_START, start("u1", "simt-0", spec("sim-strict")),
+                           node="simt-0")
+        await bus.call(ep.NODE_START, start("u2", "simt-0", spec("sim-strict"), partition=0,
+                                            epoch=1), node="simt-0")
+    finally:
+        await sim.stop()
+
+    assert refused.value.code is ErrorCode.INVALID and "names no partition" in refused.value.message
+    assert set(sim.started_pods()) == {"u2"}
 
 
 async def test_inventory_covers_prefilled_pods_in_one_answer(

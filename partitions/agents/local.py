@@ -43,6 +43,10 @@ from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)
 
+# What a pod inherits of the control plane's environment: locale, time zone, home and temp
+# dirs. Everything else (PATH is set apart) stays out.
+POD_INHERITS = frozenset({"HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR"})
+
 PROBE_INTERVAL_S = 0.02
 METRICS_INTERVAL_S = 1.0
 STOP_GRACE_S = 10.0
@@ -126,12 +130,15 @@ class LocalNode(Component):
             raise RemoteError(ErrorCode.UNAVAILABLE, f"node {self.name} is shutting down")
         if msg.pod in self.pods:
             return Empty()
-        if (why := self.fence.check(msg)) is not None:
-            raise RemoteError(ErrorCode.STALE_EPOCH, why)
+        if (refused := self.fence.refusal(msg)) is not None:
+            raise refused
         spec = msg.spec
         port = free_port()
         env = {
-            **os.environ,
+            # A clean environment: nothing of the control plane's (its credentials, a cloud
+            # key in the operator's shell) reaches a pod; only the few variables a process
+            # needs to run at all, the spec's env, and what the pod contract sets.
+            **{k: v for k, v in os.environ.items() if k in POD_INHERITS},
             # The pod's `python` is the control plane's interpreter, so a spec's
             # `python -m ...` finds the same installed packages.
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -155,6 +162,7 @@ class LocalNode(Component):
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 preexec_fn=preexec,
+                start_new_session=True,  # one process group to stop, children and all
             )
         except OSError as exc:
             raise RemoteError(ErrorCode.INVALID,
@@ -252,8 +260,7 @@ class LocalNode(Component):
         if pod.state in ("failed", "stopped"):
             return
         pod.state = "failed"
-        if pod.proc.returncode is None:
-            await _kill(pod.proc, grace=0.5)
+        await _kill(pod.proc, grace=0.5)
         self.pods.pop(pod.start.pod, None)
         await self._emit(pod, "failed", reason=reason, log_tail=pod.tail())
 
@@ -299,14 +306,22 @@ class LocalNode(Component):
 
 
 async def _kill(proc: asyncio.subprocess.Process, *, grace: float) -> None:
-    if proc.returncode is not None:
-        return
+    """Stop the pod's whole process group (it runs in a session of its own): SIGTERM, then
+    SIGKILL after `grace`; and whatever it started is killed even when the pod itself has
+    already exited, so nothing of a stopped or deleted pod survives it."""
+    if proc.returncode is None:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=grace)
+        except TimeoutError:
+            _signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    _signal_group(proc.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
     try:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), timeout=grace)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-    except ProcessLookupError:
-        pass
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone already
 

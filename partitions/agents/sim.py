@@ -126,7 +126,10 @@ class SimCluster(Component):
         prefill: float = 0.0,
         prefill_pods_per_node: int = 2,
         clock: Callable[[], float] = time.time,
+        unpartitioned: bool = False,
     ) -> None:
+        """`unpartitioned`: also take starts that name no partition, from the benchmark's
+        baseline schedulers (which own none); never so outside the benchmark."""
         if not 0.0 <= prefill < 1.0:
             raise ValueError("prefill must be a fraction in [0, 1)")
         super().__init__(bus)
@@ -135,7 +138,7 @@ class SimCluster(Component):
         self.clock = clock
         self.nodes: dict[str, SimNode] = {}
         self.pods: dict[str, SimPod] = {}
-        self.fence = EpochFence()
+        self.fence = EpochFence(allow_unpartitioned=unpartitioned)
         self.stats = SimStats()
         self._due: list[tuple[float, int, str]] = []  # (ready at, seq, pod): the timer heap
         self._seq = 0
@@ -205,9 +208,9 @@ class SimCluster(Component):
                 return Empty()  # a retried start: idempotent, as the local backend
             self.stats.duplicate_starts += 1
             raise RemoteError(ErrorCode.CONFLICT, f"pod {msg.pod} already runs on {known.node}")
-        if (why := self.fence.check(msg)) is not None:
+        if (refused := self.fence.refusal(msg)) is not None:
             self.stats.refused_fence += 1
-            raise RemoteError(ErrorCode.STALE_EPOCH, why)
+            raise refused
         res = msg.spec.resources
         if raw.headers and raw.headers.get(ep.ADMIT_IF_FITS) and not res.fits_in(node.free):
             self.stats.refused_fit += 1

@@ -320,8 +320,8 @@ class KubernetesBackend(Component):
         if node.unschedulable:
             raise RemoteError(ErrorCode.UNAVAILABLE,
                               f"node {msg.node} takes no pods: {node.unschedulable}")
-        if (why := self.fence.check(msg)) is not None:
-            raise RemoteError(ErrorCode.STALE_EPOCH, why)
+        if (refused := self.fence.refusal(msg)) is not None:
+            raise refused
         await self.tracker.start(msg, node.k8s_name, self.config.pod_port or free_port())
         return Empty()
 
