@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgspec
+
 from activator.batcher import BatchAborted, BatcherClosed, MicroBatcher
 from activator.direct import DirectPath
 from activator.proxy import PodResponse, PodUnreachable, Proxy
@@ -85,6 +87,17 @@ def check_v1(payload: Any) -> str | None:
 CHECKS = {"v1": check_v1, "v2": check_v2}
 
 
+def parse_body(body: bytes) -> tuple[Any, str | None]:
+    """The JSON body, or why it is not one. msgspec, not `json`: it is faster and bounds
+    nesting (a hundred thousand `[` is a 400, not a crash of the request path)."""
+    try:
+        return msgspec.json.decode(body), None
+    except msgspec.DecodeError as exc:
+        return None, f"invalid JSON body: {exc}"
+    except RecursionError:
+        return None, "invalid JSON body: nested too deeply"
+
+
 class Handler:
     def __init__(
         self,
@@ -114,11 +127,10 @@ class Handler:
             return error(404, f"Model with name {name} does not exist.")
         payload: Any = None
         if req.protocol is not None:
-            try:
-                payload = json.loads(req.body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                return error(400, f"invalid JSON body: {exc}")
-            if problem := CHECKS[req.protocol](payload):
+            payload, problem = parse_body(req.body)
+            if problem is None:
+                problem = CHECKS[req.protocol](payload)
+            if problem is not None:
                 return error(400, problem)
         with telemetry.tracer.start_as_current_span(f"activator {name}") as span:
             headers = dict(req.headers)

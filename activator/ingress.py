@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from activator.handler import Answer, Handler, Protocol, Request, error
 
@@ -107,6 +108,8 @@ async def _forward(request: web.Request, protocol: Protocol | None) -> web.Respo
         except web.HTTPRequestEntityTooLarge:
             return _http(error(413, f"request body larger than "
                                     f"{handler.config.max_body_bytes} bytes"))
+        except RequestPayloadError as exc:  # e.g. a body that is not what Content-Encoding says
+            return _http(error(400, f"unreadable request body: {exc.__cause__ or exc}"))
     answer = await handler.handle(Request(
         service=request.match_info["name"], method=request.method, path=request.path_qs,
         body=body, headers=dict(request.headers), protocol=protocol,

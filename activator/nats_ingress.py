@@ -8,7 +8,6 @@ status in the `Fnplane-Status` header. Fire-and-forget events on `svc.events.{se
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Mapping
 
@@ -16,7 +15,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from activator.handler import Answer, Handler, Protocol, Request, error
+from activator.handler import Answer, Handler, Protocol, Request, error, parse_body
 from activator.nats_events import EventStreams
 from kernel import endpoints as ep
 from kernel import telemetry
@@ -44,10 +43,9 @@ def nats_headers(answer: Answer) -> dict[str, str]:
 def request_for(name: str, body: bytes, headers: Mapping[str, str] | None) -> Request | Answer:
     """A NATS body as the handler's request: its protocol by its shape (OIP v2 `inputs`,
     KServe v1 `instances`), or the 400 that keeps bad input from waking the service."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return error(400, f"invalid JSON body: {exc}")
+    payload, problem = parse_body(body)
+    if problem is not None:
+        return error(400, problem)
     protocol: Protocol
     if isinstance(payload, dict) and "inputs" in payload:
         protocol, path = "v2", f"/v2/models/{name}/infer"

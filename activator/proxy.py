@@ -47,6 +47,10 @@ class Proxy:
     ) -> PodResponse:
         assert self._session is not None, "proxy not started"
         sent = {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
+        if body and not any(k.lower() == "content-type" for k in sent):
+            # Inference bodies are JSON; without this aiohttp says application/octet-stream,
+            # which FastAPI-based model servers refuse with a 422.
+            sent["Content-Type"] = "application/json"
         try:
             async with self._session.request(
                 method, base_url + path, data=body, headers=sent

@@ -103,6 +103,14 @@ class ScaleConfig:
     # from the activator triggers an immediate evaluation regardless).
     tick_s: float = 0.5
     place_timeout_s: float = 5.0
+    # Knative's max-scale-limit, with a bound by default: no service runs more pods than
+    # this, whatever its max-scale says (0 there means "up to this"), so one runaway demand
+    # report cannot take the whole cluster. 0 here: no limit, as Knative's default.
+    max_scale_limit: int = 100
+
+    def __post_init__(self) -> None:
+        if self.tick_s <= 0 or self.place_timeout_s <= 0 or self.max_scale_limit < 0:
+            raise ConfigError("scale tick and place timeout must be > 0, max-scale limit >= 0")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from functions.scale.core import BACKOFF_MAX_S, STALE_REPORTS, ServiceScaler
+from functions.scale.core import BACKOFF_MAX_S, STALE_REPORTS, ServiceScaler, within_limit
 from kernel.messages import Demand, PodEvent, PodState, ScalingSpec, ServiceSpec
 
 INTERVAL = 1.0
@@ -273,3 +273,24 @@ def test_update_spec_reaches_the_autoscaler() -> None:
 
     assert (s.autoscaler.spec, s.autoscaler.container_concurrency) == (new.scaling, 4)
     assert s.autoscaler.target == pytest.approx(4 * 0.7)
+
+
+# ---- the cluster's max-scale limit ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_scale", "limit", "bound"),
+    [(0, 100, 100), (500, 100, 100), (20, 100, 20), (0, 0, 0), (500, 0, 500)],
+    ids=["unbounded-gets-the-limit", "over-the-limit", "under-the-limit", "no-limit",
+         "no-limit-keeps-its-own"],
+)
+def test_a_runaway_demand_is_held_to_max_scale_and_the_limit(
+    max_scale: int, limit: int, bound: int
+) -> None:
+    """A forged or buggy report of 100,000 waiting requests must not take the cluster."""
+    s = ServiceScaler.for_spec(within_limit(service(max_scale=max_scale), limit))
+    s.observe(demand(100_000, ts=0.0))
+
+    plan = s.plan(0.0, INTERVAL)
+
+    assert plan.desired == (bound or 100_000 // 7 + 1)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 from functions.scale.kpa import Autoscaler, Decision
 from kernel.messages import Demand, PodEvent, ServiceSpec, ServingMode
 
@@ -16,6 +18,17 @@ from kernel.messages import Demand, PodEvent, ServiceSpec, ServingMode
 STALE_REPORTS = 3.0
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
+
+
+def within_limit(spec: ServiceSpec, limit: int) -> ServiceSpec:
+    """The spec `scale` acts on: max-scale capped by the cluster's max-scale limit (and an
+    unbounded max-scale, 0, becomes the limit). No limit (0): the spec as it is."""
+    sc = spec.scaling
+    if limit <= 0 or 0 < sc.max_scale <= limit:
+        return spec
+    capped = msgspec.structs.replace(sc, max_scale=limit, min_scale=min(sc.min_scale, limit),
+                                     initial_scale=min(sc.initial_scale, limit))
+    return msgspec.structs.replace(spec, scaling=capped)
 
 
 @dataclass

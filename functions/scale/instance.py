@@ -11,7 +11,7 @@ import uuid
 
 from nats.aio.msg import Msg
 
-from functions.scale.core import Plan, ServiceScaler
+from functions.scale.core import Plan, ServiceScaler, within_limit
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.component import Component
@@ -81,6 +81,7 @@ class ScaleInstance(Component):
             return
 
     def _upsert(self, spec: ServiceSpec) -> None:
+        spec = within_limit(spec, self.config.max_scale_limit)
         scaler = self.services.get(spec.name)
         if scaler is None:
             self.services[spec.name] = ServiceScaler.for_spec(spec, time.time())
