@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from controlplane.servers import redacted
 from controlplane.specfile import DEFAULT_COMMAND, load_spec_file, parse_cpu, parse_memory_mb
 from kernel import endpoints as ep
 from kernel.bus import Bus
@@ -104,7 +105,7 @@ async def run_up(args: argparse.Namespace) -> int:
         print(f"  creds    {stack.config.credentials}   (one NATS user per component; the CLI "
               f"uses its admin entry: export FNPLANE_CREDS={stack.config.credentials})",
               flush=True)
-    print(f"  redis    {stack.redis_url}", flush=True)
+    print(f"  redis    {redacted(stack.redis_url or '')}", flush=True)
     if kube is not None:
         print(f"  nodes    the cluster of {args.kubeconfig or 'the default kubeconfig'}"
               f" (pods outlive `up`; the next `up` adopts them)", flush=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
+from controlplane.servers import redacted
 from controlplane.specfile import DEFAULT_COMMAND
 from controlplane.stack import Stack
 from kernel import endpoints as ep
@@ -49,7 +50,7 @@ async def main() -> int:
         t0 = time.time()
         await stack.start()
         print(f"[fnplane] stack up in {time.time() - t0:.2f}s: gateway {stack.url}, "
-              f"nats {stack.nats_url}, redis {stack.redis_url}, 2 local nodes")
+              f"nats {stack.nats_url}, redis {redacted(stack.redis_url or '')}, 2 local nodes")
         try:
             return await _run(stack, model)
         finally:

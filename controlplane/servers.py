@@ -179,11 +179,18 @@ def _resp(*args: bytes) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
-async def _redis_call(host: str, port: int, *args: bytes, within: float) -> bytes:
-    """One command on a fresh connection; returns the first reply line, b"" if it hung up."""
+async def _redis_call(host: str, port: int, *args: bytes, within: float,
+                      auth: tuple[str, str] | None = None) -> bytes:
+    """One command on a fresh connection (after AUTH, with an ACL user); returns the first
+    reply line, b"" if it hung up."""
     async with asyncio.timeout(within):
         reader, writer = await asyncio.open_connection(host, port)
         try:
+            if auth is not None:
+                writer.write(_resp(b"AUTH", auth[0].encode(), auth[1].encode()))
+                await writer.drain()
+                if not (await reader.readline()).startswith(b"+OK"):
+                    return b"-AUTH refused"
             writer.write(_resp(*args))
             await writer.drain()
             return await reader.readline()
@@ -193,18 +200,32 @@ async def _redis_call(host: str, port: int, *args: bytes, within: float) -> byte
                 await writer.wait_closed()
 
 
-async def _redis_answers(process: ManagedProcess, host: str, port: int, within: float) -> bool:
+async def _redis_answers(process: ManagedProcess, host: str, port: int, within: float,
+                         auth: tuple[str, str] | None = None) -> bool:
     """Poll PING until PONG; a "-LOADING" reply (AOF replay after a restart) means keep waiting."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while process.returncode is None and loop.time() < deadline:
         try:
-            if (await _redis_call(host, port, b"PING", within=1.0)).startswith(b"+PONG"):
+            if (await _redis_call(host, port, b"PING", within=1.0, auth=auth)
+                    ).startswith(b"+PONG"):
                 return True
         except (OSError, TimeoutError):
             pass
         await asyncio.sleep(0.05)
     return False
+
+
+REDIS_USER = "fnplane"
+
+
+def redacted(url: str) -> str:
+    """A URL fit to print: its password replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
 
 
 @dataclass(eq=False)
@@ -215,20 +236,23 @@ class RedisServer:
     port: int
     state_dir: Path
     process: ManagedProcess
+    auth: tuple[str, str] | None = None  # the ACL user fnplane connects as
 
     @property
     def url(self) -> str:
         return self.db_url(0)
 
     def db_url(self, db: int) -> str:
-        return f"redis://{hostport(self.host, self.port)}/{db}"
+        user = f"{self.auth[0]}:{self.auth[1]}@" if self.auth else ""
+        return f"redis://{user}{hostport(self.host, self.port)}/{db}"
 
     async def stop(self, timeout: float = 5.0) -> None:
         """SHUTDOWN first (fsyncs the AOF before exiting), then signals as a fallback."""
         if self.process.returncode is None:
             # Success is the server hanging up without a reply; anything else, signals decide.
             with contextlib.suppress(OSError, TimeoutError):
-                await _redis_call(self.host, self.port, b"SHUTDOWN", within=timeout)
+                await _redis_call(self.host, self.port, b"SHUTDOWN", within=timeout,
+                                  auth=self.auth)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self.process.wait()
@@ -241,12 +265,20 @@ async def start_redis(
     host: str = "127.0.0.1",
     port: int | None = None,
     ready_timeout: float = START_TIMEOUT,
+    password: str | None = None,
 ) -> RedisServer:
     """Start redis-server on state_dir/redis and return once it answers PING.
 
     appendonly + everysec: at most a second of writes is lost on a crash, none on stop();
-    `--save ""` turns RDB snapshots off (the AOF is the one source of truth).
+    `--save ""` turns RDB snapshots off (the AOF is the one source of truth). With a
+    `password`, the default user is off and fnplane connects as the ACL user `fnplane`,
+    which may not run dangerous commands (CONFIG, FLUSHALL, KEYS, DEBUG …) but SHUTDOWN.
     """
+    auth = (REDIS_USER, password) if password else None
+    acl = ([] if password is None else
+           ["--user", "default", "off",
+            "--user", REDIS_USER, "on", f">{password}", "~*", "&*", "+@all", "-@dangerous",
+            "+shutdown", "+info", "+ping"])
     binary = redis_server_binary()
     data_dir = state_dir / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)  # redis refuses a --dir that does not exist
@@ -263,11 +295,13 @@ async def start_redis(
             "--daemonize", "no",
             "--protected-mode", "yes",
             "--logfile", "",
+            *acl,
         ]  # fmt: skip
         process = await ManagedProcess.start(argv, name="redis-server", log_dir=state_dir / "logs")
         async with _stopped_unless_started(process):
-            if not await _redis_answers(process, host, chosen, ready_timeout):
+            if not await _redis_answers(process, host, chosen, ready_timeout, auth):
                 raise await _start_failed(process, f"redis-server on {hostport(host, chosen)}")
-        return RedisServer(host=host, port=chosen, state_dir=state_dir, process=process)
+        return RedisServer(host=host, port=chosen, state_dir=state_dir, process=process,
+                           auth=auth)
 
     return await _on_port(host, port, launch)

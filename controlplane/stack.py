@@ -79,7 +79,9 @@ class Stack:
             self.nats_url = self.nats.url
             cfg = replace(cfg, credentials=path)
         if self.redis_url is None:
-            self.redis = await start_redis(state, port=self.redis_port)
+            # Our own Redis: no default user; fnplane's ACL user, password in the state dir.
+            creds, _path = Credentials.ensure(state)
+            self.redis = await start_redis(state, port=self.redis_port, password=creds.redis)
             self.redis_url = self.redis.url
         self.config = cfg = replace(cfg, nats_url=self.nats_url, redis_url=self.redis_url)
         # Every cold request becomes one trace across components, written as JSON lines.

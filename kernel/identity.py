@@ -6,7 +6,7 @@ Everything else — a `StartPod` from anyone but `schedule`, a pod event from an
 agent, the admin API without admin credentials — the server refuses.
 
 The credentials file (`credentials.json` in the state dir, mode 0600) holds one password per
-kind; `fnplane up` makes it on first start and the nats-server config from it."""
+kind and Redis's; `fnplane up` makes it on first start and the servers' configs from it."""
 
 from __future__ import annotations
 
@@ -85,22 +85,25 @@ def login(credentials: Path | None, kind: str) -> Login | None:
 @dataclass(frozen=True)
 class Credentials:
     passwords: dict[str, str]  # kind → password; the user name is the kind
+    redis: str = ""  # the password of Redis's ACL user (controlplane/servers.py)
 
     @classmethod
     def generate(cls) -> Credentials:
-        return cls({kind: secrets.token_urlsafe(24) for kind in KINDS})
+        return cls({kind: secrets.token_urlsafe(24) for kind in KINDS},
+                   redis=secrets.token_urlsafe(24))
 
     @classmethod
     def load(cls, path: Path) -> Credentials:
         data = json.loads(path.read_text())
-        return cls({str(k): str(v) for k, v in data["passwords"].items()})
+        return cls({str(k): str(v) for k, v in data["passwords"].items()},
+                   redis=str(data.get("redis", "")))
 
     def save(self, path: Path) -> None:
         """Written 0600 from the first byte (never readable by others, even briefly)."""
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"passwords": self.passwords}, f)
+            json.dump({"passwords": self.passwords, "redis": self.redis}, f)
         tmp.replace(path)
 
     @classmethod

@@ -15,9 +15,10 @@ from pathlib import Path
 import nats
 import nats.errors
 import pytest
+import redis.asyncio as redis
 from nats.aio.client import Client
 
-from controlplane.servers import NatsServer, start_nats
+from controlplane.servers import NatsServer, start_nats, start_redis
 from kernel import endpoints as ep
 from kernel.identity import CREDENTIALS_FILE, KINDS, Credentials, Login
 from kernel.messages import (
@@ -157,3 +158,29 @@ async def test_only_admin_credentials_reach_the_admin_api(
             await session.nc.close()
         refused = any("permissions violation" in e.lower() for e in session.errors)
         assert refused == (kind not in ("admin", "operator")), kind
+
+
+async def test_redis_has_no_default_user_and_fnplane_may_not_reconfigure_it(
+    tmp_path: Path,
+) -> None:
+    """As `fnplane up` runs it: an unauthenticated client is refused; fnplane's ACL user
+    reads and writes but cannot run CONFIG (or FLUSHALL, KEYS …)."""
+    creds, _path = Credentials.ensure(tmp_path)
+    server = await start_redis(tmp_path, password=creds.redis)
+    anonymous = redis.Redis(host=server.host, port=server.port)
+    ours = redis.Redis.from_url(server.url)
+    try:
+        with pytest.raises(redis.AuthenticationError):
+            await anonymous.get("fnplane:services")
+        await ours.set("fnplane:probe", "1")
+        assert await ours.get("fnplane:probe") == b"1"
+        with pytest.raises(redis.ResponseError, match=r"permissions|NOPERM"):
+            await ours.config_get("dir")
+        with pytest.raises(redis.ResponseError, match=r"permissions|NOPERM"):
+            await ours.flushall()
+    finally:
+        await anonymous.aclose()
+        await ours.aclose()
+        await server.stop()
+
+    assert server.process.returncode is not None
