@@ -58,6 +58,8 @@ class Coordinator(Component):
         self.instances: dict[str, Heartbeat] = {}
         self.pmap = PartitionMap(version=0, partitions=[])
         self.summaries: dict[int, PartitionSummary] = {}
+        self._unconfirmed: set[str] = set()
+        self._restored_at = 0.0
         self._changed = asyncio.Event()
         self.runtime = runtime
         self.scalers = {
@@ -76,6 +78,9 @@ class Coordinator(Component):
             # partition is reassigned (with a new epoch) as instances announce themselves.
             self.pmap = stored
             self.nodes = dict(stored.nodes)
+            # Known from the map, not yet from their agents: gone unless they register.
+            self._unconfirmed = set(self.nodes)
+            self._restored_at = self.clock()
         await self.bus.serve(ep.HEARTBEAT, self._on_heartbeat)
         await self.bus.serve(ep.NODE_REGISTER, self._on_register)
         await self.bus.serve(ep.PARTITION_MAP_GET, self._on_get)
@@ -121,6 +126,7 @@ class Coordinator(Component):
 
     async def _on_register(self, msg: NodeRegistration, _raw: Msg) -> Empty:
         for info in msg.infos:
+            self._unconfirmed.discard(info.name)
             if self.nodes.get(info.name) != info:
                 self.nodes[info.name] = info
                 self._changed.set()
@@ -163,6 +169,7 @@ class Coordinator(Component):
                     self.instances[inst] = msgspec.structs.replace(beat, ts=now)
             last = now
             await self._expire()
+            self._forget_unregistered()
             await self._scale_instances()
             await self.repartition()
 
@@ -180,6 +187,18 @@ class Coordinator(Component):
                 del self.instances[inst]
                 if self.runtime is not None and inst in self.runtime.instances(beat.kind):
                     await self.runtime.kill(beat.kind, inst)
+
+    def _forget_unregistered(self) -> None:
+        """Nodes of the stored map whose agents have not registered since our start, past
+        the timeout, leave the map (their partitions rebalance without them)."""
+        if not self._unconfirmed:
+            return
+        if self.clock() - self._restored_at < self.config.node_register_timeout_s:
+            return
+        for name in sorted(self._unconfirmed):
+            log.warning("coordinator: node %s did not register again; it leaves the map", name)
+            self.nodes.pop(name, None)
+        self._unconfirmed.clear()
 
     async def _scale_instances(self) -> None:
         if self.runtime is None:

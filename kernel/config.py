@@ -156,6 +156,9 @@ class CoordinatorConfig:
     schedule_max: int = 4
     schedule_target_rps: float = 500.0
     runtime: str = "tasks"  # or "processes": one OS process per instance
+    # A node known from the stored partition map that does not register again within this
+    # long after a restart is gone: it leaves its partition (`up --nodes 3`, then `--nodes 2`).
+    node_register_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -80,8 +80,8 @@ async def admin(nats_url: str, login: Login | None = None) -> AsyncIterator[Bus]
         await bus.close()
 
 
-async def deploy(nats_url: str, spec: ServiceSpec) -> ServiceStatus:
-    async with admin(nats_url) as bus:
+async def deploy(nats_url: str, spec: ServiceSpec, login: Login | None = None) -> ServiceStatus:
+    async with admin(nats_url, login) as bus:
         reply = await bus.call(ep.ADMIN_DEPLOY, DeployRequest(spec=spec), timeout=5)
     assert isinstance(reply, ServiceStatus)
     return reply
