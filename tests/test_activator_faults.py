@@ -77,3 +77,47 @@ async def test_pod_killed_mid_burst_loses_no_request(
         # already taken may fail, but with a 5xx that says so, never silence.
         assert outcome[200] >= 110, outcome
         assert set(outcome) <= {200, 502, 503}, outcome
+
+
+async def test_requests_waiting_for_a_killed_only_pod_wait_for_its_replacement(
+    nats_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The only pod of a service is SIGKILLed with requests queued for it: they wait for the
+    replacement `scale` starts, and are answered (the first release failed them all with
+    503 "failed to start: pod exited -9")."""
+    spec = sample_spec(
+        name="lonely",
+        container_concurrency=2,
+        env={"SAMPLE_LATENCY_MS": "200", "MODEL_NAME": "lonely"},
+        scaling=ScalingSpec(min_scale=1, max_scale=1, stable_window_s=6,
+                            scale_to_zero_grace_s=30),
+    )
+    async with running_stack(nats_url, redis_url, tmp_path) as stack:
+        await deploy(nats_url, spec)
+        st = await wait_until(lambda: describe(nats_url, "lonely"),
+                              lambda s: s.ready_pods >= 1, timeout=20, what="a ready pod")
+        url = f"{stack.url}/v2/models/lonely/infer"
+        async with aiohttp.ClientSession() as http:
+            victim = next(p for p in st.pods if p.state == "ready")
+            async with http.get(f"{victim.url}/stats") as r:
+                victim_pid = (await r.json())["pid"]
+
+            async def one() -> int | str:
+                try:
+                    async with http.post(url, json=BODY) as r:
+                        await r.read()
+                        return r.status
+                except aiohttp.ClientError as exc:
+                    return type(exc).__name__
+
+            tasks = [asyncio.create_task(one()) for _ in range(30)]
+            await asyncio.sleep(0.3)  # two on the pod, the rest queued for it
+            os.kill(victim_pid, signal.SIGKILL)
+            async with asyncio.timeout(60):
+                results = await asyncio.gather(*tasks)
+    outcome = collections.Counter(results)
+
+    assert all(isinstance(k, int) for k in outcome), f"requests lost: {outcome}"
+    assert outcome[503] == 0, outcome
+    # At most the two the pod had taken may fail, with a 502 that says so.
+    assert outcome[200] >= 28 and set(outcome) <= {200, 502}, outcome

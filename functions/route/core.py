@@ -39,9 +39,12 @@ class EndpointTable:
         elif ev.state in ("terminating", "stopped", "failed"):
             # Removing a pod the moment it starts terminating is what keeps activators from
             # routing to deleted pods (knative/serving#16679).
-            if routes.endpoints.pop(ev.pod, None) is not None:
-                changed = True
-            if ev.state == "failed" and not routes.endpoints:
+            was_serving = routes.endpoints.pop(ev.pod, None) is not None
+            changed = changed or was_serving
+            # A pod that served and died (killed, OOM) is replaced: requests waiting for it
+            # wait for its replacement. Only a pod that never became ready tells them the
+            # service cannot start.
+            if ev.state == "failed" and not routes.endpoints and not was_serving:
                 routes.error = ev.reason or "pod failed"
                 if ev.log_tail:
                     routes.error += f"; last output: {ev.log_tail[-500:]}"
