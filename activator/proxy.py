@@ -26,8 +26,8 @@ class PodResponse:
 
 
 class Proxy:
-    def __init__(self, *, timeout_s: float) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=2.0)
+    def __init__(self, *, timeout_s: float, connect_timeout_s: float = 2.0) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -64,7 +64,9 @@ class Proxy:
                     first_byte,
                 )
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
-                aiohttp.ClientOSError) as exc:
-            # Refused, reset or closed before an answer: the pod is gone or going (killed,
-            # stopping); the request was not processed to an answer we could return.
+                aiohttp.ClientOSError, aiohttp.ConnectionTimeoutError) as exc:
+            # Refused, reset, closed before an answer, or never connected within the connect
+            # timeout: the pod is gone or going (killed, stopping, wedged); the request was
+            # not processed to an answer we could return, so another pod may take it (a
+            # connect timeout is not the pod's 504: it never got the request).
             raise PodUnreachable(f"{base_url}: {exc}") from exc

@@ -5,12 +5,15 @@ application/octet-stream, which FastAPI-based model servers refuse with a 422)."
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
-from activator.proxy import Proxy
+from activator.proxy import PodUnreachable, Proxy
 from tests.stackutil import deploy, describe, running_stack, sample_spec
 
 
@@ -65,3 +68,30 @@ async def test_a_body_without_content_type_reaches_the_pod_as_json() -> None:
 
     assert (sent_bare.status, sent_own.status) == (200, 200)
     assert seen == ["application/json", "application/x-mine"]
+
+
+async def test_a_connect_timeout_is_a_pod_unreachable_not_a_504() -> None:
+    """A pod whose accept queue is full never gets the request: the proxy says so (the
+    handler then retries on another pod) instead of answering 504 "did not answer"."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue: further SYNs are dropped
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    proxy = Proxy(timeout_s=30, connect_timeout_s=0.5)
+    await proxy.start()
+    try:
+        with pytest.raises(PodUnreachable):
+            await proxy.forward(f"http://127.0.0.1:{port}", "POST", "/v2/models/m/infer",
+                                b"{}", {})
+    finally:
+        await proxy.close()
+        for s in fillers:
+            s.close()
+        listener.close()
