@@ -13,11 +13,29 @@ from pathlib import Path
 
 import aiohttp
 
-from kernel.messages import ScalingSpec
+from kernel.messages import ScalingSpec, ServiceStatus
 from tests.stackutil import deploy, describe, running_stack, sample_spec, wait_until
 
 BODY = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP32",
                     "data": [[5.1, 3.5, 1.4, 0.2]]}]}
+
+
+async def pid_of_a_ready_pod(http: aiohttp.ClientSession, st: ServiceStatus) -> int:
+    victim = next(p for p in st.pods if p.state == "ready")
+    async with http.get(f"{victim.url}/stats") as r:
+        return int((await r.json())["pid"])
+
+
+async def post(http: aiohttp.ClientSession, url: str) -> int | str:
+    """The status, or the client error's name: a lost request shows up as the latter."""
+    try:
+        async with http.post(url, json=BODY) as r:
+            body = await r.json()
+            if r.status != 200:
+                assert body["error"], "an error always says why"
+            return r.status
+    except aiohttp.ClientError as exc:
+        return type(exc).__name__
 
 
 async def test_buffer_timeout_is_a_503_with_retry_after(
@@ -51,21 +69,8 @@ async def test_pod_killed_mid_burst_loses_no_request(
                               lambda s: s.ready_pods >= 2, timeout=20, what="two ready pods")
         url = f"{stack.url}/v2/models/sample/infer"
         async with aiohttp.ClientSession() as http:
-            victim = next(p for p in st.pods if p.state == "ready")
-            async with http.get(f"{victim.url}/stats") as r:
-                victim_pid = (await r.json())["pid"]
-
-            async def one() -> int | str:
-                try:
-                    async with http.post(url, json=BODY) as r:
-                        body = await r.json()
-                        if r.status != 200:
-                            assert body["error"], "an error always says why"
-                        return r.status
-                except aiohttp.ClientError as exc:  # a lost request would show up here
-                    return type(exc).__name__
-
-            tasks = [asyncio.create_task(one()) for _ in range(120)]
+            victim_pid = await pid_of_a_ready_pod(http, st)
+            tasks = [asyncio.create_task(post(http, url)) for _ in range(120)]
             await asyncio.sleep(0.4)  # the burst is in flight on both pods
             os.kill(victim_pid, signal.SIGKILL)
             async with asyncio.timeout(60):
@@ -98,19 +103,8 @@ async def test_requests_waiting_for_a_killed_only_pod_wait_for_its_replacement(
                               lambda s: s.ready_pods >= 1, timeout=20, what="a ready pod")
         url = f"{stack.url}/v2/models/lonely/infer"
         async with aiohttp.ClientSession() as http:
-            victim = next(p for p in st.pods if p.state == "ready")
-            async with http.get(f"{victim.url}/stats") as r:
-                victim_pid = (await r.json())["pid"]
-
-            async def one() -> int | str:
-                try:
-                    async with http.post(url, json=BODY) as r:
-                        await r.read()
-                        return r.status
-                except aiohttp.ClientError as exc:
-                    return type(exc).__name__
-
-            tasks = [asyncio.create_task(one()) for _ in range(30)]
+            victim_pid = await pid_of_a_ready_pod(http, st)
+            tasks = [asyncio.create_task(post(http, url)) for _ in range(30)]
             await asyncio.sleep(0.3)  # two on the pod, the rest queued for it
             os.kill(victim_pid, signal.SIGKILL)
             async with asyncio.timeout(60):
