@@ -11,8 +11,19 @@ import aiohttp
 import pytest
 
 from kernel import endpoints as ep
-from kernel.messages import NameRequest
+from kernel.bus import Bus
+from kernel.messages import (
+    Empty,
+    NameRequest,
+    NodeInfo,
+    NodeRegistration,
+    Resources,
+    ServiceSpec,
+    StartPod,
+    StopPod,
+)
 from kernel.procs import alive
+from partitions.agents.local import LocalNode
 from tests.stackutil import admin, deploy, running_stack, sample_spec, wait_until
 
 BODY = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP32",
@@ -64,3 +75,34 @@ async def test_nothing_a_pod_started_survives_its_delete(
 
 async def _ready(value: bool) -> bool:
     return value
+
+
+async def test_a_node_keeps_the_logs_of_its_newest_ended_pods_only(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """Pod logs do not pile up for ever: a node keeps those of its `keep_logs` newest ended
+    pods (for `describe` and debugging) and removes older ones."""
+    logs = tmp_path / "pods"
+    node = LocalNode(await Bus.connect(nats_url, "node-logs"),
+                     NodeInfo(name="logs-n0", capacity=Resources(cpu=4, memory_mb=4096)),
+                     workdir=tmp_path, log_dir=logs, keep_logs=2)
+    spec = ServiceSpec(name="chatty", command=["sh", "-c", "echo hello; sleep 30"],
+                       resources=Resources(cpu=0.1, memory_mb=16))
+    caller = await Bus.connect(nats_url, "test-logs")
+
+    async def registered(_msg: NodeRegistration, _raw: object) -> Empty:
+        return Empty()  # as the coordinator answers a node agent's registration
+
+    try:
+        await caller.serve(ep.NODE_REGISTER, registered)
+        async with node:
+            for i in range(4):
+                start = StartPod(pod=f"chatty-{i}", spec=spec, node="logs-n0", requested_at=0,
+                                 placed_at=0, partition=0, epoch=1)
+                await caller.call(ep.NODE_START, start, node="logs-n0", timeout=10)
+                await caller.call(ep.NODE_STOP, StopPod(pod=f"chatty-{i}", service="chatty"),
+                                  node="logs-n0", timeout=20)
+    finally:
+        await caller.close()
+
+    assert sorted(p.name for p in logs.iterdir()) == ["chatty-2.log", "chatty-3.log"]

@@ -6,6 +6,7 @@ SIGTERM, waits for in-flight requests to finish, then SIGKILLs."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import shutil
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 # What a pod inherits of the control plane's environment: locale, time zone, home and temp
 # dirs. Everything else (PATH is set apart) stays out.
 POD_INHERITS = frozenset({"HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR"})
+KEEP_POD_LOGS = 20
 
 PROBE_INTERVAL_S = 0.02
 METRICS_INTERVAL_S = 1.0
@@ -74,11 +76,16 @@ class LocalPod:
 class LocalNode(Component):
     """One node agent. Several run in one `fnplane up`; each has its own NATS connection."""
 
-    def __init__(self, bus: Bus, info: NodeInfo, *, workdir: Path, log_dir: Path) -> None:
+    def __init__(self, bus: Bus, info: NodeInfo, *, workdir: Path, log_dir: Path,
+                 keep_logs: int = KEEP_POD_LOGS) -> None:
         super().__init__(bus)
         self.info = info
         self.workdir = workdir
         self.log_dir = log_dir
+        # Logs of this node's ended pods, oldest first: the newest `keep_logs` stay for
+        # `fnplane describe` and debugging, older ones are removed.
+        self.keep_logs = keep_logs
+        self._ended: collections.deque[str] = collections.deque()
         self.pods: dict[str, LocalPod] = {}
         self._http: aiohttp.ClientSession | None = None
         self._stopping = False
@@ -262,6 +269,7 @@ class LocalNode(Component):
         pod.state = "failed"
         await _kill(pod.proc, grace=0.5)
         self.pods.pop(pod.start.pod, None)
+        self._ended_pod(pod.start.pod)
         await self._emit(pod, "failed", reason=reason, log_tail=pod.tail())
 
     async def _terminate(self, pod: LocalPod, reason: str) -> None:
@@ -272,9 +280,16 @@ class LocalNode(Component):
         await _kill(pod.proc, grace=STOP_GRACE_S)
         pod.state = "stopped"
         self.pods.pop(pod.start.pod, None)
+        self._ended_pod(pod.start.pod)
         await self._emit(pod, "stopped", reason=reason)
         for task in pod.tasks:
             task.cancel()
+
+    def _ended_pod(self, name: str) -> None:
+        self._ended.append(name)
+        while len(self._ended) > self.keep_logs:
+            old = self._ended.popleft()
+            (self.log_dir / f"{old}.log").unlink(missing_ok=True)
 
     async def _emit(
         self, pod: LocalPod, state: PodState, *, reason: str = "", log_tail: str = ""
