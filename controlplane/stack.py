@@ -71,16 +71,16 @@ class Stack:
 
     async def _start(self, state: Path) -> None:
         cfg = self.config
+        if self.nats_url is None or self.redis_url is None:
+            creds, path = Credentials.ensure(state)  # made on first start, kept after
         if self.nats_url is None:
             # Our own NATS: every component kind gets its user and its permissions.
-            creds, path = Credentials.ensure(state)
             self.nats = await start_nats(state, port=self.nats_port,
                                          authorization=creds.server_authorization())
             self.nats_url = self.nats.url
             cfg = replace(cfg, credentials=path)
         if self.redis_url is None:
             # Our own Redis: no default user; fnplane's ACL user, password in the state dir.
-            creds, _path = Credentials.ensure(state)
             self.redis = await start_redis(state, port=self.redis_port, password=creds.redis)
             self.redis_url = self.redis.url
         self.config = cfg = replace(cfg, nats_url=self.nats_url, redis_url=self.redis_url)

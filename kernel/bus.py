@@ -32,6 +32,7 @@ from kernel.endpoints import Endpoint
 from kernel.errors import ErrorCode, NoResponders, RemoteError, RequestTimeout, http_status
 from kernel.identity import Login
 from kernel.messages import ErrorReply
+from kernel.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ class Bus:
         self.nc = nc
         self.name = name
         self._subs: list[Subscription] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Handlers of `concurrent` subscriptions, one task per message.
+        self._handlers = TaskGroup(name)
         # Per endpoint name: payloads that did not decode as its request type.
         self.rejected: collections.Counter[str] = collections.Counter()
 
@@ -217,9 +219,7 @@ class Bus:
 
         async def on_msg(raw: Msg) -> None:
             if concurrent:
-                task = asyncio.create_task(self._handle(ep, dec, handler, raw))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._handlers.spawn(self._handle(ep, dec, handler, raw), name=ep.name)
             else:
                 await self._handle(ep, dec, handler, raw)
 
@@ -286,10 +286,7 @@ class Bus:
             except nats.errors.Error:
                 log.debug("%s: unsubscribe failed", self.name, exc_info=True)
         self._subs.clear()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2.0)
-            for task in self._tasks:
-                task.cancel()
+        await self._handlers.close(timeout=2.0)
         try:
             await asyncio.wait_for(self.nc.drain(), timeout=2.0)
         except (TimeoutError, nats.errors.Error):

@@ -17,7 +17,6 @@ class ErrorCode(StrEnum):
     NO_CAPACITY = "no_capacity"  # no room now; another node or a later try may succeed
     UNAVAILABLE = "unavailable"  # nobody serves it now, or it is shutting down
     TIMEOUT = "timeout"  # no answer within the deadline
-    TOO_LARGE = "too_large"  # a body over the limit
     INTERNAL = "internal"  # a bug or an unexpected failure on the other side
 
 
@@ -26,15 +25,11 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.CONFLICT: 409,
     ErrorCode.STALE_EPOCH: 409,
-    ErrorCode.TOO_LARGE: 413,
     ErrorCode.INTERNAL: 500,
     ErrorCode.NO_CAPACITY: 503,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.TIMEOUT: 504,
 }
-
-# Worth retrying after a pause (the gateway adds Retry-After to these).
-RETRYABLE = frozenset({ErrorCode.NO_CAPACITY, ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT})
 
 
 def http_status(code: ErrorCode) -> int:
