@@ -39,6 +39,8 @@ class ServiceSync:
         await self.bus.serve(ep.ENDPOINTS, self._on_endpoints)
         await self.bus.serve(ep.SERVICE_UPDATED, self._on_spec_updated)
         await self.bus.serve(ep.SERVICE_DELETED, self._on_service_deleted)
+        # Events published while NATS was away are gone: catch up as a late activator does.
+        self.bus.on_reconnect(lambda _since: self._catch_up())
         await self._catch_up()
 
     async def _catch_up(self) -> None:

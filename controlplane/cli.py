@@ -146,8 +146,9 @@ async def _admin(nats_url: str, endpoint: Endpoint[Any, Rep], msg: msgspec.Struc
                 "credentials.json of its state dir (or set FNPLANE_STATE_DIR)"
             ) from None
         raise CliError(
-            f"cannot reach fnplane at {nats_url} ({exc}); is `fnplane up` running? "
-            "(set --nats or FNPLANE_NATS_URL)"
+            f"cannot reach fnplane's NATS at {nats_url} ({exc}): `fnplane up` is not running, "
+            "or its nats-server is down (`fnplane up` restarts it within seconds; see "
+            "<state-dir>/logs/nats-server.log). Set --nats or FNPLANE_NATS_URL for another."
         ) from None
     try:
         return await bus.call(endpoint, msg, timeout=timeout)
@@ -292,6 +293,10 @@ async def run_status(args: argparse.Namespace) -> int:
         print(json.dumps(msgspec.to_builtins(st), indent=2))
         return 0
     nodes = st.partitions.nodes
+    down = {name: why for name, why in st.dependencies.items() if why != "up"}
+    print("Dependencies: nats up, " + ", ".join(f"{n} {w}" for n, w in st.dependencies.items()))
+    if down:
+        print("DEGRADED: " + "; ".join(f"{n} is {w}" for n, w in down.items()))
     print(f"Partition map version {st.partitions.version}")
     free = {s.partition: s for s in st.summaries}
     rows = [("PARTITION", "EPOCH", "OWNER", "FREE CPU", "FREE MEMORY", "NODES")]

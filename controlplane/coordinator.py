@@ -11,7 +11,9 @@ import time
 from collections.abc import Callable
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
+from redis.exceptions import RedisError
 
 from controlplane.elastic import InstancePolicy, InstanceScaler, Runtime
 from kernel import endpoints as ep
@@ -61,6 +63,8 @@ class Coordinator(Component):
         self._unconfirmed: set[str] = set()
         self._restored_at = 0.0
         self._changed = asyncio.Event()
+        # The map changed but its broadcast failed (NATS was down): send it again.
+        self._unsent = False
         self.runtime = runtime
         self.scalers = {
             "schedule": InstanceScaler(
@@ -86,6 +90,7 @@ class Coordinator(Component):
         await self.bus.serve(ep.PARTITION_MAP_GET, self._on_get)
         await self.bus.serve(ep.ADMIN_STATUS, self._on_status)
         await self.bus.serve(ep.PARTITION_SUMMARY, self._on_summary)
+        self.bus.on_reconnect(self._reconnected)
         if self.runtime is not None:
             for kind, scaler in self.scalers.items():
                 # At least the minimum, but never fewer than already run (instances that
@@ -102,6 +107,11 @@ class Coordinator(Component):
         if self.runtime is not None:
             await self.runtime.stop()
         await super().stop()
+
+    async def _reconnected(self, _since: float) -> None:
+        """The last map may have vanished with the connection: say it again."""
+        self._unsent = True
+        self._changed.set()
 
     def _on_exit(self, kind: str, instance: str) -> None:
         """The runtime saw an instance exit: reassign its partition now, not after the
@@ -145,7 +155,16 @@ class Coordinator(Component):
         ]
         live = {p.id: p.epoch for p in self.pmap.partitions}
         summaries = [s for pid, s in sorted(self.summaries.items()) if live.get(pid) == s.epoch]
-        return ClusterStatus(partitions=self.pmap, instances=infos, summaries=summaries)
+        return ClusterStatus(partitions=self.pmap, instances=infos, summaries=summaries,
+                             dependencies={"redis": await self._redis_health()})
+
+    async def _redis_health(self) -> str:
+        try:
+            async with asyncio.timeout(1.0):
+                await self.store.r.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            return f"down ({type(exc).__name__}: {exc})"[:200]
+        return "up"
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -162,16 +181,25 @@ class Coordinator(Component):
                 pass
             self._changed.clear()
             now = self.clock()
-            if now - last > tick + STALL_S:
-                # We were not running (a stalled loop, a paused process): the silence we
-                # would now see is ours, not the instances'. Forgive it once.
+            if now - last > tick + STALL_S or not self.bus.nc.is_connected:
+                # We were not running (a stalled loop, a paused process) or not hearing
+                # (NATS down or restarting): the silence we would now see is ours, not the
+                # instances'. Forgive it.
                 for inst, beat in self.instances.items():
                     self.instances[inst] = msgspec.structs.replace(beat, ts=now)
             last = now
-            await self._expire()
-            self._forget_unregistered()
-            await self._scale_instances()
-            await self.repartition()
+            if not self.bus.nc.is_connected:
+                continue
+            try:
+                await self._expire()
+                self._forget_unregistered()
+                await self._scale_instances()
+                await self.repartition()
+            except (nats.errors.Error, OSError, RedisError):
+                # A dependency went away under us; the supervisor brings it back and the
+                # next tick does this again.
+                log.warning("coordinator: tick failed; retrying", exc_info=True)
+                await asyncio.sleep(tick)
 
     async def _expire(self) -> None:
         """Instances silent past the timeout are gone: crashed, hung, or cut off from NATS.
@@ -217,6 +245,9 @@ class Coordinator(Component):
         owners = self.live("schedule")
         parts = rebalance(self.nodes, owners, self.pmap.partitions)
         if parts == self.pmap.partitions and self.pmap.nodes == self.nodes:
+            if self._unsent:
+                await self.bus.send(ep.PARTITION_MAP, self.pmap)
+                self._unsent = False
             return
         pmap = PartitionMap(version=self.pmap.version + 1, partitions=parts, nodes=dict(self.nodes))
         try:
@@ -231,9 +262,11 @@ class Coordinator(Component):
             self._changed.set()
             return
         self.pmap = pmap
+        self._unsent = True
         log.info(
             "coordinator: partition map v%d: %s",
             pmap.version,
             ", ".join(f"p{p.id}@{p.owner or '-'}#e{p.epoch}({len(p.nodes)})" for p in parts),
         )
         await self.bus.send(ep.PARTITION_MAP, pmap)
+        self._unsent = False

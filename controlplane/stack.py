@@ -19,6 +19,7 @@ from controlplane.elastic import Runtime
 from controlplane.runtime import ProcessRuntime, TaskRuntime
 from controlplane.servers import NatsServer, RedisServer, start_nats, start_redis
 from controlplane.statedir import check_state_dir
+from controlplane.supervisor import Supervisor
 from functions.scale.instance import ScaleInstance
 from kernel import telemetry
 from kernel.component import Component
@@ -58,6 +59,8 @@ class Stack:
     # `nodes.backend == "kubernetes"`: where the cluster is (`fnplane up --backend kubernetes`).
     kubernetes: KubernetesConfig | None = None
     started_at: float = 0.0
+    # Restarts the servers we started when they die (not the ones tests pass in).
+    supervisor: Supervisor = field(default_factory=Supervisor)
 
     async def start(self) -> None:
         self.started_at = time.time()
@@ -75,14 +78,20 @@ class Stack:
             creds, path = Credentials.ensure(state)  # made on first start, kept after
         if self.nats_url is None:
             # Our own NATS: every component kind gets its user and its permissions.
-            self.nats = await start_nats(state, port=self.nats_port,
-                                         authorization=creds.server_authorization())
-            self.nats_url = self.nats.url
+            auth = creds.server_authorization()
+            self.nats = nats = await start_nats(state, port=self.nats_port, authorization=auth)
+            self.nats_url = nats.url
+            self.supervisor.watch("nats-server", nats, lambda: start_nats(
+                state, port=nats.port, authorization=auth))
             cfg = replace(cfg, credentials=path)
         if self.redis_url is None:
             # Our own Redis: no default user; fnplane's ACL user, password in the state dir.
-            self.redis = await start_redis(state, port=self.redis_port, password=creds.redis)
-            self.redis_url = self.redis.url
+            self.redis = redis = await start_redis(state, port=self.redis_port,
+                                                   password=creds.redis)
+            self.redis_url = redis.url
+            self.supervisor.watch("redis-server", redis, lambda: start_redis(
+                state, port=redis.port, password=creds.redis))
+        self.supervisor.on_restart = self._restarted
         self.config = cfg = replace(cfg, nats_url=self.nats_url, redis_url=self.redis_url)
         # Every cold request becomes one trace across components, written as JSON lines.
         telemetry.setup_tracing("fnplane", trace_file=cfg.trace_file or state / "traces.jsonl")
@@ -106,6 +115,12 @@ class Stack:
             await asyncio.gather(*(self._up(_ready(n)) for n in nodes))
         self.activator = await self._up(build.activator(cfg))
         coordinated.registry.public_url = self.activator.url
+
+    def _restarted(self, name: str, server: object) -> None:
+        if isinstance(server, NatsServer):
+            self.nats = server
+        elif isinstance(server, RedisServer):
+            self.redis = server
 
     @staticmethod
     def _runtime(cfg: Config) -> Runtime:
@@ -133,6 +148,7 @@ class Stack:
         if self.store is not None:
             await self.store.close()
             self.store = None
+        await self.supervisor.close()  # what stops now stays stopped
         for server in (self.redis, self.nats):
             if server is not None:
                 await server.stop()

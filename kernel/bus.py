@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,6 +27,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from redis.exceptions import ConnectionError as RedisDown
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from kernel import messages, telemetry
 from kernel.endpoints import Endpoint
@@ -37,6 +40,8 @@ from kernel.tasks import TaskGroup
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, Msg], Awaitable[Any]]
+# Called after a reconnect with the time the connection was lost.
+ReconnectHook = Callable[[float], Awaitable[None]]
 
 SCHEMA_HEADER = "Fnplane-Schema"
 ERROR_HEADER = "Nats-Service-Error"
@@ -77,6 +82,24 @@ class Bus:
         self._handlers = TaskGroup(name)
         # Per endpoint name: payloads that did not decode as its request type.
         self.rejected: collections.Counter[str] = collections.Counter()
+        # When the connection was lost (None while connected), and who wants to know it is
+        # back: messages published just before a loss vanish without an error, so whoever
+        # announces state announces it again.
+        self.disconnected_at: float | None = None
+        self._reconnect_hooks: list[ReconnectHook] = []
+
+    def on_reconnect(self, hook: ReconnectHook) -> None:
+        self._reconnect_hooks.append(hook)
+
+    async def _disconnected(self) -> None:
+        if self.disconnected_at is None:
+            self.disconnected_at = time.time()
+
+    async def _reconnected(self) -> None:
+        since, self.disconnected_at = self.disconnected_at or time.time(), None
+        log.info("%s: reconnected to NATS", self.name)
+        for hook in self._reconnect_hooks:
+            self._handlers.spawn(hook(since), name="reconnected")
 
     @classmethod
     async def connect(
@@ -91,6 +114,16 @@ class Bus:
         """Components reconnect forever (NATS restarts must not kill them); a CLI call
         does not, so a stack that is not running is an error at once, not a hang. `login`
         (kernel.identity) is the user, password and reply-inbox prefix of a component kind."""
+        made: list[Bus] = []  # the callbacks exist before the Bus they report to
+
+        async def disconnected() -> None:
+            if made:
+                await made[0]._disconnected()
+
+        async def reconnected() -> None:
+            if made:
+                await made[0]._reconnected()
+
         nc = await nats.connect(
             url,
             name=name,
@@ -102,8 +135,11 @@ class Bus:
             reconnect_time_wait=0.2,
             allow_reconnect=reconnect,
             error_cb=_log_error,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
         )
-        return cls(nc, name)
+        made.append(bus := cls(nc, name))
+        return bus
 
     # ---- sending --------------------------------------------------------------------------
 
@@ -253,6 +289,11 @@ class Bus:
                 answer = await handler(msg, raw)
         except RemoteError as exc:
             await self._reply_error(raw, exc.code, exc.message)
+            return
+        except (RedisDown, RedisTimeout) as exc:
+            # Redis restarting: a retryable answer, not an internal error.
+            log.warning("%s: %s: state store unavailable: %s", self.name, raw.subject, exc)
+            await self._reply_error(raw, ErrorCode.UNAVAILABLE, f"state store unavailable: {exc}")
             return
         except asyncio.CancelledError:
             raise

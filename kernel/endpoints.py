@@ -162,8 +162,8 @@ RESERVE: Endpoint[ReserveRequest, Placement | Refused] = _ep(
     "schedule", "place in your partition or refuse with your summary (a probe)")
 POD_EVENTS: Endpoint[PodEvent, None] = _ep(
     "pod-events", "pod.events.{service}", PodEvent, None, "scale schedule route bench",
-    "node scale", "a pod changed state: starting, ready, terminating, stopped, failed (scale "
-    "reports a pod it could not place as failed)")
+    "node", "a pod changed state: starting, ready, terminating, stopped, failed; only node "
+    "agents say so")
 
 # ---- node agents ------------------------------------------------------------------------------
 NODE_START: Endpoint[StartPod, Empty] = _ep(

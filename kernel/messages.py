@@ -446,6 +446,9 @@ class ClusterStatus(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     instances: list[InstanceInfo]
     # The latest summary each partition's owner broadcast: what is free where.
     summaries: list[PartitionSummary] = []
+    # The coordinator's view of what the control plane depends on: "up", or why not. NATS
+    # is up when this answer arrives at all.
+    dependencies: dict[str, str] = {}
 
 
 class ErrorReply(msgspec.Struct, frozen=True, tag=True, kw_only=True):

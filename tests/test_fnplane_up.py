@@ -111,7 +111,7 @@ def test_cli_without_a_stack_fails_fast_with_a_clear_message() -> None:
     out = subprocess.run([*FNPLANE, "list"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 1
-    assert "is `fnplane up` running?" in out.stderr
+    assert "`fnplane up` is not running" in out.stderr
     assert time.monotonic() - t0 < 15
 
 

@@ -98,9 +98,9 @@ class RouteInstance(Component):
         for service, eps in dirty.items():
             try:
                 await self.store.put_endpoints(eps)
-            except (RedisError, OSError):
-                log.warning("%s: routing snapshot of %s not saved; retrying", self.id, service,
-                            exc_info=True)
+            except (RedisError, OSError) as exc:
+                log.warning("%s: routing snapshot of %s not saved (%s); retrying", self.id,
+                            service, exc)
                 self._dirty.setdefault(service, eps)
                 self._flush.set()
                 ok = False

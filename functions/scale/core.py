@@ -18,6 +18,9 @@ from kernel.messages import Demand, PodEvent, ServiceSpec, ServingMode
 STALE_REPORTS = 3.0
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
+# A pod with no room is placed again soon (kube-scheduler retries unschedulable pods with a
+# backoff of at most 10 s): requests wait for it in the activators until their own timeout.
+UNSCHEDULABLE_BACKOFF_MAX_S = 5.0
 
 
 def within_limit(spec: ServiceSpec, limit: int) -> ServiceSpec:
@@ -60,6 +63,9 @@ class ServiceScaler:
     backoff_s: float = 0.0
     last_error: str = ""
     mode: ServingMode = "proxy"
+    # Pods were reclaimed from this idle service for another: it stays at most this many
+    # pods until it has requests again (None: no cap).
+    reclaimed_cap: int | None = None
 
     @classmethod
     def for_spec(cls, spec: ServiceSpec, now: float | None = None) -> ServiceScaler:
@@ -80,6 +86,20 @@ class ServiceScaler:
 
     def observe(self, demand: Demand) -> None:
         self.reports[demand.reporter] = demand
+
+    def waiting(self, now: float, interval_s: float) -> int:
+        """Requests buffered in activators now, by fresh reports."""
+        return sum(d.buffered for d in self.reports.values()
+                   if d.source == "activator" and now - d.ts <= STALE_REPORTS * interval_s)
+
+    def reclaimable(self, now: float, interval_s: float) -> list[TrackedPod]:
+        """Ready pods this service could give up: none while it has any request, none
+        below its min-scale."""
+        if self.concurrency(now, interval_s)[0] > 0:
+            return []
+        ready = [p for p in self.pods.values() if p.state == "ready" and p.node]
+        spare = len(ready) - self.spec.scaling.min_scale
+        return ready[:max(spare, 0)]
 
     def concurrency(self, now: float, interval_s: float) -> tuple[float, float]:
         """(concurrency, requests per second) from fresh reports. Activators and pods count
@@ -121,10 +141,24 @@ class ServiceScaler:
             tracked.node = node
 
     def placement_failed(self, pod: str, reason: str, now: float) -> None:
+        """No room for the pod now: try again after a short backoff."""
         self.pods.pop(pod, None)
-        self.backoff_s = min(max(self.backoff_s * 2, BACKOFF_FIRST_S), BACKOFF_MAX_S)
+        self.backoff_s = min(max(self.backoff_s * 2, BACKOFF_FIRST_S),
+                             UNSCHEDULABLE_BACKOFF_MAX_S)
         self.backoff_until = now + self.backoff_s
         self.last_error = reason
+
+    def retry_soon(self, now: float, after_s: float) -> None:
+        """Room is being made (idle pods of others are stopping): try again shortly."""
+        self.backoff_until = min(self.backoff_until, now + after_s)
+
+    def reclaim(self, pod: str) -> None:
+        """Another service takes this idle pod's room: stop it, and do not start it again
+        until this service has requests."""
+        tracked = self.pods.get(pod)
+        if tracked is not None:
+            tracked.state = "terminating"
+        self.reclaimed_cap = self.counts()[1]
 
     # ---- the plan -------------------------------------------------------------------------
 
@@ -144,6 +178,11 @@ class ServiceScaler:
             desired = max(sc.min_scale, 0)
         else:
             desired = decision.desired
+        if self.reclaimed_cap is not None:
+            if conc > 0:
+                self.reclaimed_cap = None  # in demand again: the autoscaler decides
+            else:
+                desired = min(desired, max(self.reclaimed_cap, sc.min_scale))
         self.desired = desired
         start = 0
         stop: list[TrackedPod] = []

@@ -11,6 +11,7 @@ import uuid
 
 from nats.aio.msg import Msg
 
+from functions.scale import reclaim
 from functions.scale.core import Plan, ServiceScaler, within_limit
 from kernel import endpoints as ep
 from kernel.bus import Bus
@@ -38,6 +39,8 @@ from kernel.messages import (
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5
+# After stopping idle pods to make room, place again this soon (their stop takes a moment).
+RECLAIM_RETRY_S = 0.5
 
 
 class ScaleInstance(Component):
@@ -52,6 +55,10 @@ class ScaleInstance(Component):
         self.pod_info: dict[str, PodEvent] = {}
         self._wake = asyncio.Event()
         self._handled = 0
+        # Pods being stopped to make room for another service; no more are reclaimed until
+        # they are gone (each failed retry would otherwise take more).
+        self._reclaiming: set[str] = set()
+        self.reclaimed = 0
 
     async def start(self) -> None:
         await self.bus.serve(ep.DEMAND, self._on_demand)
@@ -106,6 +113,7 @@ class ScaleInstance(Component):
         scaler = self.services.get(msg.service)
         if msg.state in ("stopped", "failed"):
             self.pod_info.pop(msg.pod, None)
+            self._reclaiming.discard(msg.pod)
         else:
             self.pod_info[msg.pod] = msg
         if scaler is not None:
@@ -169,11 +177,13 @@ class ScaleInstance(Component):
         spec = scaler.spec
         req = PlaceRequest(pod=pod, spec=spec, requested_at=requested_at)
         deadline = time.monotonic() + self.config.place_timeout_s
+        said_no_room = False  # schedule answered: no node has room (not: nobody answered)
         while True:
             try:
                 reply: Placement | Unschedulable = await self.bus.call(
                     ep.PLACE, req, timeout=self.config.place_timeout_s
                 )
+                said_no_room = type(reply) is Unschedulable
             except NoResponders:
                 # No `schedule` instance owns a partition right now (start-up, a partition
                 # changing hands): that passes within moments, so wait rather than fail.
@@ -191,12 +201,37 @@ class ScaleInstance(Component):
             return
         reason = reply.reason
         log.warning("%s: pod %s of %s not placed: %s", self.id, pod, spec.name, reason)
-        scaler.placement_failed(pod, reason, time.time())
-        # Tell everyone, as a node would for a pod that failed: route turns it into a clear
-        # error for the requests waiting in activators.
-        ev = PodEvent(pod=pod, service=spec.name, node="", state="failed", reason=reason,
-                      ts=time.time())
-        await self.bus.send(ep.POD_EVENTS, ev, service=spec.name)
+        now = time.time()
+        # Requests waiting for it stay in the activators (until their own timeout) while
+        # placement is retried, as Knative leaves them with an unschedulable pod.
+        scaler.placement_failed(pod, reason, now)
+        if said_no_room and scaler.waiting(now, self.metrics_interval_s):
+            self._make_room(scaler, now)
+
+    def _make_room(self, scaler: ServiceScaler, now: float) -> None:
+        """Stop idle pods of other services so the waiting one fits (functions/scale/
+        reclaim.py decides which)."""
+        if self._reclaiming:
+            scaler.retry_soon(now, RECLAIM_RETRY_S)  # room is on its way
+            return
+        candidates = [
+            reclaim.Candidate(pod=p.pod, service=name, node=p.node,
+                              resources=other.spec.resources,
+                              idle_since=other.autoscaler.last_active)
+            for name, other in self.services.items() if other is not scaler
+            for p in other.reclaimable(now, self.metrics_interval_s)
+        ]
+        victims = reclaim.pick(scaler.spec.resources, candidates)
+        for v in victims:
+            log.warning("%s: stopping idle pod %s of %s to make room for %s", self.id, v.pod,
+                        v.service, scaler.spec.name)
+            self.services[v.service].reclaim(v.pod)
+            self._reclaiming.add(v.pod)
+            self.reclaimed += 1
+            self.tasks.spawn(self._stop_pod(v.service, v.pod, v.node, "reclaimed"),
+                             name=f"stop-{v.pod}")
+        if victims:
+            scaler.retry_soon(now, RECLAIM_RETRY_S)
 
     async def _stop_pod(self, service: str, pod: str, node: str, reason: str) -> None:
         try:
@@ -206,3 +241,4 @@ class ScaleInstance(Component):
             )
         except RemoteError as exc:
             log.warning("%s: stopping %s on %s: %s", self.id, pod, node, exc)
+            self._reclaiming.discard(pod)  # its room is not coming

@@ -1,18 +1,20 @@
 """What every node backend (`local`, `sim`, `kubernetes`) does the same way on NATS: announce
-its nodes to the coordinator, and follow the partition map so its nodes can refuse a start
-from a stale owner (`partitions.fencing`)."""
+its nodes to the coordinator, follow the partition map so its nodes can refuse a start from a
+stale owner (`partitions.fencing`), and announce its pods' events (again after an outage)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 
+import nats.errors
 from nats.aio.msg import Msg
 
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.errors import RemoteError
-from kernel.messages import Empty, NodeInfo, NodeRegistration, PartitionMap, encode
+from kernel.messages import Empty, NodeInfo, NodeRegistration, PartitionMap, PodEvent, encode
 from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)
@@ -51,3 +53,47 @@ async def follow_map(bus: Bus, fence: EpochFence) -> None:
     except RemoteError:
         return  # the map arrives with the next change
     fence.apply(pmap)
+
+
+# Terminal events sent this long before a connection loss was noticed may have vanished
+# with it (nats-py writes into a dead socket until it sees the loss).
+AT_RISK_S = 2.0
+_TERMINAL = ("stopped", "failed")
+
+
+class PodAnnouncer:
+    """Sends a node's pod events and says them again after a NATS outage, so `route` and
+    `scale` do not keep a pod that ended meanwhile, or miss one that became ready: the
+    latest event of every live pod, and the terminal events of the outage (and of the
+    moments before it) once more. Consumers treat a repeated event as no change."""
+
+    def __init__(self, bus: Bus, *, what: str) -> None:
+        self.bus = bus
+        self.what = what
+        self._live: dict[str, PodEvent] = {}
+        self._ended: collections.deque[PodEvent] = collections.deque(maxlen=1000)
+        bus.on_reconnect(self._again)
+
+    async def send(self, ev: PodEvent) -> None:
+        if ev.state in _TERMINAL:
+            self._live.pop(ev.pod, None)
+            self._ended.append(ev)
+        else:
+            self._live[ev.pod] = ev
+        try:
+            await self.bus.send(ep.POD_EVENTS, ev, service=ev.service)
+        except (nats.errors.Error, OSError):
+            log.warning("%s: pod event lost; said again after the reconnect", self.what,
+                        exc_info=True)
+
+    async def _again(self, since: float) -> None:
+        ended = [ev for ev in self._ended if ev.ts >= since - AT_RISK_S]
+        live = list(self._live.values())
+        log.info("%s: NATS is back; announcing %d live and %d ended pods again", self.what,
+                 len(live), len(ended))
+        for ev in [*ended, *live]:
+            try:
+                await self.bus.send(ep.POD_EVENTS, ev, service=ev.service)
+            except (nats.errors.Error, OSError):
+                log.warning("%s: pod event lost again", self.what, exc_info=True)
+                return

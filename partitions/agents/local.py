@@ -39,7 +39,7 @@ from kernel.messages import (
     StopPod,
 )
 from kernel.procs import free_port, without_preexec
-from partitions.agents.contract import follow_map, register
+from partitions.agents.contract import PodAnnouncer, follow_map, register
 from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class LocalNode(Component):
         self._http: aiohttp.ClientSession | None = None
         self._stopping = False
         self.fence = EpochFence()
+        self.announcer = PodAnnouncer(bus, what=f"node {info.name}")
         self._reported: set[str] = set()
 
     @property
@@ -314,10 +315,7 @@ class LocalNode(Component):
             ts=time.time(),
             model=spec.model_id,
         )
-        try:
-            await self.bus.send(ep.POD_EVENTS, ev, service=spec.name)
-        except (nats.errors.Error, OSError):
-            log.warning("node %s: pod event lost", self.name, exc_info=True)
+        await self.announcer.send(ev)
 
 
 async def _kill(proc: asyncio.subprocess.Process, *, grace: float) -> None:

@@ -42,7 +42,7 @@ from kernel.messages import (
     StopPod,
 )
 from kernel.procs import free_port
-from partitions.agents.contract import follow_map, register
+from partitions.agents.contract import PodAnnouncer, follow_map, register
 from partitions.agents.kubernetes import objects as ko
 from partitions.agents.kubernetes.pods import KubePod, PodTracker
 from partitions.fencing import EpochFence
@@ -106,6 +106,7 @@ class KubernetesBackend(Component):
         self.tracker: PodTracker | None = None
         self.watches: list[ListWatch] = []
         self.fence = EpochFence()
+        self.announcer = PodAnnouncer(bus, what="kubernetes")
         self._queue: asyncio.Queue[Synced | Changed] = asyncio.Queue()
         self._synced = {"nodes": asyncio.Event(), "pods": asyncio.Event()}
         self._subscribed: set[str] = set()
@@ -345,7 +346,4 @@ class KubernetesBackend(Component):
             log_tail=log_tail,
             ts=time.time(),
         )
-        try:
-            await self.bus.send(ep.POD_EVENTS, ev, service=pod.service)
-        except (nats.errors.Error, OSError):
-            log.warning("kubernetes: pod event lost", exc_info=True)
+        await self.announcer.send(ev)
