@@ -28,7 +28,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from kernel import messages, telemetry
-from kernel.endpoints import Endpoint
+from kernel.endpoints import Endpoint, SubjectError
 from kernel.errors import ErrorCode, NoResponders, RemoteError, RequestTimeout, http_status
 from kernel.identity import Login
 from kernel.messages import ErrorReply
@@ -253,6 +253,13 @@ class Bus:
                 answer = await handler(msg, raw)
         except RemoteError as exc:
             await self._reply_error(raw, exc.code, exc.message)
+            return
+        except SubjectError as exc:
+            # The message named a service or node that is no subject token ('*', 'a.b', ''):
+            # invalid input that decoded, not a failure of the handler.
+            self.rejected[ep.name] += 1
+            log.warning("%s: %s: %s", self.name, raw.subject, exc)
+            await self._reply_error(raw, ErrorCode.INVALID, str(exc))
             return
         except asyncio.CancelledError:
             raise
