@@ -10,6 +10,8 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from activator import openapi
+from activator.errorpages import kserve_errors
 from activator.handler import Answer, Handler, Protocol, Request, error
 
 log = logging.getLogger(__name__)
@@ -20,7 +22,8 @@ HANDLER_KEY = web.AppKey("handler", Handler)
 
 
 def build_app(handler: Handler, *, ready: ReadyCheck) -> web.Application:
-    app = web.Application(client_max_size=handler.config.max_body_bytes)
+    app = web.Application(client_max_size=handler.config.max_body_bytes,
+                          middlewares=[kserve_errors])
     app[HANDLER_KEY] = handler
     app[READY_KEY] = ready
     app.add_routes(
@@ -34,6 +37,7 @@ def build_app(handler: Handler, *, ready: ReadyCheck) -> web.Application:
             web.get("/v1/models/{name:[^/:]+}", model_ready),
             web.post("/v1/models/{name:[^/:]+}:predict", predict_v1),
             web.get("/metrics", metrics),
+            web.get("/openapi.json", openapi_document),
         ]
     )
     return app
@@ -77,6 +81,11 @@ async def server_metadata(_request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=request.app[HANDLER_KEY].metrics.render(), content_type="text/plain")
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document(
+        version=VERSION, max_body_bytes=request.app[HANDLER_KEY].config.max_body_bytes))
 
 
 async def model_ready(request: web.Request) -> web.Response:

@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisDown
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from kernel import messages, telemetry
-from kernel.endpoints import Endpoint
+from kernel.endpoints import Endpoint, SubjectError
 from kernel.errors import ErrorCode, NoResponders, RemoteError, RequestTimeout, http_status
 from kernel.identity import Login
 from kernel.messages import ErrorReply
@@ -294,6 +294,13 @@ class Bus:
             # Redis restarting: a retryable answer, not an internal error.
             log.warning("%s: %s: state store unavailable: %s", self.name, raw.subject, exc)
             await self._reply_error(raw, ErrorCode.UNAVAILABLE, f"state store unavailable: {exc}")
+            return
+        except SubjectError as exc:
+            # The message named a service or node that is no subject token ('*', 'a.b', ''):
+            # invalid input that decoded, not a failure of the handler.
+            self.rejected[ep.name] += 1
+            log.warning("%s: %s: %s", self.name, raw.subject, exc)
+            await self._reply_error(raw, ErrorCode.INVALID, str(exc))
             return
         except asyncio.CancelledError:
             raise

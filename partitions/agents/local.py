@@ -157,9 +157,9 @@ class LocalNode(Component):
             "FNPLANE_POD": msg.pod,
             "FNPLANE_NODE": self.name,
         }
-        if shutil.which(spec.command[0], path=env["PATH"]) is None:
+        if not spec.command or shutil.which(spec.command[0], path=env["PATH"]) is None:
             raise RemoteError(ErrorCode.INVALID,
-                              f"cannot start {spec.command[0]!r}: not found on PATH")
+                              f"cannot start {spec.command[:1]!r}: not found on PATH")
         argv, preexec = without_preexec(list(spec.command))
         try:
             proc = await asyncio.create_subprocess_exec(
