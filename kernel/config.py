@@ -139,10 +139,17 @@ class NodesConfig:
     # Where pods are started from: the sample's `python -m examples.sample.server` resolves
     # against this directory.
     workdir: Path = field(default_factory=lambda: Path.cwd())
+    # The user local pods run as (partitions/agents/podusers.py): "auto" (as root: the
+    # unprivileged `fnplane-pod` where the pod's program and workdir are within its reach,
+    # else root, said loudly), a user name (always; a pod it cannot start fails), or
+    # "current" (as fnplane itself).
+    pod_user: str = "auto"
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ConfigError("need at least one node")
+        if not self.pod_user or self.pod_user.strip() != self.pod_user:
+            raise ConfigError(f"pod user {self.pod_user!r}: expected auto, current or a name")
 
 
 @dataclass(frozen=True)
