@@ -20,6 +20,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 
 from activator.nats_events import DURABLE, LAG_REPORTER, REPLY_TO_HEADER, stream_name
@@ -381,3 +382,31 @@ async def _stream_exists(js: JetStreamContext, service: str) -> bool:
     except NotFoundError:
         return False
     return True
+
+
+async def test_an_earlier_releases_stream_is_served_first_then_becomes_a_work_queue(
+    nats_url: str, redis_url: str, tmp_path: Path, nc: NATS
+) -> None:
+    """JetStream cannot change a stream's retention: a limits stream left by an earlier
+    release with events still waiting is kept until they are served, then remade."""
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name=stream_name("sample"), retention=RetentionPolicy.LIMITS,
+                                     subjects=[ep.EVENTS.subject_for(service="sample")]))
+    inbox = nc.new_inbox()
+    replies: list[Msg] = []
+    await nc.subscribe(f"{inbox}.>", cb=functools.partial(_append, replies))
+    for i in range(2):
+        await js.publish(ep.EVENTS.subject_for(service="sample"), v2_body([row(i)]),
+                         headers={REPLY_TO_HEADER: f"{inbox}.{i}"})
+    async with running_stack(nats_url, redis_url, tmp_path):
+        await deploy(nats_url, sample_spec())
+        await wait_until(lambda: _count(replies), lambda n: n == 2, timeout=COLD_S,
+                         what="the waiting events served")
+        info = await wait_until(
+            lambda: js.stream_info(stream_name("sample")),
+            lambda i: i.config.retention == RetentionPolicy.WORK_QUEUE,
+            timeout=10, what="the stream remade as a work queue",
+        )
+        await consumer_ready(js, "sample")
+    assert sorted(status(r) for r in replies) == ["200", "200"]
+    assert info.state.messages == 0 and info.config.discard == DiscardPolicy.NEW
