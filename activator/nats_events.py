@@ -2,6 +2,13 @@
 on `svc.events.{service}`, a durable pull consumer shared by every activator, a per-service
 worker that serves events through the request handler like any request, and the consumer's lag
 reported to `scale` as demand, so waiting events alone wake a service at zero.
+
+A stream is a work queue (an event leaves it once acked or given up; one durable consumer is
+what a work queue allows, and every activator pulls from that one), bounded in age, count and
+bytes. At the bound a new event is refused, not an old one dropped: a JetStream publisher
+learns from its ack that its event was not taken, where discarding old ones would lose events
+already acknowledged to their publishers without anyone hearing of it. A service's stream is
+deleted with the service.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -24,6 +31,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamInfo,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -66,6 +74,7 @@ class ServiceEvents:
     handlers: set[asyncio.Task[None]] = field(default_factory=set)
     freed: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
+    legacy: bool = False  # an earlier release's stream, migrated once nothing waits in it
 
 
 class EventStreams:
@@ -92,6 +101,9 @@ class EventStreams:
         self.limit = max(1, min(config.max_in_flight, handler.config.buffer_size // 2))
         self.streams: dict[str, ServiceEvents] = {}
         self._retiring: set[ServiceEvents] = set()
+        # Deleted services whose names the lag loop must not bring back (the handler's
+        # table may hear of the delete after this does); a new deploy lifts it.
+        self._deleted: set[str] = set()
         self._lag_task: asyncio.Task[None] | None = None
         self._reported: set[str] = set()
         self._stopping = False
@@ -125,20 +137,24 @@ class EventStreams:
 
     # ---- streams, one per service ---------------------------------------------------------
 
-    async def ensure(self, name: str) -> None:
+    async def ensure(self, name: str, *, deployed: bool = False) -> None:
         """Create (or adopt) the service's stream and durable consumer, and start its worker.
-        A failure is retried by the next lag tick, which ensures every known service."""
-        if self._stopping or name in self.streams:
+        A failure is retried by the next lag tick, which ensures every known service.
+        `deployed`: on the service's deploy event, which may follow its delete."""
+        if deployed:
+            self._deleted.discard(name)
+        if self._stopping or name in self.streams or name in self._deleted:
             return
         ev = self.streams[name] = ServiceEvents(name, stream_name(name))
         cfg = self.config
         stream = StreamConfig(
             name=ev.stream,
             subjects=[ep.EVENTS.subject_for(service=name)],
-            retention=RetentionPolicy.LIMITS,
+            retention=RetentionPolicy.WORK_QUEUE,
             max_age=cfg.stream_max_age_s,
             max_msgs=cfg.stream_max_msgs,
-            discard=DiscardPolicy.OLD,
+            max_bytes=cfg.stream_max_bytes,
+            discard=DiscardPolicy.NEW,
             storage=StorageType.FILE,
             num_replicas=1,
             metadata={SCHEMA_METADATA: str(STATE_SCHEMA)},
@@ -151,7 +167,9 @@ class EventStreams:
             max_deliver=cfg.max_deliver,
         )
         try:
-            await self._check_schema(ev.stream)
+            info = await self._check_schema(ev.stream)
+            if info is not None and info.config.retention != RetentionPolicy.WORK_QUEUE:
+                stream = await self._migrate(ev, info, stream)
             try:
                 await self.js.add_stream(stream)
             except BadRequestError:  # exists with other limits: the config is ours to set
@@ -168,20 +186,59 @@ class EventStreams:
         if ev.sub is not None and not ev.stopping:
             ev.worker = asyncio.create_task(self._work(ev), name=f"events-{name}")
 
-    async def _check_schema(self, stream: str) -> None:
+    async def _check_schema(self, stream: str) -> StreamInfo | None:
         """A stream stamped by a newer release is left alone (its events wait for that
         release); one without a stamp is the first release's, adopted and stamped below."""
         try:
             info = await self.js.stream_info(stream)
         except NotFoundError:
-            return
+            return None
         found = (info.config.metadata or {}).get(SCHEMA_METADATA)
         schema_verdict(int(found) if found else None, where=f"JetStream stream {stream}")
+        return info
+
+    async def _migrate(self, ev: ServiceEvents, info: StreamInfo,
+                       wanted: StreamConfig) -> StreamConfig:
+        """An earlier release's stream keeps acked events (limits retention), and JetStream
+        cannot change a stream's retention. Once nothing in it waits to be served, what it
+        holds was all served: it is deleted and made again as a work queue. Until then it
+        keeps its retention (and drops its oldest, as it always did, now also past the byte
+        limit), and the lag loop tries again once its consumer has caught up. Trap: an event
+        published between that check and the delete is lost; the window is one round trip."""
+        name = wanted.name or ev.stream
+        try:
+            consumer = await self.js.consumer_info(name, DURABLE)
+            waiting = (consumer.num_pending or 0) + (consumer.num_ack_pending or 0)
+        except NotFoundError:
+            waiting = info.state.messages  # nobody served it: all of it may be waiting
+        if waiting == 0:
+            with contextlib.suppress(NotFoundError):  # another activator was first
+                await self.js.delete_stream(name)
+            log.info("%s: event stream %s of an earlier release remade as a work queue",
+                     self.handler.id, name)
+            return wanted
+        ev.legacy = True
+        log.warning("%s: event stream %s of an earlier release keeps served events; %d wait "
+                    "to be served, after which it becomes a work queue", self.handler.id, name,
+                    waiting)
+        return replace(wanted, retention=info.config.retention, discard=DiscardPolicy.OLD)
+
+    async def delete(self, name: str) -> None:
+        """The service is deleted: so are its stream and the events waiting in it (nobody
+        would serve them, and a stream per deleted name would pile up). Every activator
+        hears the delete; the first removes the stream, the others find it gone."""
+        self._deleted.add(name)
+        self.retire(name)
+        try:
+            await self.js.delete_stream(stream_name(name))
+        except NotFoundError:
+            pass
+        except Exception as exc:
+            log.warning("%s: event stream of deleted %s not removed: %s", self.handler.id,
+                        name, exc)
 
     def retire(self, name: str) -> None:
-        """A deleted service's stream is left in place (its limits bound it): a producer's
-        events survive a delete-and-redeploy under the same name, the usual way to replace
-        a service. Only this activator's worker stops."""
+        """Stop this activator's worker of the service's stream (the stream stays)."""
         ev = self.streams.pop(name, None)
         if ev is None:
             return
@@ -305,7 +362,9 @@ class EventStreams:
         interval = self.handler.config.metrics_interval_s
         while True:
             await asyncio.sleep(interval)
-            for name in self.handler.table.names():
+            known = set(self.handler.table.names())
+            self._deleted &= known  # once the table forgot a deleted name, so can we
+            for name in known:
                 await self.ensure(name)  # services learnt by lookup, or a failed create
             now = time.time()
             for name, ev in list(self.streams.items()):
@@ -319,6 +378,8 @@ class EventStreams:
                 except Exception as exc:
                     log.debug("%s: lag of %s unknown: %s", self.handler.id, name, exc)
                     continue
+                if ev.legacy and not (info.num_pending or info.num_ack_pending):
+                    self.retire(name)  # caught up: the next tick remakes it as a work queue
                 # Events inside the handler are in the activator's own demand report already.
                 waiting = (info.num_pending or 0) + (info.num_ack_pending or 0) - ev.in_flight
                 await self._report_lag(name, max(0, waiting), now)

@@ -131,11 +131,11 @@ class NatsIngress:
 
     async def _on_spec_updated(self, msg: SpecUpdated, _raw: Msg) -> None:
         if self.events is not None:
-            await self.events.ensure(msg.spec.name)
+            await self.events.ensure(msg.spec.name, deployed=True)
 
     async def _on_service_deleted(self, msg: ServiceDeleted, _raw: Msg) -> None:
         if self.events is not None:
-            self.events.retire(msg.name)
+            await self.events.delete(msg.name)
 
     # ---- request-reply ------------------------------------------------------------------
 

@@ -147,11 +147,13 @@ async def coordinator(config: Config, *, public_url: str, runtime: Runtime | Non
 
 async def local_nodes(config: Config, *, log_dir: Path) -> list[LocalNode]:
     from partitions.agents.local import LocalNode
+    from partitions.agents.podusers import PodUsers
     nodes = config.nodes
+    pod_users = PodUsers(nodes.pod_user, workdir=nodes.workdir)  # one pod user for all
     return [
         LocalNode(await connect(config, f"node-{i}", "node"),
                   NodeInfo(name=f"node-{i}", capacity=nodes.capacity, backend="local"),
-                  workdir=nodes.workdir, log_dir=log_dir)
+                  workdir=nodes.workdir, log_dir=log_dir, pod_users=pod_users)
         for i in range(nodes.count)
     ]
 

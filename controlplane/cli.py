@@ -44,6 +44,7 @@ from kernel.messages import (
     SpecError,
 )
 from kernel.procs import PortInUseError, ServerStartError, port_in_use
+from partitions.agents.podusers import LABEL as POD_USER_LABEL
 
 
 class CliError(Exception):
@@ -75,6 +76,7 @@ async def run_up(args: argparse.Namespace) -> int:
                 cpu=parse_cpu(args.node_cpu), memory_mb=parse_memory_mb(args.node_memory)
             ),
             workdir=Path(args.workdir).resolve(),
+            pod_user=args.pod_user,
         ),
     )
     config = replace(config, coordinator=replace(
@@ -270,6 +272,8 @@ async def run_describe(args: argparse.Namespace) -> int:
     for p in st.pods:
         print(f"  {p.pod:<22} {p.state:<11} node {p.node} (partition "
               f"{part_of.get(p.node, '?')})  {p.url}")
+        if p.run_as:
+            print(f"  {'':<22} runs as {p.run_as}")
     if st.last_error:
         print(f"Last error:  {st.last_error}")
     cs = st.last_cold_start
@@ -312,6 +316,9 @@ async def run_status(args: argparse.Namespace) -> int:
         rows.append((n.name, f"{n.capacity.cpu:g}", f"{n.capacity.memory_mb} MiB",
                      str(n.capacity.gpu), n.backend))
     _table(rows)
+    for pod_user in sorted({n.labels[POD_USER_LABEL] for n in nodes.values()
+                            if POD_USER_LABEL in n.labels}):
+        print(f"Local pods run as: {pod_user}")
     print()
     rows = [("KIND", "INSTANCE", "LAST SEEN", "PARTITION")]
     for i in st.instances:
@@ -350,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run control-function instances as tasks here or as OS processes")
     up.add_argument("--state-dir", default=str(default_state_dir()))
     up.add_argument("--workdir", default=".", help="where local pods are started from")
+    up.add_argument("--pod-user", default="auto",
+                    help="who local pods run as: auto (as root: the unprivileged fnplane-pod, "
+                         "created on first use, where it can reach the pod's program and "
+                         "workdir, else root with a warning), a user name (always), or "
+                         "current (as fnplane itself)")
     up.add_argument("--backend", choices=["local", "kubernetes"], default="local",
                     help="where pods run: local processes, or Pods on a Kubernetes cluster")
     up.add_argument("--kubeconfig", default=None,

@@ -1,7 +1,8 @@
 """The state dir's own schema stamp (`fnplane-state.json`), checked before `fnplane up`
 starts a server on it: a state dir of a newer release is refused whole with what to do,
 never half-read; one of the first release (which stamped nothing) is adopted and stamped.
-Redis and JetStream carry their own stamps (kernel/store.py, activator/nats_events.py)."""
+Redis and JetStream carry their own stamps (kernel/store.py, activator/nats_events.py).
+The dir is private to fnplane's user (0700)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,13 @@ STAMP = "fnplane-state.json"
 
 
 def check_state_dir(state: Path) -> int:
-    """Stamp or refuse `state` (created if missing); returns its schema version."""
-    state.mkdir(parents=True, exist_ok=True)
+    """Stamp or refuse `state` (created if missing); returns its schema version.
+
+    The dir is made (or tightened to) 0700: it holds the credentials, NATS's config and
+    Redis's data, and pods run as another user must not read any of it. Pods need nothing
+    in it: a node agent writes their logs there itself."""
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state.chmod(0o700)
     stamp = state / STAMP
     found: int | None = None
     if stamp.exists():

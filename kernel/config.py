@@ -32,10 +32,14 @@ class NatsIngressConfig:
     enabled: bool = True
     # Activators share `svc.invoke.*` through this queue group.
     queue_group: str = "activator"
-    # Limits-based retention: events nobody served are kept this long / this many per
-    # service, oldest dropped first, so a service nobody calls cannot fill the disk.
+    # Work-queue retention: an event leaves its stream once acked (or given up). Events
+    # nobody served are kept this long, and at most this many / this many bytes per
+    # service, so a service nobody calls cannot fill the disk; beyond the count or bytes a
+    # new event is refused (its publisher's JetStream ack says so) rather than an older
+    # one silently dropped.
     stream_max_age_s: float = 24 * 3600.0
     stream_max_msgs: int = 100_000
+    stream_max_bytes: int = 256 * 1024 * 1024
     # Events one activator serves at once per service; also capped at half its buffer, so a
     # flood of events cannot crowd HTTP and request-reply callers out of it.
     max_in_flight: int = 64
@@ -57,8 +61,8 @@ class NatsIngressConfig:
     consume_events: bool = True
 
     def __post_init__(self) -> None:
-        if self.stream_max_age_s <= 0 or self.stream_max_msgs < 1:
-            raise ConfigError("event streams need a max age > 0 and max msgs >= 1")
+        if self.stream_max_age_s <= 0 or self.stream_max_msgs < 1 or self.stream_max_bytes < 1:
+            raise ConfigError("event streams need a max age > 0, max msgs and bytes >= 1")
         if self.max_in_flight < 1 or self.fetch_batch < 1 or self.max_ack_pending < 1:
             raise ConfigError("events in flight, fetch batch and max ack pending must be >= 1")
         if self.fetch_timeout_s <= 0 or self.drain_timeout_s < 0:
@@ -139,10 +143,17 @@ class NodesConfig:
     # Where pods are started from: the sample's `python -m examples.sample.server` resolves
     # against this directory.
     workdir: Path = field(default_factory=lambda: Path.cwd())
+    # The user local pods run as (partitions/agents/podusers.py): "auto" (as root: the
+    # unprivileged `fnplane-pod` where the pod's program and workdir are within its reach,
+    # else root, said loudly), a user name (always; a pod it cannot start fails), or
+    # "current" (as fnplane itself).
+    pod_user: str = "auto"
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ConfigError("need at least one node")
+        if not self.pod_user or self.pod_user.strip() != self.pod_user:
+            raise ConfigError(f"pod user {self.pod_user!r}: expected auto, current or a name")
 
 
 @dataclass(frozen=True)

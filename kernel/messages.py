@@ -338,6 +338,9 @@ class PodEvent(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     log_tail: str = ""
     ts: float = 0.0
     model: str = ""  # the weights the pod loaded, for schedule's cache locality
+    # The user the pod's processes run as (local nodes), and why when it is fnplane's own
+    # though a pod user was wanted: `fnplane describe` shows it.
+    run_as: str = ""
 
 
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):

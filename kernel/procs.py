@@ -120,16 +120,34 @@ def pdeathsig_preexec() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def without_preexec(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+def without_preexec(
+    argv: list[str], *, run_as: tuple[int, int] | None = None
+) -> tuple[list[str], Callable[[], None] | None]:
     """The same death signal without a preexec_fn: `setpriv --pdeathsig KILL` (util-linux,
     on every Debian) sets it and execs the command. Worth it because any preexec_fn forces
     CPython to fork() the whole parent instead of vfork(), which blocks the event loop for
-    ~100 ms per pod in a large process. Falls back to the preexec_fn where setpriv is absent.
+    ~100 ms per pod in a large process (so do subprocess's user=/group=, hence setpriv's
+    --reuid/--regid here). Falls back to a preexec_fn where setpriv is absent.
+
+    `run_as` (uid, gid): the command runs as that user and group with no supplementary
+    groups, so it keeps none of the caller's (root's) group memberships either.
     """
     setpriv = shutil.which("setpriv")
     if setpriv is None or not sys.platform.startswith("linux"):
-        return argv, pdeathsig_preexec
-    return [setpriv, "--pdeathsig", "KILL", "--", *argv], None
+        if run_as is None:
+            return argv, pdeathsig_preexec
+        uid, gid = run_as
+
+        def preexec() -> None:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            pdeathsig_preexec()  # after: a change of user clears the death signal
+
+        return argv, preexec
+    switch = [] if run_as is None else [f"--reuid={run_as[0]}", f"--regid={run_as[1]}",
+                                         "--clear-groups"]
+    return [setpriv, "--pdeathsig", "KILL", *switch, "--", *argv], None
 
 
 def _stat_fields(pid: int | str) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -88,6 +89,8 @@ def test_up_serves_from_zero_keeps_services_and_stops_cleanly(state_dir: Path) -
         assert "schedule" in status.stdout and "node-0" in status.stdout
         assert "FREE CPU" in status.stdout
 
+        # Private to fnplane's user: pods run as another user read none of it.
+        assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
         family = descendants(up.proc.pid)
         assert len(family) >= 3, "nats-server, redis-server and a pod run under fnplane up"
     finally:

@@ -14,11 +14,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import numpy as np
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 
 from activator.nats_events import DURABLE, LAG_REPORTER, REPLY_TO_HEADER, stream_name
@@ -26,7 +28,7 @@ from activator.nats_ingress import STATUS_HEADER
 from examples.sample.model import load_model
 from kernel import endpoints as ep
 from kernel.config import NatsIngressConfig
-from kernel.messages import Demand
+from kernel.messages import Demand, NameRequest, ScalingSpec
 from tests.stackutil import REPO, admin, deploy, describe, running_stack, sample_spec, wait_until
 
 MODEL = load_model()
@@ -226,6 +228,8 @@ async def test_events_at_zero_are_answered_and_acked_only_after_the_pod_answered
             what="every event acked (or terminated)",
         )
         assert info.num_redelivered == 0
+        # A work queue: served events do not stay behind in the stream.
+        assert (await js.stream_info(stream_name("sample"))).state.messages == 0
 
 
 async def test_consumer_lag_alone_scales_a_service_from_zero(
@@ -337,3 +341,72 @@ async def test_a_flood_of_events_cannot_fill_the_buffer(
         )
         assert sorted(status(r) for r in replies) == ["200"] * 12
         assert thr.violations == 0
+
+
+async def test_a_full_stream_refuses_new_events_and_goes_with_its_service(
+    nats_url: str, redis_url: str, tmp_path: Path, nc: NATS
+) -> None:
+    """Nobody consumes here, so events pile up to the byte limit: past it the publisher's
+    ack is an error, and the events already taken stay (none silently dropped). Deleting
+    the service deletes its stream."""
+    js = nc.jetstream()
+    limit = 8 * 1024
+    paused = NatsIngressConfig(consume_events=False, stream_max_bytes=limit)
+    body = v2_body([row(i) for i in range(12)])  # ~1 KiB with headers
+    async with running_stack(nats_url, redis_url, tmp_path, nats=paused):
+        await deploy(nats_url, sample_spec("full", scaling=ScalingSpec(max_scale=1)))
+        await consumer_ready(js, "full")
+        taken, refusal = 0, ""
+        for _ in range(3 * limit // len(body)):
+            try:
+                await js.publish(ep.EVENTS.subject_for(service="full"), body)
+            except nats.js.errors.APIError as exc:
+                refusal = str(exc)
+                break
+            taken += 1
+        state = (await js.stream_info(stream_name("full"))).state
+        assert "maximum bytes" in refusal, refusal
+        assert 0 < taken < 3 * limit // len(body)
+        assert state.messages == taken and state.bytes <= limit
+        assert state.first_seq == 1, "older events were dropped to make room"
+
+        async with admin(nats_url) as bus:
+            await bus.call(ep.ADMIN_DELETE, NameRequest(name="full"), timeout=5)
+        await wait_until(lambda: _stream_exists(js, "full"), lambda there: not there,
+                         timeout=10, what="the deleted service's stream gone")
+
+
+async def _stream_exists(js: JetStreamContext, service: str) -> bool:
+    try:
+        await js.stream_info(stream_name(service))
+    except NotFoundError:
+        return False
+    return True
+
+
+async def test_an_earlier_releases_stream_is_served_first_then_becomes_a_work_queue(
+    nats_url: str, redis_url: str, tmp_path: Path, nc: NATS
+) -> None:
+    """JetStream cannot change a stream's retention: a limits stream left by an earlier
+    release with events still waiting is kept until they are served, then remade."""
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name=stream_name("sample"), retention=RetentionPolicy.LIMITS,
+                                     subjects=[ep.EVENTS.subject_for(service="sample")]))
+    inbox = nc.new_inbox()
+    replies: list[Msg] = []
+    await nc.subscribe(f"{inbox}.>", cb=functools.partial(_append, replies))
+    for i in range(2):
+        await js.publish(ep.EVENTS.subject_for(service="sample"), v2_body([row(i)]),
+                         headers={REPLY_TO_HEADER: f"{inbox}.{i}"})
+    async with running_stack(nats_url, redis_url, tmp_path):
+        await deploy(nats_url, sample_spec())
+        await wait_until(lambda: _count(replies), lambda n: n == 2, timeout=COLD_S,
+                         what="the waiting events served")
+        info = await wait_until(
+            lambda: js.stream_info(stream_name("sample")),
+            lambda i: i.config.retention == RetentionPolicy.WORK_QUEUE,
+            timeout=10, what="the stream remade as a work queue",
+        )
+        await consumer_ready(js, "sample")
+    assert sorted(status(r) for r in replies) == ["200", "200"]
+    assert info.state.messages == 0 and info.config.discard == DiscardPolicy.NEW

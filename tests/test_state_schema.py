@@ -12,10 +12,12 @@ from pathlib import Path
 import aiohttp
 import nats
 import pytest
+from nats.js.api import RetentionPolicy
 
 from controlplane.stack import Stack
 from controlplane.statedir import STAMP, check_state_dir
 from kernel import endpoints as ep
+from kernel.config import NatsIngressConfig
 from kernel.identity import login
 from kernel.messages import Empty, ServiceList
 from kernel.store import SCHEMA_KEY, STATE_SCHEMA, StateSchemaError, Store, schema_verdict
@@ -68,7 +70,10 @@ async def test_a_state_dir_of_the_first_release_loads_serves_and_is_stamped(
     tiny = specs["tiny"]
     assert (tiny.scaling.max_scale, tiny.resources.cpu, tiny.env) == (3, 0.25, {"A": "B"})
     assert status == 200 and answer["model_name"] == "sample", answer
-    assert info.state.messages == 0  # the first release's stream, adopted as it was
+    # The first release's stream (limits retention, nothing waiting in it) is remade as a
+    # work queue: JetStream cannot change a stream's retention in place.
+    assert info.state.messages == 0 and info.config.retention == RetentionPolicy.WORK_QUEUE
+    assert info.config.max_bytes == NatsIngressConfig().stream_max_bytes
     assert stamped == str(STATE_SCHEMA).encode()
     assert json.loads((state / STAMP).read_text()) == {"schema": STATE_SCHEMA}
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 
@@ -40,6 +41,7 @@ from kernel.messages import (
 )
 from kernel.procs import free_port, without_preexec
 from partitions.agents.contract import PodAnnouncer, follow_map, register
+from partitions.agents.podusers import CURRENT, LABEL, PodUserError, PodUsers
 from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class LocalPod:
     state: PodState = "starting"
     ready_at: float = 0.0
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    run_as: str = ""
 
     @property
     def url(self) -> str:
@@ -77,10 +80,12 @@ class LocalNode(Component):
     """One node agent. Several run in one `fnplane up`; each has its own NATS connection."""
 
     def __init__(self, bus: Bus, info: NodeInfo, *, workdir: Path, log_dir: Path,
-                 keep_logs: int = KEEP_POD_LOGS) -> None:
+                 keep_logs: int = KEEP_POD_LOGS, pod_users: PodUsers | None = None) -> None:
         super().__init__(bus)
         self.info = info
         self.workdir = workdir
+        # Who pods run as; shared by the nodes of one process. None: as fnplane itself.
+        self.pod_users = pod_users or PodUsers(CURRENT, workdir=workdir)
         self.log_dir = log_dir
         # Logs of this node's ended pods, oldest first: the newest `keep_logs` stay for
         # `fnplane describe` and debugging, older ones are removed.
@@ -99,6 +104,9 @@ class LocalNode(Component):
 
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        # Said once at start (a warning when pods run as root) and on the node's label.
+        summary = await self.pod_users.prepare("python", pod_path())
+        self.info = msgspec.structs.replace(self.info, labels={**self.info.labels, LABEL: summary})
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
         bus = self.bus
         await bus.serve(ep.NODE_START, self._on_start, concurrent=True, node=self.name)
@@ -147,9 +155,7 @@ class LocalNode(Component):
             # key in the operator's shell) reaches a pod; only the few variables a process
             # needs to run at all, the spec's env, and what the pod contract sets.
             **{k: v for k, v in os.environ.items() if k in POD_INHERITS},
-            # The pod's `python` is the control plane's interpreter, so a spec's
-            # `python -m ...` finds the same installed packages.
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PATH": pod_path(),
             **spec.env,
             "PORT": str(port),
             "MODEL_NAME": spec.env.get("MODEL_NAME", spec.name),
@@ -160,7 +166,13 @@ class LocalNode(Component):
         if not spec.command or shutil.which(spec.command[0], path=env["PATH"]) is None:
             raise RemoteError(ErrorCode.INVALID,
                               f"cannot start {spec.command[:1]!r}: not found on PATH")
-        argv, preexec = without_preexec(list(spec.command))
+        try:
+            run_as = await self.pod_users.run_as(spec.name, list(spec.command), env["PATH"])
+        except PodUserError as exc:
+            raise RemoteError(ErrorCode.INVALID, str(exc)) from None
+        if run_as.ids is not None and "HOME" not in spec.env:
+            env["HOME"] = run_as.home  # fnplane's home is not the pod user's
+        argv, preexec = without_preexec(list(spec.command), run_as=run_as.ids)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -175,7 +187,7 @@ class LocalNode(Component):
         except OSError as exc:
             raise RemoteError(ErrorCode.INVALID,
                               f"cannot start {spec.command[0]!r}: {exc}") from None
-        pod = LocalPod(msg, port, proc, time.time())
+        pod = LocalPod(msg, port, proc, time.time(), run_as=run_as.describe())
         self.pods[msg.pod] = pod
         pod.tasks = [
             self.tasks.spawn(self._pump_output(pod), name=f"{msg.pod}-output"),
@@ -230,7 +242,8 @@ class LocalNode(Component):
 
     async def _pump_output(self, pod: LocalPod) -> None:
         assert pod.proc.stdout is not None
-        logfile = (self.log_dir / f"{pod.start.pod}.log").open("ab")
+        # Unbuffered: a running pod's log is readable as it goes (`tail -f`, tests).
+        logfile = (self.log_dir / f"{pod.start.pod}.log").open("ab", buffering=0)
         try:
             while line := await pod.proc.stdout.readline():
                 logfile.write(line)
@@ -314,8 +327,15 @@ class LocalNode(Component):
             log_tail=log_tail,
             ts=time.time(),
             model=spec.model_id,
+            run_as=pod.run_as,
         )
         await self.announcer.send(ev)
+
+
+def pod_path() -> str:
+    """A pod's PATH: the control plane's interpreter first, so a spec's `python -m ...`
+    finds the same installed packages."""
+    return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 async def _kill(proc: asyncio.subprocess.Process, *, grace: float) -> None:
