@@ -76,12 +76,14 @@ class Stack:
         if self.nats_url is None:
             # Our own NATS: every component kind gets its user and its permissions.
             self.nats = await start_nats(state, port=self.nats_port,
-                                         authorization=creds.server_authorization())
+                                         authorization=creds.server_authorization(),
+                                         tls=cfg.tls)
             self.nats_url = self.nats.url
             cfg = replace(cfg, credentials=path)
         if self.redis_url is None:
             # Our own Redis: no default user; fnplane's ACL user, password in the state dir.
-            self.redis = await start_redis(state, port=self.redis_port, password=creds.redis)
+            self.redis = await start_redis(state, port=self.redis_port, password=creds.redis,
+                                           tls=cfg.tls)
             self.redis_url = self.redis.url
         self.config = cfg = replace(cfg, nats_url=self.nats_url, redis_url=self.redis_url)
         # Every cold request becomes one trace across components, written as JSON lines.
