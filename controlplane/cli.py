@@ -191,6 +191,14 @@ async def _admin(nats_url: str, endpoint: Endpoint[Any, Rep], msg: msgspec.Struc
         await bus.close()
 
 
+async def run_creds(args: argparse.Namespace) -> int:
+    """Print fresh credentials for deploy/ as Kubernetes Secrets (deploy/README.md)."""
+    from controlplane.kubesecrets import render
+
+    sys.stdout.write(render(args.namespace))
+    return 0
+
+
 def spec_from_flags(args: argparse.Namespace) -> ServiceSpec:
     if args.file:
         spec = load_spec_file(Path(args.file))
@@ -429,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="nodes, partitions and owners, instances")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=run_status)
+
+    cr = sub.add_parser("creds", help="print fresh credentials for deploy/ as Kubernetes Secrets")
+    cr.add_argument("target", choices=["k8s"])
+    cr.add_argument("--namespace", default="fnplane")
+    cr.set_defaults(func=run_creds)
     return p
 
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from kernel.config import TlsConfig
+from kernel.identity import REDIS_ACL, REDIS_USER
 from kernel.procs import (
     START_TIMEOUT,
     ManagedProcess,
@@ -251,9 +252,6 @@ async def _redis_answers(process: ManagedProcess, host: str, port: int, within: 
     return False
 
 
-REDIS_USER = "fnplane"
-
-
 def redacted(url: str) -> str:
     """A URL fit to print: its password replaced by ***."""
     scheme, sep, rest = url.partition("://")
@@ -326,8 +324,7 @@ async def start_redis(
     auth = (REDIS_USER, password) if password else None
     acl = ([] if password is None else
            ["--user", "default", "off",
-            "--user", REDIS_USER, "on", f">{password}", "~*", "&*", "+@all", "-@dangerous",
-            "+shutdown", "+info", "+ping"])
+            "--user", REDIS_USER, "on", f">{password}", *REDIS_ACL])
     serving = tls if tls is not None and tls.serves else None
     binary = redis_server_binary(tls=serving is not None)
     client_tls = serving.client_context() if serving is not None else None
