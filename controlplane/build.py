@@ -41,8 +41,10 @@ def new_id(kind: str) -> str:
 
 
 async def connect(config: Config, name: str, kind: str) -> Bus:
-    """A connection as `kind`, with that kind's credentials when NATS asks for them."""
-    return await Bus.connect(config.nats_url, name, login=login(config.credentials, kind))
+    """A connection as `kind`, with that kind's credentials when NATS asks for them, over
+    TLS when the Config names a CA."""
+    return await Bus.connect(config.nats_url, name, login=login(config.credentials, kind),
+                             tls=config.tls.client_context())
 
 
 # ---- control-function instances (what a runtime scales) ---------------------------------------

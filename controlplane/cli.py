@@ -28,6 +28,7 @@ from kernel.config import (
     Config,
     ConfigError,
     NodesConfig,
+    TlsConfig,
     default_state_dir,
 )
 from kernel.endpoints import Endpoint
@@ -69,6 +70,7 @@ async def run_up(args: argparse.Namespace) -> int:
             )
     config = Config(
         state_dir=Path(args.state_dir),
+        tls=tls_from_flags(args),
         activator=ActivatorConfig(host=args.host, port=args.port),
         nodes=NodesConfig(
             count=args.nodes,
@@ -108,6 +110,9 @@ async def run_up(args: argparse.Namespace) -> int:
               f"uses its admin entry: export FNPLANE_CREDS={stack.config.credentials})",
               flush=True)
     print(f"  redis    {redacted(stack.redis_url or '')}", flush=True)
+    if stack.config.tls.serves:
+        print(f"  tls      NATS and Redis require TLS; clients trust {stack.config.tls.ca}   "
+              f"(export FNPLANE_TLS_CA={stack.config.tls.ca})", flush=True)
     if kube is not None:
         print(f"  nodes    the cluster of {args.kubeconfig or 'the default kubeconfig'}"
               f" (pods outlive `up`; the next `up` adopts them)", flush=True)
@@ -119,6 +124,23 @@ async def run_up(args: argparse.Namespace) -> int:
     await stack.stop()
     print("fnplane: stopped", flush=True)
     return 0
+
+
+def tls_from_flags(args: argparse.Namespace) -> TlsConfig:
+    """--tls-cert/--tls-key/--tls-ca: all three or none (TlsConfig says why), files that
+    exist, made absolute (the servers and child processes run from other directories)."""
+    given = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
+    if not any(given.values()):
+        return TlsConfig()
+    missing = [flag for flag, value in given.items() if not value]
+    if missing:
+        raise CliError(f"TLS needs --tls-cert, --tls-key and --tls-ca together; "
+                       f"missing {', '.join(missing)}")
+    paths = {flag: Path(value).resolve() for flag, value in given.items()}
+    for flag, path in paths.items():
+        if not path.is_file():
+            raise CliError(f"{flag} {path}: no such file")
+    return TlsConfig(cert=paths["--tls-cert"], key=paths["--tls-key"], ca=paths["--tls-ca"])
 
 
 # ---- management commands -----------------------------------------------------------------
@@ -134,14 +156,26 @@ def admin_login() -> Login | None:
     return login(path, "admin") if path.exists() else None
 
 
+def admin_tls() -> TlsConfig:
+    """The CA a TLS stack's servers are verified with: `FNPLANE_TLS_CA` (`fnplane up
+    --tls-ca` prints it). Without it a tls:// URL is checked against the system's CAs."""
+    ca = os.environ.get("FNPLANE_TLS_CA")
+    return TlsConfig(ca=Path(ca)) if ca else TlsConfig()
+
+
 async def _admin(nats_url: str, endpoint: Endpoint[Any, Rep], msg: msgspec.Struct,
                  timeout: float = 5.0) -> Rep:
     try:
         bus = await Bus.connect(
             nats_url, f"fnplane-cli-{os.getpid()}", connect_timeout=2.0, reconnect=False,
-            login=admin_login(),
+            login=admin_login(), tls=admin_tls().client_context(),
         )
     except Exception as exc:
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            raise CliError(
+                f"fnplane at {nats_url} uses TLS with a certificate we do not trust: set "
+                "FNPLANE_TLS_CA to the CA it was started with (`fnplane up --tls-ca`)"
+            ) from None
         if "Authorization" in str(exc):
             raise CliError(
                 f"fnplane at {nats_url} refused our credentials: point FNPLANE_CREDS at the "
@@ -158,6 +192,14 @@ async def _admin(nats_url: str, endpoint: Endpoint[Any, Rep], msg: msgspec.Struc
         raise CliError(exc.message) from None
     finally:
         await bus.close()
+
+
+async def run_creds(args: argparse.Namespace) -> int:
+    """Print fresh credentials for deploy/ as Kubernetes Secrets (deploy/README.md)."""
+    from controlplane.kubesecrets import render
+
+    sys.stdout.write(render(args.namespace))
+    return 0
 
 
 def spec_from_flags(args: argparse.Namespace) -> ServiceSpec:
@@ -364,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "current (as fnplane itself)")
     up.add_argument("--backend", choices=["local", "kubernetes"], default="local",
                     help="where pods run: local processes, or Pods on a Kubernetes cluster")
+    up.add_argument("--tls-cert", default=None,
+                    help="server certificate (PEM): NATS and Redis then require TLS")
+    up.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
+    up.add_argument("--tls-ca", default=None,
+                    help="CA (PEM) every client verifies the servers with")
     up.add_argument("--kubeconfig", default=None,
                     help="with --backend kubernetes: the cluster (default: in-cluster "
                          "service account, else ~/.kube/config)")
@@ -407,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="nodes, partitions and owners, instances")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=run_status)
+
+    cr = sub.add_parser("creds", help="print fresh credentials for deploy/ as Kubernetes Secrets")
+    cr.add_argument("target", choices=["k8s"])
+    cr.add_argument("--namespace", default="fnplane")
+    cr.set_defaults(func=run_creds)
     return p
 
 

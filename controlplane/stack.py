@@ -79,18 +79,19 @@ class Stack:
         if self.nats_url is None:
             # Our own NATS: every component kind gets its user and its permissions.
             auth = creds.server_authorization()
-            self.nats = nats = await start_nats(state, port=self.nats_port, authorization=auth)
+            self.nats = nats = await start_nats(state, port=self.nats_port, authorization=auth,
+                                                tls=cfg.tls)
             self.nats_url = nats.url
             self.supervisor.watch("nats-server", nats, lambda: start_nats(
-                state, port=nats.port, authorization=auth))
+                state, port=nats.port, authorization=auth, tls=cfg.tls))
             cfg = replace(cfg, credentials=path)
         if self.redis_url is None:
             # Our own Redis: no default user; fnplane's ACL user, password in the state dir.
             self.redis = redis = await start_redis(state, port=self.redis_port,
-                                                   password=creds.redis)
+                                                   password=creds.redis, tls=cfg.tls)
             self.redis_url = redis.url
             self.supervisor.watch("redis-server", redis, lambda: start_redis(
-                state, port=redis.port, password=creds.redis))
+                state, port=redis.port, password=creds.redis, tls=cfg.tls))
         self.supervisor.on_restart = self._restarted
         self.config = cfg = replace(cfg, nats_url=self.nats_url, redis_url=self.redis_url)
         # Every cold request becomes one trace across components, written as JSON lines.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -38,6 +39,18 @@ from kernel.messages import ErrorReply
 from kernel.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
+
+
+class _QuietTlsEof(logging.Filter):
+    """nats.py reads through an asyncio StreamReader whose protocol, upgraded to TLS, makes
+    asyncio warn "returning true from eof_received() has no effect when using ssl" on
+    every closed TLS connection; harmless, and noise on every CLI call."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received()" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietTlsEof())
 
 Handler = Callable[[Any, Msg], Awaitable[Any]]
 # Called after a reconnect with the time the connection was lost.
@@ -110,10 +123,12 @@ class Bus:
         connect_timeout: float = 5.0,
         reconnect: bool = True,
         login: Login | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> Bus:
         """Components reconnect forever (NATS restarts must not kill them); a CLI call
         does not, so a stack that is not running is an error at once, not a hang. `login`
-        (kernel.identity) is the user, password and reply-inbox prefix of a component kind."""
+        (kernel.identity) is the user, password and reply-inbox prefix of a component kind;
+        `tls` (`TlsConfig.client_context()`) verifies a server that requires TLS."""
         made: list[Bus] = []  # the callbacks exist before the Bus they report to
 
         async def disconnected() -> None:
@@ -128,6 +143,7 @@ class Bus:
             url,
             name=name,
             **(login.nats_options() if login is not None else {}),
+            tls=tls,
             connect_timeout=connect_timeout,
             # nats-py retries the first connect until attempts run out, even without
             # allow_reconnect: one retry, then NoServersError.

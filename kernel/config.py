@@ -5,6 +5,7 @@ message rather than deep in a request path."""
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,6 +174,36 @@ class CoordinatorConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the bus and the state store (issue 10). `cert` and `key` are what the servers
+    `fnplane up` starts present; `ca` is what every client trusts. A client-only config (a
+    component reaching servers someone else runs) needs only `ca`."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("TLS needs a certificate and its key together")
+        if self.cert is not None and self.ca is None:
+            # Our own clients must verify the server they reach; nothing may skip that.
+            raise ConfigError("TLS needs the CA that signed the server certificate")
+
+    @property
+    def serves(self) -> bool:
+        """True when the servers fnplane starts itself speak TLS."""
+        return self.cert is not None
+
+    def client_context(self) -> ssl.SSLContext | None:
+        """What a client verifies the servers with; None without TLS. Hostnames are checked:
+        the servers' certificate must name the host clients dial (127.0.0.1 for `up`)."""
+        if self.ca is None:
+            return None
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+@dataclass(frozen=True)
 class Config:
     nats_url: str = DEFAULT_NATS_URL
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -186,6 +217,7 @@ class Config:
     # The components' NATS credentials (kernel/identity.py), None where NATS has no
     # authorization. `fnplane up` makes them in its state dir.
     credentials: Path | None = None
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 # ---- one Config across processes -------------------------------------------------------------

