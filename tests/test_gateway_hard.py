@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 import urllib3
 
+from activator.ingress import BodyBudget
+from activator.listener import connection_cap
 from tests.stackutil import REPO, deploy, running_stack, sample_spec
 from tests.test_fnplane_up import Up
 
@@ -33,6 +36,26 @@ async def _answer_then_eof(reader: asyncio.StreamReader) -> tuple[int, dict, byt
     raw = await asyncio.wait_for(reader.read(), timeout=10)
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(body), head
+
+
+@pytest.mark.parametrize(("configured", "open_files", "reserve", "cap"), [
+    (4096, 20_000, 1024, 4096),  # the limit has room: as configured
+    (4096, 4096, 1024, 1536),  # two descriptors per connection (client, pod) after the reserve
+    (4096, 1024, 1024, 1),  # no room at all: still serves one, and the activator warns
+])
+def test_the_connection_cap_fits_the_open_files_budget(
+    configured: int, open_files: int, reserve: int, cap: int
+) -> None:
+    assert connection_cap(configured, open_files, reserve) == cap
+
+
+def test_a_body_lease_grows_within_the_budget_and_gives_everything_back() -> None:
+    budget = BodyBudget(100)
+    with budget.lease() as a, budget.lease() as b:
+        assert a.grow_to(60) and a.grow_to(40)  # shrinking keeps what it holds
+        assert not b.grow_to(41) and b.grow_to(40)
+        assert budget.held == 100
+    assert budget.held == 0
 
 
 def _open_fds() -> int:
