@@ -26,13 +26,16 @@ class PodResponse:
 
 
 class Proxy:
-    def __init__(self, *, timeout_s: float, connect_timeout_s: float = 2.0) -> None:
+    def __init__(self, *, timeout_s: float, connect_timeout_s: float = 2.0,
+                 max_connections: int = 0) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
+        self._limit = max_connections
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        # No connection limit here: the throttler already bounds concurrency per pod.
-        connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
+        # The throttler bounds concurrency per pod; this bounds the descriptors (0: none),
+        # idle pooled connections included.
+        connector = aiohttp.TCPConnector(limit=self._limit, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, auto_decompress=False
         )

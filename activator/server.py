@@ -1,7 +1,8 @@
 """The activator component, wired: the service table kept current by `ServiceSync`, the
 request handler, the demand reporter, the HTTP listener and the NATS ingress, started and
-stopped together. Stopping refuses new work on both ingresses first, then lets in-flight
-requests finish while the handler still serves them. Wiring only; no decision here."""
+stopped together. Stopping turns readiness false at once, keeps serving for the drain grace
+(load balancers notice), refuses new work on both ingresses, then lets in-flight requests
+finish while the handler still serves them. Wiring only; no decision here."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from aiohttp import web
 
 from activator.direct import DirectPath
 from activator.handler import Handler
-from activator.ingress import ReadyCheck, build_app
+from activator.ingress import BodyBudget, ReadyCheck, build_app
+from activator.listener import LINGERING_TIME_S, ConnectionGuard, GuardedSite, connection_cap
 from activator.nats_ingress import NatsIngress
 from activator.proxy import Proxy
 from activator.reporter import DemandReporter
@@ -22,6 +24,7 @@ from kernel import telemetry
 from kernel.bus import Bus
 from kernel.component import Component
 from kernel.config import ActivatorConfig
+from kernel.limits import open_files_limit
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,17 @@ class Activator(Component):
         self.metrics = telemetry.Registry()
         self.direct = DirectPath()
         self.services = ServiceTable(buffer_size=config.buffer_size, direct=self.direct)
-        self.proxy = Proxy(timeout_s=config.pod_timeout_s)
+        cap = connection_cap(config.max_connections, open_files_limit(), config.fd_reserve)
+        if cap < config.max_connections:
+            log.warning("activator: %d connections at most, not %d: the open-files limit is "
+                        "%d and %d descriptors stay for the rest of the process", cap,
+                        config.max_connections, open_files_limit(), config.fd_reserve)
+        self.guard = ConnectionGuard(cap=cap, header_timeout_s=config.header_timeout_s,
+                                     retry_after_s=config.retry_after_s)
+        # As many connections to pods as from clients, at most: the descriptor budget.
+        self.proxy = Proxy(timeout_s=config.pod_timeout_s, max_connections=cap)
+        self.bodies = BodyBudget(config.max_body_bytes_in_flight)
+        self.ready: ReadyCheck | None = None
         self.handler: Handler | None = None
         self.nats_ingress: NatsIngress | None = None
         self._runner: web.AppRunner | None = None
@@ -59,17 +72,23 @@ class Activator(Component):
         if self.config.nats.enabled:
             self.nats_ingress = NatsIngress(handler, bus, self.config.nats)
             await self.nats_ingress.start()
-        ready = ReadyCheck(lambda: not bus.nc.is_closed and bus.nc.is_connected)
-        self._runner = web.AppRunner(build_app(handler, ready=ready), access_log=None,
-                                     shutdown_timeout=10.0)
+        self.ready = ready = ReadyCheck(lambda: not bus.nc.is_closed and bus.nc.is_connected)
+        app = build_app(handler, ready=ready, bodies=self.bodies,
+                        middlewares=[self.guard.middleware])
+        cfg = self.config
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.drain_timeout_s,
+                                     keepalive_timeout=cfg.keepalive_timeout_s,
+                                     lingering_time=LINGERING_TIME_S)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=2048)
+        site = GuardedSite(self._runner, cfg.host, cfg.port, self.guard, backlog=2048)
         await site.start()
-        if self.config.port == 0:
-            server = site._server  # aiohttp keeps the bound socket there
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = site.port
 
     async def stop(self) -> None:
+        if self.ready is not None and not self.ready.draining:
+            self.ready.draining = True
+            if self.config.drain_grace_s > 0:
+                await asyncio.sleep(self.config.drain_grace_s)
         # Both ingresses drain at once (their bounds do not add up), then the rest.
         results = await asyncio.gather(self._stop_http(), self._stop_nats(),
                                        return_exceptions=True)

@@ -34,6 +34,7 @@ from kernel.config import (
 from kernel.endpoints import Endpoint
 from kernel.errors import RemoteError
 from kernel.identity import CREDENTIALS_FILE, Login, login
+from kernel.limits import raise_open_files_limit
 from kernel.messages import (
     BatchingSpec,
     DeployRequest,
@@ -68,10 +69,13 @@ async def run_up(args: argparse.Namespace) -> int:
                 f"{what} port {port} on {args.host} is already in use; pass "
                 f"{'--port' if what == 'activator' else '--nats-port'} to choose another"
             )
+    # Gateway connections and pod spawns share this process's descriptors (kernel/limits.py).
+    raise_open_files_limit()
     config = Config(
         state_dir=Path(args.state_dir),
         tls=tls_from_flags(args),
-        activator=ActivatorConfig(host=args.host, port=args.port),
+        activator=ActivatorConfig(host=args.host, port=args.port,
+                                  drain_grace_s=args.drain_grace),
         nodes=NodesConfig(
             count=args.nodes,
             capacity=Resources(
@@ -398,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--runtime", choices=["tasks", "processes"], default="tasks",
                     help="run control-function instances as tasks here or as OS processes")
     up.add_argument("--state-dir", default=str(default_state_dir()))
+    up.add_argument("--drain-grace", type=float, default=0.0,
+                    help="on SIGTERM/SIGINT: seconds the gateway keeps serving with readiness "
+                         "false before it stops accepting (in-flight requests always finish)")
     up.add_argument("--workdir", default=".", help="where local pods are started from")
     up.add_argument("--pod-user", default="auto",
                     help="who local pods run as: auto (as root: the unprivileged fnplane-pod, "

@@ -42,6 +42,7 @@ from controlplane.instance import config_from_env as config_from_json_env
 from controlplane.operator import OperatorConfig
 from kernel.component import Component
 from kernel.config import DEFAULT_NATS_URL, Config
+from kernel.limits import raise_open_files_limit
 from partitions.agents.kubernetes.agent import KubernetesConfig
 
 COMPONENTS = ("coordinator", "scale", "schedule", "route", "activator", "node", "operator")
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.component == "probe":
         return probe()
+    raise_open_files_limit()  # kernel/limits.py
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"%(asctime)s {args.component} %(levelname)s %(message)s")
     try:

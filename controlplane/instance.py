@@ -17,6 +17,7 @@ import sys
 
 from controlplane import build
 from kernel.config import Config, dumps, loads
+from kernel.limits import raise_open_files_limit
 
 READY_LINE = "fnplane-instance ready"
 CONFIG_ENV = "FNPLANE_CONFIG"
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"%(asctime)s {args.kind} %(levelname)s %(message)s")
     config = config_from_env(dict(os.environ))
+    raise_open_files_limit()  # kernel/limits.py
     coro = run(args.kind, config, args.id, ready_timeout=args.ready_timeout)
     try:
         import uvloop

@@ -142,8 +142,11 @@ class Stack:
         order = list(reversed(components))
         order.sort(key=lambda c: 0 if isinstance(c, Activator | ScaleInstance) else 1)
         for component in order:
+            bound = 20.0
+            if isinstance(component, Activator):  # its drain has its own bounds
+                bound += component.config.drain_grace_s + component.config.drain_timeout_s
             try:
-                await asyncio.wait_for(component.stop(), timeout=20.0)
+                await asyncio.wait_for(component.stop(), timeout=bound)
             except Exception:
                 log.exception("stack: stopping %s failed", type(component).__name__)
         if self.store is not None:

@@ -89,6 +89,27 @@ class ActivatorConfig:
     metrics_interval_s: float = 1.0
     retry_after_s: int = 1
     nats: NatsIngressConfig = field(default_factory=NatsIngressConfig)
+    # The hard gateway (activator/listener.py). A request's headers must arrive within
+    # header_timeout_s of its first byte (of the accept, for a connection's first request),
+    # its body within body_timeout_s of its headers: a trickling client is cut (408) and
+    # holds no connection slot. An idle keep-alive connection is closed after
+    # keepalive_timeout_s (longer than common clients' pool idle, so they close first).
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keepalive_timeout_s: float = 30.0
+    # Connections beyond this are answered 503 and closed at once. At start it is lowered
+    # to fit the open-files limit: each connection may hold a second descriptor to a pod,
+    # and fd_reserve descriptors stay free for the rest of the process (pod spawning,
+    # NATS, Redis, logs), so a flood of clients cannot starve the node agents.
+    max_connections: int = 4096
+    fd_reserve: int = 1024
+    # Total bytes of request bodies held at once; a request beyond it gets 503 with
+    # Retry-After instead of more memory.
+    max_body_bytes_in_flight: int = 64 * 1024 * 1024
+    # On stop: how long readiness reports false while the listener still serves (so load
+    # balancers stop sending), then how long in-flight requests may take to finish.
+    drain_grace_s: float = 0.0
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -97,6 +118,14 @@ class ActivatorConfig:
             raise ConfigError("activator buffer size must be >= 1")
         if self.request_timeout_s <= 0 or self.pod_timeout_s <= 0:
             raise ConfigError("activator timeouts must be > 0")
+        if min(self.header_timeout_s, self.body_timeout_s, self.keepalive_timeout_s) <= 0:
+            raise ConfigError("activator header, body and keep-alive timeouts must be > 0")
+        if self.max_connections < 1 or self.fd_reserve < 0:
+            raise ConfigError("activator max connections must be >= 1, fd reserve >= 0")
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ConfigError("bodies in flight must allow at least one body of max size")
+        if self.drain_grace_s < 0 or self.drain_timeout_s < 0:
+            raise ConfigError("activator drain grace and timeout must be >= 0")
         if self.nats.ack_wait_s and self.nats.ack_wait_s <= self.request_timeout_s:
             # An event waiting in the buffer for a pod would be redelivered meanwhile.
             raise ConfigError("events ack wait must exceed the activator's request timeout")

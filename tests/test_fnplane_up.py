@@ -11,7 +11,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +26,14 @@ FNPLANE = [sys.executable, "-m", "controlplane.cli"]
 
 
 class Up:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, extra: Sequence[str] = ()) -> None:
         self.port, self.nats_port = free_port(), free_port()
         # The CLI finds the admin credentials `up` made in the state dir.
         self.env = {**os.environ, "FNPLANE_NATS_URL": f"nats://127.0.0.1:{self.nats_port}",
                     "FNPLANE_STATE_DIR": str(state_dir)}
         self.proc = subprocess.Popen(
             [*FNPLANE, "up", "--port", str(self.port), "--nats-port", str(self.nats_port),
-             "--state-dir", str(state_dir), "--workdir", str(REPO)],
+             "--state-dir", str(state_dir), "--workdir", str(REPO), *extra],
             cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         assert self.proc.stdout is not None
