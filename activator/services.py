@@ -12,6 +12,7 @@ from activator.batcher import MicroBatcher
 from activator.direct import DirectPath
 from activator.throttler import ServiceGone, ServiceThrottler, StartFailed
 from kernel.messages import Endpoints, ServiceSpec, ServingMode
+from kernel.versions import plausible
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,10 @@ class ServiceTable:
             return 0
         if svc.endpoints is not None and svc.endpoints.version >= eps.version:
             return 0  # older than what we have (a snapshot racing a live update)
+        if svc.endpoints is not None and not plausible(svc.endpoints.version, eps.version):
+            log.error("endpoints v%d of %s refused: implausible after v%d", eps.version,
+                      eps.service, svc.endpoints.version)
+            return 0
         svc.endpoints = eps
         svc.throttler.set_endpoints(eps.endpoints, svc.spec.container_concurrency)
         if eps.error and not eps.endpoints:

@@ -8,10 +8,14 @@ owner's commits never land, whatever it believes.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import PartitionMap, StartPod
+from kernel.versions import plausible
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,6 +28,10 @@ class EpochFence:
 
     def apply(self, pmap: PartitionMap) -> None:
         if pmap.version <= self.version:
+            return
+        if not plausible(self.version, pmap.version):
+            log.error("partition map v%d refused: implausible after v%d", pmap.version,
+                      self.version)
             return
         self.version = pmap.version
         self.owner_of = {n: (p.id, p.epoch) for p in pmap.partitions for n in p.nodes}

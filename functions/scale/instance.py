@@ -31,6 +31,7 @@ from kernel.messages import (
     ServiceList,
     ServiceMode,
     ServiceSpec,
+    SpecError,
     SpecUpdated,
     StopPod,
     Unschedulable,
@@ -88,6 +89,13 @@ class ScaleInstance(Component):
             return
 
     def _upsert(self, spec: ServiceSpec) -> None:
+        try:
+            # The registry validated it; a spec that reaches us otherwise (a bug, a sender
+            # with the registry's credentials) must not drive pods.
+            spec.validate()
+        except SpecError as exc:
+            log.error("%s: spec of %r refused: %s", self.id, spec.name, exc)
+            return
         spec = within_limit(spec, self.config.max_scale_limit)
         scaler = self.services.get(spec.name)
         if scaler is None:

@@ -36,6 +36,7 @@ from kernel.messages import (
     StartPod,
     Unschedulable,
 )
+from kernel.versions import plausible
 from partitions.probecache import ProbeCache
 from partitions.view import PartitionView, inventoried
 
@@ -94,6 +95,10 @@ class ScheduleInstance(Component):
     async def _apply_map(self, pmap: PartitionMap) -> None:
         async with self._assign_lock:
             if pmap.version <= self._map_version:
+                return
+            if not plausible(self._map_version, pmap.version):
+                log.error("%s: partition map v%d refused: implausible after v%d", self.id,
+                          pmap.version, self._map_version)
                 return
             self._map_version = pmap.version
             mine = [p for p in pmap.partitions if p.owner == self.id]
