@@ -55,6 +55,9 @@ class ConnectionGuard:
         self.cap = cap
         self.header_timeout_s = header_timeout_s
         self.refused = 0  # connections answered 503 for the cap, since start
+        # Stopping: every answer closes its connection, so a keep-alive client does not
+        # send its next request into a connection the shutdown is about to close.
+        self.draining = False
         self.cut = 0  # connections closed by the header watchdog, since start
         self._open: dict[asyncio.BaseProtocol, _Guarded] = {}  # aiohttp's protocol → ours
         self._refusal = raw_answer(503, "Service Unavailable",
@@ -81,7 +84,10 @@ class ConnectionGuard:
         if conn is not None:
             conn.headers_complete()
         try:
-            return await handler(request)
+            response = await handler(request)
+            if self.draining:
+                response.force_close()
+            return response
         finally:
             if conn is not None:
                 conn.request_done()

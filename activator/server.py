@@ -85,6 +85,7 @@ class Activator(Component):
         self.port = site.port
 
     async def stop(self) -> None:
+        self.guard.draining = True
         if self.ready is not None and not self.ready.draining:
             self.ready.draining = True
             if self.config.drain_grace_s > 0:

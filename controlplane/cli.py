@@ -402,9 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--runtime", choices=["tasks", "processes"], default="tasks",
                     help="run control-function instances as tasks here or as OS processes")
     up.add_argument("--state-dir", default=str(default_state_dir()))
-    up.add_argument("--drain-grace", type=float, default=0.0,
+    up.add_argument("--drain-grace", type=float, default=1.0,
                     help="on SIGTERM/SIGINT: seconds the gateway keeps serving with readiness "
-                         "false before it stops accepting (in-flight requests always finish)")
+                         "false before it stops accepting (in-flight requests always finish; "
+                         "answers meanwhile close their connection, so keep-alive clients "
+                         "reconnect instead of writing into a closing one)")
     up.add_argument("--workdir", default=".", help="where local pods are started from")
     up.add_argument("--pod-user", default="auto",
                     help="who local pods run as: auto (as root: the unprivileged fnplane-pod, "

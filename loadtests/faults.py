@@ -383,6 +383,7 @@ async def run_sigterm(opts: Options) -> Outcome:
             records = await client_records(client)
             out.ready_false_s = await watch.stop()
             tally(out, records, t_fault)
+            out.recover_s = None  # the stack is gone: nothing recovers by itself
         finally:
             if up.returncode is None:
                 up.kill()

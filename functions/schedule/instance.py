@@ -20,7 +20,7 @@ from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.component import Component
 from kernel.config import ScheduleConfig
-from kernel.errors import ErrorCode, RemoteError
+from kernel.errors import ErrorCode, NoResponders, RemoteError
 from kernel.heartbeat import Heartbeater
 from kernel.messages import (
     Empty,
@@ -287,6 +287,13 @@ class ScheduleInstance(Component):
                 timeout=timeout,
                 node=node.name,
             )
+        except NoResponders:
+            # No agent serves the node (it stopped, or lost NATS): hold it — never chosen,
+            # asked for its inventory until it answers again — and choose another.
+            self.view.release(req.pod)
+            log.warning("%s: node %s does not answer; held until it does", self.id, node.name)
+            self.view.hold({node.name})
+            return await self._commit_and_start(req, deadline=deadline)
         except RemoteError as exc:
             self.view.release(req.pod)
             # Only a stale epoch says our map is behind; any other refusal is the node's.
