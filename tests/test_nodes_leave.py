@@ -13,10 +13,12 @@ from pathlib import Path
 
 import aiohttp
 
+from controlplane.coordinator import Coordinator
 from controlplane.stack import Stack
 from functions.schedule.instance import ScheduleInstance
 from kernel import endpoints as ep
 from kernel.bus import Bus
+from kernel.config import CoordinatorConfig
 from kernel.identity import login
 from kernel.messages import (
     Empty,
@@ -26,6 +28,7 @@ from kernel.messages import (
     ScalingSpec,
     ServiceStatus,
 )
+from kernel.store import Store
 from partitions.agents.local import LocalNode
 from tests.netcut import Relay
 from tests.stackutil import admin, deploy, describe, sample_spec, stack_config, wait_until
@@ -197,3 +200,45 @@ async def test_a_node_whose_agent_falls_silent_leaves_its_partition_and_its_pods
     assert after.desired_pods == 2 and pod_nodes(after) == ["node-0", "node-0"]
     assert served_while_lost >= 3
     assert set(statuses) == {200}, [s for s in statuses if s != 200][:5]
+
+
+async def test_a_restarted_coordinator_keeps_the_nodes_whose_agents_still_run(
+    nats_url: str, redis_url: str, tmp_path: Path,
+) -> None:
+    """Only the coordinator restarts (a process runtime, a Deployment's pod): its agents
+    never restart, so they never register again on their own. Their heartbeats are answered
+    "unknown", they register again, and their nodes stay in the map past the register
+    timeout (before heartbeats, every node of a running cluster was dropped here)."""
+    config = CoordinatorConfig(node_register_timeout_s=1.5)
+    store = Store.from_url(redis_url)
+    first = Coordinator(await Bus.connect(nats_url, "coordinator-first"), store, config)
+    node = LocalNode(await Bus.connect(nats_url, "node-n0"),
+                     NodeInfo(name="n0", capacity=Resources(cpu=1, memory_mb=512)),
+                     workdir=tmp_path, log_dir=tmp_path / "pods")
+    second: Coordinator | None = None
+    present: list[bool] = []
+    try:
+        await first.start()
+        await node.start()
+
+        async def first_map() -> list[str]:
+            return sorted(first.pmap.nodes)
+
+        await wait_until(first_map, lambda ns: ns == ["n0"], timeout=5, what="n0 in the map")
+        await first.stop()
+        second = Coordinator(await Bus.connect(nats_url, "coordinator-second"), store, config)
+        await second.start()
+        deadline = asyncio.get_running_loop().time() + config.node_register_timeout_s + 1.5
+        while asyncio.get_running_loop().time() < deadline:
+            present.append("n0" in second.nodes)
+            await asyncio.sleep(0.05)
+        kept = sorted(second.pmap.nodes)
+    finally:
+        await node.stop()
+        if second is not None:
+            await second.stop()
+        await first.stop()
+        await store.close()
+
+    assert all(present), "n0 left the map while its agent was running"
+    assert kept == ["n0"]
