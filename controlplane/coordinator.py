@@ -1,7 +1,9 @@
 """The coordinator: keeps the node inventory and the list of live control-function instances
 (from heartbeats), scales `schedule` instances with their load through an instance runtime,
 owns the partition map (one partition per live `schedule` instance, with epochs, persisted in
-Redis) and republishes it whenever an instance joins, leaves, exits or goes silent."""
+Redis) and republishes it whenever an instance joins, leaves, exits or goes silent, or a node
+joins or leaves. A node whose agent stops vouching for it (`NodesAlive`) leaves the map after
+`node_heartbeat_timeout_s`, and its pods are reported lost to `route` and `scale`."""
 
 from __future__ import annotations
 
@@ -27,10 +29,14 @@ from kernel.messages import (
     InstanceInfo,
     NodeInfo,
     NodeRegistration,
+    NodesAlive,
+    NodesLost,
     PartitionMap,
     PartitionSummary,
+    UnknownNodes,
 )
 from kernel.store import StaleWrite, Store
+from partitions.liveness import NodeLiveness
 from partitions.partitioner import rebalance
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,10 @@ class Coordinator(Component):
         self.summaries: dict[int, PartitionSummary] = {}
         self._unconfirmed: set[str] = set()
         self._restored_at = 0.0
+        # Registered nodes, by when their agent last vouched for them.
+        self.liveness = NodeLiveness(config.node_heartbeat_timeout_s)
+        # Nodes that left the map whose loss `route` and `scale` have not been told yet.
+        self._lost: set[str] = set()
         self._changed = asyncio.Event()
         # The map changed but its broadcast failed (NATS was down): send it again.
         self._unsent = False
@@ -87,6 +97,7 @@ class Coordinator(Component):
             self._restored_at = self.clock()
         await self.bus.serve(ep.HEARTBEAT, self._on_heartbeat)
         await self.bus.serve(ep.NODE_REGISTER, self._on_register)
+        await self.bus.serve(ep.NODE_HEARTBEAT, self._on_nodes_alive)
         await self.bus.serve(ep.PARTITION_MAP_GET, self._on_get)
         await self.bus.serve(ep.ADMIN_STATUS, self._on_status)
         await self.bus.serve(ep.PARTITION_SUMMARY, self._on_summary)
@@ -135,12 +146,25 @@ class Coordinator(Component):
             self._changed.set()
 
     async def _on_register(self, msg: NodeRegistration, _raw: Msg) -> Empty:
+        self.liveness.alive((i.name for i in msg.infos), self.clock())
         for info in msg.infos:
             self._unconfirmed.discard(info.name)
+            self._lost.discard(info.name)  # back before its loss was told: nothing was lost
             if self.nodes.get(info.name) != info:
                 self.nodes[info.name] = info
                 self._changed.set()
         return Empty()
+
+    async def _on_nodes_alive(self, msg: NodesAlive, _raw: Msg) -> UnknownNodes:
+        """Nodes we know are alive; the others (expired while their agent was silent, or
+        from before our restart and not registered since) are named in the answer, so
+        their agent registers them again."""
+        known = [n for n in msg.nodes if n in self.nodes and n not in self._unconfirmed]
+        self.liveness.alive(known, self.clock())
+        if len(known) == len(msg.nodes):
+            return UnknownNodes()
+        have = set(known)
+        return UnknownNodes(nodes=[n for n in msg.nodes if n not in have])
 
     async def _on_summary(self, msg: PartitionSummary, _raw: Msg) -> None:
         self.summaries[msg.partition] = msg
@@ -187,14 +211,17 @@ class Coordinator(Component):
                 # instances'. Forgive it.
                 for inst, beat in self.instances.items():
                     self.instances[inst] = msgspec.structs.replace(beat, ts=now)
+                self.liveness.forgive(now)
             last = now
             if not self.bus.nc.is_connected:
                 continue
             try:
                 await self._expire()
+                self._expire_nodes()
                 self._forget_unregistered()
                 await self._scale_instances()
                 await self.repartition()
+                await self._report_lost()
             except (nats.errors.Error, OSError, RedisError):
                 # A dependency went away under us; the supervisor brings it back and the
                 # next tick does this again.
@@ -216,6 +243,26 @@ class Coordinator(Component):
                 if self.runtime is not None and inst in self.runtime.instances(beat.kind):
                     await self.runtime.kill(beat.kind, inst)
 
+    def _expire_nodes(self) -> None:
+        """Nodes no agent has vouched for within the timeout leave the map: the agent died,
+        hung, or was cut off from NATS (its pods may still run, but nobody can reach them
+        through us, and nobody would hear of their end)."""
+        for name in self.liveness.expire(self.clock()):
+            if self.nodes.pop(name, None) is not None:
+                log.warning("coordinator: node %s fell silent; it leaves the map", name)
+                self._lost.add(name)
+                self._changed.set()
+
+    async def _report_lost(self) -> None:
+        """Tell `route` and `scale` which nodes' pods are gone, once the map without those
+        nodes is out (so replacements are not placed on them). Said again next tick if
+        NATS refuses it now."""
+        lost = sorted(n for n in self._lost if n not in self.pmap.nodes)
+        if not lost:
+            return
+        await self.bus.send(ep.NODE_LOST, NodesLost(nodes=lost, reason="no agent vouches for it"))
+        self._lost.difference_update(lost)
+
     def _forget_unregistered(self) -> None:
         """Nodes of the stored map whose agents have not registered since our start, past
         the timeout, leave the map (their partitions rebalance without them)."""
@@ -226,6 +273,8 @@ class Coordinator(Component):
         for name in sorted(self._unconfirmed):
             log.warning("coordinator: node %s did not register again; it leaves the map", name)
             self.nodes.pop(name, None)
+            # Routes stored by the previous run may still point at its pods.
+            self._lost.add(name)
         self._unconfirmed.clear()
 
     async def _scale_instances(self) -> None:

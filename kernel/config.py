@@ -200,6 +200,9 @@ class CoordinatorConfig:
     # A node known from the stored partition map that does not register again within this
     # long after a restart is gone: it leaves its partition (`up --nodes 3`, then `--nodes 2`).
     node_register_timeout_s: float = 10.0
+    # A registered node no agent has said is alive for this long (agents say so every
+    # second) leaves its partition, and its pods are reported lost to `route` and `scale`.
+    node_heartbeat_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)

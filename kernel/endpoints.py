@@ -31,6 +31,8 @@ from kernel.messages import (
     NameRequest,
     NodeFree,
     NodeRegistration,
+    NodesAlive,
+    NodesLost,
     PartitionMap,
     PartitionSummary,
     Placement,
@@ -47,6 +49,7 @@ from kernel.messages import (
     SpecUpdated,
     StartPod,
     StopPod,
+    UnknownNodes,
     Unschedulable,
 )
 
@@ -178,6 +181,13 @@ NODE_PROBE: Endpoint[Empty, NodeFree] = _ep(
 NODE_REGISTER: Endpoint[NodeRegistration, Empty] = _ep(
     "node-register", "nodes.register", NodeRegistration, Empty, "coordinator", "node",
     "these nodes exist and take pods")
+NODE_HEARTBEAT: Endpoint[NodesAlive, UnknownNodes] = _ep(
+    "node-heartbeat", "nodes.heartbeat", NodesAlive, UnknownNodes, "coordinator", "node",
+    "these nodes are alive (one message per agent per second); the answer names those the "
+    "coordinator does not know, to register again")
+NODE_LOST: Endpoint[NodesLost, None] = _ep(
+    "node-lost", "nodes.lost", NodesLost, None, "scale route", "coordinator",
+    "these nodes left the map (their agent fell silent): their pods are gone")
 NODE_INVENTORY: Endpoint[InventoryRequest, Inventory] = _ep(
     "node-inventory", "nodes.inventory", InventoryRequest, Inventory, "node",
     "schedule bench", "what pods the named nodes run (scatter-gather; each agent answers once)")

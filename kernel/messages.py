@@ -163,6 +163,33 @@ class NodeRegistration(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     infos: list[NodeInfo]
 
 
+class NodesAlive(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """Node agent → coordinator, every second: these nodes of mine are alive. One message per
+    agent (a `sim` agent names thousands), so liveness costs one message per agent, not per
+    node; a node named in none of them for `node_heartbeat_timeout_s` leaves its partition."""
+
+    agent: str
+    nodes: list[str]
+
+
+class UnknownNodes(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """The coordinator's answer to `NodesAlive`: of the nodes named, those it does not know
+    (it restarted, or took them for lost while their agent was silent). The agent registers
+    them again and announces their pods again."""
+
+    nodes: list[str] = []
+
+
+class NodesLost(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """Coordinator → `route`, `scale`: these nodes left the partition map (their agent went
+    silent, or never registered again after a restart). Their pods are gone as far as the
+    control plane knows: `route` stops routing to them, `scale` replaces them. The
+    coordinator says so because nobody else can: a silent agent reports nothing."""
+
+    nodes: list[str]
+    reason: str = ""
+
+
 class InventoryRequest(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """A new partition owner asks the nodes it was given what they already run."""
 

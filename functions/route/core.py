@@ -54,6 +54,20 @@ class EndpointTable:
         routes.version += 1
         return self.snapshot(ev.service)
 
+    def drop_nodes(self, nodes: set[str]) -> list[Endpoints]:
+        """The coordinator reported these nodes lost: their pods serve nobody through us any
+        more. The new endpoint set of every service that had a pod there."""
+        changed: list[Endpoints] = []
+        for service, routes in sorted(self.services.items()):
+            gone = [pod for pod, e in routes.endpoints.items() if e.node in nodes]
+            if not gone:
+                continue
+            for pod in gone:
+                del routes.endpoints[pod]
+            routes.version += 1
+            changed.append(self.snapshot(service))
+        return changed
+
     def set_mode(self, service: str, mode: ServingMode) -> Endpoints | None:
         routes = self.services.setdefault(service, ServiceRoutes())
         if routes.mode == mode:

@@ -18,6 +18,7 @@ from kernel.heartbeat import Heartbeater
 from kernel.messages import (
     Empty,
     Endpoints,
+    NodesLost,
     PodEvent,
     RoutingSnapshot,
     ServiceDeleted,
@@ -49,6 +50,7 @@ class RouteInstance(Component):
             self.table.restore(eps)
         await self.bus.serve(ep.POD_EVENTS, self._on_pod_event)
         await self.bus.serve(ep.SERVICE_DELETED, self._on_service_deleted)
+        await self.bus.serve(ep.NODE_LOST, self._on_nodes_lost)
         await self.bus.serve(ep.SERVICE_MODE, self._on_mode)
         await self.bus.serve(ep.ROUTES, self._on_snapshot)
         self.tasks.spawn(self._write_behind(), name="store")
@@ -64,6 +66,12 @@ class RouteInstance(Component):
     async def _on_pod_event(self, msg: PodEvent, _raw: Msg) -> None:
         eps = self.table.apply(msg)
         if eps is not None:
+            await self._publish(eps)
+
+    async def _on_nodes_lost(self, msg: NodesLost, _raw: Msg) -> None:
+        for eps in self.table.drop_nodes(set(msg.nodes)):
+            log.warning("%s: %s lost its pods on %s", self.id, eps.service,
+                        ", ".join(msg.nodes[:5]))
             await self._publish(eps)
 
     async def _on_mode(self, msg: ServiceMode, _raw: Msg) -> None:

@@ -132,6 +132,15 @@ class ServiceScaler:
         if ev.state == "ready":
             self.backoff_s, self.last_error = 0.0, ""
 
+    def nodes_lost(self, nodes: set[str]) -> list[str]:
+        """The coordinator reported these nodes lost: their pods no longer count, so the
+        next plan replaces them elsewhere. Not a failure of the service (no backoff). The
+        pods dropped."""
+        gone = [p.pod for p in self.pods.values() if p.node in nodes]
+        for pod in gone:
+            del self.pods[pod]
+        return gone
+
     def placing(self, pod: str, now: float) -> None:
         self.pods[pod] = TrackedPod(pod, "placing", "", now)
 

@@ -23,6 +23,7 @@ from kernel.messages import (
     Demand,
     Empty,
     NameRequest,
+    NodesLost,
     Placement,
     PlaceRequest,
     PodEvent,
@@ -64,6 +65,7 @@ class ScaleInstance(Component):
     async def start(self) -> None:
         await self.bus.serve(ep.DEMAND, self._on_demand)
         await self.bus.serve(ep.POD_EVENTS, self._on_pod_event)
+        await self.bus.serve(ep.NODE_LOST, self._on_nodes_lost)
         await self.bus.serve(ep.SERVICE_UPDATED, self._on_spec_updated)
         await self.bus.serve(ep.SERVICE_DELETED, self._on_service_deleted)
         await self.bus.serve(ep.SCALE_STATUS, self._on_status)
@@ -128,6 +130,18 @@ class ScaleInstance(Component):
             scaler.on_pod_event(msg, time.time())
             if msg.state in ("failed", "stopped"):
                 self._wake.set()
+
+    async def _on_nodes_lost(self, msg: NodesLost, _raw: Msg) -> None:
+        """Pods on nodes that left the map are gone: forget them, and replace them at once."""
+        lost = set(msg.nodes)
+        for name, scaler in self.services.items():
+            if gone := scaler.nodes_lost(lost):
+                log.warning("%s: %s lost %d pod(s) on %s; replacing them", self.id, name,
+                            len(gone), ", ".join(sorted(lost)[:5]))
+        for pod in [p for p, ev in self.pod_info.items() if ev.node in lost]:
+            del self.pod_info[pod]
+            self._reclaiming.discard(pod)
+        self._wake.set()
 
     async def _on_spec_updated(self, msg: SpecUpdated, _raw: Msg) -> None:
         self._upsert(msg.spec)

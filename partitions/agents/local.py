@@ -40,7 +40,13 @@ from kernel.messages import (
     StopPod,
 )
 from kernel.procs import free_port, without_preexec
-from partitions.agents.contract import PodAnnouncer, follow_map, register
+from partitions.agents.contract import (
+    NODE_HEARTBEAT_S,
+    NodeHeartbeater,
+    PodAnnouncer,
+    follow_map,
+    register,
+)
 from partitions.agents.podusers import CURRENT, LABEL, PodUserError, PodUsers
 from partitions.fencing import EpochFence
 
@@ -80,9 +86,11 @@ class LocalNode(Component):
     """One node agent. Several run in one `fnplane up`; each has its own NATS connection."""
 
     def __init__(self, bus: Bus, info: NodeInfo, *, workdir: Path, log_dir: Path,
-                 keep_logs: int = KEEP_POD_LOGS, pod_users: PodUsers | None = None) -> None:
+                 keep_logs: int = KEEP_POD_LOGS, pod_users: PodUsers | None = None,
+                 heartbeat_s: float = NODE_HEARTBEAT_S) -> None:
         super().__init__(bus)
         self.info = info
+        self.heartbeat_s = heartbeat_s
         self.workdir = workdir
         # Who pods run as; shared by the nodes of one process. None: as fnplane itself.
         self.pod_users = pod_users or PodUsers(CURRENT, workdir=workdir)
@@ -113,6 +121,9 @@ class LocalNode(Component):
         await bus.serve(ep.NODE_STOP, self._on_stop, concurrent=True, node=self.name)
         await bus.serve(ep.NODE_INVENTORY, self._on_inventory)
         await register(bus, [self.info])
+        beats = NodeHeartbeater(bus, nodes=lambda: [self.name], rejoin=self._rejoin,
+                                interval_s=self.heartbeat_s)
+        self.tasks.spawn(beats.run(), name="heartbeat")
         self.tasks.spawn(self._scrape(), name="metrics")
         await follow_map(bus, self.fence)
 
@@ -128,6 +139,12 @@ class LocalNode(Component):
         await super().stop()
         if self._http is not None:
             await self._http.close()
+
+    async def _rejoin(self, _nodes: list[str]) -> None:
+        """The coordinator took this node for lost (we were silent) or forgot it: register
+        again, and say again what runs here, since `route` and `scale` dropped our pods."""
+        await register(self.bus, [self.info])
+        await self.announcer.again_live()
 
     # ---- commands -------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from kernel.messages import (
     StopPod,
     encode,
 )
-from partitions.agents.contract import follow_map, register
+from partitions.agents.contract import NODE_HEARTBEAT_S, NodeHeartbeater, follow_map, register
 from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class SimCluster(Component):
         prefill_pods_per_node: int = 2,
         clock: Callable[[], float] = time.time,
         unpartitioned: bool = False,
+        heartbeat_s: float = NODE_HEARTBEAT_S,
     ) -> None:
         """`unpartitioned`: also take starts that name no partition, from the benchmark's
         baseline schedulers (which own none); never so outside the benchmark."""
@@ -136,6 +137,7 @@ class SimCluster(Component):
         self.name = bus.name
         self.start_delay_s = start_delay_s
         self.clock = clock
+        self.heartbeat_s = heartbeat_s
         self.nodes: dict[str, SimNode] = {}
         self.pods: dict[str, SimPod] = {}
         self.fence = EpochFence(allow_unpartitioned=unpartitioned)
@@ -161,7 +163,21 @@ class SimCluster(Component):
         await bus.serve(ep.NODE_INVENTORY, self._on_inventory)
         self.tasks.spawn(self._run_timers(), name="timers")
         await register(bus, [n.info for n in self.nodes.values()])
+        # One heartbeat for every node: thousands of names in one message each second.
+        beats = NodeHeartbeater(bus, nodes=lambda: self.nodes.keys(), rejoin=self._rejoin,
+                                interval_s=self.heartbeat_s)
+        self.tasks.spawn(beats.run(), name="heartbeat")
         await follow_map(bus, self.fence)
+
+    async def _rejoin(self, names: list[str]) -> None:
+        """Nodes the coordinator took for lost: register them again and say again what
+        their started pods are doing (`route` and `scale` dropped them)."""
+        nodes = [self.nodes[n] for n in names if n in self.nodes]
+        await register(self.bus, [n.info for n in nodes])
+        for node in nodes:
+            for name in sorted(node.pods):
+                pod = self.pods[name]
+                await self._emit(pod, pod.state)
 
     # ---- ground truth ---------------------------------------------------------------------
 

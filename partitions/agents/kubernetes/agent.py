@@ -42,7 +42,7 @@ from kernel.messages import (
     StopPod,
 )
 from kernel.procs import free_port
-from partitions.agents.contract import PodAnnouncer, follow_map, register
+from partitions.agents.contract import NodeHeartbeater, PodAnnouncer, follow_map, register
 from partitions.agents.kubernetes import objects as ko
 from partitions.agents.kubernetes.pods import KubePod, PodTracker
 from partitions.fencing import EpochFence
@@ -111,6 +111,10 @@ class KubernetesBackend(Component):
         self._synced = {"nodes": asyncio.Event(), "pods": asyncio.Event()}
         self._subscribed: set[str] = set()
         self._registering = False
+        # Nodes registered and still in the cluster: what the heartbeat vouches for. A node
+        # deleted from the cluster drops out of it and leaves its partition after the
+        # coordinator's timeout, its pods reported lost.
+        self._registered: set[str] = set()
         self._http: aiohttp.ClientSession | None = None
         self._reported: set[str] = set()
         self._stopping = False
@@ -155,6 +159,9 @@ class KubernetesBackend(Component):
             self._registering = True
             await self._register(list(self.nodes.values()))
             await follow_map(bus, self.fence)
+            beats = NodeHeartbeater(bus, nodes=lambda: set(self._registered),
+                                    rejoin=self._rejoin)
+            self._spawn(beats.run(), "heartbeat")
             self._spawn(self._sweep(), "sweep")
             self._spawn(self._scrape(), "metrics")
             self._spawn(self._delete_orphans(), "orphans")
@@ -227,6 +234,7 @@ class KubernetesBackend(Component):
         node = self.nodes.get(name)
         if node is not None:
             node.unschedulable = "deleted from the cluster"
+            self._registered.discard(name)
 
     def _on_node(self, obj: dict[str, Any]) -> None:
         info, why = ko.node_info(obj), ko.unschedulable_reason(obj)
@@ -247,9 +255,18 @@ class KubernetesBackend(Component):
                 self._subscribed.add(name)
                 await self.bus.serve(ep.NODE_START, self._on_start, concurrent=True, node=name)
                 await self.bus.serve(ep.NODE_STOP, self._on_stop, concurrent=True, node=name)
-        # A registered node cannot be withdrawn; one that became unschedulable refuses
-        # StartPod with the reason instead.
-        await register(self.bus, [n.info for n in nodes if not n.unschedulable])
+        # A cordoned node stays registered and refuses StartPod with the reason; one
+        # deleted from the cluster is no longer vouched for by the heartbeat.
+        schedulable = [n.info for n in nodes if not n.unschedulable]
+        await register(self.bus, schedulable)
+        self._registered.update(i.name for i in schedulable)
+
+    async def _rejoin(self, names: list[str]) -> None:
+        """Nodes the coordinator took for lost or forgot: register them again and say
+        again what runs on them (`route` and `scale` dropped those pods)."""
+        infos = [self.nodes[n].info for n in names if n in self._registered]
+        await register(self.bus, infos)
+        await self.announcer.again_live({i.name for i in infos})
 
     # ---- background work --------------------------------------------------------------------
 
