@@ -13,12 +13,14 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from activator.workers import ALONE, Worker
 from kernel.messages import Endpoint
 
 
 @dataclass
 class DirectPath:
     in_flight: dict[str, dict[str, int]] = field(default_factory=dict)  # service → pod → n
+    worker: Worker = ALONE  # this gateway worker's part of each pod
     _rr: itertools.count = field(default_factory=itertools.count)
     sent: int = 0
 
@@ -38,7 +40,9 @@ class DirectPath:
         start = next(self._rr) % len(endpoints)
         for i in range(len(endpoints)):
             ep = endpoints[(start + i) % len(endpoints)]
-            cap = ep.container_concurrency or container_concurrency
+            cap = self.worker.share(ep.container_concurrency or container_concurrency, ep.pod)
+            if cap == 0:
+                continue  # another worker's
             used = counts.get(ep.pod, 0) + (busy or {}).get(ep.pod, 0)
             if cap <= 0 or used < cap:
                 counts[ep.pod] = counts.get(ep.pod, 0) + 1

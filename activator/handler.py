@@ -27,6 +27,9 @@ from kernel.config import ActivatorConfig
 from kernel.messages import ServiceSpec
 
 log = logging.getLogger(__name__)
+# Pods tried for one request: each that is gone is marked dead, so this bounds a request's
+# tries when many die at once, not a flapping pod's.
+MAX_ATTEMPTS = 10
 
 Protocol = Literal["v1", "v2"]
 RETRYABLE_4XX = frozenset({408, 429})
@@ -253,15 +256,17 @@ class Handler:
     async def forward(
         self, name: str, method: str, path: str, body: bytes, headers: dict[str, str]
     ) -> Answer:
-        """Admit, wait for a pod if needed, forward; one retry on another pod if the first
-        never received the request. Raises the throttler's errors for `_failure`."""
+        """Admit, wait for a pod if needed, forward; a pod that is gone (refused, reset or
+        closed before answering) is marked dead and the request goes to another, or waits for
+        one — pods that die together (their node agent killed) must not fail it. Raises the
+        throttler's errors for `_failure`."""
         svc = self.table.get(name)
         if svc is None:
             raise ServiceGone(f"service {name!r} was deleted")
         thr = svc.throttler
         request_in = time.time()
         self.metrics.inc("fnplane.revision.request.count", service=name)
-        attempts = 2
+        attempts = MAX_ATTEMPTS
         cold_any = False
         while True:
             if thr.would_wait():

@@ -176,11 +176,12 @@ class GuardedSite(BaseSite):
     """aiohttp's TCPSite with the guard between the listening socket and aiohttp."""
 
     def __init__(self, runner: BaseRunner, host: str, port: int, guard: ConnectionGuard, *,
-                 backlog: int = 2048) -> None:
+                 backlog: int = 2048, reuse_port: bool = False) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
         self.guard = guard
+        self.reuse_port = reuse_port  # gateway workers share one port
 
     @property
     def name(self) -> str:
@@ -201,6 +202,6 @@ class GuardedSite(BaseSite):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self.guard.protocol_factory(server), self._host, self._port,
-            backlog=self._backlog,
+            backlog=self._backlog, reuse_port=self.reuse_port or None,
         )
 

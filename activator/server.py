@@ -20,6 +20,7 @@ from activator.proxy import Proxy
 from activator.reporter import DemandReporter
 from activator.services import ServiceTable
 from activator.sync import ServiceSync
+from activator.workers import Worker
 from kernel import telemetry
 from kernel.bus import Bus
 from kernel.component import Component
@@ -36,9 +37,13 @@ class Activator(Component):
         super().__init__(bus)
         self.config = config
         self.port = config.port
+        self.own_url = ""  # with several workers: this worker's own listener
         self.metrics = telemetry.Registry()
         self.direct = DirectPath()
-        self.services = ServiceTable(buffer_size=config.buffer_size, direct=self.direct)
+        worker = Worker(config.worker, config.workers)
+        self.direct.worker = worker
+        self.services = ServiceTable(buffer_size=config.buffer_size, direct=self.direct,
+                                     worker=worker)
         cap = connection_cap(config.max_connections, open_files_limit(), config.fd_reserve)
         if cap < config.max_connections:
             log.warning("activator: %d connections at most, not %d: the open-files limit is "
@@ -80,9 +85,16 @@ class Activator(Component):
                                      keepalive_timeout=cfg.keepalive_timeout_s,
                                      lingering_time=LINGERING_TIME_S)
         await self._runner.setup()
-        site = GuardedSite(self._runner, cfg.host, cfg.port, self.guard, backlog=2048)
+        shared = cfg.workers > 1
+        site = GuardedSite(self._runner, cfg.host, cfg.port, self.guard, backlog=2048,
+                           reuse_port=shared)
         await site.start()
         self.port = site.port
+        if shared:
+            # The shared port reaches any worker; this one is ours alone (its /metrics).
+            own = GuardedSite(self._runner, cfg.host, 0, self.guard, backlog=128)
+            await own.start()
+            self.own_url = f"http://{cfg.host}:{own.port}"
 
     async def stop(self) -> None:
         self.guard.draining = True

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from activator.batcher import MicroBatcher
 from activator.direct import DirectPath
 from activator.throttler import ServiceGone, ServiceThrottler, StartFailed
+from activator.workers import ALONE, Worker
 from kernel.messages import Endpoints, ServiceSpec, ServingMode
 from kernel.versions import plausible
 
@@ -32,9 +33,10 @@ class Service:
 
 
 class ServiceTable:
-    def __init__(self, *, buffer_size: int, direct: DirectPath) -> None:
-        self.buffer_size = buffer_size
+    def __init__(self, *, buffer_size: int, direct: DirectPath, worker: Worker = ALONE) -> None:
+        self.buffer_size = worker.buffer(buffer_size)
         self.direct = direct
+        self.worker = worker
         # Set by whoever sends batches (the request handler): a batch takes the same path
         # as one request.
         self.make_batcher: BatcherFactory = lambda _spec: None
@@ -64,6 +66,7 @@ class ServiceTable:
             thr = ServiceThrottler(
                 spec.name, self.buffer_size, spec.container_concurrency,
                 elsewhere=lambda pod, name=spec.name: self.direct.on_pod(name, pod),
+                worker=self.worker,
             )
             svc = self._services[spec.name] = Service(spec, thr, batcher=self.make_batcher(spec))
             early = self._early.pop(spec.name, None)

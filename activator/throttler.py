@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from activator.workers import ALONE, Worker
 from kernel.messages import Endpoint
 
 
@@ -76,6 +77,7 @@ class ServiceThrottler:
     violations: int = 0  # slots handed out beyond capacity: must stay 0
     # Requests each pod has from the gateway's direct path; both paths share its capacity.
     elsewhere: Callable[[str], int] = lambda _pod: 0
+    worker: Worker = ALONE  # this gateway worker's part of each pod
 
     # ---- what the gateway reports --------------------------------------------------------
 
@@ -195,7 +197,8 @@ class ServiceThrottler:
             cap = ep.container_concurrency or container_concurrency
             slot = self.pods.get(pod)
             if slot is None:
-                self.pods[pod] = PodSlot(ep, cap if cap > 0 else math.inf)
+                self.pods[pod] = PodSlot(ep, self.worker.share(cap, pod) if cap > 0
+                                         else math.inf)
             elif slot.removed:
                 # Back (marked dead too early, or listed again): the same slot, so requests
                 # still in flight on it count against its container concurrency.

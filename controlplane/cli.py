@@ -96,7 +96,8 @@ async def run_up(args: argparse.Namespace) -> int:
         config = replace(config, nodes=replace(config.nodes, backend="kubernetes"))
         kube = KubernetesConfig(kubeconfig=args.kubeconfig,
                                 image=os.environ.get("FNPLANE_POD_IMAGE", "fnplane:0.1.0"))
-    stack = Stack(config, nats_port=args.nats_port or None, kubernetes=kube)
+    stack = Stack(config, nats_port=args.nats_port or None, kubernetes=kube, roles=args.roles,
+                  gateway_workers=args.gateway_workers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -108,6 +109,12 @@ async def run_up(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     print(f"fnplane is up in {time.time() - t0:.1f}s", flush=True)
     print(f"  gateway  {stack.url}   (KServe v1 and Open Inference Protocol v2)", flush=True)
+    workers = [p for p in stack.role_processes.values() if p.own_url]
+    for p in workers:
+        print(f"           {p.name}: {p.own_url}/metrics   (this worker alone)", flush=True)
+    if stack.role_processes:
+        print(f"  roles    {', '.join(stack.role_processes)}: one process each, restarted "
+              "when they die (logs in <state-dir>/logs)", flush=True)
     print(f"  nats     {stack.nats_url}   (export FNPLANE_NATS_URL={stack.nats_url})", flush=True)
     if stack.config.credentials is not None:
         print(f"  creds    {stack.config.credentials}   (one NATS user per component; the CLI "
@@ -399,8 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--node-memory", default="8Gi", help="memory per node")
     up.add_argument("--schedule-min", type=int, default=1, help="schedule instances, at least")
     up.add_argument("--schedule-max", type=int, default=4, help="schedule instances, at most")
+    up.add_argument("--roles", choices=["processes", "inline"], default="processes",
+                    help="processes: the coordinator, the node agents and each gateway worker "
+                         "as supervised processes of their own (control-function instances "
+                         "are the coordinator's); inline: everything in this process")
+    up.add_argument("--gateway-workers", type=int, default=1,
+                    help="gateway processes sharing the port (SO_REUSEPORT); each gets 1/N of "
+                         "every pod's container concurrency and of each service's buffer")
     up.add_argument("--runtime", choices=["tasks", "processes"], default="tasks",
-                    help="run control-function instances as tasks here or as OS processes")
+                    help="with --roles inline: control-function instances as tasks here or as "
+                         "OS processes (with --roles processes they are always processes)")
     up.add_argument("--state-dir", default=str(default_state_dir()))
     up.add_argument("--drain-grace", type=float, default=1.0,
                     help="on SIGTERM/SIGINT: seconds the gateway keeps serving with readiness "

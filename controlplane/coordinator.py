@@ -84,6 +84,11 @@ class Coordinator(Component):
         }
         if runtime is not None:
             runtime.on_exit = self._on_exit
+            # `scale` and `route` keep per-service state without sharding yet: where the
+            # runtime runs them, exactly one instance each, replaced when it dies.
+            for kind in runtime.kinds():
+                if kind not in self.scalers:
+                    self.scalers[kind] = InstanceScaler(InstancePolicy(1, 1))
 
     async def start(self) -> None:
         stored = await self.store.get_partition_map()

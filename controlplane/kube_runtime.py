@@ -212,6 +212,9 @@ class KubernetesRuntime:
 
     # ---- the Runtime verbs ----------------------------------------------------------------
 
+    def kinds(self) -> list[str]:
+        return list(self.deployments)
+
     def instances(self, kind: str) -> list[str]:
         return sorted(self.sets[kind].live) if kind in self.sets else []
 

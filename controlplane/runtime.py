@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 
 from controlplane.elastic import ExitCallback, Instance
@@ -35,6 +36,9 @@ class TaskRuntime:
         self.running: dict[str, list[Instance]] = {k: [] for k in factories}
         self.on_exit: ExitCallback | None = None
         self._lock = asyncio.Lock()
+
+    def kinds(self) -> list[str]:
+        return list(self.factories)
 
     def instances(self, kind: str) -> list[str]:
         return [i.id for i in self.running.get(kind, [])]
@@ -83,6 +87,9 @@ class ProcessRuntime:
         self.on_exit: ExitCallback | None = None
         self._watchers: set[asyncio.Task[None]] = set()
         self._seq = 0
+        # Ids unique across runtimes: a restarted coordinator's new instances must not take
+        # the ids (and so the partitions, at their old epochs) of the ones that died with it.
+        self._token = uuid.uuid4().hex[:4]
         self._lock = asyncio.Lock()
 
     def argv_for(self, kind: str, instance: str) -> list[str]:
@@ -90,6 +97,9 @@ class ProcessRuntime:
 
     def env(self) -> dict[str, str]:
         return {**os.environ, CONFIG_ENV: dumps(self.config)}
+
+    def kinds(self) -> list[str]:
+        return list(self.running)
 
     def instances(self, kind: str) -> list[str]:
         return list(self.running.get(kind, {}))
@@ -99,7 +109,7 @@ class ProcessRuntime:
             group = self.running[kind]
             while len(group) < n:
                 self._seq += 1
-                instance = f"{kind}-p{self._seq}"
+                instance = f"{kind}-p{self._seq}-{self._token}"
                 proc = await ManagedProcess.start(self.argv_for(kind, instance), name=instance,
                                                   env=self.env())
                 group[instance] = proc

@@ -1,6 +1,7 @@
-"""The embedded default: NATS, Redis, the coordinator, one instance of each control function,
-the local node backend and the activator, in one foreground process. Wiring only; every
-decision lives in the components."""
+"""The embedded default: NATS, Redis, the coordinator, the control functions, the node agents
+and the gateway. `fnplane up` runs each role as a process of its own, supervised
+(`roles="processes"`); tests run them all on one event loop (`roles="inline"`) to look
+inside. Wiring only; every decision lives in the components."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
+import msgspec
+
 from activator.server import Activator
 from controlplane import build
 from controlplane.coordinator import Coordinator
 from controlplane.elastic import Runtime
+from controlplane.role import KUBERNETES_ENV, RoleProcess, start_role
 from controlplane.runtime import ProcessRuntime, TaskRuntime
 from controlplane.servers import NatsServer, RedisServer, start_nats, start_redis
 from controlplane.statedir import check_state_dir
@@ -25,6 +29,7 @@ from kernel import telemetry
 from kernel.component import Component
 from kernel.config import Config
 from kernel.identity import Credentials
+from kernel.procs import free_port, hostport
 from kernel.store import ROUTES, Store
 from partitions.agents.kubernetes.agent import KubernetesConfig
 
@@ -59,8 +64,16 @@ class Stack:
     # `nodes.backend == "kubernetes"`: where the cluster is (`fnplane up --backend kubernetes`).
     kubernetes: KubernetesConfig | None = None
     started_at: float = 0.0
-    # Restarts the servers we started when they die (not the ones tests pass in).
+    # Restarts the servers we started when they die (not the ones tests pass in), and the
+    # role processes.
     supervisor: Supervisor = field(default_factory=Supervisor)
+    # "inline": every component on this event loop (tests look inside it); "processes":
+    # the coordinator, the node agents and each gateway worker as processes of their own,
+    # as `fnplane up` runs them (`controlplane/role.py`).
+    roles: str = "inline"
+    gateway_workers: int = 1
+    role_processes: dict[str, RoleProcess] = field(default_factory=dict)
+    public_url: str = ""
 
     async def start(self) -> None:
         self.started_at = time.time()
@@ -100,6 +113,9 @@ class Stack:
         await self.store.check_schema()
         # Local pods never outlive the stack, so routes stored by a previous run are stale.
         await self.store.r.delete(ROUTES)
+        if self.roles == "processes":
+            await self._start_roles(state)
+            return
 
         public = f"http://{cfg.activator.host}:{cfg.activator.port or 0}"
         # The coordinator starts `schedule` instances itself and scales them with their load.
@@ -117,11 +133,42 @@ class Stack:
         self.activator = await self._up(build.activator(cfg))
         coordinated.registry.public_url = self.activator.url
 
+    async def _start_roles(self, state: Path) -> None:
+        """One process per role, in dependency order, each restarted when it dies. The
+        coordinator starts, counts and replaces the control-function instances itself."""
+        cfg = self.config
+        act = cfg.activator
+        port = act.port or free_port(act.host)  # every worker must bind the same one
+        self.config = cfg = replace(
+            cfg, activator=replace(act, port=port, workers=self.gateway_workers),
+            coordinator=replace(cfg.coordinator, runtime="processes"))
+        self.public_url = f"http://{hostport(act.host, port)}"
+        env = {"FNPLANE_PUBLIC_URL": self.public_url}
+        if self.kubernetes is not None:
+            env[KUBERNETES_ENV] = msgspec.json.encode(self.kubernetes).decode()
+        plan = [("coordinator", "coordinator", 0), ("nodes", "nodes", 0)]
+        plan += [("activator", f"gateway-{i}", i) for i in range(self.gateway_workers)]
+
+        async def up(role: str, name: str, worker: int) -> None:
+            def start() -> Awaitable[RoleProcess]:
+                return start_role(role, cfg, name=name, worker=worker, env=env,
+                                  log_dir=state / "logs")
+            proc = self.role_processes[name] = await start()
+            self.supervisor.watch(name, proc, start)
+
+        # All at once: each waits for what it needs over NATS (node agents retry their
+        # registration, gateways catch up on services), and Python's start-up is the cost.
+        results = await asyncio.gather(*(up(*p) for p in plan), return_exceptions=True)
+        for failed in (r for r in results if isinstance(r, BaseException)):
+            raise failed
+
     def _restarted(self, name: str, server: object) -> None:
         if isinstance(server, NatsServer):
             self.nats = server
         elif isinstance(server, RedisServer):
             self.redis = server
+        elif isinstance(server, RoleProcess):
+            self.role_processes[name] = server
 
     @staticmethod
     def _runtime(cfg: Config) -> Runtime:
@@ -136,6 +183,16 @@ class Stack:
         return component
 
     async def stop(self) -> None:
+        await self.supervisor.close()  # what stops now stays stopped
+        # Roles: the gateway workers drain first, then the coordinator (and the instances
+        # it runs), then the node agents with their pods.
+        roles, self.role_processes = self.role_processes, {}
+        gateways = [p for p in roles.values() if p.role == "activator"]
+        await asyncio.gather(*(p.stop() for p in gateways), return_exceptions=True)
+        for role in ("coordinator", "nodes"):
+            for p in roles.values():
+                if p.role == role:
+                    await p.stop()
         components, self.components = self.components, []
         # Reverse start order, except that `scale` goes right after the activator: with no
         # traffic left to serve it must not place new pods on nodes that are shutting down.
@@ -152,7 +209,6 @@ class Stack:
         if self.store is not None:
             await self.store.close()
             self.store = None
-        await self.supervisor.close()  # what stops now stays stopped
         for server in (self.redis, self.nats):
             if server is not None:
                 await server.stop()
@@ -161,5 +217,7 @@ class Stack:
 
     @property
     def url(self) -> str:
+        if self.public_url:
+            return self.public_url
         assert self.activator is not None
         return self.activator.url

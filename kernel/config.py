@@ -110,8 +110,16 @@ class ActivatorConfig:
     # balancers stop sending), then how long in-flight requests may take to finish.
     drain_grace_s: float = 0.0
     drain_timeout_s: float = 30.0
+    # Gateway workers sharing the port (SO_REUSEPORT), and which one this is. As Knative
+    # divides a revision's capacity among its activators, each worker gets 1/workers of
+    # every pod's container concurrency and of each service's buffer, so the pod's limit
+    # and the buffer bound hold across all of them.
+    workers: int = 1
+    worker: int = 0
 
     def __post_init__(self) -> None:
+        if self.workers < 1 or not 0 <= self.worker < self.workers:
+            raise ConfigError("gateway workers must be >= 1, the worker index below them")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"activator port {self.port} out of range")
         if self.buffer_size < 1:

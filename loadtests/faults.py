@@ -1,7 +1,7 @@
 """The fault matrix of issue 10: for each ordinary fault, a burst through the gateway while it
 happens, and what became of every request. Prints ONE JSON object:
 
-    {"faults": [{"fault", "sent", "ok", "errors_by_status", "hung", "lost", "refused",
+    {"faults": [{"fault", "sent", "ok", "errors_by_status", "hung", "lost", "refused", "cut",
                  "recovered", "recover_s", "ready_false_s", "note"}, ...],
      "goal_met": bool, "options": {...}}
 
@@ -10,7 +10,9 @@ happens, and what became of every request. Prints ONE JSON object:
     python -m loadtests.faults --only nats-server --json
 
 Each fault gets a stack of its own (its own supervised nats-server and Redis, as `fnplane up`
-starts them, two local nodes, real pods of the sample model) and a service at zero. The load
+starts them, two local nodes, real pods of the sample model) and a service at zero: in this
+process for the faults of servers, pods and nodes (to reach inside), as `fnplane up` with one
+process per role for the faults of role processes and the SIGTERM. The load
 comes from `loadtests.burst_client` in a process of its own, so the client never shares the
 stack's event loop. Definitions, so the figures can be checked:
 - `sent`: requests the client sent; `ok`: answered 200; `errors_by_status`: the other
@@ -18,6 +20,8 @@ stack's event loop. Definitions, so the figures can be checked:
 - `hung`: no answer within 90 s (the client's timeout); `lost`: no answer for another reason
   (a connection dropped mid-request); `refused`: the connection was refused before the
   request was sent (only when the fault stops the process that listens: a clean error);
+  `cut`: the connection dropped mid-request because the fault killed the process holding
+  it (a gateway worker: a clean connection error, as with any server that dies);
 - `recovered`: a cold request to a second service at zero, sent `recovery_after_s` after the
   fault, answered 200 (null where the fault stops the stack itself);
 - `recover_s`: from the fault to the first 200 of a request sent after it;
@@ -60,7 +64,7 @@ from kernel.config import (
 )
 from kernel.identity import login
 from kernel.messages import DeployRequest, NameRequest, Resources, ScalingSpec, ServiceSpec
-from kernel.procs import free_port
+from kernel.procs import descendants, free_port
 from partitions.agents.local import LocalNode
 
 log = logging.getLogger("loadtests.faults")
@@ -69,6 +73,8 @@ SAMPLE = [sys.executable, "-m", "examples.sample.server"]
 BODY = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP32",
                     "data": [[5.1, 3.5, 1.4, 0.2]]}]}
 HUNG_S = 90.0
+# What a client sees when the process holding its connection dies mid-request.
+CUT_ERRORS = ("ServerDisconnectedError", "ClientOSError", "ClientPayloadError")
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class Outcome:
     hung: int = 0
     lost: int = 0
     refused: int = 0
+    cut: int = 0
     recovered: bool | None = None
     recover_s: float | None = None
     ready_false_s: float = 0.0
@@ -136,8 +143,11 @@ async def client_records(proc: asyncio.subprocess.Process) -> list[list[Any]]:
     return list(json.loads(out)["records"])
 
 
-def tally(out: Outcome, records: list[list[Any]], t_fault: float | None) -> None:
-    """Records are [sent (wall clock), latency ms, status (0: none), pod, error name]."""
+def tally(out: Outcome, records: list[list[Any]], t_fault: float | None, *,
+          connections_cut: bool = False) -> None:
+    """Records are [sent (wall clock), latency ms, status (0: none), pod, error name]. With
+    `connections_cut`, a connection dropped mid-request is the fault's doing (the process
+    holding it died): `cut`, not lost."""
     errors: collections.Counter[str] = collections.Counter()
     first_ok_after: float | None = None
     for sent, ms, status, _pod, error in records:
@@ -155,6 +165,8 @@ def tally(out: Outcome, records: list[list[Any]], t_fault: float | None) -> None
                 out.hung += 1
             elif error == "ClientConnectorError":
                 out.refused += 1
+            elif connections_cut and error in CUT_ERRORS:
+                out.cut += 1
             else:
                 out.lost += 1
     out.errors_by_status = dict(errors)
@@ -290,10 +302,9 @@ FAULTS = [
     Fault("cluster-full-of-idle-pods", None, setup=fill_with_idle_pods),
 ]
 NOT_APPLICABLE = {
-    "coordinator": "runs inside the `fnplane up` process in the embedded default (one "
-                   "process per role is issue 11); its restart is the stack's restart",
-    "scale-instance": "scale and route run inside `fnplane up` until they are sharded "
-                      "processes (issue 13); only schedule instances are processes today",
+    "scale-instance, route-instance": "processes of the coordinator's under `fnplane up` "
+    "(replaced like schedule's), but one instance each until they are sharded (issue 13): "
+    "their SIGKILL is covered by the coordinator-process row, which takes all three down",
 }
 
 
@@ -346,10 +357,47 @@ async def _burst(stack: Stack, fault: Fault, opts: Options, out: Outcome) -> Non
 # ---- SIGTERM to `fnplane up` ------------------------------------------------------------------
 
 
-async def run_sigterm(opts: Options) -> Outcome:
-    """`fnplane up` as the user runs it, SIGTERMed mid-burst: in-flight requests answered,
-    new connections refused (a clean error), the process exits 0."""
-    out = Outcome("sigterm-fnplane-up", recovered=None)
+def role_pids(parent: int) -> dict[str, int]:
+    """The role processes under `fnplane up` (`controlplane/role.py`), by role: coordinator,
+    nodes, activator-0, activator-1, ..."""
+    found: dict[str, int] = {}
+    for pid in descendants(parent):
+        try:
+            args = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    if a]
+        except OSError:
+            continue
+        if "controlplane.role" in args:
+            rest = args[args.index("controlplane.role") + 1:]
+            found[rest[0] + (f"-{rest[2]}" if rest[0] == "activator" else "")] = pid
+    return found
+
+
+@dataclass(frozen=True)
+class UpFault:
+    """A fault of `fnplane up` as the user runs it (one process per role)."""
+
+    name: str
+    role: str  # the role process SIGKILLed; "" for the SIGTERM of `fnplane up` itself
+    workers: int = 1
+    # The killed process held client connections: requests on them end with a clean
+    # connection error (counted as `cut`, not lost), as with any server that dies.
+    holds_connections: bool = False
+
+
+UP_FAULTS = [
+    UpFault("gateway-worker-process", "activator-0", workers=2, holds_connections=True),
+    UpFault("node-agents-process", "nodes"),
+    UpFault("coordinator-process", "coordinator"),
+    UpFault("sigterm-fnplane-up", ""),
+]
+
+
+async def run_up_fault(fault: UpFault, opts: Options) -> Outcome:
+    """Start `fnplane up`, burst through it, and mid-burst SIGKILL one role process (`fnplane
+    up` restarts it) or SIGTERM `fnplane up` itself (graceful drain: in-flight requests
+    answered, new connections refused, exit 0; nothing recovers by itself)."""
+    out = Outcome(fault.name)
     with tempfile.TemporaryDirectory(prefix="fnplane-faults-") as state:
         port, nats_port = free_port(), free_port()
         env = {**os.environ, "FNPLANE_STATE_DIR": state}
@@ -358,6 +406,7 @@ async def run_sigterm(opts: Options) -> Outcome:
             up = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "controlplane.cli", "up", "--port", str(port),
                 "--nats-port", str(nats_port), "--state-dir", state, "--workdir", str(REPO),
+                "--gateway-workers", str(fault.workers),
                 cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT,
             )
         try:
@@ -367,8 +416,9 @@ async def run_sigterm(opts: Options) -> Outcome:
             bus = await Bus.connect(f"nats://127.0.0.1:{nats_port}", "faults-admin",
                                     login=login(creds, "admin"))
             try:
-                await bus.call(ep.ADMIN_DEPLOY,
-                               DeployRequest(spec=spec("sample", opts.latency_ms)), timeout=5)
+                for name in ("sample", "second"):
+                    await bus.call(ep.ADMIN_DEPLOY,
+                                   DeployRequest(spec=spec(name, opts.latency_ms)), timeout=5)
             finally:
                 await bus.close()
             watch = ReadinessWatch(url)
@@ -376,26 +426,48 @@ async def run_sigterm(opts: Options) -> Outcome:
             client = await start_client(f"{url}/v2/models/sample/infer", opts)
             await asyncio.sleep(opts.fault_after_s)
             t_fault = time.time()
-            up.send_signal(signal.SIGTERM)
-            code = await asyncio.wait_for(up.wait(), 60)
-            out.note = f"SIGTERM to `fnplane up`: exited with code {code}"
-            progress(out.note)
+            if fault.role:
+                pid = role_pids(up.pid)[fault.role]
+                os.kill(pid, signal.SIGKILL)
+                out.note = (f"SIGKILL to the {fault.role} process (pid {pid}); "
+                            "fnplane up restarts it")
+                await asyncio.sleep(max(0.0, t_fault + opts.recovery_after_s - time.time()))
+                status = await post_once(f"{url}/v2/models/second/infer")
+                out.recovered = status == 200
+                probe_done = time.time()
+            else:
+                up.send_signal(signal.SIGTERM)
+                code = await asyncio.wait_for(up.wait(), 60)
+                out.note = f"SIGTERM to `fnplane up`: exited with code {code}"
+            progress(f"{fault.name}: {out.note}")
             records = await client_records(client)
             out.ready_false_s = await watch.stop()
-            tally(out, records, t_fault)
-            out.recover_s = None  # the stack is gone: nothing recovers by itself
+            tally(out, records, t_fault, connections_cut=fault.holds_connections)
+            if not fault.role:
+                out.recover_s = None  # the stack is gone: nothing recovers by itself
+            elif out.recovered and (out.recover_s is None or probe_done - t_fault < out.recover_s):
+                out.recover_s = round(probe_done - t_fault, 3)
         finally:
             if up.returncode is None:
-                up.kill()
-                await up.wait()
+                up.send_signal(signal.SIGINT)
+                try:
+                    await asyncio.wait_for(up.wait(), 60)
+                except TimeoutError:
+                    up.kill()
+                    await up.wait()
     return out
 
 
 async def _wait_ready(url: str, up: asyncio.subprocess.Process, logfile: Path) -> None:
+    """Until `fnplane up` printed its banner (every role started: a gateway worker that
+    answers is not yet all of them) and the gateway says ready."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as http:
-        for _ in range(300):
+        for _ in range(600):
             if up.returncode is not None:
                 raise RuntimeError(f"fnplane up exited: {logfile.read_text()[-2000:]}")
+            if "Ctrl-C stops everything" not in logfile.read_text(errors="replace"):
+                await asyncio.sleep(0.1)
+                continue
             try:
                 async with http.get(f"{url}/v2/health/ready") as r:
                     if r.status == 200:
@@ -403,17 +475,21 @@ async def _wait_ready(url: str, up: asyncio.subprocess.Process, logfile: Path) -
             except (aiohttp.ClientError, TimeoutError):
                 pass
             await asyncio.sleep(0.1)
-    raise RuntimeError("fnplane up was not ready in 30 s")
+    raise RuntimeError("fnplane up was not ready in 60 s")
 
 
 # ---- the whole matrix -------------------------------------------------------------------------
 
 
 def goal_met(outcomes: list[Outcome]) -> bool:
+    """0 lost and 0 hung everywhere; every request 200 except those refused or cut where
+    the fault removed the process holding the client's connection; recovered by itself."""
     for o in outcomes:
-        if o.lost or o.hung:
+        if o.lost or o.hung or o.recovered is False:
             return False
-        if o.fault != "sigterm-fnplane-up" and (o.ok != o.sent or o.recovered is False):
+        if o.ok + o.refused + o.cut != o.sent:
+            return False
+        if o.refused and o.fault != "sigterm-fnplane-up":
             return False
     return True
 
@@ -426,9 +502,12 @@ async def run(opts: Options) -> dict[str, Any]:
         t0 = time.time()
         outcomes.append(await run_fault(fault, opts))
         progress(f"{fault.name}: {asdict(outcomes[-1])} in {time.time() - t0:.1f}s")
-    if not opts.only or any(o in "sigterm-fnplane-up" for o in opts.only):
-        outcomes.append(await run_sigterm(opts))
-        progress(f"sigterm: {asdict(outcomes[-1])}")
+    for up_fault in UP_FAULTS:
+        if opts.only and not any(o in up_fault.name for o in opts.only):
+            continue
+        t0 = time.time()
+        outcomes.append(await run_up_fault(up_fault, opts))
+        progress(f"{up_fault.name}: {asdict(outcomes[-1])} in {time.time() - t0:.1f}s")
     return {
         "faults": [asdict(o) for o in outcomes],
         "not_applicable": NOT_APPLICABLE,

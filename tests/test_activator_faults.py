@@ -1,7 +1,7 @@
 """The activator when things go wrong, on the embedded stack with real pods: a buffered
 request that outwaits its timeout gets a 503 (nothing hangs), and a pod SIGKILLed in the
-middle of a burst costs no request silently: each is retried once on another pod or answered
-with a clear error."""
+middle of a burst costs no request silently: each goes to another pod (or waits for one) or is
+answered with a clear error."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ class Up:
             cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # a loaded machine starts Python slowly
         self.banner: list[str] = []
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
