@@ -46,11 +46,13 @@ async def main() -> int:
             nodes=NodesConfig(count=2, capacity=Resources(cpu=4, memory_mb=8192), workdir=REPO),
         )
         nats_port = 4222 if not port_in_use("127.0.0.1", 4222) else None
-        stack = Stack(config, nats_port=nats_port)
+        # As `fnplane up` runs it: one supervised process per role.
+        stack = Stack(config, nats_port=nats_port, roles="processes")
         t0 = time.time()
         await stack.start()
         print(f"[fnplane] stack up in {time.time() - t0:.2f}s: gateway {stack.url}, "
-              f"nats {stack.nats_url}, redis {redacted(stack.redis_url or '')}, 2 local nodes")
+              f"nats {stack.nats_url}, redis {redacted(stack.redis_url or '')}, 2 local nodes; "
+              f"processes: {', '.join(stack.role_processes)}")
         try:
             return await _run(stack, model)
         finally:

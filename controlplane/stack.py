@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
@@ -25,11 +26,15 @@ from controlplane.servers import NatsServer, RedisServer, start_nats, start_redi
 from controlplane.statedir import check_state_dir
 from controlplane.supervisor import Supervisor
 from functions.scale.instance import ScaleInstance
+from kernel import endpoints as ep
 from kernel import telemetry
+from kernel.bus import Bus
 from kernel.component import Component
 from kernel.config import Config
-from kernel.identity import Credentials
-from kernel.procs import free_port, hostport
+from kernel.errors import RemoteError
+from kernel.identity import Credentials, login
+from kernel.messages import ClusterStatus, Empty
+from kernel.procs import ServerStartError, free_port, hostport
 from kernel.store import ROUTES, Store
 from partitions.agents.kubernetes.agent import KubernetesConfig
 
@@ -161,6 +166,35 @@ class Stack:
         results = await asyncio.gather(*(up(*p) for p in plan), return_exceptions=True)
         for failed in (r for r in results if isinstance(r, BaseException)):
             raise failed
+        await self._wait_serving(cfg)
+
+    async def _wait_serving(self, cfg: Config, timeout: float = 60.0) -> None:
+        """Until the control plane can serve a cold start: the instances the coordinator
+        starts after it is up (scale, route, schedule with a partition) beat, and the
+        node agents registered. Ready roles are not yet a ready stack."""
+        assert self.nats_url is not None
+        who = login(cfg.credentials, "admin") if cfg.credentials else None
+        bus = await Bus.connect(self.nats_url, f"stack-{os.getpid()}", login=who)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    st: ClusterStatus = await bus.call(ep.ADMIN_STATUS, Empty(), timeout=1.0)
+                    kinds = {i.kind for i in st.instances}
+                    owned = st.partitions.partitions and all(
+                        p.owner for p in st.partitions.partitions)
+                    nodes = cfg.nodes.backend != "local" or len(
+                        st.partitions.nodes) >= cfg.nodes.count
+                    if {"scale", "route", "schedule"} <= kinds and owned and nodes:
+                        return
+                except RemoteError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ServerStartError(f"the control plane was not serving {timeout:g}s "
+                                           "after its processes started (see <state-dir>/logs)")
+                await asyncio.sleep(0.1)
+        finally:
+            await bus.close()
 
     def _restarted(self, name: str, server: object) -> None:
         if isinstance(server, NatsServer):
