@@ -178,10 +178,16 @@ class NodesConfig:
     # else root, said loudly), a user name (always; a pod it cannot start fails), or
     # "current" (as fnplane itself).
     pod_user: str = "auto"
+    # The nice value local pods start with (0-19; 0: as fnplane itself). Above the control
+    # plane's, so pods starting at once cannot starve the loop that places and routes them;
+    # a pod alone on the machine still gets every idle CPU.
+    pod_nice: int = 10
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ConfigError("need at least one node")
+        if not 0 <= self.pod_nice <= 19:
+            raise ConfigError(f"pod nice {self.pod_nice}: expected 0 to 19")
         if not self.pod_user or self.pod_user.strip() != self.pod_user:
             raise ConfigError(f"pod user {self.pod_user!r}: expected auto, current or a name")
 

@@ -21,7 +21,7 @@ TOP = {"cores", "one_pod", "cases", "goals", "processes_left", "plots", "json", 
 CASE = {
     "services", "nodes", "node_cpu", "node_memory_mb", "requests", "ok", "errors_by_status",
     "p50_ms", "p95_ms", "max_ms", "cold_start_records", "stage_p95_ms", "stage_max_ms",
-    "cpu_floor_ms", "example_pod_stages_ms",
+    "cpu_floor_ms", "example_pod_stages_ms", "stack_cpu_ms", "stack_cpu_ms_per_cold_start",
 }  # fmt: skip
 STAGE_KEYS = {*STAGES, CONTROL_PLANE, "total"}
 
