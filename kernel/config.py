@@ -178,10 +178,11 @@ class NodesConfig:
     # else root, said loudly), a user name (always; a pod it cannot start fails), or
     # "current" (as fnplane itself).
     pod_user: str = "auto"
-    # The nice value local pods start with (0-19; 0: as fnplane itself). Above the control
-    # plane's, so pods starting at once cannot starve the loop that places and routes them;
-    # a pod alone on the machine still gets every idle CPU.
-    pod_nice: int = 10
+    # The nice value local pods start with (0-19; 0: as fnplane itself). Above 0, pods
+    # starting at once yield the CPU to the control plane that places and routes them, as a
+    # kubelet reserves CPU for the system; but they then yield to everything else on the
+    # machine too, which on a shared machine makes cold starts slower, hence off by default.
+    pod_nice: int = 0
 
     def __post_init__(self) -> None:
         if self.count < 1:

@@ -11,9 +11,9 @@ and the user switch a preexec_fn would have done are `setpriv`'s (`procs.without
 
 The process is then watched without a child watcher: its exit through a pidfd the loop polls
 (a thread blocked in waitpid() where pidfds are missing), its output through a read pipe.
-Pods start at a lower CPU priority than the control plane (`nice`), as a kubelet keeps CPU
-reserved for the system: a hundred pods importing their frameworks at once must not starve
-the loop that places, probes and routes them.
+Pods may start at a lower CPU priority than the control plane (`nice`, the nodes'
+`pod_nice`), as a kubelet keeps CPU reserved for the system, so a hundred pods importing
+their frameworks at once do not starve the loop that places, probes and routes them.
 """
 
 from __future__ import annotations

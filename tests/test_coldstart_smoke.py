@@ -17,7 +17,8 @@ from loadtests.coldstart_report import CONTROL_PLANE, STAGES, Answer, goals, sum
 
 REPO = Path(__file__).resolve().parent.parent
 
-TOP = {"cores", "one_pod", "cases", "goals", "processes_left", "plots", "json", "options"}
+TOP = {"cores", "load_avg_1m", "one_pod", "cases", "goals", "processes_left", "plots", "json",
+       "options"}
 CASE = {
     "services", "nodes", "node_cpu", "node_memory_mb", "requests", "ok", "errors_by_status",
     "p50_ms", "p95_ms", "max_ms", "cold_start_records", "stage_p95_ms", "stage_max_ms",
