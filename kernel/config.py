@@ -178,11 +178,13 @@ class NodesConfig:
     # else root, said loudly), a user name (always; a pod it cannot start fails), or
     # "current" (as fnplane itself).
     pod_user: str = "auto"
-    # The nice value local pods start with (0-19; 0: as fnplane itself). Above 0, pods
-    # starting at once yield the CPU to the control plane that places and routes them, as a
-    # kubelet reserves CPU for the system; but they then yield to everything else on the
-    # machine too, which on a shared machine makes cold starts slower, hence off by default.
-    pod_nice: int = 0
+    # The nice value local pods start with (0-19; 0: as fnplane itself). Pods yield the CPU
+    # to the control plane that places, probes and routes them, as a kubelet gives pods
+    # cpu.shares by their request (0.1 cpu: 102 of 1024, about nice 10's weight) and keeps the
+    # rest for the system: 100 pods starting at once at nice 0 starved the embedded stack on
+    # 2 cores until its instances missed heartbeats and requests failed. The price: on a
+    # machine shared with other work, pods yield to that work too (slower cold starts).
+    pod_nice: int = 10
 
     def __post_init__(self) -> None:
         if self.count < 1:

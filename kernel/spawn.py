@@ -10,7 +10,8 @@ group=) uses vfork() (3.10+), whose cost does not grow with the parent. The deat
 and the user switch a preexec_fn would have done are `setpriv`'s (`procs.without_preexec`).
 
 The process is then watched without a child watcher: its exit through a pidfd the loop polls
-(a thread blocked in waitpid() where pidfds are missing), its output through a read pipe.
+(a thread blocked in waitpid() where pidfds are missing), its output through a pipe the loop
+polls, on uvloop and asyncio alike.
 Pods may start at a lower CPU priority than the control plane (`nice`, the nodes'
 `pod_nice`), as a kubelet keeps CPU reserved for the system, so a hundred pods importing
 their frameworks at once do not starve the loop that places, probes and routes them.
@@ -38,6 +39,7 @@ __all__ = ["Child", "spawn"]
 # (CPython lets go of the GIL meanwhile, so the loop goes on). Not the loop's default
 # executor either: the kernel's death signal fires when the thread that started a pod
 # ends, and these threads end only with the interpreter (a pool's workers never retire).
+READ_CHUNK = 65536
 _SPAWNER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fnplane-spawn")
 
 
@@ -105,48 +107,75 @@ async def spawn(
     loop = asyncio.get_running_loop()
     started = loop.run_in_executor(_SPAWNER, start)
     try:
-        popen = await asyncio.shield(started)
+        await asyncio.shield(started)
     except asyncio.CancelledError:
         started.add_done_callback(_kill_orphan)  # it may start after all: nobody owns it
         raise
-    assert popen.stdout is not None
+    popen, out = started.result()
     reader = asyncio.StreamReader(loop=loop)
-    try:
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop),
-                                     popen.stdout)
-    except BaseException:
-        popen.kill()
-        popen.wait()
-        raise
+    _follow(loop, out, reader)
     child = Child(popen, reader)
     child._watch()
     return child
 
 
 def _start(argv: list[str], *, cwd: Path, env: dict[str, str],
-           preexec: Callable[[], None] | None, nice: int) -> subprocess.Popen[bytes]:
-    popen = subprocess.Popen(
-        argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        close_fds=True,
-        start_new_session=True,  # one process group to stop, children and all
-        preexec_fn=preexec,  # None where setpriv exists: only then is vfork used
-    )
+           preexec: Callable[[], None] | None, nice: int) -> tuple[subprocess.Popen[bytes], int]:
+    """The process, and the read end of its output pipe. The pipe is ours, not Popen's: its
+    read end has one owner (`_follow`), never a file object that a garbage collection could
+    close again after the number was reused (by a socket, say)."""
+    out, into = os.pipe()  # both close-on-exec; the child gets `into` as its fds 1 and 2
+    try:
+        popen = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=into,
+            stderr=subprocess.STDOUT,
+            close_fds=True,
+            start_new_session=True,  # one process group to stop, children and all
+            preexec_fn=preexec,  # None where setpriv exists: only then is vfork used
+        )
+    except BaseException:
+        os.close(out)
+        raise
+    finally:
+        os.close(into)
     if nice:
         _lower_priority(popen.pid, nice)
-    return popen
+    return popen, out
 
 
-def _kill_orphan(started: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+def _follow(loop: asyncio.AbstractEventLoop, fd: int, reader: asyncio.StreamReader) -> None:
+    """Feed what arrives on `fd` into `reader` until end of file, then close `fd` (after the
+    loop stopped watching it, so the number is free only once nothing refers to it)."""
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            reader.feed_data(data)
+            return
+        loop.remove_reader(fd)
+        os.close(fd)
+        reader.feed_eof()
+
+    loop.add_reader(fd, readable)
+
+
+def _kill_orphan(started: asyncio.Future[tuple[subprocess.Popen[bytes], int]]) -> None:
     if not started.cancelled() and started.exception() is None:
-        popen = started.result()
+        popen, out = started.result()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(popen.pid, signal.SIGKILL)
         popen.wait()
+        os.close(out)
 
 
 def _lower_priority(pid: int, nice: int) -> None:

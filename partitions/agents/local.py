@@ -66,7 +66,7 @@ PROBE_MAX_S = 0.1
 LISTEN_CHECK_S = 0.005
 METRICS_INTERVAL_S = 1.0
 STOP_GRACE_S = 10.0
-POD_NICE = 0  # NodesConfig.pod_nice's default (see there)
+POD_NICE = 10  # NodesConfig.pod_nice's default (see there)
 
 
 @dataclass
