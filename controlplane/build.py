@@ -155,7 +155,8 @@ async def local_nodes(config: Config, *, log_dir: Path) -> list[LocalNode]:
     return [
         LocalNode(await connect(config, f"node-{i}", "node"),
                   NodeInfo(name=f"node-{i}", capacity=nodes.capacity, backend="local"),
-                  workdir=nodes.workdir, log_dir=log_dir, pod_users=pod_users)
+                  workdir=nodes.workdir, log_dir=log_dir, pod_users=pod_users,
+                  pod_nice=nodes.pod_nice)
         for i in range(nodes.count)
     ]
 

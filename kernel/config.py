@@ -186,10 +186,19 @@ class NodesConfig:
     # else root, said loudly), a user name (always; a pod it cannot start fails), or
     # "current" (as fnplane itself).
     pod_user: str = "auto"
+    # The nice value local pods start with (0-19; 0: as fnplane itself). Pods yield the CPU
+    # to the control plane that places, probes and routes them, as a kubelet gives pods
+    # cpu.shares by their request (0.1 cpu: 102 of 1024, about nice 10's weight) and keeps the
+    # rest for the system: 100 pods starting at once at nice 0 starved the embedded stack on
+    # 2 cores until its instances missed heartbeats and requests failed. The price: on a
+    # machine shared with other work, pods yield to that work too (slower cold starts).
+    pod_nice: int = 10
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ConfigError("need at least one node")
+        if not 0 <= self.pod_nice <= 19:
+            raise ConfigError(f"pod nice {self.pod_nice}: expected 0 to 19")
         if not self.pod_user or self.pod_user.strip() != self.pod_user:
             raise ConfigError(f"pod user {self.pod_user!r}: expected auto, current or a name")
 

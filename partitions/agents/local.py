@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -39,7 +40,8 @@ from kernel.messages import (
     StartPod,
     StopPod,
 )
-from kernel.procs import free_port, without_preexec
+from kernel.procs import free_port
+from kernel.spawn import Child, spawn
 from partitions.agents.contract import (
     NODE_HEARTBEAT_S,
     NodeHeartbeater,
@@ -57,16 +59,21 @@ log = logging.getLogger(__name__)
 POD_INHERITS = frozenset({"HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR"})
 KEEP_POD_LOGS = 20
 
-PROBE_INTERVAL_S = 0.02
+# Readiness: probed at once, then after 5 ms, doubling to at most 100 ms: a pod that starts
+# fast is seen within ms, and a slow one (a big model loading) is not polled on a fast tick.
+PROBE_FIRST_S = 0.005
+PROBE_MAX_S = 0.1
+LISTEN_CHECK_S = 0.005
 METRICS_INTERVAL_S = 1.0
 STOP_GRACE_S = 10.0
+POD_NICE = 10  # NodesConfig.pod_nice's default (see there)
 
 
 @dataclass
 class LocalPod:
     start: StartPod
     port: int
-    proc: asyncio.subprocess.Process
+    proc: Child
     spawned_at: float
     output: deque[str] = field(default_factory=lambda: deque(maxlen=50))
     state: PodState = "starting"
@@ -87,8 +94,9 @@ class LocalNode(Component):
 
     def __init__(self, bus: Bus, info: NodeInfo, *, workdir: Path, log_dir: Path,
                  keep_logs: int = KEEP_POD_LOGS, pod_users: PodUsers | None = None,
-                 heartbeat_s: float = NODE_HEARTBEAT_S) -> None:
+                 heartbeat_s: float = NODE_HEARTBEAT_S, pod_nice: int = POD_NICE) -> None:
         super().__init__(bus)
+        self.pod_nice = pod_nice
         self.info = info
         self.heartbeat_s = heartbeat_s
         self.workdir = workdir
@@ -189,18 +197,11 @@ class LocalNode(Component):
             raise RemoteError(ErrorCode.INVALID, str(exc)) from None
         if run_as.ids is not None and "HOME" not in spec.env:
             env["HOME"] = run_as.home  # fnplane's home is not the pod user's
-        argv, preexec = without_preexec(list(spec.command), run_as=run_as.ids)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                cwd=str(self.workdir),
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=preexec,
-                start_new_session=True,  # one process group to stop, children and all
-            )
+            # Not the loop's subprocess_exec: under uvloop it forks this whole process with
+            # the loop stopped, and pods started at once would queue behind each other.
+            proc = await spawn(list(spec.command), cwd=self.workdir, env=env,
+                               run_as=run_as.ids, nice=self.pod_nice)
         except OSError as exc:
             raise RemoteError(ErrorCode.INVALID,
                               f"cannot start {spec.command[0]!r}: {exc}") from None
@@ -274,21 +275,27 @@ class LocalNode(Component):
         spec = pod.start.spec
         deadline = pod.spawned_at + spec.startup_timeout_s
         url = pod.url + spec.readiness_path
+        delay = PROBE_FIRST_S
         while pod.state == "starting":
             if pod.proc.returncode is not None:
                 break
             if time.time() > deadline:
                 await self._fail(pod, f"not ready within {spec.startup_timeout_s:g}s")
                 return
-            try:
-                async with self._http.get(url) as resp:
-                    if resp.status == 200:
-                        pod.state, pod.ready_at = "ready", time.time()
-                        await self._emit(pod, "ready")
-                        break
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            await asyncio.sleep(PROBE_INTERVAL_S)
+            # An HTTP request only once something listens: a refused connect costs the
+            # loop a few µs, a refused aiohttp request a good part of a millisecond, and
+            # a hundred pods starting at once are probed many times each.
+            if _listening(pod.port):
+                try:
+                    async with self._http.get(url) as resp:
+                        if resp.status == 200:
+                            pod.state, pod.ready_at = "ready", time.time()
+                            await self._emit(pod, "ready")
+                            break
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, PROBE_MAX_S)
         code = await pod.proc.wait()
         await asyncio.sleep(0.05)  # let the output pump take the last lines
         if pod.state in ("starting", "ready"):
@@ -355,7 +362,7 @@ def pod_path() -> str:
     return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-async def _kill(proc: asyncio.subprocess.Process, *, grace: float) -> None:
+async def _kill(proc: Child, *, grace: float) -> None:
     """Stop the pod's whole process group (it runs in a session of its own): SIGTERM, then
     SIGKILL after `grace`; and whatever it started is killed even when the pod itself has
     already exited, so nothing of a stopped or deleted pod survives it."""
@@ -367,6 +374,16 @@ async def _kill(proc: asyncio.subprocess.Process, *, grace: float) -> None:
             _signal_group(proc.pid, signal.SIGKILL)
             await proc.wait()
     _signal_group(proc.pid, signal.SIGKILL)
+
+
+def _listening(port: int) -> bool:
+    """True when something accepts connections on 127.0.0.1:port. On loopback a connect is
+    refused or accepted within microseconds, so it is done right here rather than through
+    the loop; the timeout bounds the one case that could wait (a full accept queue, which a
+    pod no one else has reached yet does not have)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(LISTEN_CHECK_S)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
