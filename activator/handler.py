@@ -24,6 +24,7 @@ from activator.services import ServiceTable
 from activator.throttler import BufferFull, ServiceGone, StartFailed, WaitTimeout
 from kernel import telemetry
 from kernel.config import ActivatorConfig
+from kernel.errors import RemoteError
 from kernel.messages import ServiceSpec
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,12 @@ class Handler:
 
     async def handle(self, req: Request) -> Answer:
         name = req.service
-        if await self.lookup(name) is None:
+        try:
+            known = await self.lookup(name)
+        except RemoteError as exc:
+            return error(503, f"cannot tell now whether model {name} exists: {exc.message}",
+                         retry_after_s=self.config.retry_after_s)
+        if known is None:
             return error(404, f"Model with name {name} does not exist.")
         payload: Any = None  # decoded only for a batched service, which merges payloads
         if req.protocol is not None:

@@ -16,6 +16,7 @@ from activator import openapi
 from activator.errorpages import kserve_errors
 from activator.handler import Answer, Handler, Protocol, Request, error
 from kernel.config import ActivatorConfig
+from kernel.errors import RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,13 @@ async def openapi_document(request: web.Request) -> web.Response:
 async def model_ready(request: web.Request) -> web.Response:
     """Serverless readiness: a deployed service can serve, possibly after a cold start."""
     name = request.match_info["name"]
-    if await request.app[HANDLER_KEY].lookup(name) is None:
+    handler = request.app[HANDLER_KEY]
+    try:
+        known = await handler.lookup(name)
+    except RemoteError as exc:
+        return _http(error(503, f"cannot tell now whether model {name} exists: {exc.message}",
+                           retry_after_s=handler.config.retry_after_s))
+    if known is None:
         return _http(error(404, f"Model with name {name} does not exist."))
     return web.json_response({"name": name, "ready": True})
 

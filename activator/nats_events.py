@@ -39,6 +39,7 @@ from activator.handler import Answer, Handler
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.config import NatsIngressConfig
+from kernel.errors import RemoteError
 from kernel.messages import Demand
 from kernel.store import STATE_SCHEMA, schema_verdict
 
@@ -269,7 +270,8 @@ class EventStreams:
                 want = min(self._room(ev) - len(ev.backlog), self.config.fetch_batch)
                 if want <= 0:
                     if ev.service not in self.handler.table:
-                        await self.handler.lookup(ev.service)  # its spec event is in flight
+                        with contextlib.suppress(RemoteError):  # asked again next round
+                            await self.handler.lookup(ev.service)  # its spec event is in flight
                     ev.freed.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(ev.freed.wait(), 0.5)

@@ -195,14 +195,16 @@ ROUTES: tuple[tuple[str, str, Builder], ...] = (
         tag="v2", named=True)),
     ("/v2/models/{name}/ready", "get", lambda: _op(
         "model-ready", "a deployed service is ready: it serves, after a cold start if at zero",
-        _responses(_json(_ref("model_ready"), "deployed"), "NotFound"), tag="v2", named=True)),
+        _responses(_json(_ref("model_ready"), "deployed"), "NotFound", "Unavailable"), tag="v2",
+        named=True)),
     ("/v2/models/{name}/infer", "post", lambda: _op(
         "model-infer", "Open Inference Protocol v2 inference (may start a pod)",
         _responses(_json(_ref("inference_response"), "the model's answer"), *WITH_BODY),
         tag="v2", named=True, body=_ref("inference_request"))),
     ("/v1/models/{name}", "get", lambda: _op(
         "v1-model-ready", "KServe v1 model status",
-        _responses(_json(_ref("model_ready"), "deployed"), "NotFound"), tag="v1", named=True)),
+        _responses(_json(_ref("model_ready"), "deployed"), "NotFound", "Unavailable"), tag="v1",
+        named=True)),
     ("/v1/models/{name}:predict", "post", lambda: _op(
         "v1-predict", "KServe v1 prediction (may start a pod)",
         _responses(_json(_ref("v1_predict_response"), "the model's predictions"), *WITH_BODY),

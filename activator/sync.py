@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 from activator.services import ServiceTable
 from kernel import endpoints as ep
 from kernel.bus import Bus
-from kernel.errors import RemoteError
+from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
     Empty,
     Endpoints,
@@ -64,8 +64,10 @@ class ServiceSync:
         try:
             reply: SpecUpdated = await self.bus.call(ep.ADMIN_SPEC, NameRequest(name=name),
                                                      timeout=1.0)
-        except RemoteError:
-            return None
+        except RemoteError as exc:
+            if exc.code is ErrorCode.NOT_FOUND:
+                return None
+            raise  # a busy or restarting registry is not "no such model": the caller says 503
         self._upsert(reply.spec)
         return reply.spec
 

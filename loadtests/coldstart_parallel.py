@@ -36,7 +36,7 @@ from kernel.bus import Bus
 from kernel.config import ActivatorConfig, Config, NodesConfig
 from kernel.identity import login
 from kernel.messages import ColdStart, DeployRequest, Resources, ScalingSpec, ServiceSpec
-from kernel.procs import free_port, pdeathsig_preexec
+from kernel.procs import descendants, free_port, pdeathsig_preexec
 from loadtests import coldstart_report as report
 from loadtests.burst import processes_left
 from loadtests.burst_run import progress
@@ -60,6 +60,8 @@ class Options:
     pod_memory_mb: int = 64
     request_timeout_s: float = 120.0
     pod_nice: int | None = None  # None: the nodes' default (NodesConfig.pod_nice)
+    # "processes": one process per role, as `fnplane up` runs it; "inline": all on this loop.
+    roles: str = "processes"
     out: Path = REPO / "loadtests" / "out"
 
     def __post_init__(self) -> None:
@@ -104,6 +106,22 @@ def _cpu_s(pid: int) -> float:
     f = text[text.rfind(")") + 2:].split()
     ticks = sum(int(x) for x in f[11:15])  # utime stime cutime cstime
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def control_plane_cpu_s() -> float:
+    """CPU seconds of this process and of the control plane's processes under it (roles and
+    the instances the coordinator runs; pods excluded)."""
+    total = time.process_time()
+    for pid in descendants(os.getpid()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"controlplane.role" in cmd or b"controlplane.instance" in cmd:
+                text = Path(f"/proc/{pid}/stat").read_text()
+                f = text[text.rfind(")") + 2:].split()
+                total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+    return total
 
 
 async def one_pod_start(opts: Options) -> tuple[float, float]:
@@ -151,7 +169,7 @@ async def cpu_floor(opts: Options) -> dict[str, float]:
 
 async def run_case(opts: Options, n: int, pod_cpu_s: float) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="fnplane-coldstart-") as state:
-        stack = Stack(opts.config(Path(state)), nats_port=None)
+        stack = Stack(opts.config(Path(state)), nats_port=None, roles=opts.roles)
         t0 = time.time()
         await stack.start()
         progress(f"{n} services: stack up in {time.time() - t0:.1f}s")
@@ -164,8 +182,9 @@ async def run_case(opts: Options, n: int, pod_cpu_s: float) -> dict[str, object]
         node_memory_mb=opts.node_memory_mb, pod_cpu_s=pod_cpu_s, cores=os.cpu_count() or 1)
     example = next((c for c in colds if c.service == _name(n, n // 2)), None)
     case["example_pod_stages_ms"] = report.stages(example) if example else {}
-    # The embedded stack runs in this process, all of it on one event loop: its CPU time
-    # while the services woke is the control plane's work, which that loop does in series.
+    # The control plane's CPU while the services woke: this process (inline: all of it, on
+    # one event loop) plus its role and instance processes (processes), never the pods'.
+    case["roles"] = opts.roles
     case["stack_cpu_ms"] = round(stack_cpu_s * 1000.0, 1)
     case["stack_cpu_ms_per_cold_start"] = round(stack_cpu_s * 1000.0 / n, 1)
     case["cold_starts"] = colds  # for the plot; dropped from the JSON
@@ -193,9 +212,9 @@ async def _wake(opts: Options, stack: Stack, n: int) -> tuple[list[report.Answer
             await bus.call(ep.ADMIN_DEPLOY, DeployRequest(spec=opts.spec(name)), timeout=10.0)
         await asyncio.sleep(0.5)  # let the deploys settle: this measures wake-ups only
         progress(f"{n} services deployed at zero; waking them at once")
-        cpu0 = time.process_time()
+        cpu0 = control_plane_cpu_s()
         answers = await _client(opts, stack, names)
-        stack_cpu_s = time.process_time() - cpu0
+        stack_cpu_s = control_plane_cpu_s() - cpu0
         deadline = time.monotonic() + 5.0
         while len(colds) < sum(a.status == 200 for a in answers):
             if time.monotonic() > deadline:
@@ -271,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="services woken at once, per case (default 1,5,25,100)")
     p.add_argument("--quick", action="store_true", help="sizes 1 and 5 only")
     p.add_argument("--pod-nice", type=int, help="the pods' nice value (default: the nodes')")
+    p.add_argument("--roles", choices=["processes", "inline"], default="processes",
+                   help="the stack as `fnplane up` runs it (default), or all on one loop")
     p.add_argument("--out", type=Path, help="where the JSON and PNG go (default loadtests/out)")
     p.add_argument("--json", action="store_true", help="print only the JSON object on stdout")
     p.add_argument("-v", "--verbose", action="store_true", help="the stack's INFO logs")
@@ -285,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen["out"] = args.out.resolve()
     if args.pod_nice is not None:
         chosen["pod_nice"] = args.pod_nice
+    chosen["roles"] = args.roles
     try:
         opts = Options(**chosen)  # type: ignore[arg-type]
     except ValueError as exc:

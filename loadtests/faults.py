@@ -220,12 +220,17 @@ async def post_once(url: str, timeout: float = 60.0) -> int:
 Inject = Callable[[Stack, str], Awaitable[str]]
 
 
-async def _ready_pod_pid(stack: Stack, service: str) -> int:
-    for node in _nodes(stack):
-        for pod in node.pods.values():
-            if pod.start.spec.name == service and pod.state == "ready":
-                return int(pod.proc.pid)
-    raise RuntimeError(f"no ready pod of {service} to kill")
+async def _ready_pod_pid(stack: Stack, service: str, within_s: float = 30.0) -> int:
+    """A serving pod's pid; on a slow machine the cold start may outlast the fault's
+    planned moment, so wait for one."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        for node in _nodes(stack):
+            for pod in node.pods.values():
+                if pod.start.spec.name == service and pod.state == "ready":
+                    return int(pod.proc.pid)
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"no ready pod of {service} to kill within {within_s:g}s")
 
 
 def _nodes(stack: Stack) -> list[LocalNode]:
