@@ -89,6 +89,22 @@ class LocalPod:
         return "".join(self.output)[-2000:]
 
 
+# Ports handed to pods of this process's nodes and not yet given back. free_port() asks the
+# kernel for one that is free now; a pod that has not bound it yet leaves it free, so two
+# starts at once could get the same one — and the second pod's readiness probe would be
+# answered by the first pod, routing one service's requests to another's model.
+_PORTS: set[int] = set()
+
+
+def _reserve_port() -> int:
+    for _ in range(100):
+        port = free_port()
+        if port not in _PORTS:
+            _PORTS.add(port)
+            return port
+    raise RemoteError(ErrorCode.UNAVAILABLE, "no free port for a pod")
+
+
 class LocalNode(Component):
     """One node agent. Several run in one `fnplane up`; each has its own NATS connection."""
 
@@ -173,8 +189,16 @@ class LocalNode(Component):
             return Empty()
         if (refused := self.fence.refusal(msg)) is not None:
             raise refused
+        port = _reserve_port()
+        try:
+            return await self._start(msg, port)
+        except BaseException:
+            if msg.pod not in self.pods:  # no pod took it
+                _PORTS.discard(port)
+            raise
+
+    async def _start(self, msg: StartPod, port: int) -> Empty:
         spec = msg.spec
-        port = free_port()
         env = {
             # A clean environment: nothing of the control plane's (its credentials, a cloud
             # key in the operator's shell) reaches a pod; only the few variables a process
@@ -307,6 +331,7 @@ class LocalNode(Component):
         pod.state = "failed"
         await _kill(pod.proc, grace=0.5)
         self.pods.pop(pod.start.pod, None)
+        _PORTS.discard(pod.port)
         self._ended_pod(pod.start.pod)
         await self._emit(pod, "failed", reason=reason, log_tail=pod.tail())
 
@@ -318,6 +343,7 @@ class LocalNode(Component):
         await _kill(pod.proc, grace=STOP_GRACE_S)
         pod.state = "stopped"
         self.pods.pop(pod.start.pod, None)
+        _PORTS.discard(pod.port)
         self._ended_pod(pod.start.pod)
         await self._emit(pod, "stopped", reason=reason)
         for task in pod.tasks:
