@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import msgspec
@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 Protocol = Literal["v1", "v2"]
 RETRYABLE_4XX = frozenset({408, 429})
+# A pod's answer to a versioned OIP path that says it does not serve versioned paths at all
+# (KServe's Python server declares them but answers 501 "Model versioning not supported yet";
+# a plain FastAPI app has no such route, 404): nothing ran, so the unversioned path is tried.
+NO_VERSIONED_PATHS = frozenset({404, 501})
 Lookup = Callable[[str], Awaitable[ServiceSpec | None]]
 
 
@@ -169,6 +173,9 @@ class Handler:
         self.metrics = metrics
         self.lookup = lookup
         self.id = log_id
+        # Services whose pods answered a versioned path with NO_VERSIONED_PATHS: their
+        # versioned requests go to the unversioned path at once (the version is checked here).
+        self.unversioned: set[str] = set()
         table.make_batcher = self._batcher_for
 
     async def handle(self, req: Request) -> Answer:
@@ -190,7 +197,7 @@ class Handler:
             headers = dict(req.headers)
             telemetry.inject(headers)
             try:
-                answer = await self._route(req, payload, headers)
+                answer = await self._versioned(req, payload, headers)
             except Exception as exc:
                 return self._failure(name, exc)
             span.set_attribute("fnplane.path", answer.path)
@@ -198,6 +205,24 @@ class Handler:
                 span.set_attribute("fnplane.pod", answer.pod)
                 span.set_attribute("fnplane.cold", answer.cold)
         return answer
+
+    async def _versioned(self, req: Request, payload: Any, headers: dict[str, str]) -> Answer:
+        """A versioned request goes to the pod's versioned path if the pod serves it, else
+        (learnt from its first answer, per service) to the unversioned one: the version was
+        checked against the service's already, and a service's pods serve that one."""
+        versioned = f"/v2/models/{req.service}/versions/{req.version}"
+        if req.version is None or not req.path.startswith(versioned):  # KServe v1: no versions
+            return await self._route(req, payload, headers)
+        plain = replace(req, path=f"/v2/models/{req.service}" + req.path[len(versioned):])
+        if req.service in self.unversioned:
+            return await self._route(plain, payload, headers)
+        answer = await self._route(req, payload, headers)
+        if answer.status not in NO_VERSIONED_PATHS:
+            return answer
+        log.info("%s: pods of %s answered %d on %s; using unversioned paths", self.id,
+                 req.service, answer.status, versioned)
+        self.unversioned.add(req.service)
+        return await self._route(plain, payload, headers)
 
     async def _route(self, req: Request, payload: Any, headers: dict[str, str]) -> Answer:
         svc = self.table.get(req.service)

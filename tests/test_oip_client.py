@@ -4,8 +4,8 @@ and model metadata, readiness and an inference from services at zero pods. JSON 
 only (`binary_data=False`): the gateway does not implement Triton's binary extension.
 
 And every error the gateway itself writes — an unknown route, a wrong method, a bad body, a
-body over the limit, an unknown model or version, a service that cannot start — is KServe's
-`{"error": "..."}` in JSON with its status."""
+body over the limit, a request aiohttp cannot parse, an unknown model or version, a service
+that cannot start — is KServe's `{"error": "..."}` in JSON with its status."""
 
 from __future__ import annotations
 
@@ -91,6 +91,21 @@ async def fetch(http: aiohttp.ClientSession, method: str, url: str,
         return r.status, r.content_type, json.loads(await r.read())
 
 
+async def raw(url: str, request: bytes) -> tuple[int, str, Any]:
+    """Bytes no HTTP client would send; the gateway's answer, read to the close."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers["content-type"].split(";")[0], json.loads(body)
+
+
 async def test_every_error_the_gateway_writes_is_json_in_kserves_shape(
     nats_url: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -103,6 +118,10 @@ async def test_every_error_the_gateway_writes_is_json_in_kserves_shape(
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
             answers = {
                 "unknown route": await fetch(http, "GET", f"{url}/v3/nothing"),
+                "unparsable request": await raw(url, b"GET /v2 HTTP/1.1\r\nHost: x\r\n"
+                                                     b"Bad Header Line\r\n\r\n"),
+                "unparsable length": await raw(url, b"POST /v2/models/errs/infer HTTP/1.1\r\n"
+                                                    b"Host: x\r\nContent-Length: abc\r\n\r\n"),
                 "unknown route under v2": await fetch(http, "GET", f"{url}/v2/models/errs/x/y"),
                 "wrong method": await fetch(http, "GET", f"{url}/v2/models/errs/infer"),
                 "wrong method, versioned": await fetch(
@@ -128,7 +147,8 @@ async def test_every_error_the_gateway_writes_is_json_in_kserves_shape(
 
     statuses = {what: status for what, (status, _ct, _body) in answers.items()}
     assert statuses == {
-        "unknown route": 404, "unknown route under v2": 404, "wrong method": 405,
+        "unknown route": 404, "unparsable request": 400, "unparsable length": 400,
+        "unknown route under v2": 404, "wrong method": 405,
         "wrong method, versioned": 405, "not JSON": 400, "datatype an object": 400,
         "v1 without instances": 400, "too large": 413, "unknown model": 404,
         "unknown version": 404, "cannot start": 503,
