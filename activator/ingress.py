@@ -42,8 +42,8 @@ def build_app(handler: Handler, *, ready: ReadyCheck, bodies: BodyBudget | None 
             web.get("/v2/models/{name}/ready", model_ready),
             web.post("/v2/models/{name}/infer", infer_v2),
             # The protocol's versioned paths (its OpenAPI document has only these for a
-            # model): checked against the service's version, forwarded as they came, since
-            # OIP servers (the sample, KServe, MLServer, Triton) serve them too.
+            # model): checked against the service's version, then forwarded as they came
+            # where the pod serves them, else on the plain path (Handler._versioned).
             web.get("/v2/models/{name}/versions/{version}", model_metadata),
             web.get("/v2/models/{name}/versions/{version}/ready", model_ready),
             web.post("/v2/models/{name}/versions/{version}/infer", infer_v2),
