@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import msgspec
@@ -34,12 +34,18 @@ MAX_ATTEMPTS = 10
 
 Protocol = Literal["v1", "v2"]
 RETRYABLE_4XX = frozenset({408, 429})
+# A pod's answer to a versioned OIP path that says it does not serve versioned paths at all
+# (KServe's Python server declares them but answers 501 "Model versioning not supported yet";
+# a plain FastAPI app has no such route, 404): nothing ran, so the unversioned path is tried.
+NO_VERSIONED_PATHS = frozenset({404, 501})
 Lookup = Callable[[str], Awaitable[ServiceSpec | None]]
 
 
 @dataclass(frozen=True)
 class Request:
-    """`protocol` says which body check applies (None: a GET with no body to check)."""
+    """`protocol` says which body check applies (None: a GET with no body to check);
+    `version` is the model version a versioned OIP path (or NATS header) names, checked
+    against the service's before anything wakes (None: whatever the service serves)."""
 
     service: str
     method: str
@@ -47,6 +53,7 @@ class Request:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     protocol: Protocol | None = None
+    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,25 +81,32 @@ def error(status: int, message: str, *, retry_after_s: int = 0) -> Answer:
     return Answer(status, json.dumps({"error": message}).encode(), retry_after_s=retry_after_s)
 
 
-def check_v2(payload: Any) -> str | None:
-    if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list):
-        return "invalid request: expected a JSON object with an 'inputs' list"
-    if not payload["inputs"]:
-        return "invalid request: 'inputs' is empty"
-    return None
+def not_found(name: str, version: str | None = None) -> Answer:
+    """KServe's 404 for an unknown model (and, with a version, for an unknown version)."""
+    of = f" and version {version}" if version is not None else ""
+    return error(404, f"Model with name {name}{of} does not exist.")
 
 
-def check_v1(payload: Any) -> str | None:
-    if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
-        return "invalid request: expected a JSON object with an 'instances' list"
-    return None
+class _Tensor(msgspec.Struct):
+    """One input, per the protocol's `request_input`: typed fields, `data` kept raw."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    data: msgspec.Raw
+    parameters: dict[str, msgspec.Raw] | None = None
 
 
-CHECKS = {"v1": check_v1, "v2": check_v2}
+class _Wanted(msgspec.Struct):
+    name: str
+    parameters: dict[str, msgspec.Raw] | None = None
 
 
 class _V2Shape(msgspec.Struct):
-    inputs: list[msgspec.Raw]
+    inputs: list[_Tensor]
+    id: str | None = None
+    parameters: dict[str, msgspec.Raw] | None = None
+    outputs: list[_Wanted] | None = None
 
 
 class _V1Shape(msgspec.Struct):
@@ -103,15 +117,16 @@ _SHAPES = {"v2": msgspec.json.Decoder(_V2Shape), "v1": msgspec.json.Decoder(_V1S
 
 
 def check_shape(protocol: Protocol, body: bytes) -> str | None:
-    """`CHECKS` on the raw body, without building its tensors: msgspec validates the whole
-    document but keeps each input as raw bytes, so a 16 MiB body costs no Python floats
-    (full decoding took ~64 MiB of objects and ~0.4 s of event loop per such body, and a
-    thread does not help: msgspec holds the GIL while it decodes). Only a batched service
-    needs the decoded payload."""
+    """The protocol's types on the raw body, without building its tensors: msgspec validates
+    the whole document (each input's name, shape, datatype and parameters typed) but keeps
+    each input's data as raw bytes, so a 16 MiB body costs no Python floats (full decoding
+    took ~64 MiB of objects and ~0.4 s of event loop per such body, and a thread does not
+    help: msgspec holds the GIL while it decodes). That data is an array is checked on its
+    first byte; what its elements are is the model's business (a 400 from the pod)."""
     try:
         shape = _SHAPES[protocol].decode(body)
-    except msgspec.ValidationError:  # valid JSON, wrong shape: CHECKS says why
-        return CHECKS[protocol](None)
+    except msgspec.ValidationError as exc:  # valid JSON, wrong shape: msgspec says where
+        return f"invalid request: {exc}"
     except msgspec.DecodeError as exc:
         return f"invalid JSON body: {exc}"
     except RecursionError:
@@ -121,8 +136,12 @@ def check_shape(protocol: Protocol, body: bytes) -> str | None:
             body.decode()
         except UnicodeDecodeError:
             return "invalid JSON body: Invalid UTF-8 encoded string"
-    if isinstance(shape, _V2Shape) and not shape.inputs:
-        return "invalid request: 'inputs' is empty"
+    if isinstance(shape, _V2Shape):
+        if not shape.inputs:
+            return "invalid request: 'inputs' is empty"
+        for i, tensor in enumerate(shape.inputs):
+            if bytes(memoryview(tensor.data)[:1]) != b"[":
+                return f"invalid request: inputs[{i}].data must be an array"
     return None
 
 
@@ -158,33 +177,35 @@ class Handler:
         self.metrics = metrics
         self.lookup = lookup
         self.id = log_id
+        # Services whose pods answered a versioned path with NO_VERSIONED_PATHS: their
+        # versioned requests go to the unversioned path at once (the version is checked here).
+        self.unversioned: set[str] = set()
         table.make_batcher = self._batcher_for
 
     async def handle(self, req: Request) -> Answer:
         name = req.service
         try:
-            known = await self.lookup(name)
+            spec = await self.lookup(name)
         except RemoteError as exc:
             return error(503, f"cannot tell now whether model {name} exists: {exc.message}",
                          retry_after_s=self.config.retry_after_s)
-        if known is None:
-            return error(404, f"Model with name {name} does not exist.")
+        if spec is None:
+            return not_found(name)
+        if req.version is not None and req.version != spec.model_version:
+            return not_found(name, req.version)
         payload: Any = None  # decoded only for a batched service, which merges payloads
         if req.protocol is not None:
+            problem = check_shape(req.protocol, req.body)
             svc = self.table.get(name)
-            if svc is not None and svc.batcher is not None:
+            if problem is None and svc is not None and svc.batcher is not None:
                 payload, problem = parse_body(req.body)
-                if problem is None:
-                    problem = CHECKS[req.protocol](payload)
-            else:
-                problem = check_shape(req.protocol, req.body)
             if problem is not None:
                 return error(400, problem)
         with telemetry.tracer.start_as_current_span(f"activator {name}") as span:
             headers = dict(req.headers)
             telemetry.inject(headers)
             try:
-                answer = await self._route(req, payload, headers)
+                answer = await self._versioned(req, payload, headers)
             except Exception as exc:
                 return self._failure(name, exc)
             span.set_attribute("fnplane.path", answer.path)
@@ -192,6 +213,24 @@ class Handler:
                 span.set_attribute("fnplane.pod", answer.pod)
                 span.set_attribute("fnplane.cold", answer.cold)
         return answer
+
+    async def _versioned(self, req: Request, payload: Any, headers: dict[str, str]) -> Answer:
+        """A versioned request goes to the pod's versioned path if the pod serves it, else
+        (learnt from its first answer, per service) to the unversioned one: the version was
+        checked against the service's already, and a service's pods serve that one."""
+        versioned = f"/v2/models/{req.service}/versions/{req.version}"
+        if req.version is None or not req.path.startswith(versioned):  # KServe v1: no versions
+            return await self._route(req, payload, headers)
+        plain = replace(req, path=f"/v2/models/{req.service}" + req.path[len(versioned):])
+        if req.service in self.unversioned:
+            return await self._route(plain, payload, headers)
+        answer = await self._route(req, payload, headers)
+        if answer.status not in NO_VERSIONED_PATHS:
+            return answer
+        log.info("%s: pods of %s answered %d on %s; using unversioned paths", self.id,
+                 req.service, answer.status, versioned)
+        self.unversioned.add(req.service)
+        return await self._route(plain, payload, headers)
 
     async def _route(self, req: Request, payload: Any, headers: dict[str, str]) -> Answer:
         svc = self.table.get(req.service)

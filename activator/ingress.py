@@ -14,7 +14,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from activator import openapi
 from activator.errorpages import kserve_errors
-from activator.handler import Answer, Handler, Protocol, Request, error
+from activator.handler import Answer, Handler, Protocol, Request, error, not_found
 from kernel.config import ActivatorConfig
 from kernel.errors import RemoteError
 
@@ -38,9 +38,16 @@ def build_app(handler: Handler, *, ready: ReadyCheck, bodies: BodyBudget | None 
             web.get("/v2/health/live", live),
             web.get("/v2/health/ready", ready_probe),
             web.get("/v2", server_metadata),
+            web.get("/v2/", server_metadata),
             web.get("/v2/models/{name}", model_metadata),
             web.get("/v2/models/{name}/ready", model_ready),
             web.post("/v2/models/{name}/infer", infer_v2),
+            # The protocol's versioned paths (its OpenAPI document has only these for a
+            # model): checked against the service's version, then forwarded as they came
+            # where the pod serves them, else on the plain path (Handler._versioned).
+            web.get("/v2/models/{name}/versions/{version}", model_metadata),
+            web.get("/v2/models/{name}/versions/{version}/ready", model_ready),
+            web.post("/v2/models/{name}/versions/{version}/infer", infer_v2),
             web.get("/v1/models/{name:[^/:]+}", model_ready),
             web.post("/v1/models/{name:[^/:]+}:predict", predict_v1),
             web.get("/metrics", metrics),
@@ -142,14 +149,17 @@ async def openapi_document(request: web.Request) -> web.Response:
 async def model_ready(request: web.Request) -> web.Response:
     """Serverless readiness: a deployed service can serve, possibly after a cold start."""
     name = request.match_info["name"]
+    version = request.match_info.get("version")
     handler = request.app[HANDLER_KEY]
     try:
-        known = await handler.lookup(name)
+        spec = await handler.lookup(name)
     except RemoteError as exc:
         return _http(error(503, f"cannot tell now whether model {name} exists: {exc.message}",
                            retry_after_s=handler.config.retry_after_s))
-    if known is None:
-        return _http(error(404, f"Model with name {name} does not exist."))
+    if spec is None:
+        return _http(not_found(name))
+    if version is not None and version != spec.model_version:
+        return _http(not_found(name, version))
     return web.json_response({"name": name, "ready": True})
 
 
@@ -181,6 +191,7 @@ async def _forward(request: web.Request, protocol: Protocol | None) -> web.Respo
         answer = await handler.handle(Request(
             service=request.match_info["name"], method=request.method, path=request.path_qs,
             body=body, headers=dict(request.headers), protocol=protocol,
+            version=request.match_info.get("version"),
         ))
         return _http(answer)
 

@@ -3,7 +3,8 @@ aiohttp's own protocol. aiohttp has no header timeout (its keep-alive timer is n
 a client trickling bytes, but it only fires once per keep-alive period) and no connection
 limit, so a slowloris client or 20,000 idle sockets could hold the process's descriptors
 until pods failed to spawn with "Too many open files". Both checks live at the protocol
-level, before aiohttp parses anything, and answer in KServe's error shape."""
+level, before aiohttp parses anything, and answer in KServe's error shape; so do aiohttp's
+own pages for a request it cannot parse."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_runner import BaseRunner, BaseSite
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,26 @@ def raw_answer(status: int, reason: str, message: str, *, retry_after_s: int = 0
     if retry_after_s:
         head.append(f"Retry-After: {retry_after_s}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class JsonErrorPages(RequestHandler):
+    """aiohttp's protocol, with the pages it writes itself — a request line, header or length
+    it cannot parse (400), a header line too long — in KServe's error shape instead of plain
+    text. They never reach the application, so the gateway's middleware cannot."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        page = super().handle_error(request, status, exc, message)  # logs it, as before
+        answer = web.json_response({"error": (message or HTTPStatus(page.status).phrase)
+                                    .strip()}, status=page.status)
+        answer.force_close()
+        return answer
+
+
+def json_error_pages(server: web.Server) -> Callable[[], RequestHandler]:
+    """`server`'s protocol factory, building `JsonErrorPages` with the same settings (what
+    web.Server.__call__ does, with our class)."""
+    return lambda: JsonErrorPages(server, loop=server._loop, **server._kwargs)
 
 
 class ConnectionGuard:
@@ -201,7 +224,7 @@ class GuardedSite(BaseSite):
         assert server is not None, "runner.setup() first"
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self.guard.protocol_factory(server), self._host, self._port,
+            self.guard.protocol_factory(json_error_pages(server)), self._host, self._port,
             backlog=self._backlog, reuse_port=self.reuse_port or None,
         )
 

@@ -26,6 +26,9 @@ from kernel.messages import ServiceDeleted, SpecUpdated
 log = logging.getLogger(__name__)
 
 STATUS_HEADER = "Fnplane-Status"
+# The NATS twin of OIP's `/versions/{v}` path segment: a request that names a version is
+# answered 404 unless the service serves that version, as over HTTP.
+VERSION_HEADER = "Fnplane-Model-Version"
 _FORWARDED = ("x-request-id", "tracestate")
 
 
@@ -42,13 +45,18 @@ def nats_headers(answer: Answer) -> dict[str, str]:
 
 def request_for(name: str, body: bytes, headers: Mapping[str, str] | None) -> Request | Answer:
     """A NATS body as the handler's request: its protocol by its shape (OIP v2 `inputs`,
-    KServe v1 `instances`), or the 400 that keeps bad input from waking the service."""
+    KServe v1 `instances`), or the 400 that keeps bad input from waking the service. A
+    `Fnplane-Model-Version` header pins the version; an OIP body then goes to the pod's
+    versioned path, as it would over HTTP."""
     payload, problem = parse_body(body)
     if problem is not None:
         return error(400, problem)
+    version = next((v for k, v in (headers or {}).items() if k.lower() == VERSION_HEADER.lower()),
+                   None) or None  # an empty header names no version
     protocol: Protocol
     if isinstance(payload, dict) and "inputs" in payload:
-        protocol, path = "v2", f"/v2/models/{name}/infer"
+        protocol, path = "v2", (f"/v2/models/{name}/versions/{version}/infer" if version
+                                else f"/v2/models/{name}/infer")
     elif isinstance(payload, dict) and "instances" in payload:
         protocol, path = "v1", f"/v1/models/{name}:predict"
     else:
@@ -57,7 +65,7 @@ def request_for(name: str, body: bytes, headers: Mapping[str, str] | None) -> Re
     forwarded = {"Content-Type": "application/json"}
     forwarded.update({k: v for k, v in (headers or {}).items() if k.lower() in _FORWARDED})
     return Request(service=name, method="POST", path=path, body=body, headers=forwarded,
-                   protocol=protocol)
+                   protocol=protocol, version=version)
 
 
 async def invoke(handler: Handler, name: str, body: bytes,

@@ -4,8 +4,9 @@ activator/ingress.py with the Open Inference Protocol's schemas (kserve/open-inf
 `{"error": "..."}`. Third-party clients and the fuzz tests read it; a pure function of the
 version and the body limit, so a test can check it without a server.
 
-Each route is one row of `ROUTES` (path, method, operation builder): a new path (versioned
-model paths, say) is one more row and, if it needs one, one more builder.
+Each route is one row of `ROUTES` (path, method, operation builder): a new path is one more
+row and, if it needs one, one more builder. The protocol's versioned model paths
+(`/v2/models/{name}/versions/{version}/...`) are rows beside the unversioned ones.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ NAME_PARAM: dict[str, Any] = {
     "name": "name", "in": "path", "required": True,
     "description": "the service (model) name",
     "schema": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"},
+}
+# A service answers to one version (its spec's `model_version`, "1" unless set); any other
+# is unknown (404), as the protocol says.
+VERSION_PARAM: dict[str, Any] = {
+    "name": "version", "in": "path", "required": True,
+    "description": "the model version: the one the service's spec names (default \"1\")",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"},
 }
 
 
@@ -46,7 +54,8 @@ def _error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
 ERRORS: dict[str, dict[str, Any]] = {
     "BadRequest": _error("the body is not JSON, or not the protocol's shape (or the model "
                          "refused the input)"),
-    "NotFound": _error("no service of that name is deployed"),
+    "NotFound": _error("no service of that name is deployed, or it does not serve the "
+                       "version the path names"),
     "TooLarge": _error("the body is larger than the gateway's limit"),
     "BadGateway": _error("the service's pods were unreachable, even after a retry on another",
                          retry_after=True),
@@ -165,11 +174,12 @@ WITH_BODY = ("BadRequest", "TooLarge", *FORWARDED)
 
 
 def _op(op_id: str, summary: str, responses: dict[str, Any], *, tag: str,
-        named: bool = False, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        named: bool = False, versioned: bool = False,
+        body: dict[str, Any] | None = None) -> dict[str, Any]:
     op: dict[str, Any] = {"operationId": op_id, "summary": summary, "tags": [tag],
                           "responses": responses}
-    if named:
-        op["parameters"] = [NAME_PARAM]
+    if named or versioned:
+        op["parameters"] = [NAME_PARAM, VERSION_PARAM] if versioned else [NAME_PARAM]
     if body is not None:
         op["requestBody"] = {"required": True,
                              "content": {"application/json": {"schema": body}}}
@@ -177,6 +187,31 @@ def _op(op_id: str, summary: str, responses: dict[str, Any], *, tag: str,
 
 
 Builder = Callable[[], dict[str, Any]]
+
+
+def _server_metadata(op_id: str) -> dict[str, Any]:
+    return _op(op_id, "the gateway's name and version",
+               _responses(_json(_ref("metadata_server_response"), "server metadata")), tag="v2")
+
+
+def _model_metadata(op_id: str, *, versioned: bool) -> dict[str, Any]:
+    return _op(op_id, "the model's metadata, from one of its pods (may start one)",
+               _responses(_json(_ref("metadata_model_response"), "model metadata"), *FORWARDED),
+               tag="v2", named=True, versioned=versioned)
+
+
+def _model_ready(op_id: str, *, versioned: bool) -> dict[str, Any]:
+    return _op(op_id, "a deployed service is ready: it serves, after a cold start if at zero",
+               _responses(_json(_ref("model_ready"), "deployed"), "NotFound", "Unavailable"),
+               tag="v2",
+               named=True, versioned=versioned)
+
+
+def _infer(op_id: str, *, versioned: bool) -> dict[str, Any]:
+    return _op(op_id, "Open Inference Protocol v2 inference (may start a pod)",
+               _responses(_json(_ref("inference_response"), "the model's answer"), *WITH_BODY),
+               tag="v2", named=True, versioned=versioned, body=_ref("inference_request"))
+
 
 ROUTES: tuple[tuple[str, str, Builder], ...] = (
     ("/v2/health/live", "get", lambda: _op(
@@ -186,21 +221,17 @@ ROUTES: tuple[tuple[str, str, Builder], ...] = (
         "server-ready", "ready while connected to the control plane",
         {**_responses(_json(_ref("ready"), "ready")),
          "503": {"$ref": "#/components/responses/Unavailable"}}, tag="v2")),
-    ("/v2", "get", lambda: _op(
-        "server-metadata", "the gateway's name and version",
-        _responses(_json(_ref("metadata_server_response"), "server metadata")), tag="v2")),
-    ("/v2/models/{name}", "get", lambda: _op(
-        "model-metadata", "the model's metadata, from one of its pods (may start one)",
-        _responses(_json(_ref("metadata_model_response"), "model metadata"), *FORWARDED),
-        tag="v2", named=True)),
-    ("/v2/models/{name}/ready", "get", lambda: _op(
-        "model-ready", "a deployed service is ready: it serves, after a cold start if at zero",
-        _responses(_json(_ref("model_ready"), "deployed"), "NotFound", "Unavailable"), tag="v2",
-        named=True)),
-    ("/v2/models/{name}/infer", "post", lambda: _op(
-        "model-infer", "Open Inference Protocol v2 inference (may start a pod)",
-        _responses(_json(_ref("inference_response"), "the model's answer"), *WITH_BODY),
-        tag="v2", named=True, body=_ref("inference_request"))),
+    ("/v2", "get", lambda: _server_metadata("server-metadata")),
+    ("/v2/", "get", lambda: _server_metadata("server-metadata-slash")),
+    ("/v2/models/{name}", "get", lambda: _model_metadata("model-metadata", versioned=False)),
+    ("/v2/models/{name}/ready", "get", lambda: _model_ready("model-ready", versioned=False)),
+    ("/v2/models/{name}/infer", "post", lambda: _infer("model-infer", versioned=False)),
+    ("/v2/models/{name}/versions/{version}", "get",
+     lambda: _model_metadata("model-version-metadata", versioned=True)),
+    ("/v2/models/{name}/versions/{version}/ready", "get",
+     lambda: _model_ready("model-version-ready", versioned=True)),
+    ("/v2/models/{name}/versions/{version}/infer", "post",
+     lambda: _infer("model-version-infer", versioned=True)),
     ("/v1/models/{name}", "get", lambda: _op(
         "v1-model-ready", "KServe v1 model status",
         _responses(_json(_ref("model_ready"), "deployed"), "NotFound", "Unavailable"), tag="v1",

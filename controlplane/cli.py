@@ -247,6 +247,7 @@ def spec_from_flags(args: argparse.Namespace) -> ServiceSpec:
             max_batch_size=args.max_batch_size, max_wait_ms=args.max_batch_wait_ms
         ),
         image=args.image,
+        model_version=args.model_version,
     ).validate()
 
 
@@ -315,6 +316,7 @@ async def run_describe(args: argparse.Namespace) -> int:
     print(f"Name:        {sp.name}  (generation {sp.generation})")
     print(f"URL:         {st.url}")
     print(f"Command:     {' '.join(sp.command)}")
+    print(f"Model:       {sp.model_id}, version {sp.model_version}")
     print(f"Resources:   {sp.resources.cpu:g} cpu, {sp.resources.memory_mb} MiB"
           + (f", {sp.resources.gpu} gpu" if sp.resources.gpu else ""))
     print(f"Scale:       min {sc.min_scale}, max {sc.max_scale or 'unbounded'}, "
@@ -456,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--readiness-path", default="/v2/health/ready")
     dep.add_argument("--image", default="",
                      help="container image on the kubernetes backend (default: fnplane's)")
+    dep.add_argument("--model-version", default="1",
+                     help="the version on OIP's versioned paths (/v2/models/NAME/versions/V)")
     dep.add_argument("--max-batch-size", type=int, default=0)
     dep.add_argument("--max-batch-wait-ms", type=float, default=5.0)
     dep.add_argument("--no-wait", action="store_true")

@@ -70,7 +70,7 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
             "minReplicas", "maxReplicas", "initialReplicas", "scaleTarget", "scaleMetric",
             "targetUtilizationPercentage", "containerConcurrency", "scaleWindowSeconds",
             "scaleToZeroGracePeriodSeconds", "scaleDownDelaySeconds", "targetBurstCapacity",
-            "batching", "container", "model",
+            "batching", "container", "model", "modelVersion",
         },
         "spec.predictor",
     )
@@ -124,6 +124,7 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
         readiness_path=str(container.get("readinessPath", "/v2/health/ready")),
         startup_timeout_s=float(container.get("startupTimeoutSeconds", 60)),
         model=str(pred.get("model", "")),
+        model_version=str(pred.get("modelVersion", "1")),
         image=str(container.get("image", "")),
         batching=BatchingSpec(
             max_batch_size=int(batching.get("maxBatchSize", 0)),

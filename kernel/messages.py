@@ -25,6 +25,9 @@ PodState = Literal["starting", "ready", "terminating", "stopped", "failed"]
 InstanceKind = Literal["scale", "schedule", "route", "activator", "node", "central", "sampling"]
 
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# A model version is one path segment of the Open Inference Protocol's versioned paths
+# (`/v2/models/{m}/versions/{v}/infer`): Triton's are numbers, others' may be names.
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 class SpecError(ValueError):
@@ -102,6 +105,9 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
     # The container image on Kubernetes ("" = the backend's default image, which carries the
     # sample model). The local backend runs `command` on this machine and ignores it.
     image: str = ""
+    # The model version the service answers to on the versioned OIP paths; any other version
+    # of it is unknown (404). One per service: a new version is a new generation of it.
+    model_version: str = "1"
 
     def validate(self) -> ServiceSpec:
         """Refuse specs the control plane cannot honour, before anything is stored."""
@@ -136,6 +142,9 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
             raise SpecError("startup timeout must be > 0")
         if s.batching.max_batch_size < 0 or s.batching.max_wait_ms < 0:
             raise SpecError("batching: max batch size and max wait must be >= 0")
+        if not _VERSION_RE.match(s.model_version):
+            raise SpecError(f"model version {s.model_version!r}: letters, digits, '.', '_', '-'"
+                            " (1-63), starting with a letter or digit")
         return self
 
     @property

@@ -394,7 +394,9 @@ UP_FAULTS = [
     UpFault("gateway-worker-process", "activator-0", workers=2, holds_connections=True),
     UpFault("node-agents-process", "nodes"),
     UpFault("coordinator-process", "coordinator"),
-    UpFault("sigterm-fnplane-up", ""),
+    # Connections still in the listener's accept queue when it closes are reset by the
+    # kernel: the process that held them is gone, as with a killed worker.
+    UpFault("sigterm-fnplane-up", "", holds_connections=True),
 ]
 
 

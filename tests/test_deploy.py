@@ -178,6 +178,7 @@ BAD = [
     ("empty argument in command", _container(command=["python", ""]), "non-empty"),
     ("unknown predictor field", _variant(replicas=3), "Additional properties"),
     ("negative min replicas", _variant(minReplicas=-1), "minimum"),
+    ("model version with a slash", _variant(modelVersion="1/infer"), "does not match"),
 ]
 
 
@@ -194,6 +195,7 @@ GOOD = [
     ("no bounds at all", _variant(minReplicas=None, maxReplicas=None)),
     ("equal bounds", _variant(minReplicas=2, maxReplicas=2)),
     ("rps metric", _variant(scaleMetric="rps", scaleTarget=50)),
+    ("a model version", _variant(modelVersion="2024.1")),
     ("empty command runs the sample", _container(command=[])),
     ("gpu as integer", _container(resources={"requests": {"cpu": 1, "memory": "1Gi",
                                                           "nvidia.com/gpu": 1}})),

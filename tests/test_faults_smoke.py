@@ -41,7 +41,10 @@ def test_no_request_is_lost_or_hung_under_any_fault() -> None:
         assert f["sent"] == 300, (name, f)
         assert f["lost"] == 0 and f["hung"] == 0, (name, f)
         if name == "sigterm-fnplane-up":
-            assert f["ok"] + f["refused"] == 300, f
+            # Answered while it drained, then refused; a connection the kernel had queued
+            # for the closing listener is reset (cut). In-flight requests are answered:
+            # tests/test_gateway_hard.py holds slow ones across the SIGTERM.
+            assert f["ok"] + f["refused"] + f["cut"] == 300, f
             assert f["ok"] > 0, "requests in flight at the SIGTERM were answered"
             assert f["recovered"] is None
             assert f["ready_false_s"] > 0, "readiness said 'not ready' while it drained"

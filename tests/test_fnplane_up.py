@@ -66,7 +66,7 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
 def test_up_serves_from_zero_keeps_services_and_stops_cleanly(state_dir: Path) -> None:
     up = Up(state_dir)
     try:
-        out = up.cli("deploy", "sample", "--min-scale", "0")
+        out = up.cli("deploy", "sample", "--min-scale", "0", "--model-version", "4")
         assert out.returncode == 0, out.stderr
         assert f"http://127.0.0.1:{up.port}/v2/models/sample/infer" in out.stdout
 
@@ -85,6 +85,7 @@ def test_up_serves_from_zero_keeps_services_and_stops_cleanly(state_dir: Path) -
         assert listing.returncode == 0 and "sample" in listing.stdout
         desc = up.cli("describe", "sample")
         assert "Last cold start" in desc.stdout and "process_spawned->ready" in desc.stdout
+        assert "Model:       sample, version 4" in desc.stdout
         status = up.cli("status")
         assert "schedule" in status.stdout and "node-0" in status.stdout
         assert "FREE CPU" in status.stdout

@@ -5,7 +5,11 @@ reached through the gateway from zero, by KServe v1 predict and OIP v2 infer.
 With and without a Content-Type: FastAPI-based servers read a body by its Content-Type
 (KServe takes application/octet-stream for binary tensors and refuses JSON sent so), so the
 gateway forwards the client's Content-Type and says application/json when the client gave
-none (aiohttp would otherwise say application/octet-stream)."""
+none (aiohttp would otherwise say application/octet-stream).
+
+And on OIP's versioned paths: KServe's server declares them but answers 501 "Model versioning
+not supported yet", so the gateway (which checked the version itself) falls back to the
+unversioned path for that service, and goes there at once from then on."""
 
 from __future__ import annotations
 
@@ -62,6 +66,11 @@ async def test_kserve_model_server_serves_v1_and_v2_through_the_gateway_from_zer
 
             answers = dict(zip(ways, await asyncio.gather(
                 *(both(n, ct) for n, ct in ways.items())), strict=True))
+            pinned = f"{stack.url}/v2/models/adder-json/versions/1"
+            versioned = [await post(http, f"{pinned}/infer", V2, "application/json")
+                         for _ in range(2)]
+            async with http.get(pinned) as r:
+                metadata = (r.status, await r.json())
 
     for name, (v2, v1) in answers.items():
         assert v2[0] == 200, (name, v2)
@@ -69,3 +78,6 @@ async def test_kserve_model_server_serves_v1_and_v2_through_the_gateway_from_zer
         assert v2[1]["outputs"] == [{"name": "sum", "shape": [2], "datatype": "FP64",
                                      "parameters": None, "data": [6.0, 15.0]}], (name, v2)
         assert v1 == (200, {"predictions": [6.0, 15.0]}), (name, v1)
+    assert [v for v, _ in versioned] == [200, 200], versioned
+    assert all(a["outputs"][0]["data"] == [6.0, 15.0] for _, a in versioned), versioned
+    assert metadata[0] == 200 and metadata[1]["name"] == "adder-json", metadata

@@ -24,7 +24,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StreamConfig, StreamInfo
 from nats.js.errors import NotFoundError
 
 from activator.nats_events import DURABLE, LAG_REPORTER, REPLY_TO_HEADER, stream_name
-from activator.nats_ingress import STATUS_HEADER
+from activator.nats_ingress import STATUS_HEADER, VERSION_HEADER
 from examples.sample.model import load_model
 from kernel import endpoints as ep
 from kernel.config import NatsIngressConfig
@@ -149,6 +149,36 @@ async def test_unknown_service_404_and_malformed_json_400_without_waking(
         assert gw.metrics.counter("fnplane.revision.request.count", service="sample") == 0
         st = await describe(nats_url, "sample")
         assert st.pods == [] and st.desired_pods == 0
+
+
+async def test_a_model_version_header_pins_the_version_as_a_versioned_path_does(
+    nats_url: str, redis_url: str, tmp_path: Path, nc: NATS
+) -> None:
+    async with running_stack(nats_url, redis_url, tmp_path) as stack:
+        await deploy(nats_url, sample_spec(model_version="5"))
+        proxy = stack.activator.proxy  # type: ignore[union-attr]
+        paths: list[str] = []
+        forward = proxy.forward
+
+        async def recording_forward(url, method, path, body, headers):  # type: ignore[no-untyped-def]
+            paths.append(path)
+            return await forward(url, method, path, body, headers)
+
+        proxy.forward = recording_forward  # type: ignore[method-assign]
+        subject = ep.INVOKE.subject_for(service="sample")
+        wrong = await nc.request(subject, v2_body(), timeout=10,
+                                 headers={VERSION_HEADER: "1"})
+        assert paths == [], "an unknown version must not wake the service"
+        pinned = await nc.request(subject, v2_body(), timeout=COLD_S,
+                                  headers={VERSION_HEADER: "5"})
+        unpinned = await nc.request(subject, v2_body(), timeout=COLD_S)
+
+    assert status(wrong) == "404"
+    assert "version 1 does not exist" in json.loads(wrong.data)["error"]
+    assert (status(pinned), status(unpinned)) == ("200", "200"), (pinned.data, unpinned.data)
+    assert json.loads(pinned.data)["model_version"] == "5"
+    assert np.allclose(outputs(pinned), expected(ROWS), atol=1e-6)
+    assert paths == ["/v2/models/sample/versions/5/infer", "/v2/models/sample/infer"]
 
 
 async def test_50_concurrent_requests_at_zero_are_all_answered(

@@ -38,6 +38,7 @@ POD_KNOBS = frozenset(
         "PORT",
         "HOST",
         "MODEL_NAME",
+        "MODEL_VERSION",
         "SAMPLE_LATENCY_MS",
         "SAMPLE_STARTUP_DELAY_MS",
         "SAMPLE_FAIL_ON_START",
@@ -331,6 +332,27 @@ INVALID_REQUESTS = {
         b'{"inputs": [{"name": "input-0", "shape": [1, 4], '
         b'"datatype": "FP64", "data": [NaN, 1, 1, 1]}]}',
     ),
+    # Wrong JSON types in a tensor are the client's fault, never a 500 (a dict datatype was
+    # "internal error: unhashable type: 'dict'").
+    "v2-datatype-an-object": (
+        "/v2/models/sample/infer",
+        {"inputs": [{"name": "", "shape": [], "datatype": {}, "data": []}]},
+    ),
+    "v2-datatype-a-list": ("/v2/models/sample/infer", _with_tensor(datatype=["FP32"])),
+    "v2-name-a-number": ("/v2/models/sample/infer", _with_tensor(name=0)),
+    "v2-shape-of-strings": ("/v2/models/sample/infer", _with_tensor(shape=["2", "4"])),
+    "v2-shape-of-booleans": ("/v2/models/sample/infer", _with_tensor(shape=[True, 4])),
+    "v2-shape-negative": ("/v2/models/sample/infer", _with_tensor(shape=[-1, 4])),
+    "v2-data-a-number": ("/v2/models/sample/infer", _with_tensor(data=1.0)),
+    "v2-data-null": ("/v2/models/sample/infer", _with_tensor(data=None)),
+    "v2-data-of-objects": ("/v2/models/sample/infer", _with_tensor(data=[{}] * 8)),
+    "v2-parameters-a-list": ("/v2/models/sample/infer", _with_tensor(parameters=[])),
+    "v2-outputs-not-a-list": ("/v2/models/sample/infer", v2_body(ROWS_5[:1], outputs={})),
+    "v2-output-name-a-number": (
+        "/v2/models/sample/infer", v2_body(ROWS_5[:1], outputs=[{"name": 1}])),
+    "v2-deeply-nested": ("/v2/models/sample/infer", b'{"inputs": ' + b"[" * 100_000),
+    "v2-versioned-datatype-an-object": (
+        "/v2/models/sample/versions/1/infer", _with_tensor(datatype={})),
     "v1-bad-json": ("/v1/models/sample:predict", b"not json"),
     "v1-missing-instances": ("/v1/models/sample:predict", {"inputs": ROWS_5}),
     "v1-wrong-feature-count": ("/v1/models/sample:predict", {"instances": [[1.0, 2.0, 3.0]]}),
@@ -358,6 +380,10 @@ async def test_invalid_input_is_400_with_json_error(
         ("GET", "/v2/models/other", None),
         ("GET", "/v2/models/other/ready", None),
         ("GET", "/v1/models/other", None),
+        ("GET", "/v2/models/other/versions/1", None),
+        ("POST", "/v2/models/sample/versions/other/infer", v2_body(ROWS_5[:1])),
+        ("GET", "/v2/models/sample/versions/other", None),
+        ("GET", "/v2/models/sample/versions/other/ready", None),
     ],
 )
 async def test_unknown_model_is_404(
@@ -371,6 +397,26 @@ async def test_unknown_model_is_404(
 
 async def test_unknown_path_is_json_404(shared_pod: Pod, client: aiohttp.ClientSession) -> None:
     assert (await call(client, "GET", f"{shared_pod.url}/nowhere"))[0] == 404
+
+
+async def test_versioned_paths_serve_the_version_from_env(
+    start_pod: StartPod, client: aiohttp.ClientSession
+) -> None:
+    pod = await start_pod(MODEL_NAME="iris", MODEL_VERSION="7")
+    base = f"{pod.url}/v2/models/iris"
+
+    infer = await call(client, "POST", f"{base}/versions/7/infer", v2_body(ROWS_5))
+    metadata = await call(client, "GET", f"{base}/versions/7")
+    ready = await call(client, "GET", f"{base}/versions/7/ready")
+    other = await call(client, "POST", f"{base}/versions/1/infer", v2_body(ROWS_5))
+    unversioned = await call(client, "POST", f"{base}/infer", v2_body(ROWS_5))
+
+    assert infer[0] == 200 and infer[1]["model_version"] == "7", infer
+    assert np.allclose(np.reshape(infer[1]["outputs"][0]["data"], (5, 3)), expected(ROWS_5))
+    assert metadata == (200, {**metadata[1], "name": "iris", "versions": ["7"]})
+    assert ready == (200, {"name": "iris", "ready": True})
+    assert other[0] == 404 and "version 1" in other[1]["error"]
+    assert unversioned[0] == 200 and unversioned[1]["model_version"] == "7"
 
 
 async def test_model_name_comes_from_env(

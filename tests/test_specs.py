@@ -87,6 +87,9 @@ def test_a_good_spec_validates_to_itself() -> None:
         (with_fields(startup_timeout_s=0), "startup timeout must be > 0"),
         (with_fields(batching=BatchingSpec(max_batch_size=-1)), "batching: max batch size"),
         (with_fields(batching=BatchingSpec(max_wait_ms=-1)), "batching: max batch size"),
+        (with_fields(model_version=""), "model version ''"),
+        (with_fields(model_version="1/infer"), "model version '1/infer'"),
+        (with_fields(model_version="-1"), "model version '-1'"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -264,6 +267,7 @@ MANIFEST: dict[str, Any] = {
             "scaleDownDelaySeconds": 10,
             "targetBurstCapacity": -1,
             "model": "llama-3-8b",
+            "modelVersion": "2024.1",
             "batching": {"maxBatchSize": 8, "maxWaitMs": 2},
             "container": {
                 "command": ["python", "-m", "server"],
@@ -301,6 +305,7 @@ def test_a_full_manifest_becomes_exactly_its_spec() -> None:
         readiness_path="/ready",
         startup_timeout_s=120.0,
         model="llama-3-8b",
+        model_version="2024.1",
         batching=BatchingSpec(max_batch_size=8, max_wait_ms=2.0),
     )
 
@@ -361,6 +366,7 @@ def container(**fields: Any) -> Callable[[dict[str, Any]], None]:
         (container(resources={"requests": {"memory": "1 GB"}}), "memory '1 GB'"),
         (container(env=[{"value": "x"}]), "env\\[\\]: every variable needs a name"),
         (container(readinessPath="ready"), "readiness path must start with '/'"),
+        (predictor(modelVersion="v/2"), "model version 'v/2'"),
     ],
     ids=[
         "unknown-predictor-field",
@@ -380,6 +386,7 @@ def container(**fields: Any) -> Callable[[dict[str, Any]], None]:
         "bad-memory",
         "env-without-name",
         "relative-readiness-path",
+        "model-version-with-a-slash",
     ],
 )
 def test_a_bad_manifest_is_a_spec_error_saying_what_is_wrong(

@@ -6,7 +6,9 @@ counts requests in flight so tests can prove the activator never exceeds contain
 
 Run: `PORT=8080 python -m examples.sample.server`. Environment:
 
-- `PORT` (required), `HOST` (default 127.0.0.1), `MODEL_NAME` (default "sample").
+- `PORT` (required), `HOST` (default 127.0.0.1), `MODEL_NAME` (default "sample"),
+  `MODEL_VERSION` (default "1": the one version the versioned OIP paths accept; fnplane sets
+  both from the service's spec).
 - `SAMPLE_LATENCY_MS`: extra latency per infer/predict request (not per row), a knob for tests
   and benchmarks that makes concurrency observable.
 - `SAMPLE_STARTUP_DELAY_MS`: sleep before listening, simulating the load of big weights.
@@ -42,7 +44,7 @@ from examples.sample.protocol import (
 
 SERVER_NAME = "fnplane-sample"
 SERVER_VERSION = "0.1.0"
-MODEL_VERSION = "1"
+DEFAULT_MODEL_VERSION = "1"
 # Long enough for any in-flight request (even with a large SAMPLE_LATENCY_MS in tests) to
 # finish, short enough that a stuck pod does not hold up scale-down.
 SHUTDOWN_TIMEOUT_S = 5.0
@@ -61,6 +63,7 @@ class ServerSettings:
     port: int
     host: str = "127.0.0.1"
     model_name: str = "sample"
+    model_version: str = DEFAULT_MODEL_VERSION
     latency_s: float = 0.0
     startup_delay_s: float = 0.0
 
@@ -79,10 +82,14 @@ class ServerSettings:
         model_name = env.get("MODEL_NAME", "") or "sample"
         if "/" in model_name or ":" in model_name:
             raise ValueError(f"MODEL_NAME must not contain '/' or ':', got {model_name!r}")
+        model_version = env.get("MODEL_VERSION", "") or DEFAULT_MODEL_VERSION
+        if "/" in model_version:
+            raise ValueError(f"MODEL_VERSION must not contain '/', got {model_version!r}")
         return cls(
             port=port,
             host=env.get("HOST", "") or "127.0.0.1",
             model_name=model_name,
+            model_version=model_version,
             latency_s=_milliseconds(env, "SAMPLE_LATENCY_MS") / 1000.0,
             startup_delay_s=_milliseconds(env, "SAMPLE_STARTUP_DELAY_MS") / 1000.0,
         )
@@ -149,14 +156,20 @@ class SampleServer:
         """The aiohttp application with every route of the pod."""
         app = web.Application(middlewares=[_json_errors], client_max_size=MAX_BODY_BYTES)
         # `[^/:]+` keeps ":predict" out of the model name, so both v1 routes can coexist.
+        # The versioned OIP paths are the protocol's own (its OpenAPI document has only
+        # those for a model): a client that pins a version calls them.
         app.add_routes(
             [
                 web.get("/v2/health/live", self.live),
                 web.get("/v2/health/ready", self.server_ready),
                 web.get("/v2", self.server_metadata),
+                web.get("/v2/", self.server_metadata),
                 web.get("/v2/models/{name}", self.model_metadata),
                 web.get("/v2/models/{name}/ready", self.model_ready),
                 web.post("/v2/models/{name}/infer", self.infer),
+                web.get("/v2/models/{name}/versions/{version}", self.model_metadata),
+                web.get("/v2/models/{name}/versions/{version}/ready", self.model_ready),
+                web.post("/v2/models/{name}/versions/{version}/infer", self.infer),
                 web.get("/v1/models/{name:[^/:]+}", self.v1_model),
                 web.post("/v1/models/{name:[^/:]+}:predict", self.predict),
                 web.get("/stats", self.stats_handler),
@@ -184,7 +197,7 @@ class SampleServer:
         return web.json_response(
             {
                 "name": name,
-                "versions": [MODEL_VERSION],
+                "versions": [self.settings.model_version],
                 "platform": "numpy",
                 "inputs": [
                     {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, self.model.n_features]}
@@ -213,7 +226,9 @@ class SampleServer:
             name = self._known_model(request)
             batch, request_id = decode_v2_request(await _json_body(request), self.model.n_features)
             probs = await self._run(batch)
-            answer: dict[str, object] = {"model_name": name, "model_version": MODEL_VERSION}
+            answer: dict[str, object] = {
+                "model_name": name, "model_version": self.settings.model_version,
+            }
             if request_id is not None:
                 answer["id"] = request_id
             answer["outputs"] = [
@@ -239,10 +254,14 @@ class SampleServer:
         return web.json_response(self.stats.snapshot())
 
     def _known_model(self, request: web.Request) -> str:
-        """The model name from the path, or 404 if this pod does not serve it."""
+        """The model name from the path, or 404 if this pod does not serve it (or the
+        version the path names)."""
         name = request.match_info["name"]
         if name != self.settings.model_name:
             raise ModelNotFound(name)
+        version = request.match_info.get("version")
+        if version is not None and version != self.settings.model_version:
+            raise ModelNotFound(name, version)
         return name
 
     async def _run(self, batch: np.ndarray) -> np.ndarray:
@@ -270,6 +289,8 @@ async def _json_body(request: web.Request) -> object:
         return json.loads(raw)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # `[[[[...` deeper than the parser goes: the client's fault
+        raise InvalidInput("request body is not valid JSON: nested too deeply") from None
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -208,6 +208,7 @@ class LocalNode(Component):
             **spec.env,
             "PORT": str(port),
             "MODEL_NAME": spec.env.get("MODEL_NAME", spec.name),
+            "MODEL_VERSION": spec.env.get("MODEL_VERSION", spec.model_version),
             "FNPLANE_SERVICE": spec.name,
             "FNPLANE_POD": msg.pod,
             "FNPLANE_NODE": self.name,

@@ -151,6 +151,7 @@ def pod_manifest(
         "PORT": str(port),
         "HOST": "0.0.0.0",  # the pod's own network namespace: listen where the kubelet probes
         "MODEL_NAME": spec.env.get("MODEL_NAME", spec.name),
+        "MODEL_VERSION": spec.env.get("MODEL_VERSION", spec.model_version),
         "FNPLANE_SERVICE": spec.name,
         "FNPLANE_POD": start.pod,
         "FNPLANE_NODE": start.node,
