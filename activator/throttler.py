@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from activator.workers import ALONE, Worker
 from kernel.messages import Endpoint
 
+# How long a pod that did not take a connection is left alone.
+SUSPEND_S = 1.0
+
 
 class BufferFull(Exception):
     pass
@@ -42,8 +45,11 @@ class PodSlot:
     endpoint: Endpoint
     capacity: float
     in_flight: int = 0
-    removed: bool = False
+    removed: bool = False  # route no longer lists it
     served: int = 0
+    # It did not take a connection (refused, reset, timed out): none is sent to it for a
+    # moment. Route decides whether it is gone; a healthy pod that was only slow comes back.
+    suspended: bool = False
 
     @property
     def pod(self) -> str:
@@ -55,7 +61,8 @@ class PodSlot:
 
     def has_room(self, elsewhere: int = 0) -> bool:
         """`elsewhere`: requests on this pod that did not pass the throttler (direct path)."""
-        return not self.removed and self.in_flight + elsewhere < self.capacity
+        return (not self.removed and not self.suspended
+                and self.in_flight + elsewhere < self.capacity)
 
 
 @dataclass(eq=False)
@@ -205,9 +212,18 @@ class ServiceThrottler:
                 slot.removed = False
         self._dispatch()
 
-    def mark_dead(self, slot: PodSlot) -> None:
-        """The pod refused a connection: stop sending to it before route says so."""
-        slot.removed = True
+    def mark_dead(self, slot: PodSlot, for_s: float = SUSPEND_S) -> None:
+        """The pod did not take a connection: send it nothing for a moment, before route
+        says whether it is gone. Not for good: a pod that was only slow to accept (an
+        overloaded machine) must not stay unused while route, seeing it healthy, never lists
+        it again."""
+        slot.suspended = True
+
+        def back() -> None:
+            slot.suspended = False
+            self._dispatch()
+
+        asyncio.get_running_loop().call_later(for_s, back)
 
     def fail_waiters(self, exc: Exception) -> int:
         failed = 0

@@ -215,6 +215,22 @@ async def test_a_pod_listed_again_still_counts_its_requests_in_flight(how: str) 
     assert (await thr.acquire(LONG))[0].pod == "a"
 
 
+async def test_a_pod_marked_dead_comes_back_by_itself_while_route_still_lists_it() -> None:
+    """A pod that did not take a connection in time (an overloaded machine) is left alone
+    for a moment, not for good: route, seeing it healthy, would never list it again, and a
+    one-pod service would answer 503s until its pod was replaced (found by the dataplane
+    benchmark under contention)."""
+    thr = throttler()
+    thr.set_endpoints([ep("a", 1)], 0)
+    slot, _ = await thr.acquire(LONG)
+    thr.release(slot)
+    thr.mark_dead(slot, for_s=0.05)
+    with pytest.raises(WaitTimeout):
+        await thr.acquire(0.01)  # suspended
+    again, _ = await thr.acquire(1.0)  # the waiter is served when the suspension ends
+    assert again.pod == "a" and thr.violations == 0
+
+
 # ---- the invariant, under a random workload ------------------------------------------------
 
 PODS = {"p0": 1, "p1": 2, "p2": 3, "p3": 0}  # container concurrency per pod (0: the service's)
