@@ -265,13 +265,15 @@ class Probe:
         busy_s = (busy1 - busy0) / CLK_TCK if total1 > total0 else None
         paths = {name: dr.summarize_path(name, merged["paths"][name], o.duration_s)  # type: ignore[index]
                  for name, _ in targets}
+        cpu = dr.cpu_summary(readings, wall, busy_s, os.cpu_count() or 1)
+        cpu["ms_per_request"] = dr.cpu_per_request(readings, paths)
         return {
             "rate_qps_per_path": rate,
             "paths": paths,
             "activator_added_ms": dr.added(paths, dr.PROXY),
             "gateway_direct_added_ms": dr.added(paths, dr.GATEWAY_DIRECT),
             "generator_lag": dr.lag_summary(merged["lag_ms"]),  # type: ignore[arg-type]
-            "cpu": dr.cpu_summary(readings, wall, busy_s, os.cpu_count() or 1),
+            "cpu": cpu,
         }
 
 

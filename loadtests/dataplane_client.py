@@ -70,6 +70,7 @@ async def run(
     index: int,
     of: int,
     timeout_s: float,
+    connections: int,
 ) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     # Scheduling runs on the loop's monotonic clock; the wall clock only says when to begin,
@@ -83,10 +84,13 @@ async def run(
     cpu_at_window: list[float] = []
     in_flight: set[asyncio.Task[None]] = set()
     # One pool per target: connections are kept alive and reused, and a target whose
-    # answers lag cannot take the sockets of another.
+    # answers lag cannot take the sockets of another. Bounded: an overloaded target would
+    # otherwise be sent a new connection per arrival until the descriptors run out; past
+    # the bound a request waits for a connection, and that wait counts in its latency
+    # (measured from the schedule), as a real client's would.
     sessions = [
         aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
+            connector=aiohttp.TCPConnector(limit=connections, keepalive_timeout=30.0),
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         )
         for _ in targets
@@ -168,9 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, default=0, help="this process's share of the schedule")
     p.add_argument("--of", type=int, default=1, help="processes sharing the schedule")
     p.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
+    p.add_argument("--connections", type=int, default=256,
+                   help="open connections per target at most")
     args = p.parse_args(argv)
     if args.rate <= 0 or args.duration <= 0 or not 0 <= args.index < args.of:
         p.error("--rate and --duration must be > 0, 0 <= --index < --of")
+    if args.connections < 1:
+        p.error("--connections must be >= 1")
     try:
         import uvloop
     except ImportError:
@@ -179,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     out = runner(run(args.target, rate=args.rate, duration_s=args.duration,
                      warmup_s=args.warmup, start_at=args.start_at or time.time(),
-                     index=args.index, of=args.of, timeout_s=args.timeout))
+                     index=args.index, of=args.of, timeout_s=args.timeout,
+                     connections=args.connections))
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -133,6 +133,23 @@ def cpu_summary(readings: Sequence[CpuReading], wall_s: float,
     }
 
 
+def cpu_per_request(readings: Sequence[CpuReading],
+                    paths: Mapping[str, Mapping[str, object]]) -> dict[str, float | None]:
+    """CPU milliseconds per request each role spent: the gateway's per request through it
+    (proxy and gateway-direct), the pods' and the generators' per request of any path. On a
+    shared machine this moves far less than latency does with other people's load."""
+    def n(*names: str) -> int:
+        return sum(int(paths[p]["requests"]) for p in names if p in paths)  # type: ignore[call-overload]
+
+    def per(role: str, requests: int) -> float | None:
+        cpu = sum(r.cpu_s for r in readings if r.role == role)
+        return round(1000.0 * cpu / requests, 3) if requests else None
+
+    return {"stack_per_gateway_request": per("stack", n(PROXY, GATEWAY_DIRECT)),
+            "pod_per_request": per("pod", n(*PATHS)),
+            "generator_per_request": per("generator", n(*PATHS))}
+
+
 def goal(rates: Mapping[str, Mapping[str, object]], top_rate: float) -> dict[str, object]:
     """Issue 11's goal at the highest rate: the activator (proxy mode) adds at most 1 ms p50
     and 5 ms p99 over calling the pod. Where it is not met, the CPU figures say why."""

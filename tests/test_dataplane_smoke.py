@@ -67,7 +67,8 @@ def test_quick_probe_answers_every_path_and_reports_every_field(tmp_path: Path) 
             assert all(isinstance(v, float | int) for v in phase[key].values())
         assert phase["generator_lag"].keys() == LAG
         cpu = phase["cpu"]
-        assert cpu.keys() == CPU and cpu["window_s"] > 0
+        assert cpu.keys() == CPU | {"ms_per_request"} and cpu["window_s"] > 0
+        assert all(v is not None and v > 0 for v in cpu["ms_per_request"].values())
         assert {"generator", "stack", "pod"} <= cpu["percent_of_one_core"].keys()
         assert sum(1 for k in cpu["per_process"] if k.startswith("pod:")) >= 2
     goal = out["goal"]
