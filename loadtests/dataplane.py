@@ -144,6 +144,7 @@ class Probe:
         self.stack = stack
         self.endpoints: dict[str, Endpoints] = {}
         self.changed = asyncio.Event()
+        self.stack_idle = 0.0  # CPU share of the stack at rest, measured before the load
 
     async def _on_endpoints(self, msg: Endpoints, _raw: Msg) -> None:
         old = self.endpoints.get(msg.service)
@@ -162,6 +163,7 @@ class Probe:
                                timeout=5.0)
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
                 await self._wait_for_paths(http)
+            self.stack_idle = await self._stack_at_rest()
             pod = self.endpoints[PROXY_SVC].endpoints[0]
             targets = [
                 (dr.POD, f"{pod.url}/v2/models/{PROXY_SVC}/infer"),
@@ -212,6 +214,13 @@ class Probe:
             except TimeoutError:
                 pass
 
+    async def _stack_at_rest(self, seconds: float = 2.0) -> float:
+        """The stack's CPU share (of one core) with no requests: heartbeats, scrapes and
+        reports of the control plane, which the same process runs beside the gateway."""
+        before, t0 = proc_cpu_s(os.getpid()), time.monotonic()
+        await asyncio.sleep(seconds)
+        return (proc_cpu_s(os.getpid()) - before) / (time.monotonic() - t0)
+
     def _processes(self) -> list[tuple[str, str, int]]:
         procs = [("stack", "gateway+control-plane", os.getpid())]
         for server, role in ((self.stack.nats, "nats-server"), (self.stack.redis, "redis-server")):
@@ -224,21 +233,31 @@ class Probe:
 
     async def _phase(self, rate: float, targets: list[tuple[str, str]]) -> dict[str, object]:
         o = self.opts
-        start_at = time.time() + 1.5  # the generators import aiohttp meanwhile
-        window_start = start_at + o.warmup_s
         base = [sys.executable, "-m", "loadtests.dataplane_client", "--rate", f"{rate:g}",
                 "--duration", f"{o.duration_s:g}", "--warmup", f"{o.warmup_s:g}",
-                "--start-at", repr(start_at), "--of", str(o.clients)]
+                "--start-at", "0", "--of", str(o.clients)]
         for name, url in targets:
             base += ["--target", f"{name}={url}"]
         clients = [
             await asyncio.create_subprocess_exec(
-                *base, "--index", str(i), cwd=REPO, stdout=asyncio.subprocess.PIPE,
-                preexec_fn=pdeathsig_preexec)
+                *base, "--index", str(i), cwd=REPO, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, preexec_fn=pdeathsig_preexec)
             for i in range(o.clients)
         ]
         procs = self._processes()
         try:
+            # Each generator says when it is set up; then all get one start time.
+            for c in clients:
+                assert c.stdout is not None and c.stdin is not None
+                line = await asyncio.wait_for(c.stdout.readline(), timeout=60.0)
+                if line.strip() != b"ready":
+                    raise RuntimeError(f"a load generator did not start: {line!r}")
+            start_at = time.time() + 0.2
+            for c in clients:
+                assert c.stdin is not None
+                c.stdin.write(f"{start_at!r}\n".encode())
+                await c.stdin.drain()
+            window_start = start_at + o.warmup_s
             await asyncio.sleep(max(0.0, window_start - time.time()))
             before = {pid: proc_cpu_s(pid) for _, _, pid in procs}
             busy0, total0 = machine_ticks()
@@ -266,7 +285,9 @@ class Probe:
         paths = {name: dr.summarize_path(name, merged["paths"][name], o.duration_s)  # type: ignore[index]
                  for name, _ in targets}
         cpu = dr.cpu_summary(readings, wall, busy_s, os.cpu_count() or 1)
-        cpu["ms_per_request"] = dr.cpu_per_request(readings, paths)
+        cpu["stack_at_rest_percent_of_one_core"] = round(100.0 * self.stack_idle, 1)
+        cpu["ms_per_request"] = dr.cpu_per_request(readings, paths,
+                                                   stack_idle_s=self.stack_idle * wall)
         return {
             "rate_qps_per_path": rate,
             "paths": paths,

@@ -15,10 +15,11 @@ moments of load.
     python -m loadtests.dataplane_client --target pod=http://127.0.0.1:9001/v2/models/s/infer \\
         --target proxy=http://127.0.0.1:8080/v2/models/s/infer --rate 250 --duration 10
 
-Output: {"window": [wall clock start, end], "cpu_s": CPU seconds in the window, "lag_ms": ...,
-"paths": {name: {"latency_ms": [...], "service_ms": [...], "status": {...}, "path_header":
-{...}, "errors": {...}}}}. Arrivals in the warm-up (first `--warmup` seconds) are sent (they
-open the connection pools) but not recorded.
+With `--start-at 0` it prints "ready" on a line of its own once set up and reads the wall
+clock of the first send from stdin. Output: {"window": [wall clock start, end], "cpu_s": CPU
+seconds in the window, "lag_ms": ..., "paths": {name: {"latency_ms": [...], "service_ms":
+[...], "status": {...}, "path_header": {...}, "errors": {...}}}}. Arrivals in the warm-up
+(first `--warmup` seconds) are sent (they open the connection pools) but not recorded.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ async def run(
     connections: int,
 ) -> dict[str, object]:
     loop = asyncio.get_running_loop()
+    if start_at <= 0:
+        # Told when to begin once ready: on a busy machine importing aiohttp takes seconds,
+        # and a start time fixed before that would find some processes still starting.
+        print("ready", flush=True)
+        start_at = float(sys.stdin.readline())
     # Scheduling runs on the loop's monotonic clock; the wall clock only says when to begin,
     # so every process of one run starts the same schedule at the same moment.
     t0 = loop.time() + max(0.0, start_at - time.time())
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, required=True, help="requests per second per target")
     p.add_argument("--duration", type=float, required=True, help="measured seconds")
     p.add_argument("--warmup", type=float, default=1.0, help="unrecorded seconds first")
-    p.add_argument("--start-at", type=float, default=0.0, help="wall clock of the first send")
+    p.add_argument("--start-at", type=float, default=0.0,
+                   help="wall clock of the first send (0: print 'ready', then read it on stdin)")
     p.add_argument("--index", type=int, default=0, help="this process's share of the schedule")
     p.add_argument("--of", type=int, default=1, help="processes sharing the schedule")
     p.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
@@ -186,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runner = uvloop.run
     out = runner(run(args.target, rate=args.rate, duration_s=args.duration,
-                     warmup_s=args.warmup, start_at=args.start_at or time.time(),
+                     warmup_s=args.warmup, start_at=args.start_at,
                      index=args.index, of=args.of, timeout_s=args.timeout,
                      connections=args.connections))
     json.dump(out, sys.stdout)

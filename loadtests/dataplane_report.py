@@ -133,11 +133,13 @@ def cpu_summary(readings: Sequence[CpuReading], wall_s: float,
     }
 
 
-def cpu_per_request(readings: Sequence[CpuReading],
-                    paths: Mapping[str, Mapping[str, object]]) -> dict[str, float | None]:
+def cpu_per_request(readings: Sequence[CpuReading], paths: Mapping[str, Mapping[str, object]],
+                    *, stack_idle_s: float = 0.0) -> dict[str, float | None]:
     """CPU milliseconds per request each role spent: the gateway's per request through it
     (proxy and gateway-direct), the pods' and the generators' per request of any path. On a
-    shared machine this moves far less than latency does with other people's load."""
+    shared machine this moves far less than latency does with other people's load. The
+    stack also runs the control plane, whose CPU at rest over the same window
+    (`stack_idle_s`) is taken out of the `_net` figure."""
     def n(*names: str) -> int:
         return sum(int(paths[p]["requests"]) for p in names if p in paths)  # type: ignore[call-overload]
 
@@ -145,9 +147,33 @@ def cpu_per_request(readings: Sequence[CpuReading],
         cpu = sum(r.cpu_s for r in readings if r.role == role)
         return round(1000.0 * cpu / requests, 3) if requests else None
 
-    return {"stack_per_gateway_request": per("stack", n(PROXY, GATEWAY_DIRECT)),
+    gateway = n(PROXY, GATEWAY_DIRECT)
+    stack = sum(r.cpu_s for r in readings if r.role == "stack")
+    return {"stack_per_gateway_request": per("stack", gateway),
+            "stack_per_gateway_request_net": (round(1000.0 * max(0.0, stack - stack_idle_s)
+                                                    / gateway, 3) if gateway else None),
             "pod_per_request": per("pod", n(*PATHS)),
             "generator_per_request": per("generator", n(*PATHS))}
+
+
+def cores_needed(phase: Mapping[str, object], rate: float) -> dict[str, float | None]:
+    """What `rate` per path would take in CPU, in cores, at the CPU per request measured in
+    `phase` (a lower rate, where the machine kept up): every path's request costs the
+    generator and a pod, the two gateway paths cost the gateway (one process: at most one
+    core, whatever the machine has)."""
+    per: Mapping[str, float | None] = phase["cpu"]["ms_per_request"]  # type: ignore[index]
+    n_gateway = sum(1 for p in (PROXY, GATEWAY_DIRECT) if p in phase["paths"])  # type: ignore[operator]
+    n_all = len(phase["paths"])  # type: ignore[arg-type]
+
+    def cores(ms: float | None, paths: int) -> float | None:
+        return None if ms is None else round(ms / 1000.0 * rate * paths, 2)
+
+    out = {"gateway": cores(per.get("stack_per_gateway_request"), n_gateway),
+           "pods": cores(per.get("pod_per_request"), n_all),
+           "generator": cores(per.get("generator_per_request"), n_all)}
+    known = [v for v in out.values() if v is not None]
+    out["total"] = round(sum(known), 2) if known else None
+    return out
 
 
 def goal(rates: Mapping[str, Mapping[str, object]], top_rate: float) -> dict[str, object]:
@@ -171,6 +197,7 @@ def goal(rates: Mapping[str, Mapping[str, object]], top_rate: float) -> dict[str
         "met": p50_ok and p99_ok,
     }
     if not out["met"]:
+        low = rates[min(rates, key=float)]
         cpu: Mapping[str, object] = phase["cpu"]  # type: ignore[assignment]
         lag: Mapping[str, object] = phase["generator_lag"]  # type: ignore[assignment]
         out["why_not"] = {
@@ -179,6 +206,7 @@ def goal(rates: Mapping[str, Mapping[str, object]], top_rate: float) -> dict[str
             "others_percent_of_one_core": cpu["others_percent_of_one_core"],
             "cores": cpu["cores"],
             "generator_lag": lag,
+            "cores_needed_at_rate": cores_needed(low, top_rate),
             "note": ("the generator, the gateway (the whole embedded stack in one process) "
                      "and the pods share the machine's cores; a gateway process near 100% "
                      "of one core queues requests on its event loop, which shows as tail "

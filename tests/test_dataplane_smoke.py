@@ -28,7 +28,9 @@ PATH = {"requests", "ok", "errors", "errors_by_kind", "achieved_rps", "path_head
         "service_p99_ms"}
 LAG = {"p50_ms", "p99_ms", "max_ms", "late_over_1ms", "late_over_10ms"}
 CPU = {"window_s", "cores", "percent_of_one_core", "per_process", "machine_busy_percent",
-       "others_percent_of_one_core"}
+       "others_percent_of_one_core", "stack_at_rest_percent_of_one_core", "ms_per_request"}
+PER_REQUEST = {"stack_per_gateway_request", "stack_per_gateway_request_net", "pod_per_request",
+               "generator_per_request"}
 GOAL = {"rate_qps", "added_p50_ms", "added_p50_goal_ms", "added_p50_met", "added_p99_ms",
         "added_p99_goal_ms", "added_p99_met", "met"}
 
@@ -67,8 +69,10 @@ def test_quick_probe_answers_every_path_and_reports_every_field(tmp_path: Path) 
             assert all(isinstance(v, float | int) for v in phase[key].values())
         assert phase["generator_lag"].keys() == LAG
         cpu = phase["cpu"]
-        assert cpu.keys() == CPU | {"ms_per_request"} and cpu["window_s"] > 0
-        assert all(v is not None and v > 0 for v in cpu["ms_per_request"].values())
+        assert cpu.keys() == CPU and cpu["window_s"] > 0
+        assert cpu["ms_per_request"].keys() == PER_REQUEST
+        assert all(v is not None and v >= 0 for v in cpu["ms_per_request"].values())
+        assert cpu["ms_per_request"]["stack_per_gateway_request"] > 0
         assert {"generator", "stack", "pod"} <= cpu["percent_of_one_core"].keys()
         assert sum(1 for k in cpu["per_process"] if k.startswith("pod:")) >= 2
     goal = out["goal"]
@@ -123,11 +127,17 @@ def test_goal_needs_both_p50_and_p99_within_bounds(
     p50: float | None, p99: float | None, met: bool
 ) -> None:
     cpu = dr.cpu_summary([dr.CpuReading("stack", "s", 9.0)], 10.0, 15.0, 2)
+    cpu["ms_per_request"] = {"stack_per_gateway_request": 0.5, "pod_per_request": 0.25,
+                             "generator_per_request": None}
     phase = {"activator_added_ms": {"p50_ms": p50, "p95_ms": None, "p99_ms": p99}, "cpu": cpu,
-             "generator_lag": dr.lag_summary([0.1, 2.0])}
+             "generator_lag": dr.lag_summary([0.1, 2.0]),
+             "paths": {dr.POD: {}, dr.PROXY: {}, dr.GATEWAY_DIRECT: {}}}
     out = dr.goal({"1000": phase}, 1000.0)
     assert out["met"] is met
     assert ("why_not" in out) is not met
+    if not met:  # 2 gateway paths x 0.5 ms x 1,000/s; 3 paths x 0.25 ms x 1,000/s
+        assert out["why_not"]["cores_needed_at_rate"] == {  # type: ignore[index]
+            "gateway": 1.0, "pods": 0.75, "generator": None, "total": 1.75}
     assert cpu["percent_of_one_core"] == {"stack": 90.0}
     assert cpu["machine_busy_percent"] == 75.0
     assert cpu["others_percent_of_one_core"] == 60.0
