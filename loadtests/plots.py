@@ -3,7 +3,7 @@ the same time axis (seconds since the burst started), one figure with three pane
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -99,6 +99,36 @@ def plot_burst(
             0.01, 0.97, "\n".join(notes), transform=ax_pods.transAxes, va="top", fontsize=8
         )
 
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_dataplane(path: Path, rates: Mapping[str, Mapping[str, object]]) -> Path:
+    """The dataplane probe (`loadtests.dataplane`): one panel per rate, p50/p95/p99 of each
+    path side by side (log scale: the 100 ms model time dwarfs what the gateway adds), the
+    activator's added latency over direct-to-pod written above its bars."""
+    fig, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 5), squeeze=False)
+    pcts = ("p50_ms", "p95_ms", "p99_ms")
+    for ax, (rate, phase) in zip(axes[0], rates.items(), strict=True):
+        paths: Mapping[str, Mapping[str, object]] = phase["paths"]  # type: ignore[assignment]
+        width = 0.8 / max(1, len(paths))
+        for i, (name, row) in enumerate(paths.items()):
+            values = [float(row[p] or 0.0) for p in pcts]  # type: ignore[arg-type]
+            xs = [k + (i - (len(paths) - 1) / 2) * width for k in range(len(pcts))]
+            bars = ax.bar(xs, values, width, label=f"{name} ({row['errors']} errors)")
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        added: Mapping[str, object] = phase["activator_added_ms"]  # type: ignore[assignment]
+        note = ", ".join(f"{p[:3]} {added[p]:+.2f}" for p in pcts if added.get(p) is not None)
+        ax.set_title(f"{rate} QPS per path\nactivator adds (ms): {note}", fontsize=9)
+        ax.set_xticks(range(len(pcts)), [p[:3] for p in pcts])
+        ax.set_yscale("log")
+        ax.set_ylabel("latency ms from scheduled send (log)")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(loc="upper left", fontsize=7)
+    fig.suptitle("fnplane dataplane probe: open-loop load, three paths interleaved", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

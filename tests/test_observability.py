@@ -40,3 +40,24 @@ async def test_a_cold_request_is_one_trace_and_a_metric(
     for part in (ep.DEMAND.subject_for(), ep.PLACE.subject_for(), node_start_suffix,
                  ep.POD_EVENTS.subject_for(service="sample")):
         assert any(part in n for n in names), f"no span for {part} in the trace: {names}"
+
+
+def test_the_trace_file_holds_what_opentelemetry_would_write() -> None:
+    """`span_line` replaces `span.to_json()` on the warm path for speed; the document a
+    reader of traces.jsonl gets must stay the same, field for field."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Link, Status, StatusCode
+
+    tracer = TracerProvider(resource=Resource.create({"service.name": "t"})).get_tracer("t")
+    with tracer.start_as_current_span("activator sample") as root:
+        with tracer.start_as_current_span("child", links=[Link(root.get_span_context(),
+                                                                {"n": 1})]) as child:
+            child.set_attribute("fnplane.path", "direct")
+            child.set_attribute("sizes", (1, 2))
+            child.add_event("retry", {"pod": "p1"})
+            child.set_status(Status(StatusCode.ERROR, "pod unreachable"))
+    for span in (root, child):
+        line = telemetry.span_line(span)  # type: ignore[arg-type]
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        assert json.loads(line) == json.loads(span.to_json())  # type: ignore[attr-defined]
