@@ -40,9 +40,10 @@ class DirectPath:
         start = next(self._rr) % len(endpoints)
         for i in range(len(endpoints)):
             ep = endpoints[(start + i) % len(endpoints)]
-            cap = self.worker.share(ep.container_concurrency or container_concurrency, ep.pod)
-            if cap == 0:
-                continue  # another worker's
+            limit = ep.container_concurrency or container_concurrency
+            cap = self.worker.share(limit, ep.pod)
+            if limit > 0 and cap == 0:
+                continue  # its whole capacity belongs to other gateway workers
             used = counts.get(ep.pod, 0) + (busy or {}).get(ep.pod, 0)
             if cap <= 0 or used < cap:
                 counts[ep.pod] = counts.get(ep.pod, 0) + 1

@@ -63,6 +63,10 @@ class ProbeOptions:
     latency_ms: float = 100.0  # SAMPLE_LATENCY_MS of the pods
     clients: int = 2  # load-generator processes sharing one schedule
     pods: int = 1  # per service
+    # "processes": the stack as `fnplane up` runs it, the gateway alone in its process (or
+    # several: gateway_workers); "inline": gateway and control plane on one event loop.
+    roles: str = "processes"
+    gateway_workers: int = 1
     out: Path = REPO / "loadtests" / "out"
 
     def __post_init__(self) -> None:
@@ -109,6 +113,22 @@ def proc_cpu_s(pid: int) -> float:
         return 0.0
     after_comm = text[text.rindex(")") + 2:].split()
     return (int(after_comm[11]) + int(after_comm[12])) / CLK_TCK
+
+
+def stack_pids() -> list[tuple[str, int]]:
+    """The gateway and the control plane: this process, and (one process per role) the role
+    processes and the instances the coordinator runs under it. Pods are not in it."""
+    found = [("this-process", os.getpid())]
+    for pid in sorted(descendants(os.getpid())):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for marker in (b"controlplane.role", b"controlplane.instance"):
+            if marker in args:
+                rest = args[args.index(marker) + 1:]
+                found.append((b"-".join(a for a in rest if a).decode(), pid))
+    return found
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -217,12 +237,13 @@ class Probe:
     async def _stack_at_rest(self, seconds: float = 2.0) -> float:
         """The stack's CPU share (of one core) with no requests: heartbeats, scrapes and
         reports of the control plane, which the same process runs beside the gateway."""
-        before, t0 = proc_cpu_s(os.getpid()), time.monotonic()
+        pids = [pid for _, pid in stack_pids()]
+        before, t0 = sum(map(proc_cpu_s, pids)), time.monotonic()
         await asyncio.sleep(seconds)
-        return (proc_cpu_s(os.getpid()) - before) / (time.monotonic() - t0)
+        return (sum(map(proc_cpu_s, pids)) - before) / (time.monotonic() - t0)
 
     def _processes(self) -> list[tuple[str, str, int]]:
-        procs = [("stack", "gateway+control-plane", os.getpid())]
+        procs = [("stack", name, pid) for name, pid in stack_pids()]
         for server, role in ((self.stack.nats, "nats-server"), (self.stack.redis, "redis-server")):
             if server is not None:
                 procs.append((role, role, server.process.pid))
@@ -301,9 +322,10 @@ class Probe:
 async def run_probe(opts: ProbeOptions) -> dict[str, object]:
     opts.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fnplane-dataplane-") as state:
-        stack = Stack(opts.config(Path(state)), nats_port=None)
+        stack = Stack(opts.config(Path(state)), nats_port=None, roles=opts.roles,
+                      gateway_workers=opts.gateway_workers)
         await stack.start()
-        progress(f"stack up: gateway {stack.url}")
+        progress(f"stack up: gateway {stack.url} ({opts.roles})")
         try:
             result = await Probe(opts, stack).run()
         finally:
@@ -351,6 +373,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ProbeOptions, argparse.Na
     p.add_argument("--latency-ms", type=float, help="model time per request (default 100)")
     p.add_argument("--clients", type=int, help="load-generator processes (default 2)")
     p.add_argument("--pods", type=int, help="pods per service (default 1)")
+    p.add_argument("--roles", choices=["processes", "inline"],
+                   help="processes (default: as `fnplane up` runs it) or inline")
+    p.add_argument("--gateway-workers", type=int, help="gateway processes (default 1)")
     p.add_argument("--out", type=Path, help="where the JSON and PNG go (default loadtests/out)")
     p.add_argument("--quick", action="store_true",
                    help="seconds, not minutes: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))

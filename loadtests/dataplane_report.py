@@ -207,9 +207,9 @@ def goal(rates: Mapping[str, Mapping[str, object]], top_rate: float) -> dict[str
             "cores": cpu["cores"],
             "generator_lag": lag,
             "cores_needed_at_rate": cores_needed(low, top_rate),
-            "note": ("the generator, the gateway (the whole embedded stack in one process) "
-                     "and the pods share the machine's cores; a gateway process near 100% "
-                     "of one core queues requests on its event loop, which shows as tail "
-                     "latency on the activator paths only"),
+            "note": ("the generator, the gateway (with the control plane: 'stack') and the "
+                     "pods share the machine's cores; a gateway process near 100% of one "
+                     "core queues requests on its event loop, which shows as tail latency "
+                     "on the activator paths only"),
         }
     return out

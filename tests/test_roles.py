@@ -124,3 +124,16 @@ async def test_every_role_process_killed_is_restarted_and_serves_10s_later(
                 assert await _post(http, url) == 200, service
     finally:
         assert up.interrupt() == 0
+
+
+def test_the_direct_path_takes_unlimited_pods_and_only_its_share_of_limited_ones() -> None:
+    """A pod without a container-concurrency limit stays unlimited for every worker (a
+    share of 0 there once sent every direct request back through the activator)."""
+    from activator.direct import DirectPath
+    from kernel.messages import Endpoint
+
+    free = [Endpoint(pod="a", url="http://127.0.0.1:1", node="n", container_concurrency=0)]
+    assert DirectPath(worker=Worker(1, 2)).try_acquire("s", free, 0) is not None
+    one = [Endpoint(pod="b", url="http://127.0.0.1:2", node="n", container_concurrency=1)]
+    takers = [DirectPath(worker=Worker(i, 2)).try_acquire("s", one, 0) for i in range(2)]
+    assert sum(t is not None for t in takers) == 1, "one slot, one worker"
