@@ -87,6 +87,7 @@ class ScaleInstance(Component):
         # they are gone (each failed retry would otherwise take more).
         self._reclaiming: set[str] = set()
         self.reclaimed = 0
+        self._rebuilding: set[int] = set()  # shards taken over whose pods are being gathered
 
     async def start(self) -> None:
         await self.bus.serve(ep.POD_EVENTS, self._on_pod_event)
@@ -146,16 +147,24 @@ class ScaleInstance(Component):
         if not gained:
             return
         fresh = set(gained)
+        # Demand is observed from now on, but nothing is decided for these services until
+        # their pods are known: a plan over no pods would start what already runs.
+        self._rebuilding |= fresh
         for spec in self.specs.values():
             if shard_of(spec.name, count) in fresh:
                 self._upsert(spec)
         # The previous owner's pods: every node agent says what runs of these shards.
-        answers: list[PodsAnnounced] = await self.bus.gather(
-            ep.NODE_ANNOUNCE, AnnounceRequest(shards=sorted(fresh), count=count),
-            timeout=GATHER_S)
-        for answer in answers:
-            for ev in answer.events:
-                await self._on_pod_event(ev, None)
+        try:
+            answers: list[PodsAnnounced] = await self.bus.gather(
+                ep.NODE_ANNOUNCE, AnnounceRequest(shards=sorted(fresh), count=count),
+                timeout=GATHER_S)
+            for answer in answers:
+                for ev in answer.events:
+                    await self._on_pod_event(ev, None)
+        finally:
+            self._rebuilding -= fresh
+        log.info("%s: took %d shard(s); %d node(s) announced %d pod(s)", self.id, len(fresh),
+                 sum(len(a.nodes) for a in answers), sum(len(a.events) for a in answers))
         self._wake.set()
 
     # ---- inputs ---------------------------------------------------------------------------
@@ -235,6 +244,9 @@ class ScaleInstance(Component):
                 self._reconcile(scaler, now)
 
     def _reconcile(self, scaler: ServiceScaler, now: float) -> None:
+        if self._rebuilding and shard_of(scaler.spec.name,
+                                         self.shards.fence.count) in self._rebuilding:
+            return
         plan = scaler.plan(now, self.metrics_interval_s)
         self._execute(scaler, plan, now)
 
@@ -242,6 +254,7 @@ class ScaleInstance(Component):
         epoch = self.shards.epoch(plan.service)
         if epoch is None:
             return  # the shard moved on; its new owner acts
+
         if plan.mode_change is not None:
             ebc = plan.decision.excess_burst_capacity if plan.decision else -1.0
             mode = ServiceMode(service=plan.service, mode=plan.mode_change,
