@@ -231,7 +231,7 @@ SHARD_MAP: Endpoint[ShardMap, None] = _ep(
     "coordinator", "which `scale` and `route` instance owns which service shard, with epochs")
 SHARD_MAP_GET: Endpoint[Empty, ShardMap] = _ep(
     "shard-map-get", "shard.map.get", Empty, ShardMap, "coordinator",
-    "scale route activator schedule node", "the current shard map, for a component that "
+    "scale route activator schedule node admin", "the current shard map, for a component that "
     "starts late")
 
 # ---- instances --------------------------------------------------------------------------------
