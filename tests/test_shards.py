@@ -57,6 +57,7 @@ def _owners(shards: list[Shard]) -> collections.Counter[str]:
 
 
 def test_shards_spread_evenly_move_little_and_bump_epochs_only_when_they_move() -> None:
+    assert {s.epoch for s in assign(64, [], [])} == {0}, "never owned: nothing to fence"
     one = assign(64, ["a"], [])
     assert _owners(one) == {"a": 64} and {s.epoch for s in one} == {1}
     two = assign(64, ["a", "b"], one)
