@@ -208,8 +208,7 @@ class CoordinatorConfig:
     heartbeat_interval_s: float = 0.25
     # An instance silent for this long is declared dead and its partition reassigned.
     heartbeat_timeout_s: float = 1.0
-    # `schedule` scales between these with its load; `scale` and `route` keep per-service
-    # state without sharding yet, so they run one instance each.
+    # `schedule` scales between these with its load.
     schedule_min: int = 1
     schedule_max: int = 4
     schedule_target_rps: float = 500.0
