@@ -41,6 +41,7 @@ from kernel.bus import Bus
 from kernel.config import NatsIngressConfig
 from kernel.errors import RemoteError
 from kernel.messages import Demand
+from kernel.shards import shard_of
 from kernel.store import STATE_SCHEMA, schema_verdict
 
 log = logging.getLogger(__name__)
@@ -401,6 +402,6 @@ class EventStreams:
         demand = Demand(service=name, reporter=LAG_REPORTER, buffered=lag, in_flight=0,
                         requests=0, ts=now, urgent=urgent)
         try:
-            await self.bus.send(ep.DEMAND, demand)
+            await self.bus.send(ep.DEMAND, demand, shard=shard_of(demand.service))
         except (nats.errors.Error, OSError):
             log.debug("events: lag report of %s lost", name, exc_info=True)

@@ -17,6 +17,7 @@ from kernel import endpoints as ep
 from kernel import telemetry
 from kernel.bus import Bus
 from kernel.messages import ColdStart, Demand, Endpoint, Heartbeat
+from kernel.shards import shard_of
 from kernel.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class DemandReporter:
 
     async def _send(self, demand: Demand) -> None:
         try:
-            await self.bus.send(ep.DEMAND, demand)
+            await self.bus.send(ep.DEMAND, demand, shard=shard_of(demand.service))
         except (nats.errors.Error, OSError):
             log.debug("%s: demand report lost", self.id, exc_info=True)
 

@@ -91,18 +91,21 @@ class ServiceTable:
 
     def apply_endpoints(self, eps: Endpoints) -> int:
         """Take a newer endpoint set; returns how many waiting requests it failed (a service
-        whose pods fail to start has no endpoints and an error)."""
+        whose pods fail to start has no endpoints and an error). Sets order by (epoch,
+        version): a new `route` owner's epoch is higher, whatever its version."""
         svc = self._services.get(eps.service)
         if svc is None:
             prev = self._early.get(eps.service)
-            if prev is None or prev.version < eps.version:
+            if prev is None or prev.order < eps.order:
                 self._early[eps.service] = eps
             return 0
-        if svc.endpoints is not None and svc.endpoints.version >= eps.version:
+        if svc.endpoints is not None and svc.endpoints.order >= eps.order:
             return 0  # older than what we have (a snapshot racing a live update)
-        if svc.endpoints is not None and not plausible(svc.endpoints.version, eps.version):
-            log.error("endpoints v%d of %s refused: implausible after v%d", eps.version,
-                      eps.service, svc.endpoints.version)
+        if svc.endpoints is not None and not (
+                plausible(svc.endpoints.epoch, eps.epoch)
+                and plausible(svc.endpoints.version, eps.version)):
+            log.error("endpoints %s of %s refused: implausible after %s", eps.order,
+                      eps.service, svc.endpoints.order)
             return 0
         svc.endpoints = eps
         svc.throttler.set_endpoints(eps.endpoints, svc.spec.container_concurrency)

@@ -21,8 +21,10 @@ from kernel.messages import (
     ServiceDeleted,
     ServiceList,
     ServiceSpec,
+    ShardMap,
     SpecUpdated,
 )
+from kernel.shards import ShardFence
 from kernel.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,12 @@ class ServiceSync:
         self.table = table
         self.tasks = tasks
         self.id = log_id
+        # The `route` shard epochs: a set from an owner that lost its shard is refused.
+        self.shards = ShardFence()
+        self.route_owners = 0
 
     async def start(self) -> None:
+        await self.bus.serve(ep.SHARD_MAP, self._on_shard_map)
         await self.bus.serve(ep.ENDPOINTS, self._on_endpoints)
         await self.bus.serve(ep.SERVICE_UPDATED, self._on_spec_updated)
         await self.bus.serve(ep.SERVICE_DELETED, self._on_service_deleted)
@@ -51,11 +57,18 @@ class ServiceSync:
         except RemoteError as exc:
             log.warning("%s: no service list yet (%s); learning from events", self.id, exc)
         try:
-            snap: RoutingSnapshot = await self.bus.call(ep.ROUTES, Empty(), timeout=2.0)
+            self._on_map(await self.bus.call(ep.SHARD_MAP_GET, Empty(), timeout=2.0))
+        except RemoteError as exc:
+            log.warning("%s: no shard map yet (%s)", self.id, exc)
+        # Each `route` instance answers for its shards: wait for as many as own shards.
+        snaps: list[RoutingSnapshot] = await self.bus.gather(
+            ep.ROUTES, Empty(), timeout=2.0,
+            done=lambda got: len(got) >= max(self.route_owners, 1))
+        if not snaps:
+            log.warning("%s: no routing snapshot yet", self.id)
+        for snap in snaps:
             for eps in snap.services:
                 self._apply(eps)
-        except RemoteError as exc:
-            log.warning("%s: no routing snapshot yet (%s)", self.id, exc)
 
     async def lookup(self, name: str) -> ServiceSpec | None:
         svc = self.table.get(name)
@@ -76,7 +89,17 @@ class ServiceSync:
         if retired is not None:
             self.tasks.spawn(retired.close(timeout=5.0), name=f"close-batcher-{spec.name}")
 
+    def _on_map(self, smap: ShardMap) -> None:
+        if self.shards.apply(smap):
+            self.route_owners = len({s.owner for s in smap.shards.get("route", []) if s.owner})
+
+    async def _on_shard_map(self, msg: ShardMap, _raw: Msg) -> None:
+        self._on_map(msg)
+
     def _apply(self, eps: Endpoints) -> None:
+        if (why := self.shards.check("route", eps.service, eps.epoch)) is not None:
+            log.warning("%s: endpoints of %s refused: %s", self.id, eps.service, why)
+            return
         failed = self.table.apply_endpoints(eps)
         if failed:
             log.warning("%s: %d requests to %s failed: %s", self.id, failed, eps.service,

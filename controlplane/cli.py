@@ -88,6 +88,8 @@ async def run_up(args: argparse.Namespace) -> int:
     config = replace(config, coordinator=replace(
         config.coordinator, schedule_min=args.schedule_min,
         schedule_max=max(args.schedule_max, args.schedule_min), runtime=args.runtime,
+        scale_min=args.scale_min, scale_max=max(args.scale_max, args.scale_min),
+        route_min=args.route_min, route_max=max(args.route_max, args.route_min),
     ))
     kube = None
     if args.backend == "kubernetes":
@@ -375,12 +377,36 @@ async def run_status(args: argparse.Namespace) -> int:
                             if POD_USER_LABEL in n.labels}):
         print(f"Local pods run as: {pod_user}")
     print()
-    rows = [("KIND", "INSTANCE", "LAST SEEN", "PARTITION")]
+    rows = [("KIND", "INSTANCE", "LAST SEEN", "PARTITION", "SHARDS")]
     for i in st.instances:
         rows.append((i.kind, i.instance, f"{time.time() - i.last_seen:.1f}s ago",
-                     str(i.partition) if i.partition >= 0 else "-"))
+                     str(i.partition) if i.partition >= 0 else "-", _ranges(i.shards)))
     _table(rows)
+    if st.shards is not None:
+        print()
+        print(f"Shard map version {st.shards.version} ({st.shards.count} service shards)")
+        rows = [("FUNCTION", "OWNER", "SHARDS", "EPOCHS")]
+        for kind, shards in sorted(st.shards.shards.items()):
+            by_owner: dict[str, list[int]] = {}
+            for s in shards:
+                by_owner.setdefault(s.owner, []).append(s.id)
+            for owner, ids in sorted(by_owner.items()):
+                epochs = sorted({s.epoch for s in shards if s.owner == owner})
+                rows.append((kind, owner or "-", _ranges(ids),
+                             f"{epochs[0]}..{epochs[-1]}" if len(epochs) > 1 else str(epochs[0])))
+        _table(rows)
     return 0
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] → "0-2,5" ("-" for none)."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if out and out[-1][1] == i - 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in out) or "-"
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
@@ -408,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--node-memory", default="8Gi", help="memory per node")
     up.add_argument("--schedule-min", type=int, default=1, help="schedule instances, at least")
     up.add_argument("--schedule-max", type=int, default=4, help="schedule instances, at most")
+    up.add_argument("--scale-min", type=int, default=1,
+                    help="scale instances (sharded by service), at least")
+    up.add_argument("--scale-max", type=int, default=4, help="scale instances, at most")
+    up.add_argument("--route-min", type=int, default=1,
+                    help="route instances (sharded by service), at least")
+    up.add_argument("--route-max", type=int, default=4, help="route instances, at most")
     up.add_argument("--roles", choices=["processes", "inline"], default="processes",
                     help="processes: the coordinator, the node agents and each gateway worker "
                          "as supervised processes of their own (control-function instances "

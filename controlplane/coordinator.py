@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from redis.exceptions import RedisError
 
 from controlplane.elastic import InstancePolicy, InstanceScaler, Runtime
+from controlplane.sharding import assign
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.component import Component
@@ -33,8 +34,11 @@ from kernel.messages import (
     NodesLost,
     PartitionMap,
     PartitionSummary,
+    Shard,
+    ShardMap,
     UnknownNodes,
 )
+from kernel.shards import SHARDED, SHARDS
 from kernel.store import StaleWrite, Store
 from partitions.liveness import NodeLiveness
 from partitions.partitioner import rebalance
@@ -76,6 +80,8 @@ class Coordinator(Component):
         # The map changed but its broadcast failed (NATS was down): send it again.
         self._unsent = False
         self.runtime = runtime
+        self.smap = ShardMap(version=0, count=SHARDS)
+        self._shards_unsent = False
         self.scalers = {
             "schedule": InstanceScaler(
                 InstancePolicy(config.schedule_min, config.schedule_max,
@@ -84,11 +90,16 @@ class Coordinator(Component):
         }
         if runtime is not None:
             runtime.on_exit = self._on_exit
-            # `scale` and `route` keep per-service state without sharding yet: where the
-            # runtime runs them, exactly one instance each, replaced when it dies.
+            # `scale` and `route` are sharded by service: each scales between its bounds on
+            # its own load (demand reports and pod events handled per second for `scale`,
+            # endpoint updates for `route`), as their instances report it in heartbeats.
+            bounds = {"scale": (config.scale_min, config.scale_max, config.scale_target_rps),
+                      "route": (config.route_min, config.route_max, config.route_target_rps)}
             for kind in runtime.kinds():
                 if kind not in self.scalers:
-                    self.scalers[kind] = InstanceScaler(InstancePolicy(1, 1))
+                    lo, hi, rps = bounds.get(kind, (1, 1, 500.0))
+                    self.scalers[kind] = InstanceScaler(InstancePolicy(lo, max(lo, hi),
+                                                                       target_rps=rps))
 
     async def start(self) -> None:
         stored = await self.store.get_partition_map()
@@ -100,10 +111,14 @@ class Coordinator(Component):
             # Known from the map, not yet from their agents: gone unless they register.
             self._unconfirmed = set(self.nodes)
             self._restored_at = self.clock()
+        if (smap := await self.store.get_shard_map()) is not None:
+            # Owners are gone with the previous run; epochs go on, so fences stay right.
+            self.smap = smap
         await self.bus.serve(ep.HEARTBEAT, self._on_heartbeat)
         await self.bus.serve(ep.NODE_REGISTER, self._on_register)
         await self.bus.serve(ep.NODE_HEARTBEAT, self._on_nodes_alive)
         await self.bus.serve(ep.PARTITION_MAP_GET, self._on_get)
+        await self.bus.serve(ep.SHARD_MAP_GET, self._on_get_shards)
         await self.bus.serve(ep.ADMIN_STATUS, self._on_status)
         await self.bus.serve(ep.PARTITION_SUMMARY, self._on_summary)
         self.bus.on_reconnect(self._reconnected)
@@ -127,6 +142,7 @@ class Coordinator(Component):
     async def _reconnected(self, _since: float) -> None:
         """The last map may have vanished with the connection: say it again."""
         self._unsent = True
+        self._shards_unsent = True
         self._changed.set()
 
     def _on_exit(self, kind: str, instance: str) -> None:
@@ -147,7 +163,7 @@ class Coordinator(Component):
         new = msg.instance not in self.instances
         # Our clock, not the sender's: liveness is judged on when we heard it.
         self.instances[msg.instance] = msgspec.structs.replace(msg, ts=self.clock())
-        if new and msg.kind == "schedule":
+        if new and (msg.kind == "schedule" or msg.kind in SHARDED):
             self._changed.set()
 
     async def _on_register(self, msg: NodeRegistration, _raw: Msg) -> Empty:
@@ -177,15 +193,20 @@ class Coordinator(Component):
     async def _on_get(self, _msg: Empty, _raw: Msg) -> PartitionMap:
         return self.pmap
 
+    async def _on_get_shards(self, _msg: Empty, _raw: Msg) -> ShardMap:
+        return self.smap
+
     async def _on_status(self, _msg: Empty, _raw: Msg) -> ClusterStatus:
         infos = [
-            InstanceInfo(kind=h.kind, instance=h.instance, last_seen=h.ts, partition=h.partition)
+            InstanceInfo(kind=h.kind, instance=h.instance, last_seen=h.ts, partition=h.partition,
+                         shards=sorted(self.smap.owned_by(h.kind, h.instance)))
             for h in sorted(self.instances.values(), key=lambda h: (h.kind, h.instance))
         ]
         live = {p.id: p.epoch for p in self.pmap.partitions}
         summaries = [s for pid, s in sorted(self.summaries.items()) if live.get(pid) == s.epoch]
         return ClusterStatus(partitions=self.pmap, instances=infos, summaries=summaries,
-                             dependencies={"redis": await self._redis_health()})
+                             dependencies={"redis": await self._redis_health()},
+                             shards=self.smap)
 
     async def _redis_health(self) -> str:
         try:
@@ -226,6 +247,7 @@ class Coordinator(Component):
                 self._forget_unregistered()
                 await self._scale_instances()
                 await self.repartition()
+                await self.reshard()
                 await self._report_lost()
             except (nats.errors.Error, OSError, RedisError):
                 # A dependency went away under us; the supervisor brings it back and the
@@ -238,9 +260,10 @@ class Coordinator(Component):
         One of ours that is still running but silent is killed, so it gets replaced."""
         now = self.clock()
         for inst, beat in list(self.instances.items()):
-            # `schedule` owners must be replaced fast; other kinds beat less often and their
-            # absence moves no partition, so they get a longer leash.
-            timeout = (self.config.heartbeat_timeout_s if beat.kind == "schedule"
+            # Partition and shard owners must be replaced fast; other kinds (activators)
+            # own nothing, so they get a longer leash.
+            timeout = (self.config.heartbeat_timeout_s
+                       if beat.kind == "schedule" or beat.kind in SHARDED
                        else OTHER_KINDS_TIMEOUT_S)
             if now - beat.ts > timeout:
                 log.warning("coordinator: %s %s missed its heartbeats", beat.kind, inst)
@@ -324,3 +347,30 @@ class Coordinator(Component):
         )
         await self.bus.send(ep.PARTITION_MAP, pmap)
         self._unsent = False
+
+    async def reshard(self) -> None:
+        """Hand service shards to the live `scale` and `route` instances (a dead or silent
+        owner's shards move at once, with new epochs); persist, then publish on a change."""
+        shards = {kind: assign(self.smap.count, self.live(kind), self.smap.shards.get(kind, []))
+                  for kind in SHARDED}
+        if shards == self.smap.shards:
+            if self._shards_unsent:
+                await self.bus.send(ep.SHARD_MAP, self.smap)
+                self._shards_unsent = False
+            return
+        smap = ShardMap(version=self.smap.version + 1, count=self.smap.count, shards=shards)
+        await self.store.put_shard_map(smap)
+        self.smap = smap
+        self._shards_unsent = True
+        log.info("coordinator: shard map v%d: %s", smap.version, "; ".join(
+            f"{kind} " + ", ".join(f"{o or '-'}:{n}" for o, n in _counts(s).items())
+            for kind, s in shards.items()))
+        await self.bus.send(ep.SHARD_MAP, smap)
+        self._shards_unsent = False
+
+
+def _counts(shards: list[Shard]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in shards:
+        out[s.owner] = out.get(s.owner, 0) + 1
+    return out

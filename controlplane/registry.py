@@ -20,6 +20,7 @@ from kernel.messages import (
     ColdStart,
     DeployRequest,
     Empty,
+    Endpoints,
     NameRequest,
     RoutingSnapshot,
     ScaleStatus,
@@ -29,6 +30,7 @@ from kernel.messages import (
     SpecError,
     SpecUpdated,
 )
+from kernel.shards import shard_of
 from kernel.store import Store
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,8 @@ class Registry(Component):
             raise RemoteError(ErrorCode.NOT_FOUND, f"service {msg.name!r} not found")
         scale = ScaleStatus(service=msg.name, desired=0, pods=[])
         try:
-            scale = await self.bus.call(ep.SCALE_STATUS, msg, timeout=1.0)
+            scale = await self.bus.call(ep.SCALE_STATUS, msg, timeout=1.0,
+                                        shard=shard_of(msg.name))
         except RemoteError as exc:
             log.warning("registry: scale status for %s unavailable: %s", msg.name, exc)
         ready = sum(1 for p in scale.pods if p.state == "ready")
@@ -113,9 +116,12 @@ class Registry(Component):
         await self.store.put_cold_start(msg)
 
     async def _routes(self) -> dict[str, list[str]]:
-        try:
-            snap: RoutingSnapshot = await self.bus.call(ep.ROUTES, Empty(), timeout=1.0)
-        except RemoteError:
-            return {}
-        return {e.service: [x.pod for x in e.endpoints] for e in snap.services}
+        # Each `route` instance answers for its shards; a service's newest set wins.
+        snaps: list[RoutingSnapshot] = await self.bus.gather(ep.ROUTES, Empty(), timeout=0.3)
+        newest: dict[str, Endpoints] = {}
+        for snap in snaps:
+            for e in snap.services:
+                if e.service not in newest or newest[e.service].order < e.order:
+                    newest[e.service] = e
+        return {s: [x.pod for x in e.endpoints] for s, e in newest.items()}
 

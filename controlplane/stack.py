@@ -128,8 +128,12 @@ class Stack:
         coordinated = await self._up(build.coordinator(cfg, public_url=public,
                                                        runtime=self.runtime))
         self.coordinator = coordinated.coordinator
-        await self._up(build.route(cfg))
-        await self._up(build.scale(cfg))
+        # `scale` and `route` are sharded by service; inline, their minimum runs here (the
+        # coordinator's runtime scales them in `--roles processes`).
+        for _ in range(cfg.coordinator.route_min):
+            await self._up(build.route(cfg))
+        for _ in range(cfg.coordinator.scale_min):
+            await self._up(build.scale(cfg))
         if cfg.nodes.backend == "kubernetes":
             await self._up(build.kubernetes_nodes(cfg, self.kubernetes or KubernetesConfig()))
         else:

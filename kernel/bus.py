@@ -283,6 +283,15 @@ class Bus:
         await self.nc.flush()
         return sub
 
+    async def unserve(self, sub: Subscription) -> None:
+        """Stop serving what `serve` returned `sub` for (a shard that moved elsewhere)."""
+        if sub in self._subs:
+            self._subs.remove(sub)
+        try:
+            await sub.unsubscribe()
+        except nats.errors.Error:
+            log.debug("%s: unsubscribe failed", self.name, exc_info=True)
+
     async def _handle(
         self, ep: Endpoint[Any, Any], dec: msgspec.msgpack.Decoder[Any], handler: Handler,
         raw: Msg,

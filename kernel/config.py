@@ -208,11 +208,19 @@ class CoordinatorConfig:
     heartbeat_interval_s: float = 0.25
     # An instance silent for this long is declared dead and its partition reassigned.
     heartbeat_timeout_s: float = 1.0
-    # `schedule` scales between these with its load; `scale` and `route` keep per-service
-    # state without sharding yet, so they run one instance each.
+    # `schedule` scales between these with its load.
     schedule_min: int = 1
     schedule_max: int = 4
     schedule_target_rps: float = 500.0
+    # `scale` and `route` are sharded by service (kernel/shards.py) and scale between these
+    # on their own load: demand reports and pod events per second for `scale`, endpoint
+    # updates per second for `route`, per instance.
+    scale_min: int = 1
+    scale_max: int = 4
+    scale_target_rps: float = 2000.0
+    route_min: int = 1
+    route_max: int = 4
+    route_target_rps: float = 500.0
     runtime: str = "tasks"  # or "processes": one OS process per instance
     # A node known from the stored partition map that does not register again within this
     # long after a restart is gone: it leaves its partition (`up --nodes 3`, then `--nodes 2`).

@@ -9,7 +9,9 @@ keeps it in step), and so will the components' NATS permissions be.
 Subjects read `fnplane.<what it is about>.<conversation>`: `service.*` for a service's
 demand, mode, spec changes, endpoints and routes; `pod.*` for placing pods and their events;
 `node.{node}.*` for one node agent and `nodes.*` for all of them; `partition.*` for the map
-and its summaries; `instance.*` for liveness; `admin.*` for the CLI's API.
+and its summaries; `shard.*` for the service shard map (`{shard}` in a subject is
+`kernel.shards.shard_of(service)`, so only the shard's owner subscribes); `instance.*` for
+liveness; `admin.*` for the CLI's API.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from kernel.messages import (
+    AnnounceRequest,
     ClusterStatus,
     ColdStart,
     Demand,
@@ -26,6 +29,7 @@ from kernel.messages import (
     Empty,
     Endpoints,
     Heartbeat,
+    IdlePods,
     Inventory,
     InventoryRequest,
     NameRequest,
@@ -38,6 +42,10 @@ from kernel.messages import (
     Placement,
     PlaceRequest,
     PodEvent,
+    PodsAnnounced,
+    Reclaimed,
+    ReclaimQuery,
+    ReclaimRequest,
     Refused,
     ReserveRequest,
     RoutingSnapshot,
@@ -46,6 +54,7 @@ from kernel.messages import (
     ServiceList,
     ServiceMode,
     ServiceStatus,
+    ShardMap,
     SpecUpdated,
     StartPod,
     StopPod,
@@ -132,8 +141,9 @@ def _ep(name: str, subject: str, request: Any, reply: Any, served_by: str, calle
 
 # ---- services: demand, scale, route ---------------------------------------------------------
 DEMAND: Endpoint[Demand, None] = _ep(
-    "demand", "service.demand", Demand, None, "scale", "activator node",
-    "what a gateway or a node sees of a service now; at once when a request waits at zero")
+    "demand", "service.demand.{shard}", Demand, None, "scale", "activator node",
+    "what a gateway or a node sees of a service now; at once when a request waits at zero; "
+    "only the owner of the service's shard subscribes")
 SERVICE_MODE: Endpoint[ServiceMode, None] = _ep(
     "service-mode", "service.mode", ServiceMode, None, "route", "scale",
     "proxy through the activator, or direct to pods (Knative's excess burst capacity)")
@@ -148,10 +158,19 @@ ENDPOINTS: Endpoint[Endpoints, None] = _ep(
     "the full ready set of one service, replacing the previous one (admin may watch)")
 ROUTES: Endpoint[Empty, RoutingSnapshot] = _ep(
     "routes", "service.routes", Empty, RoutingSnapshot, "route", "activator coordinator",
-    "every service's endpoints, for an activator that starts late", queue="route")
+    "the endpoints of every service an instance's shards hold (scatter-gather: each `route` "
+    "instance answers), for an activator that starts late")
 SCALE_STATUS: Endpoint[NameRequest, ScaleStatus] = _ep(
-    "scale-status", "service.scale-status", NameRequest, ScaleStatus, "scale", "coordinator",
-    "desired and current pods of a service, for `fnplane describe`", queue="scale")
+    "scale-status", "service.scale-status.{shard}", NameRequest, ScaleStatus, "scale",
+    "coordinator", "desired and current pods of a service, for `fnplane describe`; its "
+    "shard's owner answers", queue="scale")
+RECLAIM_QUERY: Endpoint[ReclaimQuery, IdlePods] = _ep(
+    "reclaim-query", "service.reclaim.query", ReclaimQuery, IdlePods, "scale", "scale",
+    "idle pods that could make room, each `scale` instance for its own shards "
+    "(scatter-gather)")
+RECLAIM: Endpoint[ReclaimRequest, Reclaimed] = _ep(
+    "reclaim", "service.reclaim.{shard}", ReclaimRequest, Reclaimed, "scale", "scale",
+    "stop these idle pods of your shard to make room for another service", queue="scale")
 COLD_START: Endpoint[ColdStart, None] = _ep(
     "cold-start", "service.cold-start", ColdStart, None, "coordinator admin", "activator",
     "one cold request, stage by stage, for `fnplane describe` (admin may watch)")
@@ -188,6 +207,9 @@ NODE_HEARTBEAT: Endpoint[NodesAlive, UnknownNodes] = _ep(
 NODE_LOST: Endpoint[NodesLost, None] = _ep(
     "node-lost", "nodes.lost", NodesLost, None, "scale route", "coordinator",
     "these nodes left the map (their agent fell silent): their pods are gone")
+NODE_ANNOUNCE: Endpoint[AnnounceRequest, PodsAnnounced] = _ep(
+    "node-announce", "nodes.announce", AnnounceRequest, PodsAnnounced, "node", "scale route",
+    "the live pods of services in these shards, for their new owner (scatter-gather)")
 NODE_INVENTORY: Endpoint[InventoryRequest, Inventory] = _ep(
     "node-inventory", "nodes.inventory", InventoryRequest, Inventory, "node",
     "schedule bench", "what pods the named nodes run (scatter-gather; each agent answers once)")
@@ -202,6 +224,15 @@ PARTITION_MAP_GET: Endpoint[Empty, PartitionMap] = _ep(
 PARTITION_SUMMARY: Endpoint[PartitionSummary, None] = _ep(
     "partition-summary", "partition.summary", PartitionSummary, None, "schedule coordinator",
     "schedule", "an owner's free capacity, for the others' probe caches")
+
+# ---- service shards ---------------------------------------------------------------------------
+SHARD_MAP: Endpoint[ShardMap, None] = _ep(
+    "shard-map", "shard.map", ShardMap, None, "scale route activator schedule node",
+    "coordinator", "which `scale` and `route` instance owns which service shard, with epochs")
+SHARD_MAP_GET: Endpoint[Empty, ShardMap] = _ep(
+    "shard-map-get", "shard.map.get", Empty, ShardMap, "coordinator",
+    "scale route activator schedule node admin", "the current shard map, for a component that "
+    "starts late")
 
 # ---- instances --------------------------------------------------------------------------------
 HEARTBEAT: Endpoint[Heartbeat, None] = _ep(

@@ -230,6 +230,28 @@ class PartitionMap(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     nodes: dict[str, NodeInfo] = {}
 
 
+class Shard(msgspec.Struct, frozen=True, kw_only=True):
+    """Services whose `shard_of(name)` is `id` (kernel/shards.py), owned by one instance of
+    a function; `epoch` fences a stale owner, as a partition's does."""
+
+    id: int
+    epoch: int
+    owner: str  # instance id, "" while unowned
+
+
+class ShardMap(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """Coordinator → `scale`, `route`, activators, nodes, `schedule`: which instance of each
+    sharded function (`scale`, `route`) owns which service shard, and with which epoch."""
+
+    version: int
+    count: int
+    shards: dict[str, list[Shard]] = {}  # function kind → its `count` shards, by id
+
+    def owned_by(self, kind: str, instance: str) -> dict[int, int]:
+        """shard id → epoch, for the shards `instance` owns."""
+        return {s.id: s.epoch for s in self.shards.get(kind, []) if s.owner == instance}
+
+
 # ---- control-function messages -------------------------------------------------------------
 
 
@@ -260,6 +282,7 @@ class ServiceMode(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     service: str
     mode: ServingMode
     excess_burst_capacity: float = 0.0
+    epoch: int = 0  # the sender's epoch of the service's `scale` shard (fencing)
 
 
 class PlaceRequest(msgspec.Struct, frozen=True, tag=True, kw_only=True):
@@ -269,6 +292,9 @@ class PlaceRequest(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     pod: str
     spec: ServiceSpec
     requested_at: float
+    # The sender's epoch of the service's `scale` shard: `schedule` refuses an older one, so
+    # a `scale` instance that lost the shard cannot add pods to it.
+    epoch: int = 0
 
     @property
     def service(self) -> str:
@@ -348,6 +374,7 @@ class StopPod(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     pod: str
     service: str
     reason: str = "scale-down"
+    epoch: int = 0  # the sender's `scale` shard epoch; a node refuses an older one
 
 
 class PodTimeline(msgspec.Struct, frozen=True, kw_only=True):
@@ -379,6 +406,54 @@ class PodEvent(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     run_as: str = ""
 
 
+class AnnounceRequest(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """A new shard owner (`scale`, `route`) → every node agent: the live pods of services in
+    these shards, to rebuild what the previous owner knew."""
+
+    shards: list[int]
+    count: int
+
+
+class PodsAnnounced(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """A node agent's answer to `AnnounceRequest`: the latest event of each live pod of the
+    asked shards on `nodes` (all the nodes it runs, so the asker knows who answered)."""
+
+    nodes: list[str]
+    events: list[PodEvent]
+
+
+class ReclaimQuery(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """A `scale` owner whose service has requests waiting and no room → the other owners:
+    your idle pods that could make room (each answers for its own shards)."""
+
+    asker: str
+
+
+class IdlePod(msgspec.Struct, frozen=True, kw_only=True):
+    pod: str
+    service: str
+    node: str
+    resources: Resources
+    idle_since: float
+
+
+class IdlePods(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    owner: str
+    pods: list[IdlePod]
+
+
+class ReclaimRequest(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """→ the owner of a shard: stop these idle pods of yours to make room for `for_service`
+    (the owner checks they are still idle and stops only those)."""
+
+    pods: list[str]
+    for_service: str
+
+
+class Reclaimed(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    pods: list[str]  # the pods being stopped
+
+
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
     pod: str
     url: str
@@ -395,10 +470,17 @@ class Endpoints(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     """
 
     service: str
-    version: int
+    version: int  # the sequence within `epoch`
     endpoints: list[Endpoint]
     mode: ServingMode = "proxy"
     error: str = ""
+    # The publishing `route` owner's shard epoch: versions compare as (epoch, version), so a
+    # new owner's first set is never taken as older than its predecessor's last.
+    epoch: int = 0
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (self.epoch, self.version)
 
 
 class RoutingSnapshot(msgspec.Struct, frozen=True, tag=True, kw_only=True):
@@ -442,6 +524,7 @@ class Heartbeat(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     latency_ms_p99: float = 0.0
     partition: int = -1
     epoch: int = 0
+    shards: int = 0  # service shards owned (`scale`, `route`)
 
 
 # ---- admin API (CLI ↔ coordinator) ---------------------------------------------------------
@@ -478,6 +561,7 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     instance: str
     last_seen: float
     partition: int = -1
+    shards: list[int] = []  # service shards it owns (`scale`, `route`)
 
 
 class ClusterStatus(msgspec.Struct, frozen=True, tag=True, kw_only=True):
@@ -488,6 +572,7 @@ class ClusterStatus(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     # The coordinator's view of what the control plane depends on: "up", or why not. NATS
     # is up when this answer arrives at all.
     dependencies: dict[str, str] = {}
+    shards: ShardMap | None = None
 
 
 class ErrorReply(msgspec.Struct, frozen=True, tag=True, kw_only=True):

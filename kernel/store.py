@@ -14,6 +14,7 @@ from kernel.messages import (
     Endpoints,
     PartitionMap,
     ServiceSpec,
+    ShardMap,
     decode_record,
     encode_record,
 )
@@ -27,6 +28,7 @@ SCHEMA_KEY = "fnplane:schema"
 
 SERVICES = "fnplane:services"
 PARTITIONS = "fnplane:partitions"
+SHARD_MAP = "fnplane:shards"
 ROUTES = "fnplane:routes"
 COLD_STARTS = "fnplane:coldstarts"
 
@@ -123,6 +125,14 @@ class Store:
     async def get_partition_map(self) -> PartitionMap | None:
         raw = await self.r.hget(PARTITIONS, "map")
         return decode_record(raw, PartitionMap) if raw else None
+
+    async def put_shard_map(self, smap: ShardMap) -> None:
+        """Kept so a restarted coordinator goes on from the epochs fences already know."""
+        await self.r.set(SHARD_MAP, encode_record(smap))
+
+    async def get_shard_map(self) -> ShardMap | None:
+        raw = await self.r.get(SHARD_MAP)
+        return decode_record(raw, ShardMap) if raw else None
 
     # ---- routing snapshot and cold starts ------------------------------------------------
 

@@ -63,8 +63,17 @@ from kernel.config import (
     ScaleConfig,
 )
 from kernel.identity import login
-from kernel.messages import DeployRequest, NameRequest, Resources, ScalingSpec, ServiceSpec
+from kernel.messages import (
+    DeployRequest,
+    Empty,
+    NameRequest,
+    Resources,
+    ScalingSpec,
+    ServiceSpec,
+    ShardMap,
+)
 from kernel.procs import descendants, free_port
+from kernel.shards import shard_of
 from partitions.agents.local import LocalNode
 
 log = logging.getLogger("loadtests.faults")
@@ -85,6 +94,7 @@ class Options:
     fault_after_s: float = 1.5  # into the burst
     recovery_after_s: float = 10.0
     only: tuple[str, ...] = ()
+    scale_min: int = 1  # `scale` instances (sharded by service): 2 puts idle pods elsewhere
 
 
 @dataclass
@@ -117,13 +127,14 @@ def spec(name: str, latency_ms: int, **over: Any) -> ServiceSpec:
     return msgspec.structs.replace(base, **over)
 
 
-def config(state: Path, *, runtime: str = "tasks") -> Config:
+def config(state: Path, *, runtime: str = "tasks", scale_min: int = 1) -> Config:
     return Config(
         state_dir=state,
         activator=ActivatorConfig(port=0, metrics_interval_s=0.5, request_timeout_s=60.0),
         scale=ScaleConfig(tick_s=0.2),
         nodes=NodesConfig(count=2, capacity=Resources(cpu=4, memory_mb=4096), workdir=REPO),
-        coordinator=CoordinatorConfig(runtime=runtime),
+        coordinator=CoordinatorConfig(runtime=runtime, scale_min=scale_min,
+                                      scale_max=max(4, scale_min)),
     )
 
 
@@ -280,17 +291,32 @@ class Fault:
     setup: Callable[[Stack, Bus, Options], Awaitable[None]] | None = None
 
 
+async def _other_owner(bus: Bus, service: str, candidates: list[str]) -> str:
+    """The first candidate name whose `scale` shard another instance owns than `service`'s
+    (so its idle pods are reclaimed by asking that owner); the first one if all share it."""
+    smap: ShardMap = await bus.call(ep.SHARD_MAP_GET, Empty(), timeout=5)
+    owner = {s.id: s.owner for s in smap.shards.get("scale", [])}
+    for name in candidates:
+        if owner.get(shard_of(name, smap.count)) != owner.get(shard_of(service, smap.count)):
+            return name
+    return candidates[0]
+
+
 async def fill_with_idle_pods(stack: Stack, bus: Bus, opts: Options) -> None:
-    """The whole cluster (2 nodes x 4 cpu) held by 8 idle 1-cpu pods of another service."""
-    idle = spec("idle", 1000, resources=Resources(cpu=1.0, memory_mb=128),
+    """The whole cluster (2 nodes x 4 cpu) held by 8 idle 1-cpu pods of another service;
+    with 2 `scale` instances or more, one of a service in another instance's shard."""
+    name = "idle"
+    if opts.scale_min > 1:
+        name = await _other_owner(bus, "sample", ["idle", *(f"idle-{i}" for i in range(20))])
+    idle = spec(name, 1000, resources=Resources(cpu=1.0, memory_mb=128),
                 container_concurrency=1,
                 scaling=ScalingSpec(min_scale=0, max_scale=8, target_concurrency=1,
                                     stable_window_s=60, scale_to_zero_grace_s=600))
     await bus.call(ep.ADMIN_DEPLOY, DeployRequest(spec=idle), timeout=5)
-    url = f"{stack.url}/v2/models/idle/infer"
+    url = f"{stack.url}/v2/models/{name}/infer"
     await asyncio.gather(*(post_once(url) for _ in range(8)))
     for _ in range(200):
-        st = await bus.call(ep.ADMIN_DESCRIBE, NameRequest(name="idle"), timeout=5)
+        st = await bus.call(ep.ADMIN_DESCRIBE, NameRequest(name=name), timeout=5)
         if st.ready_pods >= 8:
             return
         await asyncio.sleep(0.1)
@@ -316,7 +342,8 @@ NOT_APPLICABLE = {
 async def run_fault(fault: Fault, opts: Options) -> Outcome:
     out = Outcome(fault.name)
     with tempfile.TemporaryDirectory(prefix="fnplane-faults-") as state:
-        stack = Stack(config(Path(state), runtime=fault.runtime), nats_port=None)
+        stack = Stack(config(Path(state), runtime=fault.runtime, scale_min=opts.scale_min),
+                      nats_port=None)
         await stack.start()
         assert stack.nats_url and stack.config.credentials
         bus = await Bus.connect(stack.nats_url, "faults-admin",
@@ -533,8 +560,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=50)
     p.add_argument("--only", action="append", default=[],
                    help="run only the faults whose name contains this (repeatable)")
+    p.add_argument("--scale-min", type=int, default=1,
+                   help="scale instances, sharded by service (2: a service's idle pods may "
+                        "belong to another instance's shard)")
     args = p.parse_args(argv)
-    opts = Options(concurrency=args.concurrency, only=tuple(args.only))
+    opts = Options(concurrency=args.concurrency, only=tuple(args.only),
+                   scale_min=args.scale_min)
     if args.quick:
         opts = replace(opts, requests=300, latency_ms=300, fault_after_s=1.0,
                        recovery_after_s=3.0)

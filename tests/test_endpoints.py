@@ -49,7 +49,8 @@ def test_every_request_and_reply_type_is_a_tagged_message() -> None:
         (ep.NODE_START, {}, "fnplane.node.*.start"),
         (ep.RESERVE, {"partition": 3}, "fnplane.pod.reserve.3"),
         (ep.INVOKE, {"service": "sample"}, "svc.invoke.sample"),
-        (ep.DEMAND, {}, "fnplane.service.demand"),
+        (ep.DEMAND, {}, "fnplane.service.demand.*"),
+        (ep.DEMAND, {"shard": 7}, "fnplane.service.demand.7"),
     ],
 )
 def test_subjects_come_from_templates(

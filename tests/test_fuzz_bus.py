@@ -37,7 +37,7 @@ from tests.stackutil import deploy, sample_spec, stack_config
 
 EXAMPLES_PER_ENDPOINT = 150
 REPLY_TIMEOUT_S = 5.0
-PARAMS = {"node": "node-0", "service": "fuzzed", "partition": "0"}
+PARAMS = {"node": "node-0", "service": "fuzzed", "partition": "0", "shard": "0"}
 REPO = Path(__file__).resolve().parent.parent
 BODY = json.loads((REPO / "examples" / "sample" / "request_v2.json").read_text())
 

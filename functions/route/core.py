@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kernel.messages import Endpoint, Endpoints, PodEvent, ServingMode
+from kernel.messages import Endpoint, Endpoints, PodEvent, PodsAnnounced, ServingMode
+from kernel.shards import shard_of
 
 
 @dataclass
@@ -95,6 +96,35 @@ class EndpointTable:
         self.services[eps.service] = ServiceRoutes(
             {e.pod: e for e in eps.endpoints}, eps.version, eps.error, eps.mode
         )
+
+    def rebuild(self, shards: set[int], count: int, stored: list[Endpoints],
+                answers: list[PodsAnnounced]) -> list[Endpoints]:
+        """A new owner's view of `shards`: the stored snapshot, less the pods whose node
+        answered without them (they ended meanwhile), plus the ready pods announced. Every
+        service of the shards is returned, to be published under the new epoch (versions go
+        on from the stored ones: activators order sets by (epoch, version))."""
+        for eps in stored:
+            old = self.services.get(eps.service)
+            if old is None or old.version < eps.version:
+                self.restore(eps)
+        answered = {n for a in answers for n in a.nodes}
+        live = {e.pod for a in answers for e in a.events}
+        for service, routes in self.services.items():
+            if shard_of(service, count) not in shards:
+                continue
+            for pod in [p for p, e in routes.endpoints.items()
+                        if e.node in answered and p not in live]:
+                del routes.endpoints[pod]
+        for a in answers:
+            for ev in a.events:
+                if shard_of(ev.service, count) in shards:
+                    self.apply(ev)
+        out = []
+        for service in sorted(self.services):
+            if shard_of(service, count) in shards:
+                self.services[service].version += 1
+                out.append(self.snapshot(service))
+        return out
 
     def all(self) -> list[Endpoints]:
         return [self.snapshot(s) for s in sorted(self.services)]

@@ -8,6 +8,7 @@ from many instances cannot over-commit a node."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -33,9 +34,11 @@ from kernel.messages import (
     PodEvent,
     Refused,
     ReserveRequest,
+    ShardMap,
     StartPod,
     Unschedulable,
 )
+from kernel.shards import ShardFence
 from kernel.versions import plausible
 from partitions.probecache import ProbeCache
 from partitions.view import PartitionView, inventoried
@@ -57,6 +60,7 @@ class ScheduleInstance(Component):
         super().__init__(bus)
         self.config = config
         self.view = PartitionView()
+        self.shard_fence = ShardFence()
         self.cache = ProbeCache(ttl_s=config.probe_cache_ttl_s)
         self._assigned = asyncio.Event()
         self._map_version = 0
@@ -71,6 +75,9 @@ class ScheduleInstance(Component):
         self.probes_sent = 0
 
     async def start(self) -> None:
+        await self.bus.serve(ep.SHARD_MAP, self._on_shard_map)
+        with contextlib.suppress(RemoteError):  # without one yet, the next change brings it
+            self.shard_fence.apply(await self.bus.call(ep.SHARD_MAP_GET, Empty(), timeout=1.0))
         await self.bus.serve(ep.PARTITION_MAP, self._on_map)
         await self.bus.serve(ep.POD_EVENTS, self._on_pod_event)
         await self.bus.serve(ep.PARTITION_SUMMARY, self._on_summary)
@@ -177,7 +184,13 @@ class ScheduleInstance(Component):
 
     # ---- placing --------------------------------------------------------------------------
 
+    async def _on_shard_map(self, msg: ShardMap, _raw: Msg) -> None:
+        self.shard_fence.apply(msg)
+
     async def _on_place(self, msg: PlaceRequest, _raw: Msg) -> Placement | Unschedulable:
+        # A `scale` instance that lost the service's shard adds no pod to it.
+        if (why := self.shard_fence.check("scale", msg.service, msg.epoch)) is not None:
+            raise RemoteError(ErrorCode.STALE_EPOCH, why)
         t0 = time.monotonic()
         self._in_flight += 1
         try:

@@ -17,17 +17,22 @@ from nats.aio.msg import Msg
 
 from kernel import endpoints as ep
 from kernel.bus import Bus
-from kernel.errors import RemoteError
+from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
+    AnnounceRequest,
     Empty,
     NodeInfo,
     NodeRegistration,
     NodesAlive,
     PartitionMap,
     PodEvent,
+    PodsAnnounced,
+    ShardMap,
+    StopPod,
     UnknownNodes,
     encode,
 )
+from kernel.shards import ShardFence, shard_of
 from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)
@@ -137,6 +142,26 @@ async def follow_map(bus: Bus, fence: EpochFence) -> None:
     fence.apply(pmap)
 
 
+async def follow_shards(bus: Bus, fence: ShardFence) -> None:
+    """Keep `fence` on the current service shard map, so a node refuses a stop from a
+    `scale` instance that lost the service's shard."""
+
+    async def on_map(msg: ShardMap, _raw: Msg) -> None:
+        fence.apply(msg)
+
+    await bus.serve(ep.SHARD_MAP, on_map)
+    try:
+        smap: ShardMap = await bus.call(ep.SHARD_MAP_GET, Empty(), timeout=1.0)
+    except RemoteError:
+        return
+    fence.apply(smap)
+
+
+def stop_refusal(fence: ShardFence, stop: StopPod) -> RemoteError | None:
+    why = fence.check("scale", stop.service, stop.epoch)
+    return None if why is None else RemoteError(ErrorCode.STALE_EPOCH, why)
+
+
 # Terminal events sent this long before a connection loss was noticed may have vanished
 # with it (nats-py writes into a dead socket until it sees the loss).
 AT_RISK_S = 2.0
@@ -167,6 +192,14 @@ class PodAnnouncer:
         except (nats.errors.Error, OSError):
             log.warning("%s: pod event lost; said again after the reconnect", self.what,
                         exc_info=True)
+
+    def announced(self, req: AnnounceRequest, nodes: list[str]) -> PodsAnnounced:
+        """The live pods of services in the asked shards: what a new shard owner rebuilds
+        from (a pod that ended is absent, so the owner drops it)."""
+        shards = set(req.shards)
+        events = [e for e in self._live.values()
+                  if shard_of(e.service, req.count) in shards]
+        return PodsAnnounced(nodes=nodes, events=events)
 
     async def again_live(self, nodes: set[str] | None = None) -> None:
         """Say the latest event of every live pod (on `nodes`, if given) once more: the

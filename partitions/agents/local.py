@@ -28,6 +28,7 @@ from kernel.bus import Bus
 from kernel.component import Component
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
+    AnnounceRequest,
     Demand,
     Empty,
     Inventory,
@@ -35,19 +36,23 @@ from kernel.messages import (
     NodeInfo,
     PodAllocation,
     PodEvent,
+    PodsAnnounced,
     PodState,
     PodTimeline,
     StartPod,
     StopPod,
 )
 from kernel.procs import free_port
+from kernel.shards import ShardFence, shard_of
 from kernel.spawn import Child, spawn
 from partitions.agents.contract import (
     NODE_HEARTBEAT_S,
     NodeHeartbeater,
     PodAnnouncer,
     follow_map,
+    follow_shards,
     register,
+    stop_refusal,
 )
 from partitions.agents.podusers import CURRENT, LABEL, PodUserError, PodUsers
 from partitions.fencing import EpochFence
@@ -127,6 +132,7 @@ class LocalNode(Component):
         self._http: aiohttp.ClientSession | None = None
         self._stopping = False
         self.fence = EpochFence()
+        self.shards = ShardFence()
         self.announcer = PodAnnouncer(bus, what=f"node {info.name}")
         self._reported: set[str] = set()
 
@@ -144,12 +150,14 @@ class LocalNode(Component):
         await bus.serve(ep.NODE_START, self._on_start, concurrent=True, node=self.name)
         await bus.serve(ep.NODE_STOP, self._on_stop, concurrent=True, node=self.name)
         await bus.serve(ep.NODE_INVENTORY, self._on_inventory)
+        await bus.serve(ep.NODE_ANNOUNCE, self._on_announce)
         await register(bus, [self.info])
         beats = NodeHeartbeater(bus, nodes=lambda: [self.name], rejoin=self._rejoin,
                                 interval_s=self.heartbeat_s)
         self.tasks.spawn(beats.run(), name="heartbeat")
         self.tasks.spawn(self._scrape(), name="metrics")
         await follow_map(bus, self.fence)
+        await follow_shards(bus, self.shards)
 
     async def stop(self) -> None:
         """Stop every pod (in parallel, each with its grace period), then disconnect."""
@@ -239,7 +247,12 @@ class LocalNode(Component):
         await self._emit(pod, "starting")
         return Empty()
 
+    async def _on_announce(self, msg: AnnounceRequest, _raw: Msg) -> PodsAnnounced:
+        return self.announcer.announced(msg, [self.name])
+
     async def _on_stop(self, msg: StopPod, _raw: Msg) -> Empty:
+        if (refused := stop_refusal(self.shards, msg)) is not None:
+            raise refused
         pod = self.pods.get(msg.pod)
         if pod is not None:
             await self._terminate(pod, msg.reason)
@@ -277,7 +290,7 @@ class LocalNode(Component):
                 demand = Demand(service=name, reporter=f"node:{self.name}", buffered=0,
                                 in_flight=n, requests=0, ts=now, source="pods")
                 try:
-                    await self.bus.send(ep.DEMAND, demand)
+                    await self.bus.send(ep.DEMAND, demand, shard=shard_of(demand.service))
                 except (nats.errors.Error, OSError):
                     log.debug("node %s: pod metrics lost", self.name, exc_info=True)
 

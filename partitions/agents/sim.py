@@ -39,7 +39,15 @@ from kernel.messages import (
     StopPod,
     encode,
 )
-from partitions.agents.contract import NODE_HEARTBEAT_S, NodeHeartbeater, follow_map, register
+from kernel.shards import ShardFence
+from partitions.agents.contract import (
+    NODE_HEARTBEAT_S,
+    NodeHeartbeater,
+    follow_map,
+    follow_shards,
+    register,
+    stop_refusal,
+)
 from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)
@@ -141,6 +149,7 @@ class SimCluster(Component):
         self.nodes: dict[str, SimNode] = {}
         self.pods: dict[str, SimPod] = {}
         self.fence = EpochFence(allow_unpartitioned=unpartitioned)
+        self.shards = ShardFence()
         self.stats = SimStats()
         self._due: list[tuple[float, int, str]] = []  # (ready at, seq, pod): the timer heap
         self._seq = 0
@@ -168,6 +177,7 @@ class SimCluster(Component):
                                 interval_s=self.heartbeat_s)
         self.tasks.spawn(beats.run(), name="heartbeat")
         await follow_map(bus, self.fence)
+        await follow_shards(bus, self.shards)
 
     async def _rejoin(self, names: list[str]) -> None:
         """Nodes the coordinator took for lost: register them again and say again what
@@ -258,6 +268,8 @@ class SimCluster(Component):
         node = self._node_of(raw)
         if node is None:
             return None
+        if (refused := stop_refusal(self.shards, msg)) is not None:
+            raise refused
         pod = self.pods.get(msg.pod)
         if pod is not None and pod.node == node.info.name:
             await self._emit(pod, "terminating", reason=msg.reason)

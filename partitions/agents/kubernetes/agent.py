@@ -30,6 +30,7 @@ from kernel.bus import Bus
 from kernel.component import Component
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
+    AnnounceRequest,
     Demand,
     Empty,
     Inventory,
@@ -37,12 +38,21 @@ from kernel.messages import (
     NameRequest,
     NodeInfo,
     PodEvent,
+    PodsAnnounced,
     PodState,
     StartPod,
     StopPod,
 )
 from kernel.procs import free_port
-from partitions.agents.contract import NodeHeartbeater, PodAnnouncer, follow_map, register
+from kernel.shards import ShardFence, shard_of
+from partitions.agents.contract import (
+    NodeHeartbeater,
+    PodAnnouncer,
+    follow_map,
+    follow_shards,
+    register,
+    stop_refusal,
+)
 from partitions.agents.kubernetes import objects as ko
 from partitions.agents.kubernetes.pods import KubePod, PodTracker
 from partitions.fencing import EpochFence
@@ -107,6 +117,7 @@ class KubernetesBackend(Component):
         self.watches: list[ListWatch] = []
         self.fence = EpochFence()
         self.announcer = PodAnnouncer(bus, what="kubernetes")
+        self.shards = ShardFence()
         self._queue: asyncio.Queue[Synced | Changed] = asyncio.Queue()
         self._synced = {"nodes": asyncio.Event(), "pods": asyncio.Event()}
         self._subscribed: set[str] = set()
@@ -159,6 +170,8 @@ class KubernetesBackend(Component):
             self._registering = True
             await self._register(list(self.nodes.values()))
             await follow_map(bus, self.fence)
+            await follow_shards(bus, self.shards)
+            await bus.serve(ep.NODE_ANNOUNCE, self._on_announce)
             beats = NodeHeartbeater(bus, nodes=lambda: set(self._registered),
                                     rejoin=self._rejoin)
             self._spawn(beats.run(), "heartbeat")
@@ -308,7 +321,7 @@ class KubernetesBackend(Component):
                 demand = Demand(service=name, reporter="node:kubernetes", buffered=0,
                                 in_flight=n, requests=0, ts=now, source="pods")
                 try:
-                    await self.bus.send(ep.DEMAND, demand)
+                    await self.bus.send(ep.DEMAND, demand, shard=shard_of(demand.service))
                 except (nats.errors.Error, OSError):
                     log.debug("kubernetes: pod metrics lost", exc_info=True)
 
@@ -343,7 +356,12 @@ class KubernetesBackend(Component):
         await self.tracker.start(msg, node.k8s_name, self.config.pod_port or free_port())
         return Empty()
 
+    async def _on_announce(self, msg: AnnounceRequest, _raw: Msg) -> PodsAnnounced:
+        return self.announcer.announced(msg, sorted(self._registered))
+
     async def _on_stop(self, msg: StopPod, _raw: Msg) -> Empty:
+        if (refused := stop_refusal(self.shards, msg)) is not None:
+            raise refused
         assert self.tracker is not None
         await self.tracker.stop(msg.pod, msg.reason)
         return Empty()
