@@ -33,41 +33,29 @@ from typing import Any
 
 import msgspec
 
-from kernel import endpoints as ep
 from kernel.bus import Bus
-from kernel.messages import NodeInfo, PlaceRequest
+from kernel.messages import NodeInfo, PlaceRequest, encode
+from loadtests import nats_floor
 from loadtests.bench_elastic import run_elastic
 from loadtests.bench_harness import (
+    ENDPOINT,
     MODES,
     REPO,
     BenchOptions,
     Drive,
-    PlaceEndpoint,
-    cpu_s,
     drive,
     load,
     make_nodes,
     make_requests,
     make_services,
+    mode_world,
     open_loop,
     pct,
     servers,
-    spawn,
-    wait_beating,
-    wait_line,
-    wait_partitioned,
-    world,
 )
 from loadtests.bench_report import goals, ratios, summarize, write
 
 log = logging.getLogger("bench_schedule")
-
-ENDPOINT: dict[str, PlaceEndpoint] = {
-    "partitioned": ep.PLACE,
-    "central": ep.PLACE_CENTRAL,
-    "sampling": ep.PLACE_SAMPLING,
-}
-
 
 # ---- one mode -------------------------------------------------------------------------
 
@@ -103,51 +91,29 @@ async def run_mode(
     instances: int = 1,
     nats_pid: int | None = None,
 ) -> tuple[dict[str, Any], Drive]:
-    async with world(opts, nats_url, redis_url, nodes, start_sim=False) as (
-        coord,
-        sim,
-        bus,
-        beats,
-    ):
-        ids = [f"{mode}-{instances}-{i}" for i in range(instances if mode == "partitioned" else 1)]
-        procs = [await spawn(mode, nats_url, i, log_dir) for i in ids]
-        try:
-            if mode == "partitioned":
-                await asyncio.gather(*(wait_line(p, 60.0) for p in procs))
-                await wait_beating(beats, ids, 60.0)
-            # Nodes register once every scheduler is up, so each instance adopts its share
-            # once, in a calm moment: the benchmark measures placement, not adoption.
-            await sim.start()
-            await asyncio.gather(*(wait_line(p, 60.0) for p in procs))
-            if mode == "partitioned":
-                await wait_partitioned(coord, beats, ids, len(nodes), 60.0)
-                await asyncio.sleep(opts.settle_s)
-            log.info("%s x%d: driving %d placements", mode, len(ids), len(requests))
-            version = coord.pmap.version
-            pids = {
-                "schedulers": [p.pid for p in procs],
-                "driver_and_sim": [os.getpid()],
-                "nats_server": [nats_pid] if nats_pid else [],
-            }
-            cpu0 = {k: sum(cpu_s(p) for p in v) for k, v in pids.items()}
-            d = await drive(bus, ENDPOINT[mode], requests, opts.concurrency, opts.request_timeout_s)
-            cpu1 = {k: sum(cpu_s(p) for p in v) for k, v in pids.items()}
-            await asyncio.sleep(opts.start_delay_s + 0.2)  # the last pods become ready
-            result = summarize(mode, d, sim, len(ids))
-            # Non-zero means an instance looked dead to the coordinator mid-run (missed
-            # heartbeats under CPU load) and partitions moved: worth knowing when reading p99.
-            result["map_changes_during_run"] = coord.pmap.version - version
-            # CPU time per placement, by process group: unlike placements/s, this does not
-            # depend on what else the machine was running.
-            result["cpu_ms_per_placement"] = {
-                k: round((cpu1[k] - cpu0[k]) * 1000 / len(requests), 3) for k in pids if pids[k]
-            }
-            if opts.rate > 0 and opts.rate_s > 0:
-                result["at_rate"] = await at_rate(mode, opts, bus, requests)
-                result["overcommitted_nodes"] = len(sim.overcommitted_nodes())
-        finally:
-            await asyncio.gather(*(p.stop(timeout=5.0) for p in procs), return_exceptions=True)
-    log.info("%s x%d: %s", mode, len(ids), json.dumps(result))
+    async with mode_world(mode, opts, nats_url, redis_url, nodes, log_dir,
+                          instances=instances, nats_pid=nats_pid) as w:  # fmt: skip
+        n = len(w.procs)
+        log.info("%s x%d: driving %d placements", mode, n, len(requests))
+        version = w.coord.pmap.version
+        cpu0 = w.cpu()
+        d = await drive(w.bus, ENDPOINT[mode], requests, opts.concurrency, opts.request_timeout_s)
+        cpu1 = w.cpu()
+        await asyncio.sleep(opts.start_delay_s + 0.2)  # the last pods become ready
+        result = summarize(mode, d, w.sim, n)
+        # Non-zero means an instance looked dead to the coordinator mid-run (missed
+        # heartbeats under CPU load) and partitions moved: worth knowing when reading p99.
+        result["map_changes_during_run"] = w.coord.pmap.version - version
+        # CPU time per placement, by process group: unlike placements/s, this does not
+        # depend on what else the machine was running.
+        result["cpu_ms_per_placement"] = {
+            k: round((cpu1[k] - cpu0[k]) * 1000 / len(requests), 3) for k in cpu1
+        }
+        result["projected"] = False
+        if opts.rate > 0 and opts.rate_s > 0:
+            result["at_rate"] = await at_rate(mode, opts, w.bus, requests)
+            result["overcommitted_nodes"] = len(w.sim.overcommitted_nodes())
+    log.info("%s x%d: %s", mode, n, json.dumps(result))
     return result, d
 
 
@@ -187,7 +153,8 @@ async def run_benchmark(
                 )
             if opts.scaling:
                 scaling: dict[str, Any] = {}
-                for k in (1, 2):
+                # 4 too (when the main run has that many): CPU per placement at 4 vs 1.
+                for k in sorted({1, 2, min(4, opts.p)}):
                     if k == opts.p and "partitioned" in out:
                         scaling[str(k)] = out["partitioned"]
                         continue
@@ -204,6 +171,17 @@ async def run_benchmark(
                         nats_pid=npid,
                     )
                 out["scaling"] = scaling
+            # The floor: raw request-reply through the same server at the same concurrency.
+            floor = await nats_floor.measure(
+                nurl, tmp / "logs", concurrency=opts.concurrency,
+                requests=max(2000, min(20000, opts.placements * 2)),
+                payload=encode(make_requests(services, 1, opts.seed, "floor")[0]),
+            )  # fmt: skip
+            out["nats_floor"] = floor
+            out["nats_floor_rps"] = floor["rps"]
+            for m in opts.modes:
+                rate = out[m]["placements_per_s"]
+                out[m]["fraction_of_nats_floor"] = round(rate / floor["rps"], 3)
     out["config"]["loadavg_after"] = load()
     out["ratios"] = ratios(out)
     out["goals"] = goals(out)

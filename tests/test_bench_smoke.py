@@ -31,7 +31,7 @@ from loadtests.bench_report import write
 from loadtests.bench_schedule import run_benchmark
 
 MODE_FIELDS = {"placements_per_s", "p50_ms", "p99_ms", "probes_per_placement", "unschedulable",
-               "overcommitted_nodes"}  # fmt: skip
+               "overcommitted_nodes", "cached_model_hits", "cpu_ms_per_placement"}  # fmt: skip
 
 
 async def test_tiny_benchmark_all_modes(nats_url: str, redis_url: str, tmp_path: Path) -> None:
@@ -52,9 +52,14 @@ async def test_tiny_benchmark_all_modes(nats_url: str, redis_url: str, tmp_path:
         assert run["placements_match_sim"] and run["ghost_pods"] == 0, run
         assert run["duplicate_starts"] == 0, run
     assert written["sampling"]["probes_per_placement"] >= 2.0  # d=2 per try, at least one try
-    for key in ("throughput_partitioned_over_central", "p99_partitioned_over_central",
-                "scaling_1_to_2"):  # fmt: skip
-        assert isinstance(written["ratios"][key], float), key
+    assert written["ratios"]["reference"] == "central-indexed"
+    for mode in ("partitioned", "kube-scheduler", "central", "sampling"):
+        assert isinstance(written["ratios"]["placements_per_s"][mode], float), mode
+    assert isinstance(written["ratios"]["scaling_1_to_2"], float)
+    assert written["nats_floor_rps"] > 0
+    for name, goal in written["goals"].items():
+        if isinstance(goal, dict):  # every goal says its target, what was measured, if met
+            assert {"target", "measured", "met"} <= set(goal), name
     assert written["goals"]["no_overcommit_anywhere"] is True
     assert written["goals"]["every_placement_answered_once"] is True
 
