@@ -71,6 +71,15 @@ class BenchOptions:
     rate: float = 40.0  # the open-loop latency phase: placements/s offered to every mode
     rate_s: float = 10.0
     request_timeout_s: float = 60.0
+    skewed: bool = True  # the 95%-fill skewed scenario, every mode
+    skewed_placements: int = 0  # 0: 95% of what the skewed cluster holds (at most 4000)
+    churn: bool = True  # the churn scenario, every mode
+    churn_rate: float = 2000.0  # node status updates per second
+    churn_search: bool = True  # search the highest rate with p99 <= 50 ms (--quick: no)
+    churn_step_s: float = 3.0
+    churn_validate_rate: float = 0.0  # a second churn rate (model validation); 0: none
+    validate_nodes: tuple[int, ...] = ()  # cluster sizes the model must predict (not fitted)
+    model: bool = True  # calibrate, validate and project the discrete-event model
     out: Path = REPO / "loadtests" / "out"
     plot: bool = True
 

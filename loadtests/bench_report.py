@@ -187,7 +187,7 @@ def write(
 ) -> dict[str, Any]:
     opts.out.mkdir(parents=True, exist_ok=True)
     png, js = opts.out / f"{stem}.png", opts.out / f"{stem}.json"
-    out["files"] = {"json": str(js), "png": str(png) if opts.plot else ""}
+    out["files"] = {**out.get("files", {}), "json": str(js), "png": str(png) if opts.plot else ""}
     if opts.plot:
         plotter(out, png)
     js.write_text(json.dumps(out, indent=2) + "\n")
