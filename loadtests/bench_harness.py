@@ -77,6 +77,7 @@ class BenchOptions:
     churn_rate: float = 2000.0  # node status updates per second
     churn_search: bool = True  # search the highest rate with p99 <= 50 ms (--quick: no)
     churn_step_s: float = 3.0
+    churn_lifetime_s: float = 2.0  # a pod's life from ready to stop, in the churn scenario
     churn_validate_rate: float = 0.0  # a second churn rate (model validation); 0: none
     validate_nodes: tuple[int, ...] = ()  # cluster sizes the model must predict (not fitted)
     model: bool = True  # calibrate, validate and project the discrete-event model

@@ -148,6 +148,7 @@ async def churn_all(
 ) -> dict[str, Any]:  # fmt: skip
     co = sc.ChurnOptions(churn_rate=opts.churn_rate, search=opts.churn_search,
                          step_s=opts.churn_step_s, start_rate=100.0 if opts.churn_search else 50.0,
+                         lifetime_s=opts.churn_lifetime_s,
                          event_only_s=2.0 if opts.churn_search else 1.0)  # fmt: skip
     reqs = make_requests(services, 4000, opts.seed, "churn")
     out: dict[str, Any] = {"churn_rate_per_s": co.churn_rate, "lifetime_s": co.lifetime_s,
@@ -345,6 +346,7 @@ def options(argv: list[str] | None) -> tuple[BenchOptions, argparse.Namespace]:
         churn_rate=a.churn_rate,
         churn_search=not a.quick,
         churn_step_s=1.5 if a.quick else 3.0,
+        churn_lifetime_s=0.5 if a.quick else 2.0,
         churn_validate_rate=(a.churn_validate_rate if a.churn_validate_rate is not None
                              else (0.0 if a.quick else 2 * a.churn_rate)),
         validate_nodes=tuple(int(x) for x in (a.validate_nodes if a.validate_nodes is not None
