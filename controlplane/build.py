@@ -77,6 +77,24 @@ async def central(config: Config, instance_id: str = "") -> CentralScheduler:
     return CentralScheduler(await connect(config, instance_id or new_id("central"), "bench"))
 
 
+async def central_indexed(config: Config, instance_id: str = "") -> CentralScheduler:
+    """The strongest central baseline: one process, the partitions' free-capacity index."""
+    from functions.schedule.baselines import CentralScheduler
+
+    return CentralScheduler(
+        await connect(config, instance_id or new_id("central"), "bench"), strategy="indexed"
+    )
+
+
+async def kube_scheduler(config: Config, instance_id: str = "") -> CentralScheduler:
+    """The kube-scheduler baseline: filter until percentageOfNodesToScore, score those."""
+    from functions.schedule.baselines import CentralScheduler
+
+    return CentralScheduler(
+        await connect(config, instance_id or new_id("central"), "bench"), strategy="kube"
+    )
+
+
 async def sampling(config: Config, instance_id: str = "") -> SamplingScheduler:
     """The sampling baseline of the scheduler benchmark."""
     from functions.schedule.baselines import SamplingScheduler
@@ -89,6 +107,7 @@ async def sampling(config: Config, instance_id: str = "") -> SamplingScheduler:
 INSTANCES: dict[str, Callable[[Config, str], Awaitable[Component]]] = {
     "scale": scale, "schedule": schedule, "route": route,
     "central": central, "sampling": sampling,
+    "central-indexed": central_indexed, "kube-scheduler": kube_scheduler,
 }
 
 

@@ -13,7 +13,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,9 @@ from kernel.store import Store
 from partitions.agents.sim import SimCluster
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("partitioned", "central", "sampling")
+MODES = ("partitioned", "central-indexed", "kube-scheduler", "central", "sampling")
+# The ratios that count are against the strongest central design: one process, same index.
+REFERENCE = "central-indexed"
 
 # What every mode answers a PlaceRequest on: ep.PLACE, ep.PLACE_CENTRAL or ep.PLACE_SAMPLING.
 PlaceEndpoint = Endpoint[PlaceRequest, Placement | Unschedulable]
@@ -69,6 +71,16 @@ class BenchOptions:
     rate: float = 40.0  # the open-loop latency phase: placements/s offered to every mode
     rate_s: float = 10.0
     request_timeout_s: float = 60.0
+    skewed: bool = True  # the 95%-fill skewed scenario, every mode
+    skewed_placements: int = 0  # 0: 95% of what the skewed cluster holds (at most 4000)
+    churn: bool = True  # the churn scenario, every mode
+    churn_rate: float = 2000.0  # node status updates per second
+    churn_search: bool = True  # search the highest rate with p99 <= 50 ms (--quick: no)
+    churn_step_s: float = 3.0
+    churn_lifetime_s: float = 2.0  # a pod's life from ready to stop, in the churn scenario
+    churn_validate_rate: float = 0.0  # a second churn rate (model validation); 0: none
+    validate_nodes: tuple[int, ...] = ()  # cluster sizes the model must predict (not fitted)
+    model: bool = True  # calibrate, validate and project the discrete-event model
     out: Path = REPO / "loadtests" / "out"
     plot: bool = True
 
@@ -206,7 +218,8 @@ async def open_loop(
 
 
 # A scheduler of each mode as the instance entry point runs it (controlplane/instance.py).
-INSTANCE_KIND = {"partitioned": "schedule", "central": "central", "sampling": "sampling"}
+INSTANCE_KIND = {"partitioned": "schedule", "central": "central", "sampling": "sampling",
+                 "central-indexed": "central-indexed", "kube-scheduler": "kube-scheduler"}
 
 
 async def spawn(kind: str, nats_url: str, ident: str, log_dir: Path) -> ManagedProcess:
@@ -289,6 +302,8 @@ async def world(
     runtime: Any = None,
     config: CoordinatorConfig | None = None,
     start_sim: bool = True,
+    prefill_of: Callable[[NodeInfo], float] | None = None,
+    lifetime_s: float = 0.0,
 ) -> AsyncIterator[tuple[Coordinator, SimCluster, Bus, Beats]]:
     """A fresh control plane state per run: empty Redis, new coordinator, new SimCluster
     (started here unless the caller starts it once its schedulers are up)."""
@@ -299,7 +314,8 @@ async def world(
                         runtime=runtime)
     # The baselines own no partition: this sim takes their unpartitioned starts.
     sim = SimCluster(await Bus.connect(nats_url, "sim"), nodes, start_delay_s=opts.start_delay_s,
-                     prefill=opts.fill, unpartitioned=True)
+                     prefill=opts.fill, unpartitioned=True, prefill_of=prefill_of,
+                     lifetime_s=lifetime_s)
     bus = await Bus.connect(nats_url, "bench-driver")
     beats = Beats()
     await bus.serve(ep.HEARTBEAT, beats.on_beat, kind="schedule")
@@ -332,6 +348,65 @@ async def servers(
         for server in (redis, nats):
             if server is not None:
                 await server.stop()
+
+
+# The endpoint each mode answers on. The central variants run one at a time, each in its own
+# world: one subject serves them all.
+ENDPOINT: dict[str, PlaceEndpoint] = {
+    "partitioned": ep.PLACE,
+    "central": ep.PLACE_CENTRAL,
+    "central-indexed": ep.PLACE_CENTRAL,
+    "kube-scheduler": ep.PLACE_CENTRAL,
+    "sampling": ep.PLACE_SAMPLING,
+}
+
+
+@dataclass
+class ModeWorld:
+    coord: Coordinator
+    sim: SimCluster
+    bus: Bus
+    beats: Beats
+    procs: list[ManagedProcess]
+    pids: dict[str, list[int]]
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far per process group."""
+        return {k: sum(cpu_s(p) for p in v) for k, v in self.pids.items() if v}
+
+
+@contextlib.asynccontextmanager
+async def mode_world(
+    mode: str, opts: BenchOptions, nats_url: str, redis_url: str, nodes: list[NodeInfo],
+    log_dir: Path, *, instances: int = 1, nats_pid: int | None = None, **world_kw: Any,
+) -> AsyncIterator[ModeWorld]:  # fmt: skip
+    """A fresh world with `mode`'s scheduler(s) running as their own processes, every node
+    registered and (partitioned) every partition owned and adopted."""
+    async with world(opts, nats_url, redis_url, nodes, start_sim=False, **world_kw) as (
+        coord, sim, bus, beats,
+    ):  # fmt: skip
+        n = instances if mode == "partitioned" else 1
+        ids = [f"{mode}-{instances}-{i}" for i in range(n)]
+        procs = [await spawn(mode, nats_url, i, log_dir) for i in ids]
+        try:
+            if mode == "partitioned":
+                await asyncio.gather(*(wait_line(p, 60.0) for p in procs))
+                await wait_beating(beats, ids, 60.0)
+            # Nodes register once every scheduler is up, so each instance adopts its share
+            # once, in a calm moment: the benchmark measures placement, not adoption.
+            await sim.start()
+            await asyncio.gather(*(wait_line(p, 60.0) for p in procs))
+            if mode == "partitioned":
+                await wait_partitioned(coord, beats, ids, len(nodes), 60.0)
+                await asyncio.sleep(opts.settle_s)
+            pids = {
+                "schedulers": [p.pid for p in procs],
+                "driver_and_sim": [os.getpid()],
+                "nats_server": [nats_pid] if nats_pid else [],
+            }
+            yield ModeWorld(coord, sim, bus, beats, procs, pids)
+        finally:
+            await asyncio.gather(*(p.stop(timeout=5.0) for p in procs), return_exceptions=True)
 
 
 # ---- the machine -------------------------------------------------------------------------

@@ -27,47 +27,37 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from kernel import endpoints as ep
 from kernel.bus import Bus
-from kernel.messages import NodeInfo, PlaceRequest
+from kernel.messages import NodeInfo, PlaceRequest, ServiceSpec, encode
+from loadtests import bench_model, nats_floor
+from loadtests import bench_scenarios as sc
 from loadtests.bench_elastic import run_elastic
 from loadtests.bench_harness import (
+    ENDPOINT,
     MODES,
+    REFERENCE,
     REPO,
     BenchOptions,
     Drive,
-    PlaceEndpoint,
-    cpu_s,
     drive,
     load,
     make_nodes,
     make_requests,
     make_services,
+    mode_world,
     open_loop,
     pct,
     servers,
-    spawn,
-    wait_beating,
-    wait_line,
-    wait_partitioned,
-    world,
 )
 from loadtests.bench_report import goals, ratios, summarize, write
 
 log = logging.getLogger("bench_schedule")
-
-ENDPOINT: dict[str, PlaceEndpoint] = {
-    "partitioned": ep.PLACE,
-    "central": ep.PLACE_CENTRAL,
-    "sampling": ep.PLACE_SAMPLING,
-}
-
 
 # ---- one mode -------------------------------------------------------------------------
 
@@ -103,52 +93,97 @@ async def run_mode(
     instances: int = 1,
     nats_pid: int | None = None,
 ) -> tuple[dict[str, Any], Drive]:
-    async with world(opts, nats_url, redis_url, nodes, start_sim=False) as (
-        coord,
-        sim,
-        bus,
-        beats,
-    ):
-        ids = [f"{mode}-{instances}-{i}" for i in range(instances if mode == "partitioned" else 1)]
-        procs = [await spawn(mode, nats_url, i, log_dir) for i in ids]
-        try:
-            if mode == "partitioned":
-                await asyncio.gather(*(wait_line(p, 60.0) for p in procs))
-                await wait_beating(beats, ids, 60.0)
-            # Nodes register once every scheduler is up, so each instance adopts its share
-            # once, in a calm moment: the benchmark measures placement, not adoption.
-            await sim.start()
-            await asyncio.gather(*(wait_line(p, 60.0) for p in procs))
-            if mode == "partitioned":
-                await wait_partitioned(coord, beats, ids, len(nodes), 60.0)
-                await asyncio.sleep(opts.settle_s)
-            log.info("%s x%d: driving %d placements", mode, len(ids), len(requests))
-            version = coord.pmap.version
-            pids = {
-                "schedulers": [p.pid for p in procs],
-                "driver_and_sim": [os.getpid()],
-                "nats_server": [nats_pid] if nats_pid else [],
-            }
-            cpu0 = {k: sum(cpu_s(p) for p in v) for k, v in pids.items()}
-            d = await drive(bus, ENDPOINT[mode], requests, opts.concurrency, opts.request_timeout_s)
-            cpu1 = {k: sum(cpu_s(p) for p in v) for k, v in pids.items()}
-            await asyncio.sleep(opts.start_delay_s + 0.2)  # the last pods become ready
-            result = summarize(mode, d, sim, len(ids))
-            # Non-zero means an instance looked dead to the coordinator mid-run (missed
-            # heartbeats under CPU load) and partitions moved: worth knowing when reading p99.
-            result["map_changes_during_run"] = coord.pmap.version - version
-            # CPU time per placement, by process group: unlike placements/s, this does not
-            # depend on what else the machine was running.
-            result["cpu_ms_per_placement"] = {
-                k: round((cpu1[k] - cpu0[k]) * 1000 / len(requests), 3) for k in pids if pids[k]
-            }
-            if opts.rate > 0 and opts.rate_s > 0:
-                result["at_rate"] = await at_rate(mode, opts, bus, requests)
-                result["overcommitted_nodes"] = len(sim.overcommitted_nodes())
-        finally:
-            await asyncio.gather(*(p.stop(timeout=5.0) for p in procs), return_exceptions=True)
-    log.info("%s x%d: %s", mode, len(ids), json.dumps(result))
+    async with mode_world(mode, opts, nats_url, redis_url, nodes, log_dir,
+                          instances=instances, nats_pid=nats_pid) as w:  # fmt: skip
+        n = len(w.procs)
+        log.info("%s x%d: driving %d placements", mode, n, len(requests))
+        version = w.coord.pmap.version
+        cpu0 = w.cpu()
+        d = await drive(w.bus, ENDPOINT[mode], requests, opts.concurrency, opts.request_timeout_s)
+        cpu1 = w.cpu()
+        await asyncio.sleep(opts.start_delay_s + 0.2)  # the last pods become ready
+        result = summarize(mode, d, w.sim, n)
+        # Non-zero means an instance looked dead to the coordinator mid-run (missed
+        # heartbeats under CPU load) and partitions moved: worth knowing when reading p99.
+        result["map_changes_during_run"] = w.coord.pmap.version - version
+        # CPU time per placement, by process group: unlike placements/s, this does not
+        # depend on what else the machine was running.
+        result["cpu_ms_per_placement"] = {
+            k: round((cpu1[k] - cpu0[k]) * 1000 / len(requests), 3) for k in cpu1
+        }
+        result["projected"] = False
+        if opts.rate > 0 and opts.rate_s > 0:
+            result["at_rate"] = await at_rate(mode, opts, w.bus, requests)
+            result["overcommitted_nodes"] = len(w.sim.overcommitted_nodes())
+    log.info("%s x%d: %s", mode, n, json.dumps(result))
     return result, d
+
+
+# ---- the scenarios of issue 13 ----------------------------------------------------------------
+
+
+async def skewed_all(
+    opts: BenchOptions, nurl: str, rurl: str, nodes: list[NodeInfo],
+    services: list[ServiceSpec], tmp: Path, npid: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    pool = sc.skewed_requests(services, 20000, opts.seed)
+    n = opts.skewed_placements or max(1, min(4000, int(0.95 * sc.skewed_capacity(nodes, pool))))
+    reqs = pool[:n]
+    out: dict[str, Any] = {"placements": n, "fill_mean": 0.95}
+    for mode in opts.modes:
+        out[mode] = await sc.run_skewed(mode, opts, nurl, rurl, nodes, reqs, tmp / "logs",
+                                        nats_pid=npid)  # fmt: skip
+    ref = out.get(REFERENCE)
+    for mode in opts.modes:
+        if ref and mode != REFERENCE:
+            out[mode]["unschedulable_over_central_indexed"] = round(
+                out[mode]["unschedulable"] / max(1, ref["unschedulable"]), 3
+            )
+    return out
+
+
+async def churn_all(
+    opts: BenchOptions, nurl: str, rurl: str, nodes: list[NodeInfo],
+    services: list[ServiceSpec], tmp: Path, npid: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    co = sc.ChurnOptions(churn_rate=opts.churn_rate, search=opts.churn_search,
+                         step_s=opts.churn_step_s, start_rate=100.0 if opts.churn_search else 50.0,
+                         lifetime_s=opts.churn_lifetime_s,
+                         event_only_s=2.0 if opts.churn_search else 1.0)  # fmt: skip
+    reqs = make_requests(services, 4000, opts.seed, "churn")
+    out: dict[str, Any] = {"churn_rate_per_s": co.churn_rate, "lifetime_s": co.lifetime_s,
+                           "p99_target_ms": co.p99_target_ms, "max_sustained": {}}  # fmt: skip
+    for mode in opts.modes:
+        extra = ((opts.churn_validate_rate,) if opts.churn_validate_rate
+                 and mode in ("partitioned", REFERENCE) else ())  # fmt: skip
+        out[mode] = await sc.run_churn(mode, opts, co, nurl, rurl, nodes, reqs, tmp / "logs",
+                                       nats_pid=npid, extra_churn_rates=extra)  # fmt: skip
+        out["max_sustained"][mode] = {
+            "max_sustained_per_s": out[mode]["max_sustained_per_s"],
+            "searched": co.search, "projected": False,
+        }  # fmt: skip
+    return out
+
+
+async def validation_runs(
+    opts: BenchOptions, nurl: str, rurl: str, services: list[ServiceSpec], tmp: Path,
+    npid: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Plain closed-loop runs at other cluster sizes: points the model must predict."""
+    out: dict[str, Any] = {}
+    for n in opts.validate_nodes:
+        nodes = make_nodes(n, opts.services, opts.seed)
+        o = replace(opts, nodes=n, partitions=opts.p)
+        out[str(n)] = {}
+        for mode in ("partitioned", REFERENCE, "kube-scheduler", "central"):
+            if mode not in opts.modes:
+                continue
+            k = 1000 if mode == "central" and n > 5000 else min(opts.placements, 3000)
+            reqs = make_requests(services, k, opts.seed, f"v{n}")
+            row, _ = await run_mode(mode, replace(o, rate=0), nurl, rurl, nodes, reqs,
+                                    tmp / "logs", instances=opts.p, nats_pid=npid)  # fmt: skip
+            out[str(n)][mode] = row
+    return out
 
 
 # ---- the whole benchmark -----------------------------------------------------------------
@@ -187,7 +222,8 @@ async def run_benchmark(
                 )
             if opts.scaling:
                 scaling: dict[str, Any] = {}
-                for k in (1, 2):
+                # 4 too (when the main run has that many): CPU per placement at 4 vs 1.
+                for k in sorted({1, 2, min(4, opts.p)}):
                     if k == opts.p and "partitioned" in out:
                         scaling[str(k)] = out["partitioned"]
                         continue
@@ -204,8 +240,28 @@ async def run_benchmark(
                         nats_pid=npid,
                     )
                 out["scaling"] = scaling
+            if opts.skewed:
+                out["skewed"] = await skewed_all(opts, nurl, rurl, nodes, services, tmp, npid)
+            if opts.churn:
+                out["churn"] = await churn_all(opts, nurl, rurl, nodes, services, tmp, npid)
+            if opts.validate_nodes:
+                out["validation_runs"] = await validation_runs(opts, nurl, rurl, services, tmp,
+                                                               npid)  # fmt: skip
+            # The floor: raw request-reply through the same server at the same concurrency.
+            floor = await nats_floor.measure(
+                nurl, tmp / "logs", concurrency=opts.concurrency,
+                requests=max(2000, min(20000, opts.placements * 2)),
+                payload=encode(make_requests(services, 1, opts.seed, "floor")[0]),
+            )  # fmt: skip
+            out["nats_floor"] = floor
+            out["nats_floor_rps"] = floor["rps"]
+            for m in opts.modes:
+                rate = out[m]["placements_per_s"]
+                out[m]["fraction_of_nats_floor"] = round(rate / floor["rps"], 3)
     out["config"]["loadavg_after"] = load()
     out["ratios"] = ratios(out)
+    if opts.model:
+        out["model"] = bench_model.run_model(out)
     out["goals"] = goals(out)
     return out
 
@@ -251,6 +307,15 @@ def options(argv: list[str] | None) -> tuple[BenchOptions, argparse.Namespace]:
         default=3.0,
         help="coordinator: silence before an instance is declared dead (its default: 1 s)",
     )
+    p.add_argument("--no-skewed", action="store_true", help="skip the 95%%-fill skewed runs")
+    p.add_argument("--skewed-placements", type=int, default=0)
+    p.add_argument("--no-churn", action="store_true", help="skip the churn scenario")
+    p.add_argument("--churn-rate", type=float, default=2000.0, help="status updates/s")
+    p.add_argument("--churn-validate-rate", type=float, default=None,
+                   help="a second churn rate for the model (default 2x; quick: none)")
+    p.add_argument("--validate-nodes", default=None,
+                   help="cluster sizes the model is checked on (default 1000,20000; quick: none)")
+    p.add_argument("--no-model", action="store_true")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", type=Path, default=REPO / "loadtests" / "out")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
@@ -275,6 +340,19 @@ def options(argv: list[str] | None) -> tuple[BenchOptions, argparse.Namespace]:
         heartbeat_timeout_s=a.heartbeat_timeout,
         rate=a.rate,
         rate_s=a.rate_s if a.rate_s is not None else (3.0 if a.quick else 10.0),
+        skewed=not a.no_skewed,
+        skewed_placements=a.skewed_placements,
+        churn=not a.no_churn,
+        churn_rate=a.churn_rate,
+        churn_search=not a.quick,
+        churn_step_s=1.5 if a.quick else 3.0,
+        churn_lifetime_s=0.5 if a.quick else 2.0,
+        churn_validate_rate=(a.churn_validate_rate if a.churn_validate_rate is not None
+                             else (0.0 if a.quick else 2 * a.churn_rate)),
+        validate_nodes=tuple(int(x) for x in (a.validate_nodes if a.validate_nodes is not None
+                                              else ("" if a.quick else "1000,20000")).split(",")
+                             if x),
+        model=not a.no_model,
     )
     return opts, a
 
@@ -284,6 +362,10 @@ async def amain(argv: list[str] | None = None) -> dict[str, Any]:
     if a.elastic:
         return await run_elastic(opts, a)
     out = await run_benchmark(opts)
+    if opts.plot and "model" in out:
+        opts.out.mkdir(parents=True, exist_ok=True)
+        out.setdefault("files", {})["model_png"] = str(opts.out / "bench_schedule_model.png")
+        bench_model.plot(out, opts.out / "bench_schedule_model.png")
     return write(out, opts, "bench_schedule")
 
 

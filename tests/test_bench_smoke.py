@@ -31,12 +31,14 @@ from loadtests.bench_report import write
 from loadtests.bench_schedule import run_benchmark
 
 MODE_FIELDS = {"placements_per_s", "p50_ms", "p99_ms", "probes_per_placement", "unschedulable",
-               "overcommitted_nodes"}  # fmt: skip
+               "overcommitted_nodes", "cached_model_hits", "cpu_ms_per_placement"}  # fmt: skip
 
 
 async def test_tiny_benchmark_all_modes(nats_url: str, redis_url: str, tmp_path: Path) -> None:
+    # --quick's scenarios: skewed and churn for every mode, one churn step (no rate search)
     opts = BenchOptions(nodes=200, placements=300, partitions=2, concurrency=16, out=tmp_path,
-                        settle_s=1.2)  # fmt: skip
+                        settle_s=1.2, churn_search=False, churn_step_s=1.0,
+                        churn_lifetime_s=0.5)  # fmt: skip
     out = write(await run_benchmark(opts, nats_url=nats_url, redis_url=redis_url), opts,
                 "smoke")  # fmt: skip
     written = json.loads((tmp_path / "smoke.json").read_text())
@@ -52,9 +54,25 @@ async def test_tiny_benchmark_all_modes(nats_url: str, redis_url: str, tmp_path:
         assert run["placements_match_sim"] and run["ghost_pods"] == 0, run
         assert run["duplicate_starts"] == 0, run
     assert written["sampling"]["probes_per_placement"] >= 2.0  # d=2 per try, at least one try
-    for key in ("throughput_partitioned_over_central", "p99_partitioned_over_central",
-                "scaling_1_to_2"):  # fmt: skip
-        assert isinstance(written["ratios"][key], float), key
+    assert written["ratios"]["reference"] == "central-indexed"
+    for mode in ("partitioned", "kube-scheduler", "central", "sampling"):
+        assert isinstance(written["ratios"]["placements_per_s"][mode], float), mode
+    assert isinstance(written["ratios"]["scaling_1_to_2"], float)
+    assert written["nats_floor_rps"] > 0
+    for mode in MODES:
+        skewed, churn = written["skewed"][mode], written["churn"][mode]
+        assert skewed["overcommitted_nodes"] == 0 and skewed["errors"] == 0, skewed
+        assert skewed["placed"] + skewed["unschedulable"] == skewed["placements"], skewed
+        assert churn["overcommitted_nodes"] == 0, churn
+        assert churn["curve"] and churn["curve"][0]["events_applied"] > 0, churn
+        assert churn["cpu_ms_per_applied_event"]["schedulers"] >= 0, churn
+        assert mode in written["churn"]["max_sustained"]
+    points = written["model"]["points"]
+    assert points and all("error_pct" in p and p["projected"] is False for p in points)
+    assert all(r["projected"] is True for r in written["model"]["projection"]["rows"])
+    for name, goal in written["goals"].items():
+        if isinstance(goal, dict):  # every goal says its target, what was measured, if met
+            assert {"target", "measured", "met"} <= set(goal), name
     assert written["goals"]["no_overcommit_anywhere"] is True
     assert written["goals"]["every_placement_answered_once"] is True
 

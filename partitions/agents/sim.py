@@ -93,6 +93,8 @@ class SimStats:
     refused_fit: int = 0  # node-side admission refusals (sampling baseline only)
     duplicate_starts: int = 0  # a pod already running elsewhere: a double placement
     probes: int = 0
+    expired: int = 0  # pods stopped by the sim itself at the end of their `lifetime_s`
+    events: int = 0  # pod events published (what every subscriber must apply)
 
 
 def prefill_pods(info: NodeInfo, fraction: float, pods: int) -> list[PodAllocation]:
@@ -136,9 +138,15 @@ class SimCluster(Component):
         clock: Callable[[], float] = time.time,
         unpartitioned: bool = False,
         heartbeat_s: float = NODE_HEARTBEAT_S,
+        prefill_of: Callable[[NodeInfo], float] | None = None,
+        lifetime_s: float = 0.0,
     ) -> None:
         """`unpartitioned`: also take starts that name no partition, from the benchmark's
-        baseline schedulers (which own none); never so outside the benchmark."""
+        baseline schedulers (which own none); never so outside the benchmark.
+        `prefill_of`: each node's own pre-filled fraction (a skewed cluster) instead of
+        `prefill`. `lifetime_s` > 0: started pods stop by themselves that long after they are
+        ready, so a steady placement rate is a steady pod lifecycle (start, ready,
+        terminating, stopped) rather than a cluster that fills up."""
         if not 0.0 <= prefill < 1.0:
             raise ValueError("prefill must be a fraction in [0, 1)")
         super().__init__(bus)
@@ -146,18 +154,21 @@ class SimCluster(Component):
         self.start_delay_s = start_delay_s
         self.clock = clock
         self.heartbeat_s = heartbeat_s
+        self.lifetime_s = lifetime_s
         self.nodes: dict[str, SimNode] = {}
         self.pods: dict[str, SimPod] = {}
         self.fence = EpochFence(allow_unpartitioned=unpartitioned)
         self.shards = ShardFence()
         self.stats = SimStats()
-        self._due: list[tuple[float, int, str]] = []  # (ready at, seq, pod): the timer heap
+        # (due at, seq, pod, "ready" | "stop"): the timer heap
+        self._due: list[tuple[float, int, str, str]] = []
         self._seq = 0
         self._wake = asyncio.Event()
         for info in nodes:
             node = SimNode(info, models=set(info.models))
             self.nodes[info.name] = node
-            for alloc in prefill_pods(info, prefill, prefill_pods_per_node):
+            fraction = prefill_of(info) if prefill_of is not None else prefill
+            for alloc in prefill_pods(info, fraction, prefill_pods_per_node):
                 self._commit(node, SimPod(alloc, info.name))
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -260,7 +271,7 @@ class SimCluster(Component):
         self.stats.warm_starts += pod.warm
         await self._emit(pod, "starting")
         self._seq += 1
-        heapq.heappush(self._due, (now + self.start_delay_s, self._seq, msg.pod))
+        heapq.heappush(self._due, (now + self.start_delay_s, self._seq, msg.pod, "ready"))
         self._wake.set()
         return Empty()
 
@@ -328,14 +339,30 @@ class SimCluster(Component):
                 continue
             now = self.clock()
             while self._due and self._due[0][0] <= now:
-                _, _, name = heapq.heappop(self._due)
+                _, _, name, verb = heapq.heappop(self._due)
                 pod = self.pods.get(name)
+                if verb == "stop":
+                    if pod is not None and pod.state == "ready":
+                        await self._expire(pod)
+                    continue
                 if pod is None or pod.state != "starting":
                     continue
                 pod.state, pod.ready_at = "ready", now
                 if pod.start is not None:  # loading the weights put them in the node's cache
                     self.nodes[pod.node].models.add(pod.start.spec.model_id)
                 await self._emit(pod, "ready")
+                if self.lifetime_s > 0:
+                    self._seq += 1
+                    heapq.heappush(self._due, (now + self.lifetime_s, self._seq, name, "stop"))
+
+    async def _expire(self, pod: SimPod) -> None:
+        """The end of a pod's lifetime, as a scale-down would stop it."""
+        await self._emit(pod, "terminating", reason="lifetime")
+        pod.state = "stopped"
+        self._release(pod)
+        self.stats.stopped += 1
+        self.stats.expired += 1
+        await self._emit(pod, "stopped", reason="lifetime")
 
     async def _emit(self, pod: SimPod, state: PodState, *, reason: str = "") -> None:
         start = pod.start
@@ -354,6 +381,7 @@ class SimCluster(Component):
             reason=reason,
             ts=self.clock(),
         )
+        self.stats.events += 1
         try:
             await self.bus.send(ep.POD_EVENTS, ev, service=start.spec.name)
         except (nats.errors.Error, OSError):

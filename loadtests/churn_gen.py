@@ -1,0 +1,58 @@
+"""Node status updates at a fixed rate, from their own OS process (as node agents are), for the
+churn scenario: each a `ready` PodEvent on the real pod-events subject saying a node now caches
+a model's weights, which every scheduler must decode and apply to its view (the model index
+changes). The pod lifecycle half of the churn (start, ready, terminating, stopped) comes from the
+sim's own pods, which stop after their lifetime.
+
+    python -m loadtests.churn_gen NATS_URL RATE SECONDS NODES SERVICES
+Prints `sent N` when done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+
+from kernel import endpoints as ep
+from kernel.bus import Bus
+from kernel.messages import PodEvent
+
+TICK_S = 0.01
+
+
+async def run(url: str, rate: float, seconds: float, nodes: int, services: int) -> int:
+    bus = await Bus.connect(url, "churn-gen")
+    rng = random.Random(11)
+    sent = 0
+    t0 = time.perf_counter()
+    try:
+        while (elapsed := time.perf_counter() - t0) < seconds:
+            due = int(rate * elapsed) - sent
+            for _ in range(due):
+                svc = rng.randrange(services)
+                node = f"sim-{rng.randrange(nodes):05d}"
+                await bus.send(
+                    ep.POD_EVENTS,
+                    PodEvent(pod=f"status-{sent}", service=f"svc-{svc}", node=node,
+                             state="ready", model=f"model-{svc}", ts=time.time()),
+                    service=f"svc-{svc}",
+                )
+                sent += 1
+            await asyncio.sleep(TICK_S)
+        await bus.nc.flush()
+    finally:
+        await bus.close()
+    return sent
+
+
+def main() -> int:
+    url, rate, seconds, nodes, services = sys.argv[1:6]
+    n = asyncio.run(run(url, float(rate), float(seconds), int(nodes), int(services)))
+    print(f"sent {n}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
