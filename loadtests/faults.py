@@ -333,9 +333,10 @@ FAULTS = [
     Fault("cluster-full-of-idle-pods", None, setup=fill_with_idle_pods),
 ]
 NOT_APPLICABLE = {
-    "scale-instance, route-instance": "processes of the coordinator's under `fnplane up` "
-    "(replaced like schedule's), but one instance each until they are sharded (issue 13): "
-    "their SIGKILL is covered by the coordinator-process row, which takes all three down",
+    "scale-instance, route-instance": "not rows here: tests/test_shards.py SIGKILLs the owners "
+    "of a service's scale and route shards mid-burst under `fnplane up --scale-min 2 "
+    "--route-min 2` (0 lost); with one instance each, the coordinator-process row takes all "
+    "three kinds down at once",
 }
 
 
