@@ -1,9 +1,11 @@
 """The two scenarios of issue 13 beside the plain runs of `bench_schedule.py`:
 
-- `skewed`: a cluster at ~95% fill, unevenly (most nodes nearly full, the rest with room), and
-  demand concentrated on a few models, sized to what the cluster can hold: partitions run out
-  of room, so placements must probe other partitions. Probes, probe-cache hits, the latency of
-  probed placements apart, and unschedulable pods, per mode.
+- `skewed`: a cluster at ~95% fill, unevenly *along partition membership* (the nodes of half
+  the partitions nearly full, the others with room), and demand concentrated on a few models,
+  sized to what the cluster can hold. Placements are shared evenly among `schedule`
+  instances, so those owning a full partition must probe another. Probes, probe-cache hits,
+  the latency of probed placements apart, and unschedulable pods, per mode; every mode gets
+  the same node fills and the same requests.
 - `churn`: pods that live `lifetime_s` (each placement is then four pod events: starting,
   ready, terminating, stopped) and node status updates from their own process at
   `churn_rate`/s; per mode, the highest open-loop placement rate whose p99 stays under
@@ -17,7 +19,6 @@ import asyncio
 import logging
 import os
 import sys
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,14 @@ from loadtests.bench_harness import (
 )
 from loadtests.bench_report import summarize
 from partitions.nodes import NodeState
+from partitions.partitioner import rebalance
 from partitions.view import PartitionView
 
 log = logging.getLogger("bench_scenarios")
 
-SKEW_HOT_NODES = 0.6  # the share of nodes nearly full
-SKEW_HOT_FILL, SKEW_COLD_FILL = 0.985, 0.9025  # mean 0.95
+# The nodes of the hot partitions are nearly full, the others keep room: mean 0.95 when half
+# the partitions (by capacity, which the partitioner balances) are hot.
+SKEW_HOT_FILL, SKEW_COLD_FILL = 0.98, 0.92
 HOT_MODELS, HOT_SHARE = 3, 0.8  # 80% of the demand for 3 models
 
 
@@ -63,9 +66,46 @@ class ChurnOptions:
 # ---- skewed -------------------------------------------------------------------------------
 
 
-def skewed_fill(info: NodeInfo) -> float:
-    hot = zlib.crc32(info.name.encode()) % 1000 < SKEW_HOT_NODES * 1000
-    return SKEW_HOT_FILL if hot else SKEW_COLD_FILL
+def skewed_partitions(nodes: list[NodeInfo], owners: int) -> list[list[str]]:
+    """The node sets the coordinator will give `owners` fresh `schedule` instances: its own
+    pure partitioner, run as it runs in `mode_world` (instances known first, with empty
+    partitions, then every node registered at once). Which instance gets which set does not
+    matter here, only which nodes share a partition. `run_skewed` checks the map it got."""
+    ids = [f"o{i}" for i in range(owners)]
+    by_name = {n.name: n for n in nodes}
+    return [p.nodes for p in rebalance(by_name, ids, rebalance({}, ids, [])) if p.owner]
+
+
+@dataclass(frozen=True)
+class SkewLayout:
+    """Each node's pre-filled fraction: the nodes of the `hot` partitions nearly full. Built
+    once per benchmark, so every mode starts from the very same cluster state."""
+
+    fills: dict[str, float]
+    partitions: list[list[str]]
+    hot: list[int]  # indexes into `partitions`
+
+    def fill(self, info: NodeInfo) -> float:
+        return self.fills[info.name]
+
+    @property
+    def mean(self) -> float:
+        return round(sum(self.fills.values()) / max(1, len(self.fills)), 3)
+
+    def follows(self, actual: list[list[str]]) -> bool:
+        """Whether `actual` (a map the coordinator published) groups nodes as we assumed:
+        if not, hot nodes are spread over partitions and probing is not what was set up."""
+        return sorted(map(sorted, actual)) == sorted(map(sorted, self.partitions))
+
+
+def skewed_layout(nodes: list[NodeInfo], owners: int) -> SkewLayout:
+    """Half the partitions (at least one, and at least one left with room) nearly full."""
+    parts = skewed_partitions(nodes, owners)
+    hot = list(range(max(1, len(parts) // 2))) if len(parts) > 1 else []
+    fills = {n.name: SKEW_COLD_FILL for n in nodes}
+    for i in hot:
+        fills.update((name, SKEW_HOT_FILL) for name in parts[i])
+    return SkewLayout(fills, parts, hot)
 
 
 def skewed_requests(services: list[ServiceSpec], n: int, seed: int) -> list[PlaceRequest]:
@@ -84,7 +124,7 @@ def skewed_requests(services: list[ServiceSpec], n: int, seed: int) -> list[Plac
     ]
 
 
-def skewed_capacity(nodes: list[NodeInfo], reqs: list[PlaceRequest]) -> int:
+def skewed_capacity(nodes: list[NodeInfo], reqs: list[PlaceRequest], layout: SkewLayout) -> int:
     """How many of `reqs`, in order, one all-knowing best-fit scheduler places before the
     first that finds no room: the benchmark asks for 95% of that, so a good scheduler can place
     everything and a bad one shows in `unschedulable`."""
@@ -93,7 +133,7 @@ def skewed_capacity(nodes: list[NodeInfo], reqs: list[PlaceRequest]) -> int:
     view = PartitionView()
     view.assign(-1, 0, nodes)
     for info in nodes:
-        for alloc in prefill_pods(info, skewed_fill(info), 2):
+        for alloc in prefill_pods(info, layout.fill(info), 2):
             view.record(alloc.pod, info.name, alloc.resources)
     for i, r in enumerate(reqs):
         node: NodeState | None = view.place(r.pod, r.resources, r.model)
@@ -104,10 +144,12 @@ def skewed_capacity(nodes: list[NodeInfo], reqs: list[PlaceRequest]) -> int:
 
 async def run_skewed(
     mode: str, opts: BenchOptions, nats_url: str, redis_url: str, nodes: list[NodeInfo],
-    reqs: list[PlaceRequest], log_dir: Path, *, nats_pid: int | None,
+    reqs: list[PlaceRequest], layout: SkewLayout, log_dir: Path, *, nats_pid: int | None,
 ) -> dict[str, Any]:  # fmt: skip
     async with mode_world(mode, opts, nats_url, redis_url, nodes, log_dir, instances=opts.p,
-                          nats_pid=nats_pid, prefill_of=skewed_fill) as w:  # fmt: skip
+                          nats_pid=nats_pid, prefill_of=layout.fill) as w:  # fmt: skip
+        follows = (layout.follows([p.nodes for p in w.coord.pmap.partitions if p.owner])
+                   if mode == "partitioned" else None)  # fmt: skip
         cpu0 = w.cpu()
         d = await drive(w.bus, ENDPOINT[mode], reqs, opts.concurrency, opts.request_timeout_s)
         cpu1 = w.cpu()
@@ -121,8 +163,11 @@ async def run_skewed(
     probes = sum(r.probes for r in replies if isinstance(r, Placement | Unschedulable))
     placed_by_probe = sum(1 for r in replies if isinstance(r, Placement) and r.probes > 0)
     row.update(
-        fill_mean=round(SKEW_HOT_NODES * SKEW_HOT_FILL + (1 - SKEW_HOT_NODES) * SKEW_COLD_FILL, 3),
+        fill_mean=layout.mean,
+        # partitioned: the coordinator's map grouped nodes as the layout's hot partitions
+        skew_follows_partition_map=follows,
         placements_probed=len(probed),
+        probing_exercised=probes > 0,
         # A probe is a reserve sent where the probe cache said there was room (partitioned)
         # or a node probe (sampling): how often it found room.
         probe_cache_hit_rate=round(placed_by_probe / probes, 3) if probes else None,

@@ -126,13 +126,22 @@ async def skewed_all(
     opts: BenchOptions, nurl: str, rurl: str, nodes: list[NodeInfo],
     services: list[ServiceSpec], tmp: Path, npid: int | None,
 ) -> dict[str, Any]:  # fmt: skip
+    layout = sc.skewed_layout(nodes, opts.p)
     pool = sc.skewed_requests(services, 20000, opts.seed)
-    n = opts.skewed_placements or max(1, min(4000, int(0.95 * sc.skewed_capacity(nodes, pool))))
+    cap = sc.skewed_capacity(nodes, pool, layout)
+    n = opts.skewed_placements or max(1, min(4000, int(0.95 * cap)))
     reqs = pool[:n]
-    out: dict[str, Any] = {"placements": n, "fill_mean": 0.95}
+    out: dict[str, Any] = {
+        "placements": n,
+        "fill_mean": layout.mean,
+        "partitions": len(layout.partitions),
+        "hot_partitions": len(layout.hot),
+        "hot_fill": sc.SKEW_HOT_FILL,
+        "cold_fill": sc.SKEW_COLD_FILL,
+    }
     for mode in opts.modes:
-        out[mode] = await sc.run_skewed(mode, opts, nurl, rurl, nodes, reqs, tmp / "logs",
-                                        nats_pid=npid)  # fmt: skip
+        out[mode] = await sc.run_skewed(mode, opts, nurl, rurl, nodes, reqs, layout,
+                                        tmp / "logs", nats_pid=npid)  # fmt: skip
     ref = out.get(REFERENCE)
     for mode in opts.modes:
         if ref and mode != REFERENCE:

@@ -67,6 +67,13 @@ async def test_tiny_benchmark_all_modes(nats_url: str, redis_url: str, tmp_path:
         assert churn["curve"] and churn["curve"][0]["events_applied"] > 0, churn
         assert churn["cpu_ms_per_applied_event"]["schedulers"] >= 0, churn
         assert mode in written["churn"]["max_sustained"]
+    # The skew follows partition membership: the instance owning the full partition probes.
+    skp = written["skewed"]["partitioned"]
+    assert skp["skew_follows_partition_map"] is True, skp
+    assert skp["probing_exercised"] is True and skp["probes_per_placement"] > 0, skp
+    assert skp["placements_probed"] > 0 and skp["probed_p50_ms"] is not None, skp
+    assert skp["probe_cache_hit_rate"] is not None, skp
+    assert written["goals"]["skewed_probes_per_placement_le_0.2"]["probing_exercised"] is True
     points = written["model"]["points"]
     assert points and all("error_pct" in p and p["projected"] is False for p in points)
     assert all(r["projected"] is True for r in written["model"]["projection"]["rows"])
