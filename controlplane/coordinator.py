@@ -167,6 +167,16 @@ class Coordinator(Component):
             self._changed.set()
 
     async def _on_register(self, msg: NodeRegistration, _raw: Msg) -> Empty:
+        # A local node we knew alive registering again: its agent restarted, and local pods
+        # die with their agent (their processes are its children). Said at once, so route
+        # stops sending to them and scale replaces them; the new agent announces its own.
+        restarted = sorted(i.name for i in msg.infos if i.backend == "local"
+                           and i.name in self.nodes and i.name not in self._unconfirmed)
+        if restarted:
+            log.warning("coordinator: the agent of %s restarted; their pods are lost",
+                        ", ".join(restarted))
+            await self.bus.send(ep.NODE_LOST, NodesLost(
+                nodes=restarted, reason="its agent restarted (local pods die with it)"))
         self.liveness.alive((i.name for i in msg.infos), self.clock())
         for info in msg.infos:
             self._unconfirmed.discard(info.name)

@@ -13,6 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
+import aiohttp
+
 from controlplane.stack import Stack
 from kernel import endpoints as ep
 from kernel.bus import Bus
@@ -108,3 +110,13 @@ async def wait_until(
         await asyncio.sleep(0.1)
         value = await probe()
     return value
+
+
+async def post_status(http: aiohttp.ClientSession, url: str, **body: object) -> int | str:
+    """The answer's status, or the client error's name: a lost request shows as the latter."""
+    try:
+        async with http.post(url, **body) as r:  # type: ignore[arg-type]
+            await r.read()
+            return r.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return type(exc).__name__

@@ -23,7 +23,7 @@ import pytest
 from activator.workers import Worker
 from kernel.procs import alive, descendants
 from loadtests.faults import role_pids
-from tests.stackutil import REPO
+from tests.stackutil import REPO, post_status
 from tests.test_fnplane_up import Up
 
 BODY = (REPO / "examples/sample/request_v2.json").read_bytes()
@@ -45,12 +45,7 @@ def _role_pids(up: Up) -> dict[str, int]:
 
 
 async def _post(http: aiohttp.ClientSession, url: str) -> int | str:
-    try:
-        async with http.post(url, data=BODY) as r:
-            await r.read()
-            return r.status
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return type(exc).__name__
+    return await post_status(http, url, data=BODY)
 
 
 async def _wait_roles(up: Up, want: set[str], old: dict[str, int],

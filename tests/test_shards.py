@@ -43,7 +43,16 @@ from kernel.messages import (
 )
 from kernel.procs import descendants
 from kernel.shards import ShardFence, shard_of
-from tests.stackutil import REPO, admin, deploy, describe, sample_spec, stack_config, wait_until
+from tests.stackutil import (
+    REPO,
+    admin,
+    deploy,
+    describe,
+    post_status,
+    sample_spec,
+    stack_config,
+    wait_until,
+)
 from tests.test_fnplane_up import Up
 
 BODY = (REPO / "examples/sample/request_v2.json").read_bytes()
@@ -121,12 +130,7 @@ def test_a_new_route_owner_rebuilds_from_the_snapshot_and_the_announcement() -> 
 
 
 async def _post(http: aiohttp.ClientSession, url: str) -> int | str:
-    try:
-        async with http.post(url, data=BODY) as r:
-            await r.read()
-            return r.status
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return type(exc).__name__
+    return await post_status(http, url, data=BODY)
 
 
 async def _shard_map(nats_url: str) -> ShardMap:
