@@ -36,10 +36,11 @@ from kernel.bus import Bus
 from kernel.config import ActivatorConfig, Config, NodesConfig
 from kernel.identity import login
 from kernel.messages import ColdStart, DeployRequest, Resources, ScalingSpec, ServiceSpec
-from kernel.procs import descendants, free_port, pdeathsig_preexec
+from kernel.procs import free_port, pdeathsig_preexec
 from loadtests import coldstart_report as report
 from loadtests.burst import processes_left
 from loadtests.burst_run import progress
+from loadtests.dataplane import proc_cpu_s, stack_pids
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +112,7 @@ def _cpu_s(pid: int) -> float:
 def control_plane_cpu_s() -> float:
     """CPU seconds of this process and of the control plane's processes under it (roles and
     the instances the coordinator runs; pods excluded)."""
-    total = time.process_time()
-    for pid in descendants(os.getpid()):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"controlplane.role" in cmd or b"controlplane.instance" in cmd:
-                text = Path(f"/proc/{pid}/stat").read_text()
-                f = text[text.rfind(")") + 2:].split()
-                total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            continue  # exited meanwhile
-    return total
+    return sum(proc_cpu_s(pid) for _, pid in stack_pids())
 
 
 async def one_pod_start(opts: Options) -> tuple[float, float]:
