@@ -183,9 +183,11 @@ RESERVE: Endpoint[ReserveRequest, Placement | Refused] = _ep(
     "reserve", "pod.reserve.{partition}", ReserveRequest, Placement | Refused, "schedule",
     "schedule", "place in your partition or refuse with your summary (a probe)")
 POD_EVENTS: Endpoint[PodEvent, None] = _ep(
-    "pod-events", "pod.events.{service}", PodEvent, None, "scale schedule route bench",
-    "node", "a pod changed state: starting, ready, terminating, stopped, failed; only node "
-    "agents say so")
+    "pod-events", "pod.events.{partition}.{service}", PodEvent, None,
+    "scale schedule route bench", "node",
+    "a pod changed state: starting, ready, terminating, stopped, failed; only node agents say "
+    "so. Keyed by the partition of the pod's node as its agent knows the map (`none` before "
+    "the node has one), so a `schedule` instance hears only its own nodes' pods")
 
 # ---- node agents ------------------------------------------------------------------------------
 NODE_START: Endpoint[StartPod, Empty] = _ep(

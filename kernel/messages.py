@@ -2,8 +2,10 @@
 
 Structs are msgpack-encoded, tagged (a payload of another kind fails to decode with a clear
 error instead of being guessed at) and keyword-only (a call names every field it sets).
-`SCHEMA_VERSION` travels in the `Fnplane-Schema` header; a receiver refuses a major version
-it does not know.
+`SCHEMA_VERSION` travels in the `Fnplane-Schema` header of every message that has headers
+(trace context, errors); a message without headers is of the current major version, so a
+later major version must always send the header. A receiver refuses a major version it does
+not know.
 """
 
 from __future__ import annotations

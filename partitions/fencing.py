@@ -17,6 +17,10 @@ from kernel.versions import plausible
 
 log = logging.getLogger(__name__)
 
+# The pod-events partition token of a node that is in no partition yet (its owner, once there
+# is one, adopts the node from its inventory and so misses nothing that was said here).
+NO_PARTITION = "none"
+
 
 @dataclass
 class EpochFence:
@@ -52,6 +56,12 @@ class EpochFence:
         if start.epoch < epoch:
             return f"stale epoch {start.epoch} for partition {pid} (current {epoch})"
         return None
+
+    def event_partition(self, node: str) -> str:
+        """The partition token a pod event of `node` is published under: the owner of the
+        node's partition listens there and nowhere else."""
+        known = self.owner_of.get(node)
+        return str(known[0]) if known is not None else NO_PARTITION
 
     def refusal(self, start: StartPod) -> RemoteError | None:
         """The error a node answers a refused start with: a start that names no partition

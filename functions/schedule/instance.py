@@ -67,6 +67,8 @@ class ScheduleInstance(Component):
         self._reserve_sub: Subscription | None = None
         self._place_sub: Subscription | None = None
         self._reserve_partition = -1
+        self._events_sub: Subscription | None = None
+        self._events_partition: int | None = None
         self._assign_lock = asyncio.Lock()
         # load, for the coordinator's scaling of this control function
         self._handled = 0
@@ -79,7 +81,6 @@ class ScheduleInstance(Component):
         with contextlib.suppress(RemoteError):  # without one yet, the next change brings it
             self.shard_fence.apply(await self.bus.call(ep.SHARD_MAP_GET, Empty(), timeout=1.0))
         await self.bus.serve(ep.PARTITION_MAP, self._on_map)
-        await self.bus.serve(ep.POD_EVENTS, self._on_pod_event)
         await self.bus.serve(ep.PARTITION_SUMMARY, self._on_summary)
         # PLACE is subscribed only while we own a partition (see _listen), so the queue
         # group never hands a placement to an instance that cannot place it.
@@ -115,6 +116,7 @@ class ScheduleInstance(Component):
                 self._assigned.clear()
                 self.view.assign(-1, 0, [])
                 await self._listen(None)
+                await self._hear_pods(None)
                 return
             part = mine[0]
             infos = [pmap.nodes[n] for n in part.nodes if n in pmap.nodes]
@@ -124,6 +126,9 @@ class ScheduleInstance(Component):
             self._assigned.clear()
             known = set(self.view.nodes) if part.id == self.view.partition else set()
             self.view.assign(part.id, part.epoch, infos)
+            # Listen before asking the nodes what they run: a pod that ends after its node
+            # answered is then heard, not missed.
+            await self._hear_pods(part.id)
             new_nodes = [n.name for n in infos if n.name not in known]
             if new_nodes:
                 await self._adopt(new_nodes)
@@ -174,6 +179,21 @@ class ScheduleInstance(Component):
             self._place_sub = await self.bus.serve(ep.PLACE, self._on_place, concurrent=True)
 
     # ---- events ---------------------------------------------------------------------------
+
+    async def _hear_pods(self, partition: int | None) -> None:
+        """Hear the pod events of our own partition's nodes and no others: node agents
+        publish each under its node's partition, so an instance pays for its share of the
+        cluster's churn, not for all of it (with every instance decoding every event, CPU
+        per placement grew with the number of instances)."""
+        if partition == self._events_partition:
+            return
+        if self._events_sub is not None:
+            await self.bus.unserve(self._events_sub)
+            self._events_sub = None
+        self._events_partition = partition
+        if partition is not None:
+            self._events_sub = await self.bus.serve(ep.POD_EVENTS, self._on_pod_event,
+                                                    partition=partition)
 
     async def _on_pod_event(self, msg: PodEvent, _raw: Msg) -> None:
         self.view.apply_pod_event(msg)
@@ -269,10 +289,10 @@ class ScheduleInstance(Component):
         if msg.deadline and time.time() > msg.deadline:
             return Refused(pod=msg.place.pod, partition=self.view.partition,
                            reason="the asker has given up")
-        return await self._commit_and_start(msg.place, deadline=msg.deadline)
+        return await self._commit_and_start(msg.place, deadline=msg.deadline, reserve=True)
 
     async def _commit_and_start(
-        self, req: PlaceRequest, *, deadline: float = 0.0
+        self, req: PlaceRequest, *, deadline: float = 0.0, reserve: bool = False
     ) -> Placement | Refused:
         """Commit in our view (atomic: no await between choosing and committing), then hand
         the pod to its node; a node's refusal (a newer epoch) undoes the commit."""
@@ -306,7 +326,7 @@ class ScheduleInstance(Component):
             self.view.release(req.pod)
             log.warning("%s: node %s does not answer; held until it does", self.id, node.name)
             self.view.hold({node.name})
-            return await self._commit_and_start(req, deadline=deadline)
+            return await self._commit_and_start(req, deadline=deadline, reserve=reserve)
         except RemoteError as exc:
             self.view.release(req.pod)
             # Only a stale epoch says our map is behind; any other refusal is the node's.
@@ -314,9 +334,11 @@ class ScheduleInstance(Component):
                            reason=f"node {node.name} refused pod: {exc.message}",
                            summary=self.view.summary(self.id),
                            stale=exc.code is ErrorCode.STALE_EPOCH)
+        # Our summary rides on a reserve's reply, for the asker's probe cache; the placer
+        # of a local placement has no use for it.
         return Placement(pod=req.pod, service=req.service, node=node.name, partition=pid,
                          epoch=epoch, decided_at=decided, probes=0,
-                         summary=self.view.summary(self.id))
+                         summary=self.view.summary(self.id) if reserve else None)
 
     async def _refresh_map(self) -> None:
         try:

@@ -174,9 +174,10 @@ class PodAnnouncer:
     latest event of every live pod, and the terminal events of the outage (and of the
     moments before it) once more. Consumers treat a repeated event as no change."""
 
-    def __init__(self, bus: Bus, *, what: str) -> None:
+    def __init__(self, bus: Bus, *, what: str, fence: EpochFence) -> None:
         self.bus = bus
         self.what = what
+        self.fence = fence  # the map, for the partition each event is published under
         self._live: dict[str, PodEvent] = {}
         self._ended: collections.deque[PodEvent] = collections.deque(maxlen=1000)
         bus.on_reconnect(self._again)
@@ -188,10 +189,14 @@ class PodAnnouncer:
         else:
             self._live[ev.pod] = ev
         try:
-            await self.bus.send(ep.POD_EVENTS, ev, service=ev.service)
+            await self._publish(ev)
         except (nats.errors.Error, OSError):
             log.warning("%s: pod event lost; said again after the reconnect", self.what,
                         exc_info=True)
+
+    async def _publish(self, ev: PodEvent) -> None:
+        await self.bus.send(ep.POD_EVENTS, ev, service=ev.service,
+                            partition=self.fence.event_partition(ev.node))
 
     def announced(self, req: AnnounceRequest, nodes: list[str]) -> PodsAnnounced:
         """The live pods of services in the asked shards: what a new shard owner rebuilds
@@ -206,7 +211,7 @@ class PodAnnouncer:
         coordinator took those nodes for lost, and `route` and `scale` dropped their pods."""
         for ev in [e for e in self._live.values() if nodes is None or e.node in nodes]:
             try:
-                await self.bus.send(ep.POD_EVENTS, ev, service=ev.service)
+                await self._publish(ev)
             except (nats.errors.Error, OSError):
                 log.warning("%s: pod event lost again", self.what, exc_info=True)
                 return
@@ -218,7 +223,7 @@ class PodAnnouncer:
                  len(live), len(ended))
         for ev in [*ended, *live]:
             try:
-                await self.bus.send(ep.POD_EVENTS, ev, service=ev.service)
+                await self._publish(ev)
             except (nats.errors.Error, OSError):
                 log.warning("%s: pod event lost again", self.what, exc_info=True)
                 return

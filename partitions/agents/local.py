@@ -133,7 +133,7 @@ class LocalNode(Component):
         self._stopping = False
         self.fence = EpochFence()
         self.shards = ShardFence()
-        self.announcer = PodAnnouncer(bus, what=f"node {info.name}")
+        self.announcer = PodAnnouncer(bus, what=f"node {info.name}", fence=self.fence)
         self._reported: set[str] = set()
 
     @property

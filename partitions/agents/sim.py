@@ -383,6 +383,7 @@ class SimCluster(Component):
         )
         self.stats.events += 1
         try:
-            await self.bus.send(ep.POD_EVENTS, ev, service=start.spec.name)
+            await self.bus.send(ep.POD_EVENTS, ev, service=start.spec.name,
+                                partition=self.fence.event_partition(pod.node))
         except (nats.errors.Error, OSError):
             log.warning("%s: pod event lost", self.name, exc_info=True)

@@ -116,7 +116,7 @@ class KubernetesBackend(Component):
         self.tracker: PodTracker | None = None
         self.watches: list[ListWatch] = []
         self.fence = EpochFence()
-        self.announcer = PodAnnouncer(bus, what="kubernetes")
+        self.announcer = PodAnnouncer(bus, what="kubernetes", fence=self.fence)
         self.shards = ShardFence()
         self._queue: asyncio.Queue[Synced | Changed] = asyncio.Queue()
         self._synced = {"nodes": asyncio.Event(), "pods": asyncio.Event()}
