@@ -7,7 +7,8 @@ partitioned instance its own nodes' share. The pod lifecycle half of the churn (
 terminating, stopped) comes from the sim's own pods, which stop after their lifetime.
 
     python -m loadtests.churn_gen NATS_URL RATE SECONDS NODES SERVICES
-Prints `sent N` when done.
+Prints `sent N cpu_s X` when done: X is this process's own CPU, which shares the machine's cores
+with the schedulers (the model of the run counts it).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ async def run(url: str, rate: float, seconds: float, nodes: int, services: int) 
 def main() -> int:
     url, rate, seconds, nodes, services = sys.argv[1:6]
     n = asyncio.run(run(url, float(rate), float(seconds), int(nodes), int(services)))
-    print(f"sent {n}", flush=True)
+    print(f"sent {n} cpu_s {time.process_time():.3f}", flush=True)
     return 0
 
 
