@@ -62,6 +62,8 @@ KINDS: dict[tuple[str, str, str], Kind] = {
     ("", "v1", "bindings"): Kind("Binding", True),
     ("fnplane.dev", "v1alpha1", "fnservices"): Kind("FnService", True, frozenset({"status"})),
     ("apps", "v1", "deployments"): Kind("Deployment", True, frozenset({"status", "scale"})),
+    # Leader election (partitions/leader.py): plain objects, updates locked optimistically.
+    ("coordination.k8s.io", "v1", "leases"): Kind("Lease", True),
 }
 CUSTOM_GROUPS = {"fnplane.dev"}  # strategic merge patch is refused for these
 
