@@ -250,6 +250,8 @@ def spec_from_flags(args: argparse.Namespace) -> ServiceSpec:
         ),
         image=args.image,
         model_version=args.model_version,
+        run_as_user=args.run_as_user,
+        run_as_group=args.run_as_group,
     ).validate()
 
 
@@ -490,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--readiness-path", default="/v2/health/ready")
     dep.add_argument("--image", default="",
                      help="container image on the kubernetes backend (default: fnplane's)")
+    dep.add_argument("--run-as-user", type=int, default=None,
+                     help="the pod's uid on kubernetes (default the fnplane image's 10001; "
+                          "0 = root, refused by a `restricted` namespace)")
+    dep.add_argument("--run-as-group", type=int, default=None,
+                     help="the pod's gid on kubernetes (default 10001)")
     dep.add_argument("--model-version", default="1",
                      help="the version on OIP's versioned paths (/v2/models/NAME/versions/V)")
     dep.add_argument("--max-batch-size", type=int, default=0)

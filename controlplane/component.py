@@ -13,7 +13,8 @@ Deployment sets: FNPLANE_NATS_URL, FNPLANE_REDIS_URL, FNPLANE_CREDS (the NATS cr
 file, kernel/identity.py), FNPLANE_PUBLIC_URL (the gateway's URL services are announced at),
 FNPLANE_ACTIVATOR_PORT, FNPLANE_POD_IMAGE, FNPLANE_POD_PULL_POLICY, FNPLANE_POD_PORT,
 FNPLANE_NAMESPACE, FNPLANE_INSTANCE_ID (a `schedule` instance's id: its pod name, from the
-downward API; else HOSTNAME).
+downward API; else HOSTNAME), FNPLANE_LEADER_LEASE (coordinator, node, operator: run only
+while holding this Lease, partitions/leader.py), FNPLANE_POD_NAME (this pod's name).
 The coordinator's instance runtime: with FNPLANE_RUNTIME=kubernetes (deploy/ sets it) it
 owns the replicas of the `schedule` Deployment (FNPLANE_SCHEDULE_DEPLOYMENT, default
 fnplane-schedule, in FNPLANE_NAMESPACE; FNPLANE_KUBECONFIG when out of cluster), between
@@ -33,6 +34,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,7 +74,29 @@ def config_from_env(env: dict[str, str]) -> Config:
                    credentials=Path(creds) if creds else base.credentials)
 
 
+# The single writers: with FNPLANE_LEADER_LEASE set (deploy/ sets it on these three), only
+# the holder of that Lease runs; a second pod of the Deployment (a rolling update's new one,
+# or the old one on an unreachable node) waits as a candidate. A Lease rather than the
+# `Recreate` strategy: Recreate covers rollouts only, not `kubectl scale --replicas 2` nor a
+# pod replaced while its unreachable node may still run it, and it leaves nobody warm.
+ELECTED = ("coordinator", "node", "operator")
+
+
 async def build(name: str, env: dict[str, str]) -> Component:
+    built = await _build(name, env)
+    lease = env.get("FNPLANE_LEADER_LEASE", "")
+    if lease and name in ELECTED:
+        from partitions.leader import Elected, LeaseConfig
+
+        host = env.get("FNPLANE_POD_NAME") or env.get("HOSTNAME") or "candidate"
+        return Elected(built, LeaseConfig(
+            name=lease, identity=f"{host}_{uuid.uuid4().hex[:8]}",
+            namespace=env.get("FNPLANE_NAMESPACE", ""),
+            kubeconfig=env.get("FNPLANE_KUBECONFIG") or None))
+    return built
+
+
+async def _build(name: str, env: dict[str, str]) -> Component:
     config = config_from_env(env)
     if name == "coordinator":
         return await builder.coordinator(config, public_url=env.get("FNPLANE_PUBLIC_URL", ""),
@@ -85,8 +109,13 @@ async def build(name: str, env: dict[str, str]) -> Component:
     if name == "node":
         return await builder.kubernetes_nodes(config, KubernetesConfig(
             namespace=env.get("FNPLANE_NAMESPACE", ""),
-            image=env.get("FNPLANE_POD_IMAGE", "fnplane:0.1.0"),
-            image_pull_policy=env.get("FNPLANE_POD_PULL_POLICY", "IfNotPresent"),
+            # Unset: the image of this pod's own `node` container (deploy/ sets none, so
+            # kustomize `images:` decides the pods' image too).
+            image=env.get("FNPLANE_POD_IMAGE", ""),
+            image_pull_policy=env.get("FNPLANE_POD_PULL_POLICY", ""),
+            self_pod=env.get("FNPLANE_POD_NAME", ""),
+            run_as_user=int(env.get("FNPLANE_POD_RUN_AS_USER", "10001")),
+            run_as_group=int(env.get("FNPLANE_POD_RUN_AS_GROUP", "10001")),
             pod_port=int(env.get("FNPLANE_POD_PORT", "8080")),
         ))
     if name == "operator":
@@ -126,14 +155,22 @@ async def run(name: str) -> int:
     await component.start()
     beat = asyncio.create_task(_beat(alive_file()), name="alive")
     print(f"fnplane {name} running", flush=True)
+    # A component that lost its Lease has stopped acting; the process ends (non-zero) so its
+    # Deployment starts it again as a fresh candidate.
+    lost: asyncio.Event | None = getattr(component, "lost", None)
+    waits = [asyncio.create_task(stop.wait())]
+    if lost is not None:
+        waits.append(asyncio.create_task(lost.wait()))
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for w in waits:
+            w.cancel()
         beat.cancel()
         await asyncio.gather(beat, return_exceptions=True)
         alive_file().unlink(missing_ok=True)
         await component.stop()
-    return 0
+    return 1 if lost is not None and lost.is_set() else 0
 
 
 def probe(max_age_s: float = ALIVE_MAX_AGE_S) -> int:

@@ -147,27 +147,31 @@ class FnServiceOperator(Component):
             self.api.close()
 
     async def _run(self) -> None:
-        """One reconcile at a time, in the order the watch saw changes; status refreshes in
-        between, every `status_interval_s`."""
+        """Events only say which FnServices changed: each round takes every event waiting
+        (the cache follows them in order), then reconciles each changed name once, from the
+        object as the API server has it now. Reconciling the event's own object deployed
+        twice per create: the finalizer patch's MODIFIED event still carried no status, so
+        the generation looked unregistered. Status refreshes run in between, every
+        `status_interval_s`."""
         next_refresh = time.monotonic() + self.config.status_interval_s
         while True:
             try:
-                item = await asyncio.wait_for(self._queue.get(),
-                                              max(0.0, next_refresh - time.monotonic()))
+                item: Synced | Changed | None = await asyncio.wait_for(
+                    self._queue.get(), max(0.0, next_refresh - time.monotonic()))
             except TimeoutError:
                 item = None
             try:
-                if isinstance(item, Synced):
-                    self.objects = {o["metadata"]["name"]: o for o in item.items}
-                    for obj in item.items:
-                        await self.reconcile(obj)
-                elif isinstance(item, Changed):
-                    name = item.obj["metadata"]["name"]
-                    if item.type == "DELETED":
-                        self.objects.pop(name, None)
-                    else:
-                        self.objects[name] = item.obj
-                        await self.reconcile(item.obj)
+                dirty: dict[str, None] = {}  # ordered set of names
+                while item is not None:
+                    self._observe(item, dirty)
+                    item = self._queue.get_nowait() if not self._queue.empty() else None
+                for name in dirty:
+                    if name in self.objects:
+                        try:
+                            await self.reconcile(self.objects[name])
+                        except (ApiException, OSError) as exc:  # the others still go
+                            log.warning("operator: reconciling %s: %s (retried on its next "
+                                        "event)", name, exc)
                 if time.monotonic() >= next_refresh:
                     next_refresh = time.monotonic() + self.config.status_interval_s
                     await self.refresh_all()
@@ -176,45 +180,65 @@ class FnServiceOperator(Component):
             except Exception:
                 log.exception("operator: reconcile failed")
 
+    def _observe(self, item: Synced | Changed, dirty: dict[str, None]) -> None:
+        if isinstance(item, Synced):
+            self.objects = {o["metadata"]["name"]: o for o in item.items}
+            dirty.update(dict.fromkeys(self.objects))
+            return
+        name = item.obj["metadata"]["name"]
+        if item.type == "DELETED":
+            self.objects.pop(name, None)
+            dirty.pop(name, None)
+        else:
+            self.objects[name] = item.obj
+            dirty[name] = None
+
     # ---- reconcile ---------------------------------------------------------------------------
 
-    async def reconcile(self, obj: dict[str, Any]) -> None:
+    async def reconcile(self, hint: dict[str, Any]) -> None:
+        """Bring fnplane to the FnService named by `hint`, read afresh: the cache (and any
+        event) may be older than the operator's own last write."""
+        obj = await self._get(hint["metadata"]["name"])
+        if obj is None:
+            return
         meta = obj["metadata"]
-        name, finalizers = meta["name"], list(meta.get("finalizers") or [])
+        name = meta["name"]
         if meta.get("deletionTimestamp"):
-            if FINALIZER in finalizers:
+            if FINALIZER in (meta.get("finalizers") or []):
                 try:
                     await self._admin(ep.ADMIN_DELETE, NameRequest(name=name))
                 except RemoteError as exc:
                     if exc.code is not ErrorCode.NOT_FOUND:
                         log.warning("operator: deleting %s: %s (retried)", name, exc.message)
                         return
-                finalizers.remove(FINALIZER)
-                await self._patch(name, {"metadata": {"finalizers": finalizers or None}})
+                await self._set_finalizers(obj, remove=True)
                 log.info("operator: %s deleted", name)
             return
-        if FINALIZER not in finalizers:
-            await self._patch(name, {"metadata": {"finalizers": [*finalizers, FINALIZER]}})
+        if FINALIZER not in (meta.get("finalizers") or []):
+            got = await self._set_finalizers(obj, remove=False)
+            if got is None:
+                return  # gone meanwhile
+            obj = got
         status = obj.get("status") or {}
-        generation = int(meta.get("generation") or 0)
+        generation = int(obj["metadata"].get("generation") or 0)
         if status.get("observedGeneration") == generation and status.get("url"):
             return  # this generation is registered already (e.g. after an operator restart)
         try:
             spec = spec_from_manifest(obj)
         except (SpecError, TypeError, ValueError) as exc:
-            await self._status(name, _with_condition(
+            await self._status_of(obj, _with_condition(
                 {**status, "observedGeneration": generation}, status, "False", "InvalidSpec",
                 str(exc)))
             return
         try:
             reply = await self._admin(ep.ADMIN_DEPLOY, DeployRequest(spec=spec))
         except RemoteError as exc:
-            await self._status(name, _with_condition(
+            await self._status_of(obj, _with_condition(
                 {**status, "observedGeneration": generation}, status, "False", "DeployFailed",
                 exc.message))
             return
         log.info("operator: %s registered (generation %d)", name, generation)
-        await self._status(name, status_for(reply, generation, status))
+        await self._status_of(obj, status_for(reply, generation, status))
 
     async def refresh_all(self) -> None:
         for name, obj in list(self.objects.items()):
@@ -227,31 +251,87 @@ class FnServiceOperator(Component):
                 continue
             new = status_for(st, int(status.get("observedGeneration") or 0), status)
             if new != status:
-                await self._status(name, new)
+                await self._status_of(obj, new)
 
     # ---- I/O ----------------------------------------------------------------------------------
 
     async def _admin(self, endpoint: ep.Endpoint[Any, Any], msg: Any) -> Any:
         return await self.bus.call(endpoint, msg, timeout=5.0)
 
-    async def _patch(self, name: str, body: dict[str, Any], *, status: bool = False) -> None:
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        """One call on an FnService; None when it is gone (404). Other errors raise."""
+
+        def call() -> Any:
+            return read_json(fn(GROUP, VERSION, self.namespace, PLURAL, *args,
+                                _preload_content=False,
+                                _request_timeout=self.config.request_timeout_s, **kwargs))
+
+        try:
+            obj: dict[str, Any] = await asyncio.to_thread(call)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        name = obj.get("metadata", {}).get("name")
+        if name in self.objects:
+            self.objects[name] = obj
+        return obj
+
+    async def _get(self, name: str) -> dict[str, Any] | None:
+        assert self.custom is not None
+        return await self._call(self.custom.get_namespaced_custom_object, name)
+
+    async def _patch(self, obj: dict[str, Any], body: dict[str, Any], *,
+                     status: bool = False) -> dict[str, Any] | None:
+        """A merge patch that carries the resourceVersion it was computed from: the API
+        server refuses it with 409 when the object changed since (optimistic locking), so a
+        list such as `finalizers` is never written back over another controller's change."""
         assert self.custom is not None
         fn = (self.custom.patch_namespaced_custom_object_status if status
               else self.custom.patch_namespaced_custom_object)
+        meta = {**body.get("metadata", {}),
+                "resourceVersion": obj["metadata"].get("resourceVersion")}
+        return await self._call(fn, obj["metadata"]["name"], {**body, "metadata": meta},
+                                _content_type=MERGE_PATCH)
 
-        def call() -> Any:
-            return read_json(fn(GROUP, VERSION, self.namespace, PLURAL, name, body,
-                                _content_type=MERGE_PATCH, _preload_content=False,
-                                _request_timeout=self.config.request_timeout_s))
+    async def _set_finalizers(self, obj: dict[str, Any], *, remove: bool,
+                              attempts: int = 5) -> dict[str, Any] | None:
+        """Add or remove our finalizer, read-modify-write, again from a fresh read on 409."""
+        current: dict[str, Any] | None = obj
+        for _ in range(attempts):
+            if current is None:
+                return None
+            have = list(current["metadata"].get("finalizers") or [])
+            want = [f for f in have if f != FINALIZER] + ([] if remove else [FINALIZER])
+            if want == have:
+                return current
+            try:
+                return await self._patch(current, {"metadata": {"finalizers": want or None}})
+            except ApiException as exc:
+                if exc.status != 409:
+                    log.warning("operator: finalizer of %s: %s", obj["metadata"]["name"],
+                                api_reason(exc))
+                    return None
+            current = await self._get(obj["metadata"]["name"])
+        log.warning("operator: finalizer of %s: still conflicting after %d tries (retried "
+                    "on its next event)", obj["metadata"]["name"], attempts)
+        return None
 
-        try:
-            obj = await asyncio.to_thread(call)
-        except ApiException as exc:
-            if exc.status != 404:  # gone meanwhile: nothing left to write
-                log.warning("operator: patching %s: %s", name, api_reason(exc))
-            return
-        if obj.get("metadata", {}).get("name") == name and name in self.objects:
-            self.objects[name] = obj
-
-    async def _status(self, name: str, status: dict[str, Any]) -> None:
-        await self._patch(name, {"status": status}, status=True)
+    async def _status_of(self, obj: dict[str, Any], status: dict[str, Any]) -> None:
+        """Write the status computed from `obj`; on 409 again on the newer object if it is
+        the same generation (only metadata or status changed), else leave it: the new
+        generation's event reconciles it."""
+        generation = obj["metadata"].get("generation")
+        current: dict[str, Any] | None = obj
+        for _ in range(5):
+            if current is None or current["metadata"].get("generation") != generation:
+                return
+            try:
+                await self._patch(current, {"status": status}, status=True)
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    log.warning("operator: status of %s: %s", obj["metadata"]["name"],
+                                api_reason(exc))
+                    return
+            current = await self._get(obj["metadata"]["name"])

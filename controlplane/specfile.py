@@ -1,10 +1,19 @@
 """Service specs from users: `fnplane deploy -f spec.yaml` in a KServe-like shape (the same
 shape the FnService custom resource has), and Kubernetes quantity strings for resources.
-Unknown fields are errors: a typo must not silently deploy defaults."""
+Unknown fields are errors: a typo must not silently deploy defaults.
+
+Where KServe (`pkg/apis/serving/v1beta1`) has a field of the same meaning, its name and its
+default are fnplane's: `minReplicas` defaults to 1, `predictor.model` is a ModelSpec object
+(`modelFormat`, and the container fields `image`, `command`, `args`, `env`, `resources`).
+KServe fields fnplane does not implement (`storageUri`, `runtime`, `protocolVersion`...) are
+refused by name, never accepted and ignored. Quantities are read as the API server reads
+them (k8s.io/apimachinery `resource.Quantity`): a bare number of memory is bytes."""
 
 from __future__ import annotations
 
+import math
 import re
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -14,36 +23,63 @@ from kernel.messages import BatchingSpec, Resources, ScalingSpec, ServiceSpec, S
 
 DEFAULT_COMMAND = ["python", "-m", "examples.sample.server"]
 
-_CPU_RE = re.compile(r"^(\d+(?:\.\d+)?)(m?)$")
-_MEM_RE = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
-_MEM_FACTOR_MIB = {
-    None: 1, "Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 * 1024,
-    "K": 1000 / 1024 / 1024, "M": 1e6 / 1024 / 1024, "G": 1e9 / 1024 / 1024,
-    "T": 1e12 / 1024 / 1024,
-}
+# <signedNumber><suffix>, suffix binary SI, decimal SI (lower-case k, m for milli) or a
+# decimal exponent; as resource.ParseQuantity, which refuses "K", "Gb" and spaces.
+_QUANTITY_RE = re.compile(
+    r"^([+-]?(?:\d+\.?\d*|\.\d+))(Ki|Mi|Gi|Ti|Pi|Ei|[mkMGTPE]|[eE][+-]?\d+)?$")
+_BINARY = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
+_DECIMAL = {"m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+MIB = 1024 * 1024
+
+
+def parse_quantity(value: str | float | int) -> Decimal:
+    """A Kubernetes quantity ('500m', '1Gi', '1G', '1e3', '128974848') as a number, exactly;
+    a YAML number is taken as it is, as the API server takes an int-or-string."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a quantity")
+    if isinstance(value, int | float):
+        return Decimal(str(value))
+    m = _QUANTITY_RE.match(str(value).strip())
+    if not m:
+        raise ValueError(f"{value!r} is not a quantity")
+    try:
+        number = Decimal(m.group(1))
+    except InvalidOperation:
+        raise ValueError(f"{value!r} is not a quantity") from None
+    suffix = m.group(2) or ""
+    if suffix in _BINARY:
+        return number * (1024 ** _BINARY[suffix])
+    if suffix[:1] in ("e", "E") and suffix not in _DECIMAL:
+        return number.scaleb(int(suffix[1:]))
+    return number.scaleb(_DECIMAL[suffix])
 
 
 def parse_cpu(value: str | float | int) -> float:
-    if isinstance(value, int | float):
-        return float(value)
-    m = _CPU_RE.match(str(value).strip())
-    if not m:
+    """Cores; a bare number is cores, '500m' is half of one."""
+    try:
+        cores = parse_quantity(value)
+    except ValueError:
+        cores = Decimal(-1)
+    if cores < 0:
         raise SpecError(f"cpu {value!r}: expected cores ('0.5', '2') or millicores ('500m')")
-    n = float(m.group(1))
-    return n / 1000 if m.group(2) else n
+    return float(cores)
 
 
 def parse_memory_mb(value: str | float | int) -> int:
-    """Memory in MiB; a bare number is taken as MiB, as the CLI's `--memory 256`."""
-    if isinstance(value, int | float):
-        return int(value)
-    text = str(value).strip()
-    if text.isdigit():
-        return int(text)
-    m = _MEM_RE.match(text)
-    if not m:
+    """Memory in MiB, rounded up (a pod never gets less than it asked for). A bare number is
+    bytes, as Kubernetes reads it; under 1Mi is refused, since `memory: 256` meaning 256
+    bytes is always a mistake, and a silent one on a real cluster (the pod is OOM-killed)."""
+    try:
+        n = parse_quantity(value)
+    except ValueError:
+        n = Decimal(-1)
+    if n < 0:
         raise SpecError(f"memory {value!r}: expected a quantity such as '256Mi' or '1Gi'")
-    return max(1, round(float(m.group(1)) * _MEM_FACTOR_MIB[m.group(2)]))
+    if n < MIB:
+        hint = (f"; a bare number is bytes, as in Kubernetes: did you mean '{value}Mi'?"
+                if re.fullmatch(r"\d+", str(value).strip()) else "")
+        raise SpecError(f"memory {value!r}: less than 1Mi{hint}")
+    return math.ceil(n / MIB)
 
 
 def _take(d: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
@@ -70,16 +106,16 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
             "minReplicas", "maxReplicas", "initialReplicas", "scaleTarget", "scaleMetric",
             "targetUtilizationPercentage", "containerConcurrency", "scaleWindowSeconds",
             "scaleToZeroGracePeriodSeconds", "scaleDownDelaySeconds", "targetBurstCapacity",
-            "batching", "container", "model", "modelVersion",
+            "batching", "container", "model", "modelVersion", "modelId",
         },
         "spec.predictor",
     )
-    container = _take(
-        pred.get("container") or {},
-        {"command", "args", "env", "resources", "readinessPath", "startupTimeoutSeconds",
-         "image"},
-        "spec.predictor.container",
-    )
+    container = _container(pred)
+    model_format, model_id = "", str(pred.get("modelId", ""))
+    if isinstance(pred.get("model"), dict):
+        model_format = _model_format(pred["model"], container)
+    elif pred.get("model") is not None:  # fnplane's first shape: the weights' identity
+        model_id = model_id or str(pred["model"])
     command = list(container.get("command") or DEFAULT_COMMAND) + list(container.get("args") or [])
     env = {}
     for item in container.get("env") or []:
@@ -87,6 +123,8 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
         if not item.get("name"):
             raise SpecError("spec.predictor.container.env[]: every variable needs a name")
         env[str(item["name"])] = str(item.get("value", ""))
+    security = _take(container.get("securityContext") or {}, {"runAsUser", "runAsGroup"},
+                     "spec.predictor.container.securityContext")
     res = _take(container.get("resources") or {}, {"requests", "limits"}, "resources")
     req = res.get("requests") or res.get("limits") or {}
     _take(req, {"cpu", "memory", "nvidia.com/gpu"}, "resources.requests")
@@ -97,7 +135,7 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
     target = pred.get("scaleTarget")
     has_target = target is not None  # 0 is a value to refuse, not a default to fall back on
     scaling = ScalingSpec(
-        min_scale=int(pred.get("minReplicas", 0)),
+        min_scale=int(pred.get("minReplicas", 1)),  # KServe's default, not Knative's 0
         max_scale=int(pred.get("maxReplicas", 0)),
         initial_scale=int(pred.get("initialReplicas", 1)),
         metric=metric,
@@ -123,14 +161,73 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
         container_concurrency=cc,
         readiness_path=str(container.get("readinessPath", "/v2/health/ready")),
         startup_timeout_s=float(container.get("startupTimeoutSeconds", 60)),
-        model=str(pred.get("model", "")),
+        model=model_id,
         model_version=str(pred.get("modelVersion", "1")),
         image=str(container.get("image", "")),
+        run_as_user=_uid(security, "runAsUser"),
+        run_as_group=_uid(security, "runAsGroup"),
+        model_format=model_format,
         batching=BatchingSpec(
             max_batch_size=int(batching.get("maxBatchSize", 0)),
             max_wait_ms=float(batching.get("maxWaitMs", 5)),
         ),
     ).validate()
+
+
+CONTAINER_FIELDS = {"command", "args", "env", "resources", "readinessPath",
+                    "startupTimeoutSeconds", "image", "securityContext"}
+# KServe ModelSpec fields with no fnplane meaning yet: refused by name, with the reason.
+_NOT_IMPLEMENTED = {
+    "storageUri": "fnplane does not download model weights yet; put them in the image, or "
+                  "let the server fetch them itself (e.g. from an env variable)",
+    "storage": "fnplane does not download model weights yet",
+    "runtime": "fnplane has no ServingRuntimes; name the server's image and command",
+    "runtimeVersion": "fnplane has no ServingRuntimes; name the server's image",
+    "protocolVersion": "the gateway serves KServe v1 and OIP v2 for every pod alike; the "
+                       "pod must answer the protocol its clients use",
+}
+
+
+def _container(pred: dict[str, Any]) -> dict[str, Any]:
+    """The predictor's container: fnplane's `container`, or the container fields of KServe's
+    `model` (which embeds a Container), not both."""
+    own = _take(pred.get("container") or {}, CONTAINER_FIELDS, "spec.predictor.container")
+    model = pred.get("model")
+    if not isinstance(model, dict):
+        return own
+    for name, why in _NOT_IMPLEMENTED.items():
+        if name in model:
+            raise SpecError(f"spec.predictor.model.{name}: not supported by fnplane ({why})")
+    _take(model, CONTAINER_FIELDS | {"modelFormat"}, "spec.predictor.model")
+    fields = {k: v for k, v in model.items() if k != "modelFormat"}
+    if fields and own:
+        raise SpecError("spec.predictor: give the container in `container` or in `model`, "
+                        "not both")
+    return fields or own
+
+
+def _model_format(model: dict[str, Any], container: dict[str, Any]) -> str:
+    """KServe picks a serving runtime by `modelFormat`; fnplane has none to pick, so the
+    format is kept as a description only when the server is named (image or command)."""
+    fmt = _take(model.get("modelFormat") or {}, {"name", "version"},
+                "spec.predictor.model.modelFormat")
+    if not fmt:
+        return ""
+    if not fmt.get("name"):
+        raise SpecError("spec.predictor.model.modelFormat.name is required")
+    if not (container.get("image") or container.get("command")):
+        raise SpecError(f"spec.predictor.model.modelFormat {fmt['name']!r}: fnplane picks no "
+                        "serving runtime by model format; name the server's image or command")
+    return f"{fmt['name']}:{fmt['version']}" if fmt.get("version") else str(fmt["name"])
+
+
+def _uid(security: dict[str, Any], key: str) -> int | None:
+    value = security.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SpecError(f"securityContext.{key} {value!r}: expected a user/group id >= 0")
+    return value
 
 
 def load_spec_file(path: Path) -> ServiceSpec:

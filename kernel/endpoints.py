@@ -192,10 +192,11 @@ POD_EVENTS: Endpoint[PodEvent, None] = _ep(
 # ---- node agents ------------------------------------------------------------------------------
 NODE_START: Endpoint[StartPod, Empty] = _ep(
     "node-start", "node.{node}.start", StartPod, Empty, "node", "schedule bench",
-    "run one pod on this node; refused from a stale partition epoch")
+    "run one pod on this node; refused from a stale partition epoch; one agent answers "
+    "(two run at once during a rollout)", queue="node")
 NODE_STOP: Endpoint[StopPod, Empty] = _ep(
     "node-stop", "node.{node}.stop", StopPod, Empty, "node", "scale",
-    "stop one pod (idempotent)")
+    "stop one pod (idempotent); one agent answers", queue="node")
 NODE_PROBE: Endpoint[Empty, NodeFree] = _ep(
     "node-probe", "node.{node}.probe", Empty, NodeFree, "node", "bench",
     "this node's free capacity now (the sampling baseline's probe)")

@@ -110,6 +110,15 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
     # The model version the service answers to on the versioned OIP paths; any other version
     # of it is unknown (404). One per service: a new version is a new generation of it.
     model_version: str = "1"
+    # The user and group the container runs as on Kubernetes (None: the backend's default,
+    # the fnplane image's 10001). Set explicitly because pods run with runAsNonRoot: an
+    # image whose USER is root (most inference servers) would fail CreateContainerConfigError
+    # without a numeric runAsUser; 0 asks for root, which a `restricted` namespace refuses.
+    run_as_user: int | None = None
+    run_as_group: int | None = None
+    # KServe's modelFormat ("name" or "name:version"), a description: fnplane picks no
+    # serving runtime by it (controlplane/specfile.py).
+    model_format: str = ""
 
     def validate(self) -> ServiceSpec:
         """Refuse specs the control plane cannot honour, before anything is stored."""
@@ -144,6 +153,9 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
             raise SpecError("startup timeout must be > 0")
         if s.batching.max_batch_size < 0 or s.batching.max_wait_ms < 0:
             raise SpecError("batching: max batch size and max wait must be >= 0")
+        if (s.run_as_user is not None and s.run_as_user < 0) or (
+                s.run_as_group is not None and s.run_as_group < 0):
+            raise SpecError("run-as user and group must be ids >= 0")
         if not _VERSION_RE.match(s.model_version):
             raise SpecError(f"model version {s.model_version!r}: letters, digits, '.', '_', '-'"
                             " (1-63), starting with a letter or digit")

@@ -122,6 +122,15 @@ class KubeApi:
                 "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
         await self._call(self.core.create_namespaced_pod_binding, pod, self.namespace, body)
 
+    async def read_pod(self, name: str) -> dict[str, Any] | None:
+        """The Pod as the server has it now, or None when there is none."""
+        try:
+            return await self._call(self.core.read_namespaced_pod, name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     async def delete_pod(self, name: str, *, grace_s: int) -> bool:
         """False when the pod was already gone; other errors are logged, not raised: a
         delete is retried by the next watch event or sweep anyway."""

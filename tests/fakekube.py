@@ -62,6 +62,8 @@ KINDS: dict[tuple[str, str, str], Kind] = {
     ("", "v1", "bindings"): Kind("Binding", True),
     ("fnplane.dev", "v1alpha1", "fnservices"): Kind("FnService", True, frozenset({"status"})),
     ("apps", "v1", "deployments"): Kind("Deployment", True, frozenset({"status", "scale"})),
+    # Leader election (partitions/leader.py): plain objects, updates locked optimistically.
+    ("coordination.k8s.io", "v1", "leases"): Kind("Lease", True),
 }
 CUSTOM_GROUPS = {"fnplane.dev"}  # strategic merge patch is refused for these
 
@@ -266,7 +268,16 @@ class FakeKubernetes(kmock.KubernetesEmulator):
     def _patch(self, key: tuple[str, str, str, str], kind: Kind, sub: str, ctype: str,
                patch: Any) -> dict[str, Any]:
         old = self._existing(key, key[1])
-        return self._replace(key, kind, sub, old, _apply_patch(old, ctype, patch, key[0]))
+        new = _apply_patch(old, ctype, patch, key[0])
+        # As the real server: a resourceVersion in the patch is a precondition (409 when the
+        # object changed since), which is how a read-modify-write patch locks optimistically.
+        want = str(((patch if isinstance(patch, dict) else {}).get("metadata") or {}).get(
+            "resourceVersion") or "")
+        if want and want != old["metadata"]["resourceVersion"]:
+            raise _err(409, "Conflict", f'Operation cannot be fulfilled on {key[1]} "{key[3]}":'
+                                        " the object has been modified; please apply your "
+                                        "changes to the latest version and try again")
+        return self._replace(key, kind, sub, old, new)
 
     def _scale(self, key: tuple[str, str, str, str], method: str, ctype: str,
                body: Any) -> dict[str, Any]:

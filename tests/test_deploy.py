@@ -179,6 +179,7 @@ BAD = [
     ("unknown predictor field", _variant(replicas=3), "Additional properties"),
     ("negative min replicas", _variant(minReplicas=-1), "minimum"),
     ("model version with a slash", _variant(modelVersion="1/infer"), "does not match"),
+    ("negative run-as user", _container(securityContext={"runAsUser": -1}), "minimum"),
 ]
 
 
@@ -199,7 +200,27 @@ GOOD = [
     ("empty command runs the sample", _container(command=[])),
     ("gpu as integer", _container(resources={"requests": {"cpu": 1, "memory": "1Gi",
                                                           "nvidia.com/gpu": 1}})),
+    ("memory in bytes", _container(resources={"requests": {"cpu": "1e0",
+                                                           "memory": 268435456}})),
+    ("a run-as user", _container(securityContext={"runAsUser": 1000, "runAsGroup": 1000})),
 ]
+
+
+def test_the_crd_keeps_kserve_fields_fnplane_refuses_so_they_are_never_pruned_silently(
+) -> None:
+    """The API server prunes fields a structural schema does not declare: a `storageUri`
+    dropped there would deploy a service without its model, silently. `model` keeps unknown
+    fields, so the operator sees `storageUri` and refuses it with the reason."""
+    doc = _variant(model={"modelFormat": {"name": "sklearn"}, "storageUri": "gs://b/iris",
+                          "image": "registry.example/iris:1"})
+    doc["spec"]["predictor"].pop("container")
+    assert validate_custom_resource(doc, crd()) == []
+    with pytest.raises(SpecError, match="storageUri: not supported"):
+        spec_from_manifest(copy.deepcopy(doc))
+    doc["spec"]["predictor"]["model"].pop("storageUri")
+    doc["spec"]["predictor"]["model"]["securityContext"] = {"runAsUser": 1000}
+    assert validate_custom_resource(doc, crd()) == []
+    assert spec_from_manifest(copy.deepcopy(doc)).run_as_user == 1000
 
 
 @pytest.mark.parametrize("doc", [d for _, d in GOOD], ids=[n for n, _ in GOOD])

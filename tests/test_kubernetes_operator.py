@@ -123,3 +123,47 @@ async def test_an_fnservice_is_registered_served_updated_and_deleted(
             with pytest.raises(RemoteError) as err:
                 await bus.call(ep.ADMIN_DESCRIBE, NameRequest(name="sample"), timeout=5)
         assert err.value.code == ErrorCode.NOT_FOUND
+
+
+async def test_each_create_deploys_once_and_finalizers_never_overwrite_another_controllers(
+    nats_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The operator reconciles from the object as it is now, not from the event that
+    announced it: its own finalizer patch raises a MODIFIED event whose object carries no
+    status yet, and reconciling that stale object registered the service a second time
+    (generation 2 for one create). Its finalizer is written with the resourceVersion it was
+    computed from (409 on a stale one, then read again), so another controller's finalizer
+    added meanwhile survives."""
+    async with fake_cluster(tmp_path, [node("n1")]) as cluster, \
+            running_stack(nats_url, redis_url, tmp_path / "state"), \
+            operator_on(cluster, nats_url) as op:
+        await kubectl(cluster, "POST", PATH, copy.deepcopy(SAMPLE))
+        await until(cluster, lambda o: (o.get("status") or {}).get("url"), "registered")
+        # A later change the operator must see last: every earlier event was handled by then.
+        await kubectl(cluster, "PATCH", f"{PATH}/sample",
+                      {"metadata": {"annotations": {"seen": "1"}}},
+                      "application/merge-patch+json")
+        await wait_for(lambda: (op.objects.get("sample", {}).get("metadata", {})
+                                .get("annotations") or {}).get("seen") == "1",
+                       timeout=10, what="the operator caught up")
+        assert (await describe(nats_url, "sample")).spec.generation == 1
+
+        # A stale copy (no finalizers) while the server's object has another controller's.
+        cluster.fake.pause_watches()
+        other = {**copy.deepcopy(SAMPLE), "metadata": {"name": "other", "finalizers": [
+            "example.com/keep"]}}
+        stale = copy.deepcopy(await kubectl(cluster, "POST", PATH, other))
+        stale["metadata"]["finalizers"] = []
+        await kubectl(cluster, "PATCH", f"{PATH}/other",
+                      {"metadata": {"labels": {"touched": "yes"}}},
+                      "application/merge-patch+json")
+        await op.reconcile(stale)
+        got = cluster.fake.get("fnplane.dev", "fnservices", "other", "fnplane")
+        assert got["metadata"]["finalizers"] == ["example.com/keep", FINALIZER]
+        # Read-modify-write from the stale copy: refused (409), read again, kept both.
+        stale["metadata"]["finalizers"] = ["example.com/keep", FINALIZER]
+        out = await op._set_finalizers(stale, remove=True)
+        assert out is not None and out["metadata"]["finalizers"] == ["example.com/keep"]
+        patches = [c for c in cluster.fake.calls("fnplane-operator")
+                   if c.verb == "patch" and c.name == "other"]
+        assert len(patches) >= 3  # ours added, a refused removal, the removal again

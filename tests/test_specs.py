@@ -220,10 +220,13 @@ def test_parse_cpu(value: str | float, cores: float) -> None:
         ("2048Ki", 2),
         ("1G", 954),  # 10^9 bytes
         ("500M", 477),
-        ("256", 256),  # a bare number is MiB, as the CLI's --memory 256
-        ("256.0", 256),
-        (512, 512),
-        ("1Ki", 1),  # never rounds down to nothing
+        ("268435456", 256),  # a bare number is bytes, as Kubernetes reads it
+        (268435456, 256),
+        ("1e9", 954),  # a decimal exponent, 10^9 bytes
+        ("1.5Gi", 1536),
+        ("1048577", 2),  # rounded up: a pod never gets less than it asked for
+        ("1024Ki", 1),
+        ("128974848000m", 123),  # milli-bytes, as the API server accepts them
     ],
 )
 def test_parse_memory_mb(value: str | int, mib: int) -> None:
@@ -239,6 +242,10 @@ def test_parse_memory_mb(value: str | int, mib: int) -> None:
         (parse_memory_mb, "1 GB", "memory '1 GB': expected a quantity"),
         (parse_memory_mb, "1Gb", "memory '1Gb'"),
         (parse_memory_mb, "-5Mi", "memory '-5Mi'"),
+        (parse_memory_mb, "256", "256 bytes|did you mean '256Mi'"),
+        (parse_memory_mb, 512, "less than 1Mi"),
+        (parse_memory_mb, "1K", "memory '1K'"),  # kilo is a lower-case k in Kubernetes
+        (parse_cpu, "1Gb", "cpu '1Gb'"),
     ],
 )
 def test_bad_quantities_are_spec_errors(
@@ -313,7 +320,8 @@ def test_a_full_manifest_becomes_exactly_its_spec() -> None:
 def test_a_minimal_manifest_takes_knative_defaults() -> None:
     spec = spec_from_manifest({"metadata": {"name": "tiny"}})
 
-    assert spec == ServiceSpec(name="tiny", command=["python", "-m", "examples.sample.server"])
+    assert spec == ServiceSpec(name="tiny", command=["python", "-m", "examples.sample.server"],
+                               scaling=ScalingSpec(min_scale=1))  # KServe's minReplicas default
 
 
 def test_rps_manifest_targets_requests_per_second() -> None:
@@ -429,3 +437,57 @@ def test_a_manifest_may_name_the_container_image() -> None:
                                              "command": ["serve"]}}},
     })
     assert spec.image == "registry.example/m:1" and spec.command == ["serve"]
+
+
+# ---- KServe's field names where they mean the same (issue 14, item 8) -----------------------
+
+
+def kserve(model: dict[str, Any], **predictor: Any) -> dict[str, Any]:
+    return {"apiVersion": "fnplane.dev/v1alpha1", "kind": "FnService",
+            "metadata": {"name": "iris"}, "spec": {"predictor": {"model": model, **predictor}}}
+
+
+def test_kserve_model_object_names_the_container() -> None:
+    """`predictor.model` as KServe's ModelSpec: its container fields are the pod's, its
+    modelFormat a description of what the named server loads."""
+    spec = spec_from_manifest(kserve({
+        "modelFormat": {"name": "sklearn", "version": "1"},
+        "image": "registry.example/iris:2", "command": ["serve"], "args": ["--port-from-env"],
+        "env": [{"name": "A", "value": "b"}],
+        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+        "securityContext": {"runAsUser": 1000, "runAsGroup": 3000},
+    }))
+    assert (spec.image, spec.command, spec.env) == (
+        "registry.example/iris:2", ["serve", "--port-from-env"], {"A": "b"})
+    assert spec.resources == Resources(cpu=1.0, memory_mb=1024)
+    assert (spec.run_as_user, spec.run_as_group, spec.model_format) == (1000, 3000, "sklearn:1")
+    assert spec.scaling.min_scale == 1  # KServe's default
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"modelFormat": {"name": "sklearn"}, "storageUri": "gs://kfserving/iris",
+          "image": "x"}, "storageUri: not supported by fnplane"),
+        ({"modelFormat": {"name": "sklearn"}, "runtime": "kserve-sklearnserver"},
+         "runtime: not supported"),
+        ({"modelFormat": {"name": "sklearn"}, "protocolVersion": "v2", "image": "x"},
+         "protocolVersion: not supported"),
+        ({"modelFormat": {"name": "sklearn"}}, "picks no serving runtime by model format"),
+        ({"modelFormat": {"version": "1"}, "image": "x"}, "modelFormat.name is required"),
+        ({"image": "x", "imagePullPolicy": "Always"}, r"unknown field\(s\) imagePullPolicy"),
+        ({"image": "x", "securityContext": {"runAsUser": -1}}, "runAsUser -1"),
+    ],
+    ids=["storageUri", "runtime", "protocolVersion", "format-without-server", "format-no-name",
+         "unknown-field", "negative-uid"],
+)
+def test_kserve_fields_fnplane_does_not_implement_are_refused_by_name(
+    model: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(SpecError, match=message):
+        spec_from_manifest(kserve(model))
+
+
+def test_the_container_is_given_once() -> None:
+    with pytest.raises(SpecError, match="not both"):
+        spec_from_manifest(kserve({"image": "x"}, container={"command": ["y"]}))

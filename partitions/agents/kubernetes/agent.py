@@ -68,6 +68,7 @@ from partitions.kubeapi import (
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 0.5
+DEFAULT_IMAGE = "fnplane:0.1.0"
 METRICS_INTERVAL_S = 1.0
 
 
@@ -76,9 +77,19 @@ class KubernetesConfig:
     kubeconfig: str | None = None  # None: in-cluster service account, else ~/.kube/config
     context: str | None = None
     namespace: str = ""  # where pods live; "" = the context's (or service account's)
-    # Every pod runs this image; a spec's `command` picks the server inside it.
-    image: str = "fnplane:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
+    # The image of pods whose service names none; a spec's `command` picks the server inside
+    # it. "" = the image of this agent's own container (`self_pod`), which is the fnplane
+    # image that kustomize `images:` (or `kubectl set image`) rewrites; a literal in an env
+    # variable would be left behind by both. Else DEFAULT_IMAGE.
+    image: str = ""
+    image_pull_policy: str = ""  # "" = as this agent's own container, else IfNotPresent
+    self_pod: str = ""  # this agent's Pod name (downward API), in `namespace`
+    self_container: str = "node"
+    # Who pods run as unless their service says (ServiceSpec.run_as_user/group): the fnplane
+    # image's user. Always numeric, so runAsNonRoot never meets an image whose USER is root
+    # or a name (CreateContainerConfigError); root needs an explicit 0 in the service spec.
+    run_as_user: int = 10001
+    run_as_group: int = 10001
     # Each pod has its own IP, so one port fits all. 0 = a free local port per pod, for
     # emulated clusters whose pods all share one host (the tests' kubelet emulator).
     pod_port: int = 8080
@@ -149,9 +160,10 @@ class KubernetesBackend(Component):
                                                  user_agent=cfg.user_agent)
             self.api = api = KubeApi(client, cfg.namespace or ns,
                                      request_timeout_s=cfg.request_timeout_s)
-            self.tracker = PodTracker(api, self._emit, image=cfg.image,
-                                      image_pull_policy=cfg.image_pull_policy,
-                                      stop_grace_s=cfg.stop_grace_s)
+            image, pull = await self._pod_image(api)
+            self.tracker = PodTracker(api, self._emit, image=image, image_pull_policy=pull,
+                                      stop_grace_s=cfg.stop_grace_s,
+                                      run_as=(cfg.run_as_user, cfg.run_as_group))
             deliver = threadsafe_put(asyncio.get_running_loop(), self._queue)
             timeouts = {"watch_timeout_s": cfg.watch_timeout_s,
                         "request_timeout_s": cfg.request_timeout_s}
@@ -183,6 +195,22 @@ class KubernetesBackend(Component):
             raise
         log.info("kubernetes: %d nodes, %d pods adopted, namespace %s", len(self.nodes),
                  self.adopted, api.namespace)
+
+    async def _pod_image(self, api: KubeApi) -> tuple[str, str]:
+        """The image (and pull policy) of pods that name none: configured, else this agent's
+        own container's, read from its Pod; a Pod without that container is a deployment
+        error to stop on, not a reason to run pods of a guessed image."""
+        cfg = self.config
+        image, pull = cfg.image, cfg.image_pull_policy
+        if not image and cfg.self_pod:
+            own = await api.read_pod(cfg.self_pod)
+            containers = ((own or {}).get("spec") or {}).get("containers") or []
+            mine = next((c for c in containers if c.get("name") == cfg.self_container), None)
+            if mine is None or not mine.get("image"):
+                raise RuntimeError(f"kubernetes: no container {cfg.self_container!r} in pod "
+                                   f"{api.namespace}/{cfg.self_pod} to take the pod image from")
+            image, pull = mine["image"], pull or str(mine.get("imagePullPolicy") or "")
+        return image or DEFAULT_IMAGE, pull or "IfNotPresent"
 
     async def _wait_synced(self) -> None:
         try:

@@ -133,6 +133,8 @@ def pod_manifest(
     port: int,
     image_pull_policy: str = "IfNotPresent",
     grace_s: int = 10,
+    run_as_user: int = 10001,
+    run_as_group: int = 10001,
 ) -> dict[str, Any]:
     """The Pod for one StartPod: the pod contract of DESIGN.md in Kubernetes terms.
 
@@ -182,7 +184,7 @@ def pod_manifest(
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
             "terminationGracePeriodSeconds": grace_s,
-            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+            "securityContext": security_context(run_as_user, run_as_group),
             "containers": [
                 {
                     "name": CONTAINER,
@@ -207,6 +209,15 @@ def pod_manifest(
             ],
         },
     }
+
+
+def security_context(uid: int, gid: int) -> dict[str, Any]:
+    """The pod's user, always numeric: with runAsNonRoot and no runAsUser the kubelet takes
+    the image's USER and refuses root or a name (CreateContainerConfigError), which is what
+    most inference images have. uid 0 is root asked for explicitly: runAsNonRoot goes, and
+    a namespace at Pod Security `restricted` refuses the pod with its reason."""
+    return {"runAsNonRoot": uid != 0, "runAsUser": uid, "runAsGroup": gid,
+            "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def binding(pod: str, namespace: str, k8s_node: str) -> dict[str, Any]:

@@ -55,7 +55,7 @@ Emit = Callable[..., Awaitable[None]]  # (pod, state, *, reason="", log_tail="")
 
 class PodTracker:
     def __init__(self, api: KubeApi, emit: Emit, *, image: str, image_pull_policy: str,
-                 stop_grace_s: int) -> None:
+                 stop_grace_s: int, run_as: tuple[int, int] = (10001, 10001)) -> None:
         self.api = api
         self.emit = emit
         self.image = image
@@ -63,6 +63,7 @@ class PodTracker:
         self.stop_grace_s = stop_grace_s
         self.pods: dict[str, KubePod] = {}
         self.adopted = 0
+        self.run_as = run_as  # (uid, gid) of pods whose service names none
 
     def allocations(self, nodes: set[str]) -> dict[str, list[PodAllocation]]:
         out: dict[str, list[PodAllocation]] = {n: [] for n in sorted(nodes)}
@@ -94,7 +95,9 @@ class PodTracker:
         image = spec.image or self.image
         manifest = ko.pod_manifest(msg, namespace=self.api.namespace, image=image,
                                    port=port, image_pull_policy=self.image_pull_policy,
-                                   grace_s=self.stop_grace_s)
+                                   grace_s=self.stop_grace_s,
+                                   run_as_user=_first(spec.run_as_user, self.run_as[0]),
+                                   run_as_group=_first(spec.run_as_group, self.run_as[1]))
         try:
             await self.api.create_pod(manifest)
         except ApiException as exc:
@@ -104,16 +107,33 @@ class PodTracker:
         try:
             await self.api.bind(msg.pod, k8s_node)
         except ApiException as exc:
-            self.pods.pop(msg.pod, None)
-            await self.api.delete_pod(msg.pod, grace_s=0)
-            raise RemoteError(_code(exc), f"cannot bind pod to {k8s_node}: "
-                                          f"{api_reason(exc)}") from None
+            if exc.status == 409 and await self._bound_to(msg.pod, k8s_node):
+                pass  # bound already, to this node: a retry whose first reply was lost
+            else:
+                await self._unbound(msg.pod, k8s_node, exc)
         pod.timeline = replace(pod.timeline, spawned_at=time.time())
         pod.state = "starting"
         await self.emit(pod, "starting")
         if pod.pending is not None:
             obj, pod.pending = pod.pending, None
             await self.on_pod("MODIFIED", obj)
+
+    async def _bound_to(self, name: str, k8s_node: str) -> bool:
+        """Whether the Pod is bound to this node (the bind is idempotent, as the API's own
+        409 'already assigned' is for a second binder, not for the same binding again)."""
+        try:
+            obj = await self.api.read_pod(name)
+        except ApiException:
+            return False
+        return obj is not None and (obj.get("spec") or {}).get("nodeName") == k8s_node
+
+    async def _unbound(self, name: str, k8s_node: str, exc: ApiException) -> None:
+        """The bind failed for good: the Pod is ours and unbound (or bound elsewhere by
+        someone else), so it goes, and the StartPod is answered with the reason."""
+        self.pods.pop(name, None)
+        await self.api.delete_pod(name, grace_s=0)
+        raise RemoteError(_code(exc), f"cannot bind pod to {k8s_node}: "
+                                      f"{api_reason(exc)}") from None
 
     async def stop(self, name: str, reason: str) -> None:
         pod = self.pods.get(name)
@@ -214,3 +234,7 @@ def _code(exc: ApiException) -> ErrorCode:
     never a stale epoch: `schedule` refreshes its map only on the latter)."""
     return {400: ErrorCode.INVALID, 404: ErrorCode.NOT_FOUND, 409: ErrorCode.CONFLICT,
             422: ErrorCode.INVALID}.get(exc.status or 0, ErrorCode.UNAVAILABLE)
+
+
+def _first(value: int | None, default: int) -> int:
+    return default if value is None else value
