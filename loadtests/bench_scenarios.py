@@ -248,7 +248,9 @@ async def search(
     nats_url: str, log_dir: Path, churn_rate: float, c_event_ms: float, tag: str,
 ) -> dict[str, Any]:  # fmt: skip
     """Double the rate until a step misses the target, then bisect between the last
-    success and the first miss."""
+    success and the first miss. A step that misses is run once more: a rate fails when it
+    misses twice (at a few dozen placements a second, p99 is the worst of a hundred, and
+    one pause of the machine's other tenants is not the rate's fault). Both go in the curve."""
     curve: list[dict[str, Any]] = []
     step = 0
 
@@ -262,20 +264,23 @@ async def search(
         await asyncio.sleep(co.lifetime_s + 0.3)  # the step's pods end before the next
         return bool(r["ok"])
 
+    async def passes(rate: float) -> bool:
+        return await at(rate) or await at(rate)
+
     good, bad = 0.0, 0.0
     rate = co.start_rate
     if not co.search:
         await at(rate)
     else:
         while rate <= co.max_rate:
-            if await at(rate):
+            if await passes(rate):
                 good, rate = rate, rate * 2
             else:
                 bad = rate
                 break
         for _ in range(co.bisect if bad else 0):
             mid = (good + bad) / 2 if good else bad / 2
-            if await at(mid):
+            if await passes(mid):
                 good = mid
             else:
                 bad = mid

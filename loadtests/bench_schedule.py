@@ -267,6 +267,8 @@ async def run_benchmark(
             for m in opts.modes:
                 rate = out[m]["placements_per_s"]
                 out[m]["fraction_of_nats_floor"] = round(rate / floor["rps"], 3)
+                out[m]["fraction_of_two_round_trip_ceiling"] = round(
+                    rate / floor["two_round_trip_ceiling_per_s"], 3)
     out["config"]["loadavg_after"] = load()
     out["ratios"] = ratios(out)
     if opts.model:

@@ -1,9 +1,11 @@
 """The `schedule` control function's NATS adapter. It owns one partition (assigned by the
 coordinator, with an epoch), places pods in it, and when its partition has no room asks the
 owner of the most promising other partition (per its probe cache) to reserve; bounded tries,
-then `Unschedulable`. Every reply piggybacks the replier's summary; a low-rate broadcast keeps
-caches warm. The owner is the only writer of its nodes' accounting, so concurrent reserves
-from many instances cannot over-commit a node."""
+then `Unschedulable`. A reserve's reply piggybacks the replier's summary; a low-rate broadcast
+keeps caches warm. An instance whose partition is full while a peer has room leaves the
+placement queue group until it has room again (`partitions.membership`), so placements go
+where they can be placed rather than through a probe. The owner is the only writer of its
+nodes' accounting, so concurrent reserves from many instances cannot over-commit a node."""
 
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from kernel.messages import (
 )
 from kernel.shards import ShardFence
 from kernel.versions import plausible
+from partitions.membership import Membership
 from partitions.probecache import ProbeCache
 from partitions.view import PartitionView, inventoried
 
@@ -62,6 +65,7 @@ class ScheduleInstance(Component):
         self.view = PartitionView()
         self.shard_fence = ShardFence()
         self.cache = ProbeCache(ttl_s=config.probe_cache_ttl_s)
+        self.membership = Membership()  # in the placement queue group, or stepped aside
         self._assigned = asyncio.Event()
         self._map_version = 0
         self._reserve_sub: Subscription | None = None
@@ -115,6 +119,7 @@ class ScheduleInstance(Component):
                     log.info("%s: lost partition %d", self.id, self.view.partition)
                 self._assigned.clear()
                 self.view.assign(-1, 0, [])
+                self.membership.reset()
                 await self._listen(None)
                 await self._hear_pods(None)
                 return
@@ -124,6 +129,7 @@ class ScheduleInstance(Component):
                 self.view.assign(part.id, part.epoch, infos)  # node details may have changed
                 return
             self._assigned.clear()
+            self.membership.reset()
             known = set(self.view.nodes) if part.id == self.view.partition else set()
             self.view.assign(part.id, part.epoch, infos)
             # Listen before asking the nodes what they run: a pod that ends after its node
@@ -175,8 +181,30 @@ class ScheduleInstance(Component):
                 ep.RESERVE, self._on_reserve, concurrent=True, partition=partition
             )
             self._reserve_partition = partition
-        if self._place_sub is None:
+        if self._place_sub is None and self.membership.serving:
             self._place_sub = await self.bus.serve(ep.PLACE, self._on_place, concurrent=True)
+
+    async def _step_aside(self) -> None:
+        """Leave the placement queue group (see `partitions.membership`); placements already
+        handed to us are still answered (a drain, not an unsubscribe)."""
+        async with self._assign_lock:
+            if self._place_sub is not None and not self.membership.serving:
+                sub, self._place_sub = self._place_sub, None
+                log.info("%s: partition %d full; placements go to peers with room", self.id,
+                         self.view.partition)
+                await _drain(sub)
+
+    async def _rejoin_if_due(self) -> None:
+        need = self.membership.aside_for
+        if need is None:
+            return
+        peers = bool(self.cache.candidates(need, exclude=self.view.partition))
+        if self.membership.rejoin(self.view.summary(self.id).largest_free, peers):
+            async with self._assign_lock:
+                if self._place_sub is None and self._assigned.is_set():
+                    log.info("%s: taking placements again", self.id)
+                    self._place_sub = await self.bus.serve(ep.PLACE, self._on_place,
+                                                           concurrent=True)
 
     # ---- events ---------------------------------------------------------------------------
 
@@ -197,6 +225,8 @@ class ScheduleInstance(Component):
 
     async def _on_pod_event(self, msg: PodEvent, _raw: Msg) -> None:
         self.view.apply_pod_event(msg)
+        if not self.membership.serving and msg.state in ("stopped", "failed"):
+            await self._rejoin_if_due()
 
     async def _on_summary(self, msg: PartitionSummary, _raw: Msg) -> None:
         if msg.owner != self.id:
@@ -221,11 +251,12 @@ class ScheduleInstance(Component):
             self._latencies.append(time.monotonic() - t0)
 
     async def _place(self, req: PlaceRequest) -> Placement | Unschedulable:
-        try:
-            await asyncio.wait_for(self._assigned.wait(), timeout=2.0)
-        except TimeoutError:
-            return Unschedulable(pod=req.pod, service=req.service,
-                                 reason=f"{self.id} owns no partition yet")
+        if not self._assigned.is_set():  # wait_for costs a task: not on every placement
+            try:
+                await asyncio.wait_for(self._assigned.wait(), timeout=2.0)
+            except TimeoutError:
+                return Unschedulable(pod=req.pod, service=req.service,
+                                     reason=f"{self.id} owns no partition yet")
         local = await self._commit_and_start(req)
         if isinstance(local, Refused) and local.stale:
             # The node knows a newer map than we do (a rebalance is under way): catch up
@@ -241,6 +272,9 @@ class ScheduleInstance(Component):
             local = await self._commit_and_start(req)
         if isinstance(local, Placement):
             return local
+        peers = self.cache.candidates(req.resources, exclude=self.view.partition)
+        if not local.stale and self.membership.leave_after_refusal(req.resources, bool(peers)):
+            self.tasks.spawn(self._step_aside(), name="step-aside")
         probes = 0
         tried: set[int] = {self.view.partition}
         while probes < self.config.max_probes:
@@ -376,14 +410,16 @@ class ScheduleInstance(Component):
             await asyncio.sleep(0.2 if not self._assigned.is_set() else HEARTBEAT_INTERVAL_S)
 
     async def _broadcast(self) -> None:
-        """The low-rate exchange that keeps other instances' probe caches fresh."""
+        """The low-rate exchange that keeps other instances' probe caches fresh (and, with
+        theirs, tells us when to take placements again after stepping aside)."""
         while True:
             await asyncio.sleep(SUMMARY_INTERVAL_S)
-            if self._assigned.is_set():
-                try:
+            try:
+                await self._rejoin_if_due()
+                if self._assigned.is_set():
                     await self.bus.send(ep.PARTITION_SUMMARY, self.view.summary(self.id))
-                except (nats.errors.Error, OSError):
-                    log.debug("%s: summary lost", self.id, exc_info=True)
+            except (nats.errors.Error, OSError):
+                log.debug("%s: summary or rejoin lost", self.id, exc_info=True)
 
 
 async def _drain(sub: Subscription) -> None:

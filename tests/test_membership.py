@@ -1,0 +1,46 @@
+"""When a `schedule` instance leaves and rejoins the placement queue group: pure decisions."""
+
+from __future__ import annotations
+
+from kernel.messages import Resources
+from partitions.membership import Membership
+
+POD = Resources(cpu=1.0, memory_mb=4096)
+ROOM = Resources(cpu=2.0, memory_mb=8192)
+FULL = Resources(cpu=0.5, memory_mb=1024)
+
+
+def test_a_full_partition_steps_aside_only_while_a_peer_has_room() -> None:
+    m = Membership()
+    assert m.leave_after_refusal(POD, peer_has_room=False) is False
+    assert m.serving
+    assert m.leave_after_refusal(POD, peer_has_room=True) is True
+    assert not m.serving
+    # already aside: not asked to leave twice
+    assert m.leave_after_refusal(POD, peer_has_room=True) is False
+
+
+def test_it_rejoins_when_what_it_refused_fits_again() -> None:
+    m = Membership()
+    m.leave_after_refusal(POD, peer_has_room=True)
+    assert m.rejoin(FULL, peer_has_room_for_it=True) is False
+    assert not m.serving
+    assert m.rejoin(ROOM, peer_has_room_for_it=True) is True
+    assert m.serving
+
+
+def test_it_rejoins_when_no_peer_has_room_any_more() -> None:
+    """An empty queue group would leave `scale` waiting: when nobody has room, every
+    instance is as good a place to ask as any."""
+    m = Membership()
+    m.leave_after_refusal(POD, peer_has_room=True)
+    assert m.rejoin(FULL, peer_has_room_for_it=False) is True
+    assert m.serving
+
+
+def test_a_new_partition_forgets_what_the_old_one_refused() -> None:
+    m = Membership()
+    m.leave_after_refusal(POD, peer_has_room=True)
+    m.reset()
+    assert m.serving
+    assert m.rejoin(FULL, peer_has_room_for_it=True) is False  # serving: nothing to rejoin
