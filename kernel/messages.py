@@ -63,6 +63,44 @@ class Resources(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+# ---- taints and tolerations (Kubernetes' shape and meaning, core/v1) -------------------------
+
+TaintEffect = Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
+
+
+class Taint(msgspec.Struct, frozen=True, kw_only=True):
+    """A node's taint, as Kubernetes' `spec.taints[]`: pods that do not tolerate a
+    `NoSchedule` or `NoExecute` one are not placed on the node (`PreferNoSchedule` only
+    asks the scheduler to avoid it)."""
+
+    key: str
+    value: str = ""
+    effect: TaintEffect
+
+
+class Toleration(msgspec.Struct, frozen=True, kw_only=True):
+    """A pod's toleration, as Kubernetes' `spec.tolerations[]`: an empty key with `Exists`
+    tolerates every taint, an empty effect every effect; `Equal` compares the value.
+    `toleration_seconds` only bounds how long a `NoExecute` taint is tolerated on
+    Kubernetes (its eviction); placement ignores it, as kube-scheduler does."""
+
+    key: str = ""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str = ""
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = ""
+    toleration_seconds: int | None = None
+
+    def check(self, where: str) -> None:
+        """Refuse what the API server's validation refuses, so no pod is created with it."""
+        if not self.key and self.operator != "Exists":
+            raise SpecError(f"{where}: an empty key tolerates every taint only with "
+                            "operator Exists")
+        if self.operator == "Exists" and self.value:
+            raise SpecError(f"{where}: operator Exists takes no value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise SpecError(f"{where}: tolerationSeconds needs effect NoExecute")
+
+
 class ScalingSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Knative KPA knobs, same names and defaults (pkg/autoscaler/config/config.go)."""
 
@@ -108,6 +146,9 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
     # The model version the service answers to on the versioned OIP paths; any other version
     # of it is unknown (404). One per service: a new version is a new generation of it.
     model_version: str = "1"
+    # Node taints the service's pods tolerate (Kubernetes' tolerations). Pods that request
+    # a GPU also tolerate the GPU taints GPU node pools carry (partitions/tolerations.py).
+    tolerations: list[Toleration] = []
 
     def validate(self) -> ServiceSpec:
         """Refuse specs the control plane cannot honour, before anything is stored."""
@@ -145,6 +186,8 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
         if not _VERSION_RE.match(s.model_version):
             raise SpecError(f"model version {s.model_version!r}: letters, digits, '.', '_', '-'"
                             " (1-63), starting with a letter or digit")
+        for i, toleration in enumerate(s.tolerations):
+            toleration.check(f"tolerations[{i}]")
         return self
 
     @property
@@ -163,6 +206,12 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
     labels: dict[str, str] = {}
     models: list[str] = []
     backend: str = "local"
+    taints: list[Taint] = []
+    # The device indices of its GPUs (`capacity.gpu` of them; empty: 0 to gpu-1). `schedule`
+    # assigns each GPU pod its own, so two pods never share a GPU by accident; a local
+    # node hands them to the pod as CUDA_VISIBLE_DEVICES (on Kubernetes the device plugin
+    # picks the devices, and these indices are only accounting).
+    gpu_devices: list[int] = []
 
 
 class NodeRegistration(msgspec.Struct, frozen=True, tag=True, kw_only=True):
@@ -209,6 +258,7 @@ class PodAllocation(msgspec.Struct, frozen=True, kw_only=True):
     pod: str
     service: str
     resources: Resources
+    gpu_devices: list[int] = []  # the GPU devices the pod was given (StartPod.gpu_devices)
 
 
 class Inventory(msgspec.Struct, frozen=True, tag=True, kw_only=True):
@@ -368,6 +418,8 @@ class StartPod(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     placed_at: float
     partition: int = -1
     epoch: int = 0
+    # The node's GPU devices `schedule` assigned the pod (one per GPU it requests).
+    gpu_devices: list[int] = []
 
 
 class StopPod(msgspec.Struct, frozen=True, tag=True, kw_only=True):
