@@ -9,7 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from controlplane.cli import build_parser, spec_from_flags
 from controlplane.specfile import parse_toleration, spec_from_manifest
 from kernel import endpoints as ep
 from kernel.bus import Bus
@@ -148,6 +151,15 @@ def test_cli_tolerations_that_mean_nothing_are_refused(text: str) -> None:
         parse_toleration(text)
 
 
+def test_fnplane_deploy_takes_gpus_and_tolerations() -> None:
+    args = build_parser().parse_args(["deploy", "llm", "--gpu", "1", "--toleration",
+                                      "dedicated=ml:NoSchedule", "--toleration", "spot"])
+    spec = spec_from_flags(args)
+    assert spec.resources.gpu == 1
+    assert spec.tolerations == [tol("dedicated", "Equal", "ml", "NoSchedule"),
+                                tol("spot", "Exists")]
+
+
 def test_pods_are_created_with_their_tolerations() -> None:
     spec = sample_spec(resources=Resources(cpu=1, memory_mb=128, gpu=1),
                        tolerations=[Toleration(key="dedicated", operator="Exists",
@@ -199,6 +211,40 @@ def test_a_tainted_node_takes_only_the_pods_that_tolerate_it(indexed: bool) -> N
     only = view(gpu, indexed=indexed)
     assert only.place("plain", POD, "m") is None
     assert only.place("tolerant", POD, "m", tolerations=[tol("", "Exists")]).name == "gpu"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    nodes=st.lists(st.tuples(st.sampled_from([2.0, 4.0, 8.0]), st.integers(0, 3), st.booleans()),
+                   min_size=1, max_size=12),
+    ops=st.lists(st.tuples(st.booleans(), st.sampled_from([0.5, 1.0]), st.integers(0, 2),
+                           st.booleans(), st.integers(0, 30)), max_size=60),
+)
+def test_no_pod_on_a_node_it_does_not_tolerate_and_no_gpu_given_twice(nodes, ops) -> None:
+    """Whatever placements and releases arrive: the index and the full scan agree with
+    taints too, no pod lands on a node whose taints it does not tolerate, and every GPU pod
+    holds as many devices as it asked for, none shared."""
+    infos = [NodeInfo(name=f"n{i}", capacity=Resources(cpu=c, memory_mb=8192, gpu=g),
+                      taints=[GKE] if tainted else [])
+             for i, (c, g, tainted) in enumerate(nodes)]
+    v = view(*infos)
+    placed: list[str] = []
+    for i, (place, cpu, gpu, tolerant, pick) in enumerate(ops):
+        req = Resources(cpu=cpu, memory_mb=256, gpu=gpu)
+        tolerations = [tol("nvidia.com/gpu", "Exists")] if tolerant else []
+        chosen = v.choose(req, "m", tolerations=tolerations)
+        scanned = v.scan(req, "m", tolerations=tolerations)
+        assert (chosen and chosen.name) == (scanned and scanned.name)
+        if place and (node := v.place(f"p{i}", req, "m", tolerations=tolerations)):
+            assert tolerant or not node.info.taints
+            assert len(node.devices.get(f"p{i}", ())) == gpu
+            placed.append(f"p{i}")
+        elif not place and placed:
+            v.release(placed.pop(pick % len(placed)))
+        for node in v.nodes.values():
+            held = [d for ds in node.devices.values() for d in ds]
+            assert len(held) == len(set(held)) == node.used.gpu
+            assert set(held) <= set(node.gpu_ids())
 
 
 # ---- GPU devices --------------------------------------------------------------------------------
