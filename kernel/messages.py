@@ -30,6 +30,19 @@ _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
+# Kubernetes' qualified names (label keys): an optional DNS-subdomain prefix and '/', then a
+# name of at most 63 characters, alphanumeric at both ends; label values are such names.
+_LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _label_key(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN_RE.match(prefix)):
+        return False
+    return bool(_LABEL_NAME_RE.match(name))
+
+
 class SpecError(ValueError):
     """A service spec a user sent is invalid; the message says which field and why."""
 
@@ -92,6 +105,12 @@ class Toleration(msgspec.Struct, frozen=True, kw_only=True):
 
     def check(self, where: str) -> None:
         """Refuse what the API server's validation refuses, so no pod is created with it."""
+        if self.key and not _label_key(self.key):
+            raise SpecError(f"{where}: key {self.key!r}: expected a label key "
+                            "([prefix/]name, e.g. nvidia.com/gpu)")
+        if self.value and not _LABEL_NAME_RE.match(self.value):
+            raise SpecError(f"{where}: value {self.value!r}: expected a label value "
+                            "(letters, digits, '-', '_', '.'; at most 63)")
         if not self.key and self.operator != "Exists":
             raise SpecError(f"{where}: an empty key tolerates every taint only with "
                             "operator Exists")

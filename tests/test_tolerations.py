@@ -125,6 +125,9 @@ def test_spec_file_tolerations_have_the_pod_shape() -> None:
     ([{"key": "k", "effect": "Sometimes"}], "effect 'Sometimes'"),
     ([{"key": "k", "tolerationSecond": 5}], "unknown field(s) tolerationSecond"),
     ({"key": "k"}, "expected a list"),
+    ([{"key": "nvidia.com/gpu:x", "operator": "Exists"}], "expected a label key"),
+    ([{"key": "Bad_Prefix/gpu", "operator": "Exists"}], "expected a label key"),
+    ([{"key": "k", "value": "has space"}], "expected a label value"),
 ])
 def test_tolerations_kubernetes_would_refuse_are_refused(items: object, error: str) -> None:
     with pytest.raises(SpecError, match=error.replace("(", r"\(").replace(")", r"\)")):
