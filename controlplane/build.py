@@ -171,9 +171,13 @@ async def local_nodes(config: Config, *, log_dir: Path) -> list[LocalNode]:
     from partitions.agents.podusers import PodUsers
     nodes = config.nodes
     pod_users = PodUsers(nodes.pod_user, workdir=nodes.workdir)  # one pod user for all
+    gpus = nodes.capacity.gpu
     return [
         LocalNode(await connect(config, f"node-{i}", "node"),
-                  NodeInfo(name=f"node-{i}", capacity=nodes.capacity, backend="local"),
+                  # The local nodes share this machine's GPUs: each has its own slice of
+                  # the device indices, so no two nodes hand out the same GPU.
+                  NodeInfo(name=f"node-{i}", capacity=nodes.capacity, backend="local",
+                           gpu_devices=list(range(i * gpus, (i + 1) * gpus))),
                   workdir=nodes.workdir, log_dir=log_dir, pod_users=pod_users,
                   pod_nice=nodes.pod_nice)
         for i in range(nodes.count)

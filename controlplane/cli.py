@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 import msgspec
 
 from controlplane.servers import redacted
-from controlplane.specfile import DEFAULT_COMMAND, load_spec_file, parse_cpu, parse_memory_mb
+from controlplane.specfile import (
+    DEFAULT_COMMAND,
+    load_spec_file,
+    parse_cpu,
+    parse_memory_mb,
+    parse_toleration,
+)
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.config import (
@@ -79,7 +85,8 @@ async def run_up(args: argparse.Namespace) -> int:
         nodes=NodesConfig(
             count=args.nodes,
             capacity=Resources(
-                cpu=parse_cpu(args.node_cpu), memory_mb=parse_memory_mb(args.node_memory)
+                cpu=parse_cpu(args.node_cpu), memory_mb=parse_memory_mb(args.node_memory),
+                gpu=args.node_gpus,
             ),
             workdir=Path(args.workdir).resolve(),
             pod_user=args.pod_user,
@@ -241,7 +248,8 @@ def spec_from_flags(args: argparse.Namespace) -> ServiceSpec:
         name=args.name,
         command=args.command or list(DEFAULT_COMMAND),
         env=env,
-        resources=Resources(cpu=parse_cpu(args.cpu), memory_mb=parse_memory_mb(args.memory)),
+        resources=Resources(cpu=parse_cpu(args.cpu), memory_mb=parse_memory_mb(args.memory),
+                            gpu=args.gpu),
         scaling=scaling,
         container_concurrency=cc,
         readiness_path=args.readiness_path,
@@ -252,6 +260,7 @@ def spec_from_flags(args: argparse.Namespace) -> ServiceSpec:
         model_version=args.model_version,
         run_as_user=args.run_as_user,
         run_as_group=args.run_as_group,
+        tolerations=[parse_toleration(t) for t in args.toleration or []],
     ).validate()
 
 
@@ -434,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=2, help="local nodes")
     up.add_argument("--node-cpu", default="4", help="cpu per node (cores or millicores)")
     up.add_argument("--node-memory", default="8Gi", help="memory per node")
+    up.add_argument("--node-gpus", type=int, default=0,
+                    help="GPUs per local node: node i has this machine's CUDA devices "
+                         "i*N to i*N+N-1, handed to its GPU pods as CUDA_VISIBLE_DEVICES")
     up.add_argument("--schedule-min", type=int, default=1, help="schedule instances, at least")
     up.add_argument("--schedule-max", type=int, default=4, help="schedule instances, at most")
     up.add_argument("--scale-min", type=int, default=1,
@@ -490,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--memory", default="256Mi")
     dep.add_argument("--env", "-e", action="append", help="KEY=VALUE for the pod")
     dep.add_argument("--readiness-path", default="/v2/health/ready")
+    dep.add_argument("--gpu", type=int, default=0, help="GPUs per pod (nvidia.com/gpu)")
+    dep.add_argument("--toleration", action="append", metavar="KEY[=VALUE][:EFFECT]",
+                     help="a node taint the pods tolerate, as kubectl writes taints: "
+                          "KEY=VALUE:EFFECT (Equal), KEY:EFFECT or KEY (Exists), '*' every "
+                          "taint; GPU pods tolerate nvidia.com/gpu:NoSchedule without it")
     dep.add_argument("--image", default="",
                      help="container image on the kubernetes backend (default: fnplane's)")
     dep.add_argument("--run-as-user", type=int, default=None,

@@ -19,7 +19,14 @@ from typing import Any
 
 import yaml
 
-from kernel.messages import BatchingSpec, Resources, ScalingSpec, ServiceSpec, SpecError
+from kernel.messages import (
+    BatchingSpec,
+    Resources,
+    ScalingSpec,
+    ServiceSpec,
+    SpecError,
+    Toleration,
+)
 
 DEFAULT_COMMAND = ["python", "-m", "examples.sample.server"]
 
@@ -106,7 +113,7 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
             "minReplicas", "maxReplicas", "initialReplicas", "scaleTarget", "scaleMetric",
             "targetUtilizationPercentage", "containerConcurrency", "scaleWindowSeconds",
             "scaleToZeroGracePeriodSeconds", "scaleDownDelaySeconds", "targetBurstCapacity",
-            "batching", "container", "model", "modelVersion", "modelId",
+            "batching", "container", "model", "modelVersion", "modelId", "tolerations",
         },
         "spec.predictor",
     )
@@ -167,6 +174,7 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
         run_as_user=_uid(security, "runAsUser"),
         run_as_group=_uid(security, "runAsGroup"),
         model_format=model_format,
+        tolerations=tolerations_from(pred.get("tolerations") or []),
         batching=BatchingSpec(
             max_batch_size=int(batching.get("maxBatchSize", 0)),
             max_wait_ms=float(batching.get("maxWaitMs", 5)),
@@ -228,6 +236,55 @@ def _uid(security: dict[str, Any], key: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise SpecError(f"securityContext.{key} {value!r}: expected a user/group id >= 0")
     return value
+_EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+def tolerations_from(items: object) -> list[Toleration]:
+    """`spec.predictor.tolerations`, in the shape of a Pod's (and KServe's predictor's):
+    key, operator (Exists or Equal, default Equal), value, effect, tolerationSeconds."""
+    if not isinstance(items, list):
+        raise SpecError("spec.predictor.tolerations: expected a list")
+    out = []
+    for i, item in enumerate(items):
+        where = f"spec.predictor.tolerations[{i}]"
+        _take(item, {"key", "operator", "value", "effect", "tolerationSeconds"}, where)
+        operator = item.get("operator") or "Equal"
+        if operator not in ("Exists", "Equal"):
+            # Lt/Gt are alpha in Kubernetes (TaintTolerationComparisonOperators).
+            raise SpecError(f"{where}: operator {operator!r}: expected Exists or Equal")
+        effect = item.get("effect") or ""
+        if effect not in _EFFECTS:
+            raise SpecError(f"{where}: effect {effect!r}: expected NoSchedule, "
+                            "PreferNoSchedule or NoExecute")
+        seconds = item.get("tolerationSeconds")
+        if seconds is not None and (not isinstance(seconds, int) or isinstance(seconds, bool)):
+            raise SpecError(f"{where}: tolerationSeconds: expected an integer")
+        toleration = Toleration(key=str(item.get("key") or ""), operator=operator,
+                                value=str(item.get("value") or ""), effect=effect,
+                                toleration_seconds=seconds)
+        toleration.check(where)
+        out.append(toleration)
+    return out
+
+
+def parse_toleration(text: str) -> Toleration:
+    """`--toleration`, written as kubectl writes a taint: KEY=VALUE:EFFECT tolerates that
+    taint (Equal); KEY:EFFECT or KEY any value of KEY (Exists); '*' every taint."""
+    if text.strip() == "*":
+        return Toleration(operator="Exists")
+    body, sep, effect = text.rpartition(":")
+    if not sep:
+        body, effect = text, ""
+    key, eq, value = body.partition("=")
+    if effect not in _EFFECTS:
+        raise SpecError(f"--toleration {text!r}: effect {effect!r}: expected NoSchedule, "
+                        "PreferNoSchedule or NoExecute")
+    if not key:
+        raise SpecError(f"--toleration {text!r}: expected KEY[=VALUE][:EFFECT] or '*'")
+    toleration = Toleration(key=key, operator="Equal" if eq else "Exists", value=value,
+                            effect=effect)
+    toleration.check(f"--toleration {text!r}")
+    return toleration
 
 
 def load_spec_file(path: Path) -> ServiceSpec:

@@ -32,6 +32,19 @@ _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
+# Kubernetes' qualified names (label keys): an optional DNS-subdomain prefix and '/', then a
+# name of at most 63 characters, alphanumeric at both ends; label values are such names.
+_LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _label_key(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN_RE.match(prefix)):
+        return False
+    return bool(_LABEL_NAME_RE.match(name))
+
+
 class SpecError(ValueError):
     """A service spec a user sent is invalid; the message says which field and why."""
 
@@ -63,6 +76,50 @@ class Resources(msgspec.Struct, frozen=True, kw_only=True):
             memory_mb=self.memory_mb - other.memory_mb,
             gpu=self.gpu - other.gpu,
         )
+
+
+# ---- taints and tolerations (Kubernetes' shape and meaning, core/v1) -------------------------
+
+TaintEffect = Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
+
+
+class Taint(msgspec.Struct, frozen=True, kw_only=True):
+    """A node's taint, as Kubernetes' `spec.taints[]`: pods that do not tolerate a
+    `NoSchedule` or `NoExecute` one are not placed on the node (`PreferNoSchedule` only
+    asks the scheduler to avoid it)."""
+
+    key: str
+    value: str = ""
+    effect: TaintEffect
+
+
+class Toleration(msgspec.Struct, frozen=True, kw_only=True):
+    """A pod's toleration, as Kubernetes' `spec.tolerations[]`: an empty key with `Exists`
+    tolerates every taint, an empty effect every effect; `Equal` compares the value.
+    `toleration_seconds` only bounds how long a `NoExecute` taint is tolerated on
+    Kubernetes (its eviction); placement ignores it, as kube-scheduler does."""
+
+    key: str = ""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str = ""
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = ""
+    toleration_seconds: int | None = None
+
+    def check(self, where: str) -> None:
+        """Refuse what the API server's validation refuses, so no pod is created with it."""
+        if self.key and not _label_key(self.key):
+            raise SpecError(f"{where}: key {self.key!r}: expected a label key "
+                            "([prefix/]name, e.g. nvidia.com/gpu)")
+        if self.value and not _LABEL_NAME_RE.match(self.value):
+            raise SpecError(f"{where}: value {self.value!r}: expected a label value "
+                            "(letters, digits, '-', '_', '.'; at most 63)")
+        if not self.key and self.operator != "Exists":
+            raise SpecError(f"{where}: an empty key tolerates every taint only with "
+                            "operator Exists")
+        if self.operator == "Exists" and self.value:
+            raise SpecError(f"{where}: operator Exists takes no value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise SpecError(f"{where}: tolerationSeconds needs effect NoExecute")
 
 
 class ScalingSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,6 +176,9 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
     # KServe's modelFormat ("name" or "name:version"), a description: fnplane picks no
     # serving runtime by it (controlplane/specfile.py).
     model_format: str = ""
+    # Node taints the service's pods tolerate (Kubernetes' tolerations). Pods that request
+    # a GPU also tolerate the GPU taints GPU node pools carry (partitions/tolerations.py).
+    tolerations: list[Toleration] = []
 
     def validate(self) -> ServiceSpec:
         """Refuse specs the control plane cannot honour, before anything is stored."""
@@ -159,6 +219,8 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
         if not _VERSION_RE.match(s.model_version):
             raise SpecError(f"model version {s.model_version!r}: letters, digits, '.', '_', '-'"
                             " (1-63), starting with a letter or digit")
+        for i, toleration in enumerate(s.tolerations):
+            toleration.check(f"tolerations[{i}]")
         return self
 
     @property
@@ -177,6 +239,12 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
     labels: dict[str, str] = {}
     models: list[str] = []
     backend: str = "local"
+    taints: list[Taint] = []
+    # The device indices of its GPUs (`capacity.gpu` of them; empty: 0 to gpu-1). `schedule`
+    # assigns each GPU pod its own, so two pods never share a GPU by accident; a local
+    # node hands them to the pod as CUDA_VISIBLE_DEVICES (on Kubernetes the device plugin
+    # picks the devices, and these indices are only accounting).
+    gpu_devices: list[int] = []
 
 
 class NodeRegistration(msgspec.Struct, frozen=True, tag=True, kw_only=True):
@@ -223,6 +291,7 @@ class PodAllocation(msgspec.Struct, frozen=True, kw_only=True):
     pod: str
     service: str
     resources: Resources
+    gpu_devices: list[int] = []  # the GPU devices the pod was given (StartPod.gpu_devices)
 
 
 class Inventory(msgspec.Struct, frozen=True, tag=True, kw_only=True):
@@ -382,6 +451,8 @@ class StartPod(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     placed_at: float
     partition: int = -1
     epoch: int = 0
+    # The node's GPU devices `schedule` assigned the pod (one per GPU it requests).
+    gpu_devices: list[int] = []
 
 
 class StopPod(msgspec.Struct, frozen=True, tag=True, kw_only=True):

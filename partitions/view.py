@@ -17,12 +17,21 @@ scores every node.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
-from kernel.messages import Inventory, NodeInfo, PartitionSummary, PodEvent, Resources
+from kernel.messages import (
+    Inventory,
+    NodeInfo,
+    PartitionSummary,
+    PodEvent,
+    Resources,
+    Toleration,
+)
 from partitions.nodes import NodeState
+from partitions.tolerations import describe, untolerated
 
 Key = tuple[float, int, int, str]  # free cpu, free memory, free gpu, name
 
@@ -112,30 +121,36 @@ class PartitionView:
 
     # ---- choosing ------------------------------------------------------------------------
 
-    def choose(self, req: Resources, model: str) -> NodeState | None:
+    def choose(self, req: Resources, model: str, *,
+               tolerations: Sequence[Toleration] = ()) -> NodeState | None:
         if not self.indexed:
-            return self.scan(req, model)
+            return self.scan(req, model, tolerations=tolerations)
         for keys in (self._by_model.get(model), self._all):
             if keys:
-                node = self._best_fit(keys, req)
+                node = self._best_fit(keys, req, tolerations)
                 if node is not None:
                     return node
         return None
 
-    def _best_fit(self, keys: SortedList, req: Resources) -> NodeState | None:
+    def _best_fit(self, keys: SortedList, req: Resources,
+                  tolerations: Sequence[Toleration] = ()) -> NodeState | None:
         """The first node by (free cpu, free memory, ...) at or above the request that also
-        fits in memory and gpu: the least left over, as the scan's score has it."""
+        fits in memory and gpu, and whose taints the pod tolerates: the least left over,
+        as the scan's score has it."""
         for key in keys.irange(minimum=(req.cpu - 1e-9,)):
             if key[1] >= req.memory_mb and key[2] >= req.gpu:
-                return self.nodes[key[3]]
+                node = self.nodes[key[3]]
+                if admits(node, tolerations):
+                    return node
         return None
 
-    def scan(self, req: Resources, model: str) -> NodeState | None:
+    def scan(self, req: Resources, model: str, *,
+             tolerations: Sequence[Toleration] = ()) -> NodeState | None:
         """Filter and score every node (what a central scheduler does each time)."""
         best: NodeState | None = None
         best_key: tuple[int, float, int, int, str] | None = None
         for node in self.nodes.values():
-            if node.name in self.held or not node.fits(req):
+            if node.name in self.held or not node.fits(req) or not admits(node, tolerations):
                 continue
             left = node.free - req
             key = (0 if model in node.models else 1, left.cpu, left.memory_mb, left.gpu,
@@ -146,11 +161,12 @@ class PartitionView:
 
     # ---- committing ----------------------------------------------------------------------
 
-    def place(self, pod: str, req: Resources, model: str) -> NodeState | None:
+    def place(self, pod: str, req: Resources, model: str, *,
+              tolerations: Sequence[Toleration] = ()) -> NodeState | None:
         """Choose and commit in one step: the owner is the only writer, so this is atomic."""
         if pod in self.pods:
             return self.nodes[self.pods[pod]]
-        node = self.choose(req, model)
+        node = self.choose(req, model, tolerations=tolerations)
         if node is None:
             return None
         self._changed(node, lambda: node.commit(pod, req))
@@ -167,9 +183,11 @@ class PartitionView:
         self.pods[pod] = node_name
         return True
 
-    def record(self, pod: str, node_name: str, req: Resources) -> None:
+    def record(self, pod: str, node_name: str, req: Resources, *,
+               devices: Sequence[int] = ()) -> None:
         """A pod a node already runs (adopted with a partition): counted even if the node
-        looks full, since refusing would not stop the pod, only blind us to it."""
+        looks full, since refusing would not stop the pod, only blind us to it. Its GPU
+        devices are those its node reports, so no new pod is given them."""
         node = self.nodes.get(node_name)
         if node is None or pod in self.pods:
             return
@@ -177,6 +195,7 @@ class PartitionView:
         def add() -> None:
             node.committed[pod] = req
             node.used = node.used + req
+            node.take_devices(pod, req.gpu, tuple(devices))
 
         self._changed(node, add)
         self.pods[pod] = node_name
@@ -185,7 +204,7 @@ class PartitionView:
         """What nodes reported they run, as `record` for each pod."""
         for node, pods in answer.pods.items():
             for alloc in pods:
-                self.record(alloc.pod, node, alloc.resources)
+                self.record(alloc.pod, node, alloc.resources, devices=alloc.gpu_devices)
 
     def apply_pod_event(self, ev: PodEvent) -> None:
         """A pod that ended gives its resources back; a ready one tells what its node caches."""
@@ -208,6 +227,16 @@ class PartitionView:
         if node is not None and model not in node.models:
             self._changed(node, lambda: node.models.add(model))
 
+    def shut_out(self, tolerations: Sequence[Toleration]) -> dict[str, str]:
+        """Node → the taint that keeps a pod with these tolerations off it: for the reason
+        an unschedulable pod is given (a full partition and a tainted one read the same
+        otherwise)."""
+        out: dict[str, str] = {}
+        for node in self.nodes.values():
+            if node.info.taints and (t := untolerated(node.info.taints, tolerations)):
+                out[node.name] = describe(t)
+        return out
+
     # ---- what others see -----------------------------------------------------------------
 
     def free(self) -> dict[str, Resources]:
@@ -228,6 +257,11 @@ class PartitionView:
             largest_free=largest,
             nodes=len(self.nodes),
         )
+
+
+def admits(node: NodeState, tolerations: Sequence[Toleration]) -> bool:
+    """The node's taints let a pod with these tolerations on (most nodes have none)."""
+    return not node.info.taints or untolerated(node.info.taints, tolerations) is None
 
 
 def inventoried(answers: list[object]) -> set[str]:

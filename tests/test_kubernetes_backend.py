@@ -16,7 +16,7 @@ import pytest
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.errors import ErrorCode, RemoteError
-from kernel.messages import Resources, StartPod, StopPod
+from kernel.messages import Resources, StartPod, StopPod, Taint
 from partitions.agents.kubernetes import objects as ko
 from partitions.agents.kubernetes.agent import KubernetesBackend
 from tests.deployutil import assert_least_privilege
@@ -72,13 +72,16 @@ async def test_nodes_come_from_node_objects_and_unschedulable_ones_take_no_pods(
     nats_url: str, tmp_path: Path
 ) -> None:
     """Allocatable cpu/memory/nvidia.com/gpu, labels and the fnplane.dev/models annotation
-    become NodeInfo; cordoned, NoSchedule-tainted and NotReady nodes are not registered and
-    refuse StartPod with the reason. Node names with dots become NATS-safe."""
+    become NodeInfo; cordoned and NotReady nodes are not registered and refuse StartPod
+    with the reason; a NoSchedule-tainted node is registered with its taints and refuses
+    a pod that does not tolerate them. Node names with dots become NATS-safe."""
     async with fake_cluster(tmp_path, NODES) as cluster, witness(nats_url) as w, \
             backend_on(cluster, nats_url):
-        await wait_for(lambda: len(w.registered) >= 2, timeout=10, what="registrations")
+        await wait_for(lambda: len(w.registered) >= 3, timeout=10, what="registrations")
         nodes = w.nodes()
-        assert set(nodes) == {"n1", "gpu-1_example_com"}
+        assert set(nodes) == {"n1", "n3", "gpu-1_example_com"}
+        assert nodes["n3"].taints == [Taint(key="dedicated", value="infra",
+                                            effect="NoSchedule")]
         assert nodes["n1"].capacity == Resources(cpu=4.0, memory_mb=8192, gpu=0)
         assert nodes["n1"].models == ["big", "sample"]
         assert nodes["n1"].labels["zone"] == "a" and nodes["n1"].backend == "kubernetes"
@@ -270,11 +273,12 @@ async def test_restarted_backend_adopts_its_pods_and_cleans_up_leftovers(
 
 
 def test_node_without_ready_condition_or_with_prefer_no_schedule() -> None:
-    """Table: which Node objects take pods (pure)."""
+    """Table: which Node objects take pods at all (pure); a taint keeps off only the pods
+    that do not tolerate it (tests/test_tolerations.py)."""
     cases = [
         (node("a"), ""),
         (node("b", taints=[{"key": "k", "effect": "PreferNoSchedule"}]), ""),
-        (node("c", taints=[{"key": "k", "effect": "NoExecute"}]), "tainted k:NoExecute"),
+        (node("c", taints=[{"key": "k", "effect": "NoExecute"}]), ""),
         ({"metadata": {"name": "d"}, "status": {}}, "not Ready (Ready=Unknown)"),
     ]
     for obj, want in cases:

@@ -44,6 +44,7 @@ from kernel.shards import ShardFence
 from kernel.versions import plausible
 from partitions.membership import Membership
 from partitions.probecache import ProbeCache
+from partitions.tolerations import pod_tolerations
 from partitions.view import PartitionView, inventoried
 
 log = logging.getLogger(__name__)
@@ -331,14 +332,18 @@ class ScheduleInstance(Component):
         """Commit in our view (atomic: no await between choosing and committing), then hand
         the pod to its node; a node's refusal (a newer epoch) undoes the commit."""
         pid, epoch = self.view.partition, self.view.epoch
-        node = self.view.place(req.pod, req.resources, req.model)
+        tolerations = pod_tolerations(req.spec)
+        node = self.view.place(req.pod, req.resources, req.model, tolerations=tolerations)
         if node is None:
             free = self.view.summary(self.id)
+            tainted = self.view.shut_out(tolerations)
+            taints = (f"; {len(tainted)} node(s) tainted and not tolerated "
+                      f"({', '.join(sorted(set(tainted.values()))[:3])})" if tainted else "")
             return Refused(
                 pod=req.pod, partition=pid,
                 reason=f"partition {pid}: no node has {req.resources.cpu:g} cpu and "
                 f"{req.resources.memory_mb} MiB free (largest free: "
-                f"{free.largest_free.cpu:g} cpu/{free.largest_free.memory_mb} MiB)",
+                f"{free.largest_free.cpu:g} cpu/{free.largest_free.memory_mb} MiB){taints}",
                 summary=free,
             )
         decided = time.time()
@@ -350,7 +355,7 @@ class ScheduleInstance(Component):
                 ep.NODE_START,
                 StartPod(pod=req.pod, spec=req.spec, node=node.name,
                          requested_at=req.requested_at, placed_at=decided, partition=pid,
-                         epoch=epoch),
+                         epoch=epoch, gpu_devices=list(node.devices.get(req.pod, ()))),
                 timeout=timeout,
                 node=node.name,
             )

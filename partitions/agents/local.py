@@ -135,6 +135,9 @@ class LocalNode(Component):
         self.shards = ShardFence()
         self.announcer = PodAnnouncer(bus, what=f"node {info.name}", fence=self.fence)
         self._reported: set[str] = set()
+        # Pod → the GPU devices it holds, from the moment its start is accepted (before the
+        # process exists) until it ended: what a second pod may not be given.
+        self._gpus: dict[str, tuple[int, ...]] = {}
 
     @property
     def name(self) -> str:
@@ -185,7 +188,8 @@ class LocalNode(Component):
             return None  # asked of other nodes: their agents answer
         pods = [
             PodAllocation(pod=p.start.pod, service=p.start.spec.name,
-                          resources=p.start.spec.resources)
+                          resources=p.start.spec.resources,
+                          gpu_devices=list(p.start.gpu_devices))
             for p in self.pods.values()
         ]
         return Inventory(pods={self.name: pods})
@@ -197,13 +201,40 @@ class LocalNode(Component):
             return Empty()
         if (refused := self.fence.refusal(msg)) is not None:
             raise refused
+        self._claim_gpus(msg)
         port = _reserve_port()
         try:
             return await self._start(msg, port)
         except BaseException:
             if msg.pod not in self.pods:  # no pod took it
                 _PORTS.discard(port)
+                self._gpus.pop(msg.pod, None)
             raise
+
+    def _claim_gpus(self, msg: StartPod) -> None:
+        """Hold the GPU devices `schedule` assigned the pod, refusing a start that would
+        share one with a live pod or names devices this node does not have: `schedule`
+        keeps them disjoint, and this is where a mistake would become two models on one
+        GPU (both out of memory, or one silently slow)."""
+        want, devices = msg.spec.resources.gpu, tuple(msg.gpu_devices)
+        if want <= 0:
+            return
+        ours = set(self.info.gpu_devices) or set(range(self.info.capacity.gpu))
+        busy = {d for pod, ds in self._gpus.items() if pod != msg.pod for d in ds}
+        if len(set(devices)) != want or not set(devices) <= ours or set(devices) & busy:
+            raise RemoteError(ErrorCode.CONFLICT,
+                              f"node {self.name}: pod {msg.pod} wants {want} GPU(s), was "
+                              f"given devices {list(devices)} (node has {sorted(ours)}, "
+                              f"in use {sorted(busy)})")
+        self._gpus[msg.pod] = devices
+
+    def _gpu_env(self, msg: StartPod) -> dict[str, str]:
+        """CUDA_VISIBLE_DEVICES for a pod of a node with GPUs: the devices it was given, so
+        CUDA numbers them 0.. inside the pod; none for a pod that asked for none, so it does
+        not take a GPU it was not given. On a node without GPUs, nothing is set."""
+        if self.info.capacity.gpu <= 0:
+            return {}
+        return {"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in self._gpus.get(msg.pod, ()))}
 
     async def _start(self, msg: StartPod, port: int) -> Empty:
         spec = msg.spec
@@ -220,6 +251,7 @@ class LocalNode(Component):
             "FNPLANE_SERVICE": spec.name,
             "FNPLANE_POD": msg.pod,
             "FNPLANE_NODE": self.name,
+            **self._gpu_env(msg),
         }
         if not spec.command or shutil.which(spec.command[0], path=env["PATH"]) is None:
             raise RemoteError(ErrorCode.INVALID,
@@ -346,6 +378,7 @@ class LocalNode(Component):
         await _kill(pod.proc, grace=0.5)
         self.pods.pop(pod.start.pod, None)
         _PORTS.discard(pod.port)
+        self._gpus.pop(pod.start.pod, None)
         self._ended_pod(pod.start.pod)
         await self._emit(pod, "failed", reason=reason, log_tail=pod.tail())
 
@@ -358,6 +391,7 @@ class LocalNode(Component):
         pod.state = "stopped"
         self.pods.pop(pod.start.pod, None)
         _PORTS.discard(pod.port)
+        self._gpus.pop(pod.start.pod, None)
         self._ended_pod(pod.start.pod)
         await self._emit(pod, "stopped", reason=reason)
         for task in pod.tasks:

@@ -64,6 +64,7 @@ from partitions.kubeapi import (
     load_client,
     threadsafe_put,
 )
+from partitions.tolerations import describe, pod_tolerations, untolerated
 
 log = logging.getLogger(__name__)
 
@@ -379,6 +380,9 @@ class KubernetesBackend(Component):
         if node.unschedulable:
             raise RemoteError(ErrorCode.UNAVAILABLE,
                               f"node {msg.node} takes no pods: {node.unschedulable}")
+        if (taint := untolerated(node.info.taints, pod_tolerations(msg.spec))) is not None:
+            raise RemoteError(ErrorCode.UNAVAILABLE, f"node {msg.node} takes no pods of "
+                              f"{msg.spec.name}: tainted {describe(taint)}, not tolerated")
         if (refused := self.fence.refusal(msg)) is not None:
             raise refused
         await self.tracker.start(msg, node.k8s_name, self.config.pod_port or free_port())

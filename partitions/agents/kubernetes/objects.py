@@ -23,7 +23,8 @@ from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
 
-from kernel.messages import NodeInfo, PodTimeline, Resources, StartPod
+from kernel.messages import NodeInfo, PodTimeline, Resources, StartPod, Taint, Toleration
+from partitions.tolerations import pod_tolerations
 
 SCHEDULER_NAME = "fnplane"
 CONTAINER = "predictor"
@@ -78,19 +79,28 @@ def node_info(node: dict[str, Any]) -> NodeInfo:
         labels=dict(meta.get("labels") or {}),
         models=sorted({m.strip() for m in models.split(",") if m.strip()}),
         backend="kubernetes",
+        taints=node_taints(node),
     )
 
 
+def node_taints(node: dict[str, Any]) -> list[Taint]:
+    """The Node's taints; `schedule` places on a tainted node only the pods that tolerate
+    them (partitions/tolerations.py), as kube-scheduler's TaintToleration filter does."""
+    out = []
+    for t in (node.get("spec") or {}).get("taints") or []:
+        if t.get("effect") in ("NoSchedule", "PreferNoSchedule", "NoExecute") and t.get("key"):
+            out.append(Taint(key=str(t["key"]), value=str(t.get("value") or ""),
+                             effect=t["effect"]))
+    return out
+
+
 def unschedulable_reason(node: dict[str, Any]) -> str:
-    """Why a node must take no new pods, or "" when it may (as kube-scheduler's filters:
-    cordoned, NoSchedule/NoExecute taints — our pods tolerate none — and not Ready)."""
+    """Why a node must take no new pods at all, or "" when it may (as kube-scheduler's
+    filters: cordoned, not Ready). Taints keep off only the pods that do not tolerate them:
+    `node_taints`."""
     spec, status = node.get("spec") or {}, node.get("status") or {}
     if spec.get("unschedulable"):
         return "cordoned (unschedulable)"
-    for taint in spec.get("taints") or []:
-        if taint.get("effect") in ("NoSchedule", "NoExecute"):
-            value = f"={taint['value']}" if taint.get("value") else ""
-            return f"tainted {taint.get('key')}{value}:{taint['effect']}"
     ready = _condition(status, "Ready")
     if ready != "True":
         return f"not Ready (Ready={ready or 'Unknown'})"
@@ -207,6 +217,7 @@ def pod_manifest(
                     },
                 }
             ],
+            **tolerations_field(pod_tolerations(spec)),
         },
     }
 
@@ -218,6 +229,16 @@ def security_context(uid: int, gid: int) -> dict[str, Any]:
     a namespace at Pod Security `restricted` refuses the pod with its reason."""
     return {"runAsNonRoot": uid != 0, "runAsUser": uid, "runAsGroup": gid,
             "seccompProfile": {"type": "RuntimeDefault"}}
+def tolerations_field(tolerations: tuple[Toleration, ...]) -> dict[str, Any]:
+    """`spec.tolerations` as the API writes them (empty fields omitted), or nothing."""
+    if not tolerations:
+        return {}
+    out = []
+    for t in tolerations:
+        item: dict[str, Any] = {"key": t.key, "operator": t.operator, "value": t.value,
+                                "effect": t.effect, "tolerationSeconds": t.toleration_seconds}
+        out.append({k: v for k, v in item.items() if v not in ("", None)})
+    return {"tolerations": out}
 
 
 def binding(pod: str, namespace: str, k8s_node: str) -> dict[str, Any]:
