@@ -245,6 +245,8 @@ def spec_from_flags(args: argparse.Namespace) -> ServiceSpec:
         scaling=scaling,
         container_concurrency=cc,
         readiness_path=args.readiness_path,
+        readiness_period_s=_seconds(args.readiness_period),
+        readiness_failure_threshold=args.readiness_failure_threshold,
         batching=BatchingSpec(
             max_batch_size=args.max_batch_size, max_wait_ms=args.max_batch_wait_ms
         ),
@@ -488,6 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--memory", default="256Mi")
     dep.add_argument("--env", "-e", action="append", help="KEY=VALUE for the pod")
     dep.add_argument("--readiness-path", default="/v2/health/ready")
+    dep.add_argument("--readiness-period", default="1s",
+                     help="probe a ready pod this often (a pod failing it gets no traffic)")
+    dep.add_argument("--readiness-failure-threshold", type=int, default=3,
+                     help="failures in a row before a ready pod gets no traffic")
     dep.add_argument("--image", default="",
                      help="container image on the kubernetes backend (default: fnplane's)")
     dep.add_argument("--model-version", default="1",

@@ -77,9 +77,13 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
     container = _take(
         pred.get("container") or {},
         {"command", "args", "env", "resources", "readinessPath", "startupTimeoutSeconds",
-         "image"},
+         "image", "readinessProbe"},
         "spec.predictor.container",
     )
+    # Kubernetes' Probe, the two fields fnplane honours after start-up (the path is
+    # `readinessPath`); any other is refused rather than silently ignored.
+    probe = _take(container.get("readinessProbe") or {}, {"periodSeconds", "failureThreshold"},
+                  "spec.predictor.container.readinessProbe")
     command = list(container.get("command") or DEFAULT_COMMAND) + list(container.get("args") or [])
     env = {}
     for item in container.get("env") or []:
@@ -126,6 +130,8 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
         model=str(pred.get("model", "")),
         model_version=str(pred.get("modelVersion", "1")),
         image=str(container.get("image", "")),
+        readiness_period_s=float(probe.get("periodSeconds", 1)),
+        readiness_failure_threshold=int(probe.get("failureThreshold", 3)),
         batching=BatchingSpec(
             max_batch_size=int(batching.get("maxBatchSize", 0)),
             max_wait_ms=float(batching.get("maxWaitMs", 5)),

@@ -1,16 +1,26 @@
 """Readiness after start-up, the pure parts (issue 14): the probe's thresholds as a kubelet
-counts them, which Node conditions take a node's pods out of traffic, and the probe a Pod
-manifest carries. No NATS, no processes."""
+counts them, which Node conditions take a node's pods out of traffic, the probe a Pod
+manifest carries, and how a user sets it (FnService manifest, CRD, `fnplane deploy`).
+No NATS, no processes."""
 
 from __future__ import annotations
 
-import pytest
+import copy
 
+import pytest
+import yaml
+
+from controlplane.cli import build_parser, spec_from_flags
+from controlplane.specfile import spec_from_manifest
 from kernel.messages import SpecError, StartPod
 from partitions.agents.kubernetes import objects as ko
 from partitions.agents.readiness import ReadinessProbe
+from tests.deployutil import crd as crd_definition
+from tests.deployutil import validate_custom_resource
 from tests.kubelet import node
-from tests.stackutil import sample_spec
+from tests.stackutil import REPO, sample_spec
+
+SAMPLE_MANIFEST = yaml.safe_load((REPO / "examples/sample/fnservice.yaml").read_text())
 
 # (failure threshold, probe outcomes, the transitions reported in order)
 PROBES = [
@@ -78,3 +88,45 @@ def test_the_pod_manifest_carries_the_services_probe(
 def test_a_probe_that_could_never_run_is_refused(knobs: dict) -> None:
     with pytest.raises(SpecError, match="readiness probe"):
         sample_spec(**knobs).validate()
+
+
+# ---- how a user sets it: FnService manifest (and its CRD), `fnplane deploy` flags ----------
+
+def _manifest(probe: dict | None) -> dict:
+    doc = copy.deepcopy(SAMPLE_MANIFEST)
+    if probe is not None:
+        doc["spec"]["predictor"]["container"]["readinessProbe"] = probe
+    return doc
+
+
+@pytest.mark.parametrize(("probe", "period", "threshold"), [
+    (None, 1.0, 3),
+    ({"periodSeconds": 10}, 10.0, 3),
+    ({"periodSeconds": 2, "failureThreshold": 5}, 2.0, 5),
+], ids=["defaults", "period", "both"])
+def test_a_manifest_sets_the_probe_as_a_kubernetes_probe(
+    probe: dict | None, period: float, threshold: int
+) -> None:
+    doc = _manifest(probe)
+
+    spec = spec_from_manifest(doc)
+
+    assert validate_custom_resource(doc, crd_definition()) == []
+    assert (spec.readiness_period_s, spec.readiness_failure_threshold) == (period, threshold)
+
+
+@pytest.mark.parametrize("probe", [{"periodSeconds": 0}, {"failureThreshold": 0},
+                                   {"httpGet": {"path": "/x"}}],
+                         ids=["zero-period", "zero-threshold", "unhonoured-field"])
+def test_a_manifest_probe_fnplane_cannot_honour_is_refused(probe: dict) -> None:
+    with pytest.raises(SpecError):
+        spec_from_manifest(_manifest(probe))
+
+
+def test_deploy_flags_set_the_probe() -> None:
+    args = build_parser().parse_args(["deploy", "svc", "--readiness-period", "500ms",
+                                      "--readiness-failure-threshold", "2"])
+
+    spec = spec_from_flags(args)
+
+    assert (spec.readiness_period_s, spec.readiness_failure_threshold) == (0.5, 2)
