@@ -253,6 +253,8 @@ def spec_from_flags(args: argparse.Namespace) -> ServiceSpec:
         scaling=scaling,
         container_concurrency=cc,
         readiness_path=args.readiness_path,
+        readiness_period_s=_seconds(args.readiness_period),
+        readiness_failure_threshold=args.readiness_failure_threshold,
         batching=BatchingSpec(
             max_batch_size=args.max_batch_size, max_wait_ms=args.max_batch_wait_ms
         ),
@@ -507,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a node taint the pods tolerate, as kubectl writes taints: "
                           "KEY=VALUE:EFFECT (Equal), KEY:EFFECT or KEY (Exists), '*' every "
                           "taint; GPU pods tolerate nvidia.com/gpu:NoSchedule without it")
+    dep.add_argument("--readiness-period", default="1s",
+                     help="probe a ready pod this often (a pod failing it gets no traffic)")
+    dep.add_argument("--readiness-failure-threshold", type=int, default=3,
+                     help="failures in a row before a ready pod gets no traffic")
     dep.add_argument("--image", default="",
                      help="container image on the kubernetes backend (default: fnplane's)")
     dep.add_argument("--run-as-user", type=int, default=None,

@@ -79,7 +79,7 @@ def status_for(st: ServiceStatus, generation: int, old: dict[str, Any]) -> dict[
     return _with_condition({
         "observedGeneration": generation,
         "url": st.url,
-        "replicas": sum(1 for p in st.pods if p.state in ("starting", "ready")),
+        "replicas": sum(1 for p in st.pods if p.state in ("starting", "ready", "unready")),
         "readyReplicas": st.ready_pods,
         **({"lastColdStart": {
             "pod": st.last_cold_start.pod,

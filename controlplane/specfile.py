@@ -123,6 +123,10 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
         model_format = _model_format(pred["model"], container)
     elif pred.get("model") is not None:  # fnplane's first shape: the weights' identity
         model_id = model_id or str(pred["model"])
+    # Kubernetes' Probe, the two fields fnplane honours after start-up (the path is
+    # `readinessPath`); any other is refused rather than silently ignored.
+    probe = _take(container.get("readinessProbe") or {}, {"periodSeconds", "failureThreshold"},
+                  "spec.predictor.container.readinessProbe")
     command = list(container.get("command") or DEFAULT_COMMAND) + list(container.get("args") or [])
     env = {}
     for item in container.get("env") or []:
@@ -175,6 +179,8 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
         run_as_group=_uid(security, "runAsGroup"),
         model_format=model_format,
         tolerations=tolerations_from(pred.get("tolerations") or []),
+        readiness_period_s=float(probe.get("periodSeconds", 1)),
+        readiness_failure_threshold=int(probe.get("failureThreshold", 3)),
         batching=BatchingSpec(
             max_batch_size=int(batching.get("maxBatchSize", 0)),
             max_wait_ms=float(batching.get("maxWaitMs", 5)),
@@ -183,7 +189,7 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
 
 
 CONTAINER_FIELDS = {"command", "args", "env", "resources", "readinessPath",
-                    "startupTimeoutSeconds", "image", "securityContext"}
+                    "startupTimeoutSeconds", "image", "securityContext", "readinessProbe"}
 # KServe ModelSpec fields with no fnplane meaning yet: refused by name, with the reason.
 _NOT_IMPLEMENTED = {
     "storageUri": "fnplane does not download model weights yet; put them in the image, or "

@@ -23,7 +23,10 @@ T = TypeVar("T")
 
 # How gateways reach a service's pods: through the activator, or straight (direct).
 ServingMode = Literal["proxy", "direct"]
-PodState = Literal["starting", "ready", "terminating", "stopped", "failed"]
+# `unready`: a pod that was ready and is alive, but must get no traffic now (its readiness
+# probe fails, or its node is NotReady); it may become `ready` again. `route` withdraws it,
+# `scale` still counts it (as Knative counts not-ready pods as pending, not gone).
+PodState = Literal["starting", "ready", "unready", "terminating", "stopped", "failed"]
 InstanceKind = Literal["scale", "schedule", "route", "activator", "node", "central", "sampling"]
 
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -179,6 +182,12 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
     # Node taints the service's pods tolerate (Kubernetes' tolerations). Pods that request
     # a GPU also tolerate the GPU taints GPU node pools carry (partitions/tolerations.py).
     tolerations: list[Toleration] = []
+    # The readiness probe once the pod is ready (Kubernetes' `periodSeconds` and
+    # `failureThreshold`): probed every period, `unready` after that many failures in a row,
+    # `ready` again at the first success. Kubernetes' default period is 10 s; fnplane's 1 s
+    # is what its Pods on Kubernetes always had, so a sick pod leaves the route in seconds.
+    readiness_period_s: float = 1.0
+    readiness_failure_threshold: int = 3
 
     def validate(self) -> ServiceSpec:
         """Refuse specs the control plane cannot honour, before anything is stored."""
@@ -211,6 +220,8 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
             raise SpecError("readiness path must start with '/'")
         if s.startup_timeout_s <= 0:
             raise SpecError("startup timeout must be > 0")
+        if s.readiness_period_s <= 0 or s.readiness_failure_threshold < 1:
+            raise SpecError("readiness probe: period must be > 0 and failure threshold >= 1")
         if s.batching.max_batch_size < 0 or s.batching.max_wait_ms < 0:
             raise SpecError("batching: max batch size and max wait must be >= 0")
         if (s.run_as_user is not None and s.run_as_user < 0) or (

@@ -4,10 +4,12 @@ here, so the pods bound to its nodes run as local processes.
 Like a kubelet it watches pods through the API (HTTP, its own user agent), starts the
 container's command with the container's env — `HOST=127.0.0.1` instead of `0.0.0.0`, as all
 pods share the loopback — writes `status` through the status subresource (podIP 127.0.0.1,
-phase, containerStatuses, the Ready condition once the readinessProbe's httpGet answers
-200), and on a graceful deletion sends SIGTERM, waits out the grace period, then confirms
-with a delete at `gracePeriodSeconds=0`. It probes every 50 ms instead of the probe's
-`periodSeconds`, so tests stay fast. The captured output is what `pods/log` serves.
+phase, containerStatuses, the Ready condition as the readinessProbe's httpGet answers), and
+on a graceful deletion sends SIGTERM, waits out the grace period, then confirms with a
+delete at `gracePeriodSeconds=0`. Until a pod's first success it probes every 50 ms, so
+tests stay fast; after it, on the probe's `periodSeconds` and thresholds, so readiness can
+flip both ways. `node_not_ready` takes a node away (its Ready condition Unknown or False, its
+kubelet silent). The captured output is what `pods/log` serves.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ class Container:
         self.pod = pod
         self.proc = proc
         self.ready = False
+        self.ever_ready = False
         self.deleting = False
+        self.probes = 0  # readiness probes run
         self.tasks: list[asyncio.Task[None]] = []
 
 
@@ -50,6 +54,7 @@ class KubeletEmulator:
         self.workdir = workdir
         self.containers: dict[str, Container] = {}
         self.started: list[str] = []  # pod names, in start order
+        self.down: set[str] = set()  # nodes taken NotReady (node_not_ready)
         self._http: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -167,22 +172,84 @@ class KubeletEmulator:
             self.fake.logs[key] = self.fake.logs.get(key, "") + line.decode(errors="replace")
 
     async def _probe(self, c: Container) -> None:
+        """Until the first success every 50 ms (Knative-fast, so tests stay fast); then as
+        a kubelet does: every `periodSeconds`, Ready=False after `failureThreshold` failures
+        in a row, Ready=True again after `successThreshold` successes. Nothing while the
+        node is down: a kubelet that is gone updates nothing."""
         assert self._http is not None
         spec = c.pod["spec"]["containers"][0]
-        get = spec["readinessProbe"]["httpGet"]
+        probe = spec["readinessProbe"]
+        get = probe["httpGet"]
         url = f"http://127.0.0.1:{get['port']}{get['path']}"
+        period = float(probe.get("periodSeconds", 10))
+        failures_to_fail = int(probe.get("failureThreshold", 3))
+        successes_to_pass = int(probe.get("successThreshold", 1))
+        failures = successes = 0
         while c.proc.returncode is None and not c.deleting:
+            if self._node_of(c) in self.down:
+                await asyncio.sleep(0.05)
+                continue
+            ok = False
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with self._http.get(url, timeout=aiohttp.ClientTimeout(total=1)) as r:
-                    if r.status == 200:
-                        c.ready = True
-                        await self._status(c.name, {
-                            "conditions": _conditions(True),
-                            "containerStatuses": [_cstatus(spec["name"], True, {
-                                "running": {"startedAt": now_rfc3339()}})],
-                        })
-                        return
-            await asyncio.sleep(0.05)
+                    ok = 200 <= r.status < 400  # the kubelet's httpGet success
+            failures, successes = (0, successes + 1) if ok else (failures + 1, 0)
+            if ok and not c.ready and successes >= successes_to_pass:
+                await self._set_ready(c, True)
+            elif not ok and c.ready and failures >= failures_to_fail:
+                await self._set_ready(c, False)
+            c.probes += 1
+            await asyncio.sleep(period if c.ever_ready else 0.05)
+
+    async def _set_ready(self, c: Container, ready: bool) -> None:
+        if self._node_of(c) in self.down or c.deleting or c.proc.returncode is not None:
+            return  # a kubelet that is gone (or a container that ended) reports no flip
+        c.ready = ready
+        c.ever_ready = c.ever_ready or ready
+        name = c.pod["spec"]["containers"][0]["name"]
+        await self._status(c.name, {
+            "conditions": _conditions(ready),
+            "containerStatuses": [_cstatus(name, ready, {
+                "running": {"startedAt": now_rfc3339()}})],
+        })
+
+    def _node_of(self, c: Container) -> str:
+        return str(c.pod["spec"].get("nodeName", ""))
+
+    # ---- nodes ------------------------------------------------------------------------------
+
+    async def node_not_ready(self, node_name: str, *, status: str = "Unknown") -> None:
+        """The node goes away (a spot GPU reclaimed, a kubelet partitioned): its kubelet stops
+        probing and reporting, and the node's Ready condition becomes `status` — Unknown is
+        what the node lifecycle controller writes when heartbeats stop, False what a kubelet
+        that is up but unhealthy writes. Its processes keep running (as behind a partition),
+        so a request that still reaches them would be answered: only routing can tell.
+        Not emulated: the node lifecycle controller's later MarkPodsNotReady and NoExecute
+        eviction, so the backend must act on the node's condition alone."""
+        self.down.add(node_name)
+        await self._node_ready_condition(node_name, status, "NodeStatusUnknown"
+                                         if status == "Unknown" else "KubeletNotReady")
+
+    async def node_ready(self, node_name: str) -> None:
+        """The node is back: Ready=True, and its kubelet probes its pods again."""
+        await self._node_ready_condition(node_name, "True", "KubeletReady")
+        self.down.discard(node_name)
+
+    async def _node_ready_condition(self, node_name: str, status: str, reason: str) -> None:
+        assert self._http is not None
+        url = f"{self.api}/api/v1/nodes/{node_name}/status"
+        async with self._http.get(f"{self.api}/api/v1/nodes/{node_name}") as r:
+            obj = await r.json()
+        conditions = [c for c in (obj.get("status") or {}).get("conditions") or []
+                      if c.get("type") != "Ready"]
+        conditions.append({"type": "Ready", "status": status, "reason": reason,
+                           "lastHeartbeatTime": now_rfc3339(),
+                           "lastTransitionTime": now_rfc3339()})
+        async with self._http.patch(
+            url, data=json.dumps({"status": {"conditions": conditions}}),
+            headers={"Content-Type": "application/merge-patch+json"},
+        ) as r:
+            await r.read()
 
     async def _reap(self, c: Container) -> None:
         code = await c.proc.wait()

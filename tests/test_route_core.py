@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from functions.route.core import EndpointTable
-from kernel.messages import Endpoint, Endpoints, PodEvent, PodState
+from kernel.messages import Endpoint, Endpoints, PodEvent, PodsAnnounced, PodState
 
 
 def event(
@@ -163,7 +163,7 @@ def test_restore_keeps_an_error() -> None:
 events = st.lists(
     st.tuples(
         st.sampled_from(["pod-1", "pod-2", "pod-3"]),
-        st.sampled_from(["starting", "ready", "terminating", "stopped", "failed"]),
+        st.sampled_from(["starting", "ready", "unready", "terminating", "stopped", "failed"]),
     ),
     max_size=40,
 )
@@ -176,15 +176,21 @@ def test_the_version_moves_by_one_exactly_when_the_announcement_changes(
 ) -> None:
     table = EndpointTable()
     ready: set[str] = set()
+    withdrawn: set[str] = set()  # unready: alive, no traffic, and it had served
     failing = False  # the service has no pod because the last one failed
     for pod, state in history:
         before = table.snapshot("svc")
         eps = table.apply(event(pod, state, reason="boom"))
+        was_serving = pod in ready or pod in withdrawn
+        if state == "unready":
+            ready.discard(pod)
+            withdrawn.add(pod)
+        else:
+            withdrawn.discard(pod)
         if state == "ready":
             ready.add(pod)
             failing = False
         elif state in ("terminating", "stopped", "failed"):
-            was_serving = pod in ready
             ready.discard(pod)
             # Only a pod that never served says the service cannot start.
             failing = failing or (state == "failed" and not ready and not was_serving)
@@ -198,3 +204,56 @@ def test_the_version_moves_by_one_exactly_when_the_announcement_changes(
             assert (eps.endpoints, eps.error) != (before.endpoints, before.error) or (
                 state == "failed"  # a failure is announced again, to fail new waiters
             )
+
+
+# ---- ready ↔ unready (issue 14: a pod whose readiness flips, or whose node is NotReady) --
+
+# (event, what apply returns: None, or (version, ready pods, error))
+FLAP: list[tuple[PodEvent, tuple[int, list[str], str] | None]] = [
+    (event("pod-1", "ready"), (1, ["pod-1"], "")),
+    (event("pod-2", "ready"), (2, ["pod-1", "pod-2"], "")),
+    (event("pod-1", "unready"), (3, ["pod-2"], "")),  # alive, but withdrawn
+    (event("pod-1", "unready"), None),  # said again: no change
+    (event("pod-1", "ready"), (4, ["pod-1", "pod-2"], "")),  # back
+    (event("pod-1", "unready"), (5, ["pod-2"], "")),
+    (event("pod-2", "unready"), (6, [], "")),  # none ready: requests wait, no error
+    # An unready pod that dies had served: it is replaced, its failure is no start error.
+    (event("pod-2", "failed", reason="exit -9"), None),
+    (event("pod-1", "terminating"), None),  # already out of the set
+    (event("pod-3", "unready"), None),  # announced unready (a new owner's rebuild)
+    (event("pod-3", "ready"), (7, ["pod-3"], "")),
+]
+
+
+def test_an_unready_pod_is_withdrawn_and_restored_when_ready_again() -> None:
+    table = EndpointTable()
+    for n, (ev, expected) in enumerate(FLAP):
+        eps = table.apply(ev)
+        if expected is None:
+            assert eps is None, f"step {n}: {ev.pod} {ev.state} announced a non-change"
+        else:
+            assert eps is not None, f"step {n}: {ev.pod} {ev.state} changed nothing"
+            assert (eps.version, [e.pod for e in eps.endpoints], eps.error) == expected, n
+            assert eps == table.snapshot("svc")
+
+
+def test_an_unready_pod_comes_back_at_its_own_address() -> None:
+    table = EndpointTable()
+    table.apply(event("pod-1", "ready", cc=8))
+    table.apply(event("pod-1", "unready", cc=8))
+
+    eps = table.apply(event("pod-1", "ready", cc=8))
+
+    assert eps is not None and eps.endpoints == [endpoint("pod-1", 8)]
+
+
+def test_a_new_owner_does_not_route_to_a_pod_announced_unready() -> None:
+    """The stored snapshot still lists the pod (saved while it was ready); its node's
+    announcement says it is unready now: the rebuilt set leaves it out."""
+    stored = Endpoints(service="svc", version=4, endpoints=[endpoint("pod-1"), endpoint("pod-2")])
+    answer = PodsAnnounced(nodes=["node-1"], events=[event("pod-1", "unready"),
+                                                      event("pod-2", "ready")])
+
+    [eps] = EndpointTable().rebuild({0}, 1, [stored], [answer])
+
+    assert [e.pod for e in eps.endpoints] == ["pod-2"] and eps.version > 4

@@ -126,6 +126,7 @@ Pods = list[tuple[str, str, float]]
         ([("a", "ready", 0), ("b", "ready", 20), ("c", "ready", 10)], 1, ["b", "c"]),
         ([("s1", "starting", 5), ("s2", "starting", 8), ("a", "ready", 0)], 1, ["s2", "s1"]),
         ([("x", "placing", 15), ("a", "ready", 0), ("b", "ready", 10)], 2, ["b"]),
+        ([("a", "ready", 20), ("u", "unready", 0), ("b", "ready", 10)], 2, ["u"]),
     ],
     ids=[
         "starting-before-ready",
@@ -133,6 +134,7 @@ Pods = list[tuple[str, str, float]]
         "youngest-ready-first",
         "youngest-starting-first",
         "placing-left-to-finish",
+        "unready-before-ready",
     ],
 )
 def test_stopping_over_desired_picks_starting_then_youngest_ready(
@@ -294,3 +296,37 @@ def test_a_runaway_demand_is_held_to_max_scale_and_the_limit(
     plan = s.plan(0.0, INTERVAL)
 
     assert plan.desired == (bound or 100_000 // 7 + 1)
+
+
+# ---- ready ↔ unready (issue 14) ------------------------------------------------------------
+
+# (events in order, as (pod, state); expected (ready, current) and pods started for the
+# demand of two pods' worth)
+FLAPS = [
+    ([("a", "ready"), ("b", "ready")], (2, 2), 0),
+    ([("a", "ready"), ("b", "ready"), ("b", "unready")], (1, 2), 0),
+    ([("a", "ready"), ("b", "ready"), ("a", "unready"), ("b", "unready")], (0, 2), 0),
+    ([("a", "ready"), ("b", "ready"), ("b", "unready"), ("b", "ready")], (2, 2), 0),
+    # Gone is gone: that one is replaced.
+    ([("a", "ready"), ("b", "ready"), ("b", "unready"), ("b", "failed")], (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize(("events", "counts", "started"), FLAPS,
+                         ids=["both-ready", "one-flapped", "both-flapped", "flapped-back",
+                              "flapped-then-died"])
+def test_an_unready_pod_still_counts_and_is_not_replaced(
+    events: list[tuple[str, PodState]], counts: tuple[int, int], started: int
+) -> None:
+    """Knative counts a not-ready pod as pending, not gone: an unready pod stops counting as
+    ready capacity but is not replaced because it flapped."""
+    s = scaler(stable_window_s=6.0)
+    for n, (pod, state) in enumerate(events):
+        s.on_pod_event(event(pod, state), float(n))
+    s.observe(demand(0, 14, ts=10.0))  # two pods' worth (7 each) in flight
+
+    plan = s.plan(10.0, INTERVAL)
+
+    assert s.counts() == counts
+    assert (plan.desired, plan.start, plan.stop) == (2, started, [])
+    assert s.backoff_s == (1.0 if events[-1][1] == "failed" else 0.0)

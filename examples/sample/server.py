@@ -13,6 +13,9 @@ Run: `PORT=8080 python -m examples.sample.server`. Environment:
   and benchmarks that makes concurrency observable.
 - `SAMPLE_STARTUP_DELAY_MS`: sleep before listening, simulating the load of big weights.
 - `SAMPLE_FAIL_ON_START`: if non-empty, exit 3 at once (the "pod failed to start" path).
+- `SAMPLE_UNREADY_FILE`: while this file exists, readiness answers 503 though the pod still
+  serves (a model reloading, a wedged GPU): readiness flips without the process dying.
+  `{pod}` in it stands for `FNPLANE_POD`, so each pod of a service has its own switch.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class ServerSettings:
     model_version: str = DEFAULT_MODEL_VERSION
     latency_s: float = 0.0
     startup_delay_s: float = 0.0
+    unready_file: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ServerSettings:
@@ -92,6 +96,8 @@ class ServerSettings:
             model_version=model_version,
             latency_s=_milliseconds(env, "SAMPLE_LATENCY_MS") / 1000.0,
             startup_delay_s=_milliseconds(env, "SAMPLE_STARTUP_DELAY_MS") / 1000.0,
+            unready_file=env.get("SAMPLE_UNREADY_FILE", "").replace(
+                "{pod}", env.get("FNPLANE_POD", "")),
         )
 
 
@@ -181,10 +187,18 @@ class SampleServer:
         """Liveness: the process answers HTTP."""
         return web.json_response({"live": True})
 
+    def not_ready(self) -> str:
+        """Why readiness must say no now, or "" when the pod takes traffic."""
+        if not self.ready:
+            return "server is shutting down"
+        if self.settings.unready_file and os.path.exists(self.settings.unready_file):
+            return f"{self.settings.unready_file} exists"
+        return ""
+
     async def server_ready(self, request: web.Request) -> web.Response:
         """Readiness: the model is loaded and we are not draining."""
-        if not self.ready:
-            return _error(503, "server is shutting down")
+        if why := self.not_ready():
+            return _error(503, why)
         return web.json_response({"ready": True})
 
     async def server_metadata(self, request: web.Request) -> web.Response:
@@ -211,14 +225,14 @@ class SampleServer:
     async def model_ready(self, request: web.Request) -> web.Response:
         """OIP per-model readiness."""
         name = self._known_model(request)
-        if not self.ready:
-            return _error(503, f"model {name} is not ready: server is shutting down")
+        if why := self.not_ready():
+            return _error(503, f"model {name} is not ready: {why}")
         return web.json_response({"name": name, "ready": True})
 
     async def v1_model(self, request: web.Request) -> web.Response:
         """KServe v1 model status."""
         name = self._known_model(request)
-        return web.json_response({"name": name, "ready": self.ready})
+        return web.json_response({"name": name, "ready": not self.not_ready()})
 
     async def infer(self, request: web.Request) -> web.Response:
         """OIP v2 inference: one input tensor [n, features] in, probabilities [n, classes] out."""

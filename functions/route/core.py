@@ -16,6 +16,9 @@ class ServiceRoutes:
     version: int = 0
     error: str = ""
     mode: ServingMode = "proxy"
+    # Pods that served and are `unready` now: alive, withdrawn from `endpoints` until they
+    # are ready again. Kept apart so their end counts as a serving pod's.
+    withdrawn: dict[str, Endpoint] = field(default_factory=dict)
 
 
 @dataclass
@@ -25,6 +28,9 @@ class EndpointTable:
     def apply(self, ev: PodEvent) -> Endpoints | None:
         routes = self.services.setdefault(ev.service, ServiceRoutes())
         changed = False
+        if ev.state == "unready":
+            return self._withdraw(ev, routes)
+        withdrawn = routes.withdrawn.pop(ev.pod, None) is not None
         if ev.state == "ready":
             if ev.pod not in routes.endpoints:
                 routes.endpoints[ev.pod] = Endpoint(
@@ -42,6 +48,7 @@ class EndpointTable:
             # routing to deleted pods (knative/serving#16679).
             was_serving = routes.endpoints.pop(ev.pod, None) is not None
             changed = changed or was_serving
+            was_serving = was_serving or withdrawn  # an unready pod had served too
             # A pod that served and died (killed, OOM) is replaced: requests waiting for it
             # wait for its replacement. Only a pod that never became ready tells them the
             # service cannot start.
@@ -55,11 +62,25 @@ class EndpointTable:
         routes.version += 1
         return self.snapshot(ev.service)
 
+    def _withdraw(self, ev: PodEvent, routes: ServiceRoutes) -> Endpoints | None:
+        """A pod alive but not ready (its probe fails, its node is NotReady): no new request
+        goes to it until its next `ready`. Not an error of the service."""
+        serving = routes.endpoints.pop(ev.pod, None)
+        routes.withdrawn[ev.pod] = serving or Endpoint(
+            pod=ev.pod, url=ev.url, node=ev.node,
+            container_concurrency=ev.container_concurrency, timeline=ev.timeline)
+        if serving is None:
+            return None
+        routes.version += 1
+        return self.snapshot(ev.service)
+
     def drop_nodes(self, nodes: set[str]) -> list[Endpoints]:
         """The coordinator reported these nodes lost: their pods serve nobody through us any
         more. The new endpoint set of every service that had a pod there."""
         changed: list[Endpoints] = []
         for service, routes in sorted(self.services.items()):
+            for pod in [p for p, e in routes.withdrawn.items() if e.node in nodes]:
+                del routes.withdrawn[pod]
             gone = [pod for pod, e in routes.endpoints.items() if e.node in nodes]
             if not gone:
                 continue

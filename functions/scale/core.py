@@ -37,7 +37,7 @@ def within_limit(spec: ServiceSpec, limit: int) -> ServiceSpec:
 @dataclass
 class TrackedPod:
     pod: str
-    state: str  # placing | starting | ready | terminating
+    state: str  # placing | starting | ready | unready | terminating
     node: str = ""
     since: float = 0.0
 
@@ -172,7 +172,9 @@ class ServiceScaler:
     # ---- the plan -------------------------------------------------------------------------
 
     def counts(self) -> tuple[int, int]:
-        """(ready, current) where current counts pods placing, starting or ready."""
+        """(ready, current) where current counts pods placing, starting, ready or unready:
+        an unready pod is alive and may be ready again, so it is not replaced (Knative
+        counts not-ready pods as pending); it only stops counting as ready capacity."""
         ready = sum(1 for p in self.pods.values() if p.state == "ready")
         current = sum(1 for p in self.pods.values() if p.state != "terminating")
         return ready, current
@@ -207,9 +209,10 @@ class ServiceScaler:
         return Plan(self.spec.name, desired, start, stop, decision, change)
 
     def _pick_victims(self, n: int) -> list[TrackedPod]:
-        """Stop pods that are not serving yet first, then the youngest ready ones: the oldest
-        pods have the warmest caches. Pods still being placed are left to finish."""
-        order = {"starting": 0, "ready": 1}
+        """Stop pods that are not serving first (starting, or unready, as a ReplicaSet
+        deletes not-ready pods first), then the youngest ready ones: the oldest pods have the
+        warmest caches. Pods still being placed are left to finish."""
+        order = {"starting": 0, "unready": 0, "ready": 1}
         candidates = [p for p in self.pods.values() if p.state in order and p.node]
         candidates.sort(key=lambda p: (order[p.state], -p.since))
         victims = candidates[:n]

@@ -1,7 +1,8 @@
 """The `local` node backend: each node is an agent on this machine whose pods are real OS
 processes serving real HTTP. Like a kubelet it starts the pod's command with `PORT` set,
-probes readiness on the spec's path, reports every state change on NATS, and on stop sends
-SIGTERM, waits for in-flight requests to finish, then SIGKILLs."""
+probes readiness on the spec's path (and keeps probing a ready pod on the spec's period: one
+whose probe fails is `unready` until it passes again), reports every state change on NATS,
+and on stop sends SIGTERM, waits for in-flight requests to finish, then SIGKILLs."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ from partitions.agents.contract import (
     stop_refusal,
 )
 from partitions.agents.podusers import CURRENT, LABEL, PodUserError, PodUsers
+from partitions.agents.readiness import ReadinessProbe
 from partitions.fencing import EpochFence
 
 log = logging.getLogger(__name__)
@@ -366,10 +368,38 @@ class LocalNode(Component):
                     pass
             await asyncio.sleep(delay)
             delay = min(2 * delay, PROBE_MAX_S)
+        if pod.state == "ready":
+            pod.tasks.append(self.tasks.spawn(self._keep_probing(pod),
+                                              name=f"{pod.start.pod}-readiness"))
         code = await pod.proc.wait()
         await asyncio.sleep(0.05)  # let the output pump take the last lines
-        if pod.state in ("starting", "ready"):
+        if pod.state in ("starting", "ready", "unready"):
             await self._fail(pod, f"pod exited with code {code}")
+
+    async def _keep_probing(self, pod: LocalPod) -> None:
+        """Once ready, the spec's readiness probe on its period, as a kubelet runs it: a pod
+        that fails it `readiness_failure_threshold` times in a row is `unready` (alive, but
+        `route` withdraws it: a model reloading, a wedged GPU, a server shedding load), and
+        `ready` again at its next success."""
+        assert self._http is not None
+        spec = pod.start.spec
+        url = pod.url + spec.readiness_path
+        probe = ReadinessProbe(spec.readiness_failure_threshold)
+        while pod.state in ("ready", "unready"):
+            await asyncio.sleep(spec.readiness_period_s)
+            try:
+                async with self._http.get(url) as resp:
+                    ok = resp.status == 200  # as the start-up probe above
+            except (aiohttp.ClientError, TimeoutError):
+                ok = False
+            if pod.state not in ("ready", "unready"):
+                return  # stopping or failed meanwhile: that event says it
+            change = probe.observe(ok)
+            if change is not None:
+                pod.state = change
+                log.warning("node %s: pod %s is %s", self.name, pod.start.pod, change)
+                await self._emit(pod, change, reason="" if ok else
+                                 f"readiness probe failed {probe.failures} times in a row")
 
     async def _fail(self, pod: LocalPod, reason: str) -> None:
         if pod.state in ("failed", "stopped"):

@@ -2,8 +2,9 @@
 StartPod, StopPod, inventory, PodEvent, pod metrics), with Kubernetes as the machines. Nodes
 come from Node objects, kept current by list+watch; a StartPod becomes a Pod with
 `schedulerName: fnplane` bound to the node `schedule` chose through the Binding subresource,
-as a custom scheduler binds; readiness and failures come from the Pod's status by watch;
-StopPod deletes the Pod.
+as a custom scheduler binds; readiness and failures come from the Pod's status by watch
+(a ready Pod whose Ready condition turns False, or whose Node is not Ready, is `unready`
+until both are Ready again); StopPod deletes the Pod.
 
 Pods outlive the control plane on purpose. On start the backend lists the Pods labelled
 `app.kubernetes.io/managed-by=fnplane` and reports them (ready ones as ready, at their IP)
@@ -250,6 +251,7 @@ class KubernetesBackend(Component):
             try:
                 if item.kind == "nodes":
                     await self._on_nodes(item)
+                    await self._pods_follow_nodes(item)
                 elif isinstance(item, Synced):
                     await self.tracker.on_list(item.items)
                 else:
@@ -271,6 +273,21 @@ class KubernetesBackend(Component):
             self._gone(name)
         for obj in item.items:
             self._on_node(obj)
+
+    async def _pods_follow_nodes(self, item: Synced | Changed) -> None:
+        """The pods on a node that is not Ready, or was deleted, get no traffic: `unready`
+        until it is Ready again (PodTracker.node_readiness)."""
+        assert self.tracker is not None
+        deleted = "node deleted from the cluster"
+        if isinstance(item, Changed):
+            down = deleted if item.type == "DELETED" else ko.node_down(item.obj)
+            await self.tracker.node_readiness(
+                ko.fnplane_node_name(item.obj["metadata"]["name"]), down)
+            return
+        listed = {ko.fnplane_node_name(n["metadata"]["name"]): ko.node_down(n)
+                  for n in item.items}
+        for name in sorted(set(listed) | {p.node for p in self.pods.values()}):
+            await self.tracker.node_readiness(name, listed.get(name, deleted))
 
     def _gone(self, name: str) -> None:
         node = self.nodes.get(name)

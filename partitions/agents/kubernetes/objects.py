@@ -16,6 +16,7 @@ Labels and annotations fnplane owns:
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -105,6 +106,17 @@ def unschedulable_reason(node: dict[str, Any]) -> str:
     if ready != "True":
         return f"not Ready (Ready={ready or 'Unknown'})"
     return ""
+
+
+def node_down(node: dict[str, Any]) -> str:
+    """Why the pods on a node must get no traffic, or "" when they may: its Ready condition
+    is False (the kubelet says so) or Unknown (the node controller heard nothing from the
+    kubelet: a spot machine reclaimed, a partition). Cordons and taints do not count: they
+    keep new pods off, while the running ones serve on (NoExecute evicts them by deletion)."""
+    ready = _condition(node.get("status") or {}, "Ready")
+    if ready == "True":
+        return ""
+    return f"node {_meta(node).get('name', '?')} is not Ready (Ready={ready or 'Unknown'})"
 
 
 def _quantity(value: object) -> Decimal:
@@ -206,10 +218,11 @@ def pod_manifest(
                     "resources": {"requests": dict(quantities), "limits": dict(quantities)},
                     "readinessProbe": {
                         "httpGet": {"path": spec.readiness_path, "port": port},
-                        "periodSeconds": 1,
+                        # Whole seconds, at least 1, as the API validates them.
+                        "periodSeconds": max(1, math.ceil(spec.readiness_period_s)),
                         "timeoutSeconds": 1,
                         "successThreshold": 1,
-                        "failureThreshold": 3,
+                        "failureThreshold": spec.readiness_failure_threshold,
                     },
                     "securityContext": {
                         "allowPrivilegeEscalation": False,

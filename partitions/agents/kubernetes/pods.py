@@ -40,6 +40,7 @@ class KubePod:
     ip: str = ""
     reason: str = ""
     pending: dict[str, Any] | None = None  # the newest object seen while still `creating`
+    probe_ready: bool = False  # the Pod's own Ready condition, as last seen
 
     @property
     def url(self) -> str:
@@ -64,6 +65,8 @@ class PodTracker:
         self.pods: dict[str, KubePod] = {}
         self.adopted = 0
         self.run_as = run_as  # (uid, gid) of pods whose service names none
+        # fnplane node → why it is not Ready (NotReady, Unknown, deleted); absent when Ready.
+        self.nodes_down: dict[str, str] = {}
 
     def allocations(self, nodes: set[str]) -> dict[str, list[PodAllocation]]:
         out: dict[str, list[PodAllocation]] = {n: [] for n in sorted(nodes)}
@@ -176,9 +179,10 @@ class PodTracker:
         if pod.state == "creating":
             pod.pending = obj
             return
-        if pod.state not in ("starting", "ready"):
+        if pod.state not in ("starting", "ready", "unready"):
             return
         seen = ko.observe_pod(obj)
+        pod.probe_ready = seen.ready
         if seen.terminating:
             pod.state, pod.reason = "terminating", pod.reason or "pod deleted"
             await self.emit(pod, "terminating", reason=pod.reason)
@@ -188,6 +192,37 @@ class PodTracker:
             pod.state, pod.ip = "ready", seen.ip
             pod.timeline = replace(pod.timeline, ready_at=time.time())
             await self.emit(pod, "ready")
+        elif pod.state in ("ready", "unready"):
+            await self._follow_readiness(pod)
+
+    # ---- ready ↔ unready ----------------------------------------------------------------------
+
+    async def node_readiness(self, node: str, down: str) -> None:
+        """A node's Ready condition changed (`down`: why it is not Ready, "" when it is).
+        Its ready pods stop getting traffic at once: a NotReady node (a spot GPU reclaimed,
+        a kubelet gone) answers nobody, and its own kubelet cannot say so any more. The
+        node lifecycle controller marks them not Ready too, but only after its grace."""
+        if self.nodes_down.get(node, "") == down:
+            return
+        if down:
+            self.nodes_down[node] = down
+        else:
+            self.nodes_down.pop(node, None)
+        for pod in [p for p in self.pods.values() if p.node == node]:
+            if pod.state in ("ready", "unready"):
+                await self._follow_readiness(pod)
+
+    async def _follow_readiness(self, pod: KubePod) -> None:
+        """`ready` while the Pod's Ready condition is True and its node is Ready; else
+        `unready`: alive, counted by `scale`, withdrawn by `route`."""
+        down = self.nodes_down.get(pod.node, "")
+        want = "ready" if pod.probe_ready and not down else "unready"
+        if want == pod.state:
+            return
+        pod.state = want
+        why = "" if want == "ready" else down or "readiness probe failing (Ready=False)"
+        log.warning("kubernetes: pod %s is %s%s", pod.name, want, f": {why}" if why else "")
+        await self.emit(pod, want, reason=why)
 
     async def _adopt(self, obj: dict[str, Any]) -> None:
         """A managed pod this run did not create: report it as it is, or clean it up."""
@@ -200,13 +235,16 @@ class PodTracker:
             return
         node = ko.fnplane_node_name(seen.k8s_node)
         pod = KubePod(seen.name, rec.service, node, rec.port, rec.container_concurrency,
-                      rec.resources, rec.timeline, rec.startup_timeout_s, ip=seen.ip)
+                      rec.resources, rec.timeline, rec.startup_timeout_s, ip=seen.ip,
+                      probe_ready=seen.ready)
         self.pods[seen.name] = pod
         self.adopted += 1
         if seen.terminating:
             pod.state, pod.reason = "terminating", "pod deleted"
             return
         pod.state = "ready" if seen.ready else "starting"
+        if pod.state == "ready" and self.nodes_down.get(node):
+            pod.state = "unready"  # alive on a NotReady node: no traffic until it is back
         log.info("kubernetes: adopted pod %s of %s on %s (%s)", pod.name, pod.service, node,
                  pod.state)
         await self.emit(pod, pod.state)
