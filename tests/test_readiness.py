@@ -61,10 +61,11 @@ def test_which_node_conditions_withdraw_its_pods(conditions: list[dict], down: s
 
 
 def test_a_cordoned_or_tainted_node_keeps_its_pods_in_traffic() -> None:
-    """Cordons and NoSchedule taints keep new pods off; running ones serve on."""
-    for obj in (node("c", unschedulable=True),
-                node("t", taints=[{"key": "k", "effect": "NoSchedule"}])):
-        assert ko.unschedulable_reason(obj) and ko.node_down(obj) == ""
+    """Cordons and NoSchedule taints keep new pods off (a taint only the pods that do not
+    tolerate it: partitions/tolerations.py); running ones serve on."""
+    cordoned = node("c", unschedulable=True)
+    assert ko.unschedulable_reason(cordoned) and ko.node_down(cordoned) == ""
+    assert ko.node_down(node("t", taints=[{"key": "k", "effect": "NoSchedule"}])) == ""
 
 
 @pytest.mark.parametrize(("period", "threshold", "period_seconds"),
