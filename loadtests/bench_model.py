@@ -260,7 +260,7 @@ def run_model(out: dict[str, Any]) -> dict[str, Any]:
               sim["placements_per_s"], fitted=True)  # fmt: skip
     # not fitted: 1 and 2 instances (the costs came from the main run's instances)
     for k, row in (out.get("scaling") or {}).items():
-        if "partitioned" in cal and int(k) != cal["partitioned"]["instances"]:
+        if "partitioned" in cal and k.isdigit() and int(k) != cal["partitioned"]["instances"]:
             sim = simulate(costs(cal["partitioned"], "partitioned", n0, int(k)), instances=int(k),
                            cores=cores, concurrency=conc)  # fmt: skip
             point("closed_loop_placements_per_s", "partitioned", n0, int(k),

@@ -88,6 +88,9 @@ def ratios(out: dict[str, Any]) -> dict[str, Any]:
             r[f"cpu_per_placement_{k}_over_1"] = ratio(
                 _get(sc[k], "cpu_sched"), _get(sc["1"], "cpu_sched")
             )
+    if "1" in sc and "4_same_backlog" in sc:
+        r["cpu_per_placement_4_over_1_same_backlog"] = ratio(
+            _get(sc["4_same_backlog"], "cpu_sched"), _get(sc["1"], "cpu_sched"))
     return r
 
 
@@ -179,7 +182,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
     b.set_ylabel("placement latency (ms)")
     b.legend()
     sc = out.get("scaling") or {}
-    ks = sorted(sc, key=int)
+    ks = sorted((k for k in sc if k.isdigit()), key=int)
     c.plot([int(k) for k in ks], [sc[k]["placements_per_s"] for k in ks], "o-")
     c.set_xlabel("schedule instances (partitions)")
     c.set_ylabel("placements / s")

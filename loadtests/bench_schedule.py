@@ -248,6 +248,15 @@ async def run_benchmark(
                         instances=k,
                         nats_pid=npid,
                     )
+                if "4" in scaling:
+                    # The same backlog per instance as the single one had (4x in flight):
+                    # what is left of the growth in CPU per placement is coordination, not
+                    # each process waking up for fewer messages at a time.
+                    reqs = make_requests(services, opts.placements, opts.seed, "scale4b")
+                    scaling["4_same_backlog"], _ = await run_mode(
+                        "partitioned", replace(opts, concurrency=4 * opts.concurrency, rate=0),
+                        nurl, rurl, nodes, reqs, tmp / "logs", instances=4, nats_pid=npid,
+                    )
                 out["scaling"] = scaling
             if opts.skewed:
                 out["skewed"] = await skewed_all(opts, nurl, rurl, nodes, services, tmp, npid)
