@@ -88,6 +88,7 @@ async def build(name: str, env: dict[str, str]) -> Component:
             image=env.get("FNPLANE_POD_IMAGE", "fnplane:0.1.0"),
             image_pull_policy=env.get("FNPLANE_POD_PULL_POLICY", "IfNotPresent"),
             pod_port=int(env.get("FNPLANE_POD_PORT", "8080")),
+            pull_timeout_s=float(env.get("FNPLANE_POD_PULL_TIMEOUT_S", "900")),
         ))
     if name == "operator":
         return await builder.operator(config, OperatorConfig(
