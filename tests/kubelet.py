@@ -130,6 +130,13 @@ class KubeletEmulator:
         if self._http is not None:
             await self._http.close()
 
+    def run_static(self, node_name: str, name: str, requests: dict[str, str]) -> None:
+        """A static pod (from the node's manifest directory) whose mirror pod is not in the
+        API — not created yet, or refused: the kubelet counts its requests at admission,
+        and nothing watching the API can see them."""
+        self.admitted[("", name)] = (node_name, {k: _quantity(k, v)
+                                                 for k, v in requests.items()})
+
     def kill(self, pod: str) -> None:
         """The process dies on its own (OOM, crash)."""
         self.containers[pod].proc.kill()

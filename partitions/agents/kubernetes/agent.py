@@ -340,22 +340,34 @@ class KubernetesBackend(Component):
         await self._register(nodes)
 
     def _pod_changed(self, pod: KubePod, state: PodState, reason: str) -> None:
-        """Our pods count against a node's pod slots; one that ended frees room, unless the
-        kubelet rejected it for lack of a resource: then its node offers none of that for
-        a while (capacity.py)."""
+        """Our pods count against a node's pod slots; one that ended frees room (unless the
+        kubelet rejected it: see `_rejected`)."""
         if pod.node not in self.nodes:
             return
-        k8s = self.nodes[pod.node].k8s_name
-        if state in ("stopped", "failed"):
-            short = kc.rejection(reason)
-            if short:
-                log.warning("kubernetes: the kubelet of %s rejected %s (OutOf%s): it offers "
-                            "no %s for %gs", k8s, pod.name, short, short,
-                            self.occupancy.hold_s)
-                self.occupancy.rejected(k8s, short, time.time())
-            else:
-                self.occupancy.freed(k8s)
+        if state in ("stopped", "failed") and not kc.rejection(reason):
+            self.occupancy.freed(self.nodes[pod.node].k8s_name)
         self._recount({pod.node})
+
+    async def _rejected(self, pod: KubePod, reason: str) -> None:
+        """The kubelet rejected a pod of ours for lack of a resource: it counts something we
+        do not see, so the node offers none of that resource for a while — registered
+        before the pod is reported, so the replacement `scale` asks for is placed by a
+        `schedule` that already knows (capacity.py)."""
+        node = self.nodes.get(pod.node)
+        short = kc.rejection(reason)
+        if node is None or not short:
+            return
+        log.warning("kubernetes: the kubelet of %s rejected %s (OutOf%s): it offers no %s "
+                    "for %gs", node.k8s_name, pod.name, short, short, self.occupancy.hold_s)
+        self.occupancy.rejected(node.k8s_name, short, time.time())
+        info = self._room(pod.node, node.k8s_name)
+        if info != node.info and self._registering:
+            node.info = info
+            self._dirty.discard(pod.node)
+            try:
+                await asyncio.wait_for(self._register([node]), timeout=2.0)
+            except TimeoutError:
+                log.warning("kubernetes: registering %s again took too long", pod.node)
 
     async def _register(self, nodes: list[KubeNode]) -> None:
         """Subscribe the nodes' subjects, then register the schedulable ones (again, when
@@ -487,6 +499,8 @@ class KubernetesBackend(Component):
             log_tail=log_tail,
             ts=time.time(),
         )
+        if state == "stopped":
+            await self._rejected(pod, reason)
         try:
             await self.announcer.send(ev)
         finally:

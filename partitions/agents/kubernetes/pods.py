@@ -31,6 +31,7 @@ from msgspec.structs import replace
 
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import PodAllocation, PodTimeline, Resources, StartPod
+from partitions.agents.kubernetes import capacity as kc
 from partitions.agents.kubernetes import objects as ko
 from partitions.kubeapi import (
     ApiUnreachable,
@@ -289,6 +290,8 @@ class PodTracker:
         if seen.terminating:
             pod.state, pod.reason = "terminating", pod.reason or "pod deleted"
             await self.emit(pod, "terminating", reason=pod.reason)
+        elif seen.failed and kc.rejection(seen.failed):
+            await self.refused(pod, seen.failed)
         elif seen.failed:
             await self.fail(pod, seen.failed)
         elif seen.ready and pod.state == "starting":
@@ -364,6 +367,18 @@ class PodTracker:
         for name, until in list(self.abandoned.items()):
             if now > until and name not in self.deleting:
                 del self.abandoned[name]
+
+    async def refused(self, pod: KubePod, reason: str) -> None:
+        """The kubelet's admission turned the pod away for room (OutOfcpu, OutOfpods...).
+        Not a failure of the service — it never ran — so it is reported `stopped` with the
+        reason: its room is released, `scale` places another without backing off, and the
+        requests waiting for it wait for that one. Deleted, as a failed pod."""
+        if not pod.alive:
+            return
+        pod.state, pod.reason = "stopped", reason
+        await self.emit(pod, "stopped", reason=reason)
+        if await self._delete(pod.name, 0) == "gone":
+            self.pods.pop(pod.name, None)
 
     async def fail(self, pod: KubePod, reason: str) -> None:
         if not pod.alive:
