@@ -56,7 +56,7 @@ def retry_after(exc: BaseException, default: float) -> float:
     """The wait the API server asked for (`Retry-After`, or the Status body's
     `retryAfterSeconds`), else `default`."""
     if isinstance(exc, ApiException):
-        header = (exc.headers or {}).get("Retry-After") if exc.headers else None
+        header = exc.headers.get("Retry-After") if exc.headers else None
         try:
             if header:
                 return float(header)

@@ -199,6 +199,7 @@ class KubernetesBackend(Component):
             # any node, so its accounting starts from what really runs.
             await bus.serve(ep.NODE_INVENTORY, self._on_inventory)
             self._registering = True
+            self._dirty.clear()  # the first registration says it all
             await self._register(list(self.nodes.values()))
             await follow_map(bus, self.fence)
             await follow_shards(bus, self.shards)

@@ -132,8 +132,15 @@ class PodTracker:
                                    port=port, image_pull_policy=self.image_pull_policy,
                                    grace_s=self.stop_grace_s)
         deadline = time.monotonic() + self.start_timeout_s
-        await self._create(pod, manifest, deadline)
-        await self._bind(pod, k8s_node, deadline)
+        try:
+            await self._create(pod, manifest, deadline)
+            await self._bind(pod, k8s_node, deadline)
+        except RemoteError:
+            raise
+        except Exception as exc:  # never a pod left `creating`: whatever it is, it goes
+            log.exception("kubernetes: starting pod %s", pod.name)
+            self.abandon(pod.name)
+            raise RemoteError(ErrorCode.INTERNAL, f"cannot start pod: {exc}") from None
         pod.timeline = replace(pod.timeline, spawned_at=time.time())
         pod.state = "starting"
         await self.emit(pod, "starting")
