@@ -155,9 +155,9 @@ class PodTracker:
         created it."""
         backoff, maybe = 0.1, False
         while True:
-            left = deadline - time.monotonic()
+            left = min(self.api.timeout, max(deadline - time.monotonic(), 0.05))
             try:
-                await self.api.create_pod(manifest, timeout_s=max(left, 0.05))
+                await self.api.create_pod(manifest, timeout_s=left)
                 return
             except (ApiException, ApiUnreachable) as exc:
                 if isinstance(exc, ApiException) and exc.status == 409:
@@ -187,9 +187,9 @@ class PodTracker:
         bound is abandoned (deleted) and RemoteError raised."""
         backoff, maybe = 0.1, False
         while True:
-            left = deadline - time.monotonic()
+            left = min(self.api.timeout, max(deadline - time.monotonic(), 0.05))
             try:
-                await self.api.bind(pod.name, k8s_node, timeout_s=max(left, 0.05))
+                await self.api.bind(pod.name, k8s_node, timeout_s=left)
                 return
             except (ApiException, ApiUnreachable) as exc:
                 why = api_reason(exc) if isinstance(exc, ApiException) else str(exc)
