@@ -117,6 +117,7 @@ async def _build(name: str, env: dict[str, str]) -> Component:
             run_as_user=int(env.get("FNPLANE_POD_RUN_AS_USER", "10001")),
             run_as_group=int(env.get("FNPLANE_POD_RUN_AS_GROUP", "10001")),
             pod_port=int(env.get("FNPLANE_POD_PORT", "8080")),
+            pull_timeout_s=float(env.get("FNPLANE_POD_PULL_TIMEOUT_S", "900")),
         ))
     if name == "operator":
         return await builder.operator(config, OperatorConfig(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import urllib3.exceptions
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
@@ -32,6 +33,39 @@ log = logging.getLogger(__name__)
 
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 LIST_PAGE = 500
+
+
+class ApiUnreachable(Exception):
+    """No answer in time, or the connection broke: the request may or may not have been
+    applied (a create may have created, a bind may have bound)."""
+
+
+def uncertain(exc: BaseException) -> bool:
+    """Whether the failed request may still have been applied: no answer at all, or a 500
+    or 504 (the API server gave up on etcd, which may yet commit the write)."""
+    return isinstance(exc, ApiUnreachable) or (
+        isinstance(exc, ApiException) and exc.status in (500, 504))
+
+
+def transient(exc: BaseException) -> bool:
+    """Worth asking again: uncertain, or refused for now (429 Too Many Requests, 503)."""
+    return uncertain(exc) or (isinstance(exc, ApiException) and exc.status in (429, 503))
+
+
+def retry_after(exc: BaseException, default: float) -> float:
+    """The wait the API server asked for (`Retry-After`, or the Status body's
+    `retryAfterSeconds`), else `default`."""
+    if isinstance(exc, ApiException):
+        header = exc.headers.get("Retry-After") if exc.headers else None
+        try:
+            if header:
+                return float(header)
+            details = json.loads(exc.body or "{}").get("details") or {}
+            if details.get("retryAfterSeconds"):
+                return float(details["retryAfterSeconds"])
+        except (TypeError, ValueError):
+            pass
+    return default
 
 
 class Gone(Exception):
@@ -104,23 +138,31 @@ class KubeApi:
     def host(self) -> str:
         return str(self.api.configuration.host)
 
-    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def _call(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None,
+                    **kwargs: Any) -> Any:
+        """One request; no answer (timeout, broken connection) raises `ApiUnreachable`."""
         def call() -> Any:
-            return read_json(fn(*args, _preload_content=False, _request_timeout=self.timeout,
-                                **kwargs))
+            try:
+                return read_json(fn(*args, _preload_content=False,
+                                    _request_timeout=timeout_s or self.timeout, **kwargs))
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise ApiUnreachable(f"{type(exc).__name__}: {exc}") from None
 
         return await asyncio.to_thread(call)
 
-    async def create_pod(self, manifest: dict[str, Any]) -> None:
-        await self._call(self.core.create_namespaced_pod, self.namespace, manifest)
+    async def create_pod(self, manifest: dict[str, Any], *,
+                         timeout_s: float | None = None) -> None:
+        await self._call(self.core.create_namespaced_pod, self.namespace, manifest,
+                         timeout_s=timeout_s)
 
-    async def bind(self, pod: str, node: str) -> None:
+    async def bind(self, pod: str, node: str, *, timeout_s: float | None = None) -> None:
         """POST pods/{pod}/binding. The reply is a `Status` that the generated client cannot
         deserialize as the `V1Binding` it declares, hence the raw read."""
         body = {"apiVersion": "v1", "kind": "Binding",
                 "metadata": {"name": pod, "namespace": self.namespace},
                 "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
-        await self._call(self.core.create_namespaced_pod_binding, pod, self.namespace, body)
+        await self._call(self.core.create_namespaced_pod_binding, pod, self.namespace, body,
+                         timeout_s=timeout_s)
 
     async def read_pod(self, name: str) -> dict[str, Any] | None:
         """The Pod as the server has it now, or None when there is none."""
@@ -131,16 +173,27 @@ class KubeApi:
                 return None
             raise
 
-    async def delete_pod(self, name: str, *, grace_s: int) -> bool:
-        """False when the pod was already gone; other errors are logged, not raised: a
-        delete is retried by the next watch event or sweep anyway."""
+    async def remove_pod(self, name: str, *, grace_s: int) -> bool:
+        """DELETE the pod: True when accepted, False when it was already gone; any other
+        failure raises (ApiException, ApiUnreachable), for the caller to retry."""
         try:
             await self._call(self.core.delete_namespaced_pod, name, self.namespace,
                              grace_period_seconds=grace_s)
         except ApiException as exc:
             if exc.status == 404:
                 return False
+            raise
+        return True
+
+    async def delete_pod(self, name: str, *, grace_s: int) -> bool:
+        """False when the pod was already gone; other errors are logged, not raised: a
+        delete is retried by the next watch event or sweep anyway."""
+        try:
+            return await self.remove_pod(name, grace_s=grace_s)
+        except ApiException as exc:
             log.warning("kubernetes: deleting pod %s: %s", name, api_reason(exc))
+        except ApiUnreachable as exc:
+            log.warning("kubernetes: deleting pod %s: %s", name, exc)
         return True
 
     async def log_tail(self, name: str, container: str, *, lines: int = 50) -> str:

@@ -27,6 +27,13 @@ replaced where the backend depends on the real API's behaviour, which kmock does
   of it change only the Deployment's `spec.replicas` (422 below 0). No controller acts on
   them: tests/replicaset.py is a minimal one.
 
+- a watch with a selector sees an object leave it as `DELETED` and enter it as `ADDED` (the
+  watch cache does this: a pod watched with `status.phase!=Failed` is DELETED when it fails);
+- injected faults (`inject`): chosen verbs on chosen resources answer 429 with `Retry-After`,
+  500/503/504 with the real `Status` bodies, or hang past the client's timeout — before the
+  write or after it (`applied`: the write happened, the answer was lost, as when etcd commits
+  and the API server's own deadline passes).
+
 Every request stays in kmock's log; `calls(user_agent)` turns it into RBAC terms (verb,
 API group, resource[/subresource], namespace) for the least-privilege tests.
 """
@@ -79,6 +86,37 @@ class ApiCall:
     name: str
 
 
+@dataclass
+class Fault:
+    """A failure the API server answers to the next `times` requests that match: `status`
+    (429, 500, 503, 504) and/or `hang_s` (held that long first: a client with a shorter
+    timeout gives up, not knowing whether the request was applied). `applied`: the request
+    is carried out before the failure is answered."""
+
+    verb: str  # create | delete | get | list | watch | patch | update
+    resource: str  # pods, pods/binding, ...
+    status: int = 0
+    hang_s: float = 0.0
+    applied: bool = False
+    times: int = 1
+    user_agent: str = ""  # only this client's requests ("" = anyone's)
+    retry_after_s: int = 1
+    hits: int = 0
+
+    def matches(self, verb: str, resource: str, user_agent: str) -> bool:
+        return (self.hits < self.times and verb == self.verb and resource == self.resource
+                and user_agent.startswith(self.user_agent))
+
+
+FAULT_STATUS = {  # what the real API server says with each code
+    429: ("TooManyRequests", "Too many requests, please try again later."),
+    500: ("InternalError", "Internal error occurred: etcdserver: request timed out"),
+    503: ("ServiceUnavailable", "the server is currently unable to handle the request"),
+    504: ("Timeout", "Timeout: request did not complete within requested timeout - "
+                     "context deadline exceeded"),
+}
+
+
 def now_rfc3339(delta_s: float = 0.0) -> str:
     t = datetime.now(UTC) + timedelta(seconds=delta_s)
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -101,6 +139,8 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         self.logs: dict[tuple[str, str], str] = {}
         self._watchers: set[_Watcher] = set()
         self._paused = False
+        self.faults: list[Fault] = []
+        self._before: dict[int, dict[str, Any] | None] = {}  # rv → the object it replaced
         for (group, version, plural), kind in KINDS.items():
             self.resources[kmock.resource(group, version, plural)] = kmock.ResourceInfo(
                 kind=kind.kind, namespaced=kind.namespaced,
@@ -139,8 +179,15 @@ class FakeKubernetes(kmock.KubernetesEmulator):
             # Events up to now are gone: a watch from an older version cannot be resumed.
             self.compacted = self.rv
             self.history.clear()
+            self._before.clear()
         for w in list(self._watchers):
             w.queue.put_nowait(None)
+
+    def inject(self, verb: str, resource: str, **fault: Any) -> Fault:
+        """Make the next matching request(s) fail (see `Fault`); returns it (`hits` counts)."""
+        f = Fault(verb, resource, **fault)
+        self.faults.append(f)
+        return f
 
     def calls(self, user_agent: str) -> list[ApiCall]:
         out = []
@@ -162,7 +209,26 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         if key not in KINDS:
             # Discovery, /version, unknown paths: kmock's scaffold answers.
             return await KubernetesScaffold._handle(self, request)
-        return await self._serve(request, KINDS[key])  # type: ignore[index]
+        ua = str(request.headers.get("User-Agent", ""))
+        what = res.plural + (f"/{request.subresource}" if request.subresource else "")
+        fault = next((f for f in self.faults if f.matches(_verb(request), what, ua)), None)
+        if fault is None:
+            return await self._serve(request, KINDS[key])  # type: ignore[index]
+        fault.hits += 1
+        if fault.applied:
+            try:
+                await self._serve(request, KINDS[key])  # type: ignore[index]
+            except KubernetesError:
+                pass  # the failure below is what the client hears either way
+        if fault.hang_s:
+            await asyncio.sleep(fault.hang_s)
+        status = fault.status or 504
+        reason, message = FAULT_STATUS.get(status, ("InternalError", "injected failure"))
+        details = {"retryAfterSeconds": fault.retry_after_s} if status == 429 else {}
+        body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": message, "reason": reason, "details": details, "code": status}
+        headers = {"Retry-After": str(fault.retry_after_s)} if status == 429 else {}
+        return aiohttp.web.json_response(body, status=status, headers=headers)
 
     async def _serve(self, req: kmock.Request, kind: Kind) -> aiohttp.web.StreamResponse:
         assert req.resource is not None
@@ -394,15 +460,17 @@ class FakeKubernetes(kmock.KubernetesEmulator):
         self.rv += 1
         obj = copy.deepcopy(obj)
         obj["metadata"]["resourceVersion"] = str(self.rv)
+        before = self.store.get(key)
         if kind == "DELETED":
             self.store.pop(key, None)
         else:
             self.store[key] = obj
         self.history.append((self.rv, key[:2], kind, obj))
+        self._before[self.rv] = before
         if not self._paused:
             for w in list(self._watchers):
-                if w.wants(key, obj):
-                    w.queue.put_nowait({"type": kind, "object": obj})
+                if seen := w.sees(key, kind, before, obj):
+                    w.queue.put_nowait({"type": seen, "object": obj})
         return obj
 
     async def _watch(self, req: kmock.Request, group: str, plural: str,
@@ -422,9 +490,10 @@ class FakeKubernetes(kmock.KubernetesEmulator):
                 events = [{"type": "ADDED", "object": o} for k, o in self.store.items()
                           if watcher.wants(k, o)]
             else:
-                events = [{"type": t, "object": o} for rv, k, t, o in self.history
-                          if rv > int(since) and watcher.wants((*k, o["metadata"].get(
-                              "namespace", ""), ""), o)]
+                events = [{"type": seen, "object": o} for rv, k, t, o in self.history
+                          if rv > int(since) and (seen := watcher.sees(
+                              (*k, o["metadata"].get("namespace", ""), ""), t,
+                              self._before.get(rv), o))]
             self._watchers.add(watcher)
         assert req._raw_request is not None
         resp = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -508,6 +577,18 @@ class _Watcher:
     def wants(self, key: tuple[str, ...], obj: dict[str, Any]) -> bool:
         return (key[:2] == self.kind and (not self.ns or key[2] == self.ns)
                 and self.match(obj))
+
+    def sees(self, key: tuple[str, ...], kind: str, before: dict[str, Any] | None,
+             obj: dict[str, Any]) -> str:
+        """The event this watch gets for a write ("" for none): as the watch cache, an
+        object that leaves the selector is DELETED for it and one that enters is ADDED."""
+        was = before is not None and self.wants(key, before)
+        now = self.wants(key, obj)
+        if kind == "DELETED":
+            return kind if was or now else ""
+        if now:
+            return kind if was or kind == "ADDED" or before is None else "ADDED"
+        return "DELETED" if was else ""
 
 
 def _json(body: Any, status: int = 200) -> aiohttp.web.Response:

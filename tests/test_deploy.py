@@ -130,8 +130,11 @@ def test_least_privilege_checker_refuses_what_the_roles_do_not_grant() -> None:
     """The check used on every fake-API test's recorded calls is not vacuous."""
     assert allowed("node", ApiCall("watch", "", "pods", "fnplane", ""))
     assert allowed("node", ApiCall("list", "", "nodes", "", ""))
+    # Every namespace's pods hold room on the nodes: read them all, write none outside.
+    assert allowed("node", ApiCall("watch", "", "pods", "", ""))
     refused = [ApiCall("get", "", "secrets", "fnplane", "x"),
-               ApiCall("list", "", "pods", "", ""),  # all namespaces: the Role is namespaced
+               ApiCall("delete", "", "pods", "kube-system", "x"),
+               ApiCall("get", "", "pods", "kube-system", "x"),
                ApiCall("create", "", "pods", "kube-system", "x"),
                ApiCall("patch", "", "nodes", "", "n1"),
                ApiCall("update", "", "pods/status", "fnplane", "x")]

@@ -11,6 +11,11 @@ Pods outlive the control plane on purpose. On start the backend lists the Pods l
 before it registers any node, so `scale` counts them and `schedule` accounts them instead
 of starting duplicates; pods of a service the registry no longer knows are deleted.
 Stopping the backend leaves pods running.
+
+Nodes are shared: a cluster-wide watch of non-terminal pods (capacity.py) tells what the
+others' pods hold on each node, and each node is registered with what is left of its
+allocatable for fnplane (re-registered when that changes), so `schedule` never places a pod
+the kubelet will reject for room.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 
@@ -41,6 +47,7 @@ from kernel.messages import (
     PodEvent,
     PodsAnnounced,
     PodState,
+    Resources,
     StartPod,
     StopPod,
 )
@@ -54,6 +61,7 @@ from partitions.agents.contract import (
     register,
     stop_refusal,
 )
+from partitions.agents.kubernetes import capacity as kc
 from partitions.agents.kubernetes import objects as ko
 from partitions.agents.kubernetes.pods import KubePod, PodTracker
 from partitions.fencing import EpochFence
@@ -71,6 +79,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 0.5
 DEFAULT_IMAGE = "fnplane:0.1.0"
+REGISTER_COALESCE_S = 0.1  # changes of room on nodes within this go out in one registration
 METRICS_INTERVAL_S = 1.0
 
 
@@ -101,12 +110,23 @@ class KubernetesConfig:
     # How long `start` waits for the first list of nodes and pods before giving up.
     sync_timeout_s: float = 30.0
     user_agent: str = "fnplane-node/0.1"
+    # A node whose kubelet rejected a pod for lack of a resource offers none of it for this
+    # long (or until a pod there ends): it counts something we cannot see.
+    rejection_hold_s: float = 30.0
+    # Pulling the image may take this long (from the bind; the kubelet retries a rate-limited
+    # or failing registry meanwhile); the service's startup timeout runs once it runs.
+    pull_timeout_s: float = 900.0
+    # What a StartPod may spend creating and binding, API retries included: less than
+    # `schedule` waits for its answer, so a pod never starts that `schedule` gave up on.
+    start_timeout_s: float = 4.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.pod_port < 65536:
             raise ValueError(f"pod port {self.pod_port} out of range")
         if self.watch_timeout_s < 1 or self.request_timeout_s <= 0:
             raise ValueError("watch timeout must be >= 1s and request timeout > 0")
+        if self.pull_timeout_s <= 0 or self.start_timeout_s <= 0:
+            raise ValueError("pull and start timeouts must be > 0")
 
 
 @dataclass
@@ -132,7 +152,11 @@ class KubernetesBackend(Component):
         self.announcer = PodAnnouncer(bus, what="kubernetes", fence=self.fence)
         self.shards = ShardFence()
         self._queue: asyncio.Queue[Synced | Changed] = asyncio.Queue()
-        self._synced = {"nodes": asyncio.Event(), "pods": asyncio.Event()}
+        self._synced = {"nodes": asyncio.Event(), "pods": asyncio.Event(),
+                        "others": asyncio.Event()}
+        self.occupancy = kc.Occupancy("", hold_s=config.rejection_hold_s)
+        self._allocatable: dict[str, tuple[NodeInfo, int]] = {}  # as the Node says
+        self._dirty: set[str] = set()  # nodes whose room changed, to register again
         self._subscribed: set[str] = set()
         self._registering = False
         # Nodes registered and still in the cluster: what the heartbeat vouches for. A node
@@ -142,6 +166,7 @@ class KubernetesBackend(Component):
         self._http: aiohttp.ClientSession | None = None
         self._reported: set[str] = set()
         self._stopping = False
+        self._flushing = False
 
     @property
     def pods(self) -> dict[str, KubePod]:
@@ -163,9 +188,12 @@ class KubernetesBackend(Component):
             self.api = api = KubeApi(client, cfg.namespace or ns,
                                      request_timeout_s=cfg.request_timeout_s)
             image, pull = await self._pod_image(api)
+            self.occupancy.namespace = api.namespace
             self.tracker = PodTracker(api, self._emit, image=image, image_pull_policy=pull,
                                       stop_grace_s=cfg.stop_grace_s,
-                                      run_as=(cfg.run_as_user, cfg.run_as_group))
+                                      run_as=(cfg.run_as_user, cfg.run_as_group),
+                                      pull_timeout_s=cfg.pull_timeout_s,
+                                      start_timeout_s=cfg.start_timeout_s)
             deliver = threadsafe_put(asyncio.get_running_loop(), self._queue)
             timeouts = {"watch_timeout_s": cfg.watch_timeout_s,
                         "request_timeout_s": cfg.request_timeout_s}
@@ -173,6 +201,9 @@ class KubernetesBackend(Component):
                 ListWatch("nodes", api.core.list_node, deliver, **timeouts),
                 ListWatch("pods", functools.partial(api.core.list_namespaced_pod, api.namespace),
                           deliver, label_selector=ko.POD_SELECTOR, **timeouts),
+                # Every namespace's pods hold room on the nodes (RBAC: a ClusterRole).
+                ListWatch("others", api.core.list_pod_for_all_namespaces, deliver,
+                          field_selector=kc.NON_TERMINAL, **timeouts),
             ]
             self._spawn(self._consume(), "consume")
             for w in self.watches:
@@ -182,6 +213,7 @@ class KubernetesBackend(Component):
             # any node, so its accounting starts from what really runs.
             await bus.serve(ep.NODE_INVENTORY, self._on_inventory)
             self._registering = True
+            self._dirty.clear()  # the first registration says it all
             await self._register(list(self.nodes.values()))
             await follow_map(bus, self.fence)
             await follow_shards(bus, self.shards)
@@ -223,7 +255,8 @@ class KubernetesBackend(Component):
             errors = "; ".join(f"{w.kind}: {w.last_error}" for w in self.watches if w.last_error)
             host = self.api.host if self.api else "?"
             raise RuntimeError(
-                f"kubernetes API at {host} did not list nodes and pods within "
+                f"kubernetes API at {host} did not list nodes and pods (its own, and all "
+                f"namespaces' for the room they hold) within "
                 f"{self.config.sync_timeout_s:g}s ({errors or 'no answer'})"
             ) from None
 
@@ -249,7 +282,9 @@ class KubernetesBackend(Component):
         while True:
             item = await self._queue.get()
             try:
-                if item.kind == "nodes":
+                if item.kind == "others":
+                    self._on_others(item)
+                elif item.kind == "nodes":
                     await self._on_nodes(item)
                     await self._pods_follow_nodes(item)
                 elif isinstance(item, Synced):
@@ -297,6 +332,8 @@ class KubernetesBackend(Component):
 
     def _on_node(self, obj: dict[str, Any]) -> None:
         info, why = ko.node_info(obj), ko.unschedulable_reason(obj)
+        self._allocatable[info.name] = (info, kc.pods_allowed(obj))
+        info = self._room(info.name, obj["metadata"]["name"])
         old = self.nodes.get(info.name)
         self.nodes[info.name] = node = KubeNode(obj["metadata"]["name"], info, why)
         if old is not None and old.unschedulable != why:
@@ -304,6 +341,80 @@ class KubernetesBackend(Component):
         changed = old is None or old.info != info or (old.unschedulable and not why)
         if self._registering and changed:
             self._spawn(self._register([node]), f"register-{info.name}")
+
+    # ---- room left by the others' pods (capacity.py) -----------------------------------------
+
+    def _on_others(self, item: Synced | Changed) -> None:
+        if isinstance(item, Synced):
+            changed = self.occupancy.on_list(item.items)
+        else:
+            changed = self.occupancy.on_pod(item.type, item.obj)
+        self._recount({ko.fnplane_node_name(n) for n in changed})
+
+    def _room(self, name: str, k8s_name: str) -> NodeInfo:
+        """The node as registered: its allocatable less what others hold (capacity.py)."""
+        alloc, pods = self._allocatable[name]
+        ours = [p for p in self.pods.values() if p.node == name and p.alive]
+        held = Resources()
+        for p in ours:
+            held = held + p.resources
+        cap = self.occupancy.capacity(k8s_name, alloc.capacity, pods, held, len(ours))
+        return msgspec.structs.replace(alloc, capacity=cap)
+
+    def _recount(self, names: set[str]) -> None:
+        """Recompute the room of these nodes; register those that changed again, together
+        (a DaemonSet rolling out touches every node at once)."""
+        for name in names:
+            node = self.nodes.get(name)
+            if node is None or name not in self._allocatable:
+                continue
+            info = self._room(name, node.k8s_name)
+            if info != node.info:
+                node.info = info
+                self._dirty.add(name)
+        if self._dirty and self._registering and not self._flushing:
+            self._flushing = True
+            self._spawn(self._flush(), "register-room")
+
+    async def _flush(self) -> None:
+        try:
+            await asyncio.sleep(REGISTER_COALESCE_S)
+        finally:
+            self._flushing = False
+        dirty, self._dirty = self._dirty, set()
+        nodes = [self.nodes[n] for n in sorted(dirty) if n in self.nodes]
+        log.info("kubernetes: room changed on %s", ", ".join(n.info.name for n in nodes))
+        await self._register(nodes)
+
+    def _pod_changed(self, pod: KubePod, state: PodState, reason: str) -> None:
+        """Our pods count against a node's pod slots; one that ended frees room (unless the
+        kubelet rejected it: see `_rejected`)."""
+        if pod.node not in self.nodes:
+            return
+        if state in ("stopped", "failed") and not kc.rejection(reason):
+            self.occupancy.freed(self.nodes[pod.node].k8s_name)
+        self._recount({pod.node})
+
+    async def _rejected(self, pod: KubePod, reason: str) -> None:
+        """The kubelet rejected a pod of ours for lack of a resource: it counts something we
+        do not see, so the node offers none of that resource for a while — registered
+        before the pod is reported, so the replacement `scale` asks for is placed by a
+        `schedule` that already knows (capacity.py)."""
+        node = self.nodes.get(pod.node)
+        short = kc.rejection(reason)
+        if node is None or not short:
+            return
+        log.warning("kubernetes: the kubelet of %s rejected %s (OutOf%s): it offers no %s "
+                    "for %gs", node.k8s_name, pod.name, short, short, self.occupancy.hold_s)
+        self.occupancy.rejected(node.k8s_name, short, time.time())
+        info = self._room(pod.node, node.k8s_name)
+        if info != node.info and self._registering:
+            node.info = info
+            self._dirty.discard(pod.node)
+            try:
+                await asyncio.wait_for(self._register([node]), timeout=2.0)
+            except TimeoutError:
+                log.warning("kubernetes: registering %s again took too long", pod.node)
 
     async def _register(self, nodes: list[KubeNode]) -> None:
         """Subscribe the nodes' subjects, then register the schedulable ones (again, when
@@ -330,10 +441,18 @@ class KubernetesBackend(Component):
     # ---- background work --------------------------------------------------------------------
 
     async def _sweep(self) -> None:
+        """Deadlines, retried deletes, expired rejections. Guarded: an API timeout or a
+        NATS hiccup in one round is logged, and the next round runs anyway."""
         assert self.tracker is not None
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
-            await self.tracker.sweep(time.time())
+            try:
+                now = time.time()
+                await self.tracker.sweep(now)
+                expired = self.occupancy.expire(now)
+                self._recount({ko.fnplane_node_name(n) for n in expired})
+            except Exception:
+                log.exception("kubernetes: sweep round failed; the next one runs anyway")
 
     async def _delete_orphans(self) -> None:
         """Adopted pods of a service deleted while the control plane was down have no owner
@@ -430,4 +549,9 @@ class KubernetesBackend(Component):
             log_tail=log_tail,
             ts=time.time(),
         )
-        await self.announcer.send(ev)
+        if state == "stopped":
+            await self._rejected(pod, reason)
+        try:
+            await self.announcer.send(ev)
+        finally:
+            self._pod_changed(pod, state, reason)

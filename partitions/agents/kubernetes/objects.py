@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -48,9 +49,19 @@ ANN_GENERATION = "fnplane.dev/generation"
 # Waiting reasons after which a container will not start without a change to its spec or
 # image; with restartPolicy Never a crash ends in a terminated state instead.
 FATAL_WAITING = frozenset({
-    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+    "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError",
     "CreateContainerError", "RunContainerError", "CrashLoopBackOff",
 })
+# The kubelet is still getting the image: the pull deadline runs, not the startup one.
+# ErrImagePull and ImagePullBackOff are retried by the kubelet (a registry's 429 or 5xx, a
+# reset connection pass); fatal at once only when the registry says the image is not there
+# or not for us, which no retry changes.
+PULLING = frozenset({"ContainerCreating", "ErrImagePull", "ImagePullBackOff"})
+_HOPELESS_PULL = re.compile(
+    r"not found|manifest unknown|no such image|repository does not exist|pull access denied"
+    r"|access to the resource is denied|unauthorized|authentication required"
+    r"|authorization failed|401 unauthorized|403 forbidden|invalid reference format",
+    re.IGNORECASE)
 
 
 def _meta(obj: dict[str, Any]) -> dict[str, Any]:
@@ -301,7 +312,8 @@ def _failure(status: dict[str, Any]) -> str:
                                                                          "Completed") else ""
             return f"pod exited with code {term.get('exitCode', '?')}{why}"
         waiting = state.get("waiting") or {}
-        if waiting.get("reason") in FATAL_WAITING:
+        if waiting.get("reason") in FATAL_WAITING or (
+                waiting.get("reason") in PULLING and hopeless_pull(waiting.get("message"))):
             msg = f": {waiting['message']}" if waiting.get("message") else ""
             return f"{waiting['reason']}{msg}"
     phase = status.get("phase")
@@ -310,6 +322,30 @@ def _failure(status: dict[str, Any]) -> str:
         reason = status.get("reason") or phase
         return f"{reason}: {status['message']}" if status.get("message") else str(reason)
     return ""
+
+
+def hopeless_pull(message: str | None) -> bool:
+    """An image pull error no retry fixes (not found, denied). Quoted parts are the image's
+    own name, which may contain any word."""
+    return bool(message) and bool(_HOPELESS_PULL.search(re.sub(r'"[^"]*"', '""', message)))
+
+
+def container_state(pod: dict[str, Any]) -> tuple[str, str, bool]:
+    """The container's waiting reason and message ("" when not waiting), and whether it
+    runs."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        waiting = state.get("waiting") or {}
+        return (str(waiting.get("reason") or ""), str(waiting.get("message") or ""),
+                "running" in state)
+    return "", "", False
+
+
+def container_started_at(pod: dict[str, Any]) -> float:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        running = (cs.get("state") or {}).get("running") or {}
+        return _timestamp(running.get("startedAt"))
+    return 0.0
 
 
 @dataclass(frozen=True)
