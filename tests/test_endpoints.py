@@ -121,7 +121,7 @@ async def test_garbage_on_a_publication_is_counted_not_dropped_silently(nats_url
         await client.nc.publish(ep.PARTITION_MAP.subject, b"\xc1garbage")
         await client.send(ep.PARTITION_MAP, Empty())  # a real message of the wrong kind
         await client.send(ep.PARTITION_MAP, PartitionMap(version=1, partitions=[]))
-        for _ in range(100):
+        for _ in range(500):  # up to 10 s: a loaded 2-core machine has taken over 2
             if got and server.rejected["partition-map"] == 2:
                 break
             await asyncio.sleep(0.02)
