@@ -234,9 +234,11 @@ def spec_from_flags(args: argparse.Namespace) -> ServiceSpec:
         min_scale=args.min_scale,
         max_scale=args.max_scale,
         initial_scale=args.initial_scale,
-        target_concurrency=target if target else 100.0,
+        # No target: Knative's, from the container concurrency (functions/scale/kpa.py).
+        target_concurrency=target if target else None,
         stable_window_s=_seconds(args.scale_window),
         scale_to_zero_grace_s=_seconds(args.scale_to_zero_grace),
+        activation_scale=args.activation_scale,
     )
     env = {}
     for item in args.env or []:
@@ -279,6 +281,15 @@ def _seconds(value: str) -> float:
         return float(text)
     except ValueError:
         raise SpecError(f"duration {value!r}: expected e.g. 30s, 2m") from None
+
+
+def _target(sc: ScalingSpec) -> str:
+    """The declared per-pod target, or where Knative takes it from when none is declared."""
+    if sc.metric == "rps":
+        return f"{sc.target_rps:g} rps"
+    if sc.target_concurrency is None:
+        return "container concurrency (else 100)"
+    return f"{sc.target_concurrency:g}"
 
 
 async def run_deploy(args: argparse.Namespace) -> int:
@@ -335,7 +346,7 @@ async def run_describe(args: argparse.Namespace) -> int:
     print(f"Resources:   {sp.resources.cpu:g} cpu, {sp.resources.memory_mb} MiB"
           + (f", {sp.resources.gpu} gpu" if sp.resources.gpu else ""))
     print(f"Scale:       min {sc.min_scale}, max {sc.max_scale or 'unbounded'}, "
-          f"target {sc.target_concurrency:g} ({sc.target_utilization:.0%}), "
+          f"target {_target(sc)} ({sc.target_utilization:.0%}), "
           f"container concurrency {sp.container_concurrency or 'unlimited'}, "
           f"window {sc.stable_window_s:g}s, scale-to-zero grace {sc.scale_to_zero_grace_s:g}s")
     print(f"Pods:        {st.ready_pods} ready, {st.desired_pods} desired")
@@ -524,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the version on OIP's versioned paths (/v2/models/NAME/versions/V)")
     dep.add_argument("--max-batch-size", type=int, default=0)
     dep.add_argument("--max-batch-wait-ms", type=float, default=5.0)
+    dep.add_argument("--activation-scale", type=int, default=0,
+                     help="the fewest pods when scaling from zero (Knative's "
+                          "activation-scale; 0 = not set, else >= 2)")
     dep.add_argument("--no-wait", action="store_true")
     dep.add_argument("--wait-timeout", type=float, default=120.0)
     dep.add_argument("--command", nargs=argparse.REMAINDER,

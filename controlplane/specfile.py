@@ -114,6 +114,7 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
             "targetUtilizationPercentage", "containerConcurrency", "scaleWindowSeconds",
             "scaleToZeroGracePeriodSeconds", "scaleDownDelaySeconds", "targetBurstCapacity",
             "batching", "container", "model", "modelVersion", "modelId", "tolerations",
+            "activationScale",
         },
         "spec.predictor",
     )
@@ -150,13 +151,15 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
         max_scale=int(pred.get("maxReplicas", 0)),
         initial_scale=int(pred.get("initialReplicas", 1)),
         metric=metric,
-        target_concurrency=float(target) if has_target and metric == "concurrency" else 100.0,
+        # No scaleTarget: Knative's target follows the container concurrency (kpa.py).
+        target_concurrency=float(target) if has_target and metric == "concurrency" else None,
         target_rps=float(target) if has_target and metric == "rps" else 200.0,
         target_utilization=float(pred.get("targetUtilizationPercentage", 70)) / 100.0,
         stable_window_s=float(pred.get("scaleWindowSeconds", 60)),
         scale_to_zero_grace_s=float(pred.get("scaleToZeroGracePeriodSeconds", 30)),
         scale_down_delay_s=float(pred.get("scaleDownDelaySeconds", 0)),
         target_burst_capacity=float(pred.get("targetBurstCapacity", 211)),
+        activation_scale=int(pred.get("activationScale", 0)),
     )
     batching = _take(pred.get("batching") or {}, {"maxBatchSize", "maxWaitMs"}, "batching")
     return ServiceSpec(

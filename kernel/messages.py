@@ -131,7 +131,9 @@ class ScalingSpec(msgspec.Struct, frozen=True, kw_only=True):
     min_scale: int = 0
     max_scale: int = 0  # 0 = unbounded, as Knative
     initial_scale: int = 1
-    target_concurrency: float = 100.0  # container-concurrency-target-default
+    # Knative's target annotation. None: not declared, so the container concurrency, or
+    # container-concurrency-target-default (100) when that is unlimited (ResolveMetricTarget).
+    target_concurrency: float | None = None
     target_utilization: float = 0.7
     metric: Literal["concurrency", "rps"] = "concurrency"
     target_rps: float = 200.0
@@ -143,6 +145,9 @@ class ScalingSpec(msgspec.Struct, frozen=True, kw_only=True):
     scale_down_delay_s: float = 0.0
     scale_to_zero_grace_s: float = 30.0
     target_burst_capacity: float = 211.0  # -1: activator always in path, 0: only at zero
+    # Knative's activation-scale: the fewest pods a service scales to from zero or whenever
+    # it has demand (0: not set; else >= 2, between min-scale and max-scale).
+    activation_scale: int = 0
 
 
 class BatchingSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -206,7 +211,17 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
             raise SpecError(f"min-scale {sc.min_scale} > max-scale {sc.max_scale}")
         if sc.initial_scale < 0:
             raise SpecError("initial-scale must be >= 0")
-        if sc.target_concurrency <= 0 or sc.target_rps <= 0 or not 0 < sc.target_utilization <= 1:
+        if sc.activation_scale:  # as Knative's annotation_validation.go validateMinMaxScale
+            if sc.min_scale > sc.activation_scale:
+                raise SpecError(f"min-scale {sc.min_scale} > activation-scale "
+                                f"{sc.activation_scale}")
+            if sc.max_scale and sc.max_scale < sc.activation_scale:
+                raise SpecError(f"max-scale {sc.max_scale} < activation-scale "
+                                f"{sc.activation_scale}")
+            if sc.activation_scale < 2:
+                raise SpecError("activation-scale must be >= 2 (0 = not set)")
+        if (sc.target_concurrency is not None and sc.target_concurrency <= 0) or (
+                sc.target_rps <= 0 or not 0 < sc.target_utilization <= 1):
             raise SpecError("target concurrency/rps must be > 0 and utilization in (0, 1]")
         if sc.stable_window_s < 6 or sc.stable_window_s > 3600:
             raise SpecError("scale window must be between 6s and 1h (as Knative)")

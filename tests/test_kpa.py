@@ -19,8 +19,12 @@ from kernel.messages import ScalingSpec
 TARGET_10 = {"target_concurrency": 10.0}
 
 
-def autoscaler(cc: int = 0, **knobs: object) -> Autoscaler:
-    return Autoscaler(ScalingSpec(**{**TARGET_10, **knobs}), container_concurrency=cc)
+def autoscaler(cc: int = 0, *, start_ready: int = 1, **knobs: object) -> Autoscaler:
+    """Built at t=0 with `start_ready` ready pods; 1, as Knative's newTestAutoscaler, so it
+    does not start in panic."""
+    a = Autoscaler(ScalingSpec(**{**TARGET_10, **knobs}), container_concurrency=cc)
+    a.adopt(0.0, start_ready)
+    return a
 
 
 def steady(a: Autoscaler, value: float, start: float, end: float, *, rps: float = 0.0) -> None:
@@ -158,8 +162,10 @@ def test_panic_starts_when_the_panic_window_doubles_the_target() -> None:
     d = run(autoscaler(), *BURST)
 
     assert (d[59].panic, d[59].desired) == (False, 2)
-    # At 61 the 6 s panic window averages (4 × 14 + 2 × 70) / 6 = 32.7: 2.3 × 7 per ready pod.
-    assert (d[60].panic, d[61].panic) == (False, True)
+    # At 60 the 6 s panic window averages (5 × 14 + 70) / 6 = 23.3, 3.3 pods' worth: Knative
+    # rounds it up to 4 before comparing with 2 ready × 200% (autoscaler.go: dppc, then
+    # isOverPanicThreshold := dppc/readyPodsCount >= PanicThreshold), so it panics at once.
+    assert (d[59].panic, d[60].panic) == (False, True)
     assert (d[65].panic, d[65].desired, d[65].reason) == (True, 10, "panic")  # ceil(70 / 7)
 
 
@@ -169,9 +175,11 @@ def test_panic_never_scales_down_and_ends_a_stable_window_after_the_surge() -> N
     during = [d[t].desired for t in range(61, 125)]
     assert during == sorted(during), "decisions fell while panicking"
     assert all(d[t].panic and d[t].desired == 10 for t in range(65, 125))
-    # Last over the threshold at 65: panic holds until 65 + 60, then the stable window rules,
-    # limited by the scale-down rate (10 ready / 2).
-    assert (d[125].panic, d[125].reason, d[125].desired) == (False, "stable", 5)
+    # Last over the threshold at 65: panic holds through 65 + 60 (Knative un-panics only when
+    # panicTime.Add(StableWindow).Before(now)), then the stable window rules, limited by the
+    # scale-down rate (10 ready / 2).
+    assert (d[125].panic, d[125].desired) == (True, 10)
+    assert (d[126].panic, d[126].reason, d[126].desired) == (False, "stable", 5)
 
 
 def test_entering_panic_never_asks_for_fewer_pods_than_the_stable_window() -> None:
@@ -185,10 +193,12 @@ def test_entering_panic_never_asks_for_fewer_pods_than_the_stable_window() -> No
         assert d[t].desired >= max(29, math.ceil(d[t].stable_value / 7)), t
 
 
-def test_panic_needs_a_ready_pod() -> None:
+def test_at_zero_the_activation_answers_not_the_panic() -> None:
+    """No pod at all and requests waiting: the scale-from-zero path decides (with pods
+    starting but none ready, Knative's panic rules apply: test_kpa_parity.py)."""
     d = run(autoscaler(), Phase(0, 10, 700, 0))
 
-    assert not any(x.panic for x in d.values())
+    assert all(x.reason == "activation" and not x.panic for x in d.values())
 
 
 # ---- rates and bounds ----------------------------------------------------------------------
@@ -247,9 +257,12 @@ def test_scale_down_delay_keeps_the_max_of_the_decisions_in_the_delay() -> None:
     delayed = run(autoscaler(scale_down_delay_s=30.0, **knobs), *phases)
 
     for t in delayed:
-        window = [prompt[s].desired for s in range(max(0, t - 30), t + 1)]
+        # A decision exactly 30 s old has left the window (max/window.go).
+        window = [prompt[s].desired for s in range(max(0, t - 29), t + 1)]
         assert delayed[t].desired == max(window), t
-    assert (prompt[20].desired, delayed[35].desired, delayed[60].desired) == (1, 10, 1)
+    # The 10 decided at t=5 holds through t=34 and is gone at t=35, exactly 30 s later.
+    assert (prompt[20].desired, delayed[34].desired, delayed[35].desired,
+            delayed[60].desired) == (1, 10, 9, 1)
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,8 @@ def within_limit(spec: ServiceSpec, limit: int) -> ServiceSpec:
     if limit <= 0 or 0 < sc.max_scale <= limit:
         return spec
     capped = msgspec.structs.replace(sc, max_scale=limit, min_scale=min(sc.min_scale, limit),
-                                     initial_scale=min(sc.initial_scale, limit))
+                                     initial_scale=min(sc.initial_scale, limit),
+                                     activation_scale=min(sc.activation_scale, limit))
     return msgspec.structs.replace(spec, scaling=capped)
 
 
