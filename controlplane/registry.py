@@ -8,6 +8,7 @@ subject; status answers gather what `scale` and `route` know at that moment.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import msgspec
 from nats.aio.msg import Msg
@@ -32,6 +33,7 @@ from kernel.messages import (
 )
 from kernel.shards import shard_of
 from kernel.store import Store
+from partitions.modelcache.policy import ModelUriError, UriPolicy
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,12 @@ log = logging.getLogger(__name__)
 class Registry(Component):
     """`store` is shared with the coordinator and closed by whoever opened it."""
 
-    def __init__(self, bus: Bus, store: Store, *, public_url: str) -> None:
+    def __init__(self, bus: Bus, store: Store, *, public_url: str,
+                 model_policy: UriPolicy | None = None) -> None:
         super().__init__(bus)
         self.store = store
+        # The nodes' storage URI policy: a URI they would refuse is refused here, a 400.
+        self.model_policy = model_policy
         self.public_url = public_url.rstrip("/")
 
     async def start(self) -> None:
@@ -60,6 +65,16 @@ class Registry(Component):
             spec = msg.spec.validate()
         except SpecError as exc:
             raise RemoteError(ErrorCode.INVALID, f"invalid service spec: {exc}") from None
+        if spec.storage_uri and self.model_policy is not None:
+            try:
+                source = self.model_policy.check(spec.storage_uri)
+            except ModelUriError as exc:
+                raise RemoteError(ErrorCode.INVALID, f"invalid service spec: {exc}") from None
+            # Where it can be known here (a path on this machine): it must exist. A remote
+            # one is checked by the node, and a failed fetch is a failed pod naming it.
+            if source.scheme == "file" and not Path(source.path).exists():
+                raise RemoteError(ErrorCode.INVALID, f"invalid service spec: storage URI "
+                                                     f"{spec.storage_uri!r}: no such file")
         old = await self.store.get_service(spec.name)
         gen = (old.generation if old else 0) + 1
         spec = msgspec.structs.replace(spec, generation=gen)
