@@ -234,8 +234,10 @@ class ModelCache:
         fs, path = self._fs(source)
         try:
             info = fs.info(path)
-        except FileNotFoundError:
-            raise ModelFetchError(f"model {source.uri}: not found") from None
+        except FileNotFoundError as exc:
+            # fsspec's HTTP filesystem says "not found" for a refused connection as well.
+            why = "not found" if source.scheme == "file" else f"unreachable or not found ({exc})"
+            raise ModelFetchError(f"model {source.uri}: {why}") from None
         except (OSError, ValueError) as exc:
             raise ModelFetchError(f"model {source.uri}: unreachable ({exc})") from None
         except Exception as exc:  # fsspec's backends raise their clients' own errors
