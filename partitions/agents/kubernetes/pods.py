@@ -18,6 +18,7 @@ from msgspec.structs import replace
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import PodAllocation, PodTimeline, Resources, StartPod
 from partitions.agents.kubernetes import objects as ko
+from partitions.agents.kubernetes.storage import with_storage_initializer
 from partitions.kubeapi import KubeApi, api_reason
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class PodTracker:
                                    grace_s=self.stop_grace_s,
                                    run_as_user=_first(spec.run_as_user, self.run_as[0]),
                                    run_as_group=_first(spec.run_as_group, self.run_as[1]))
+        # A storageUri: KServe's storage-initializer init container, run from fnplane's image.
+        manifest = with_storage_initializer(manifest, spec, image=self.image)
         try:
             await self.api.create_pod(manifest)
         except ApiException as exc:
