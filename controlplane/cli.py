@@ -349,6 +349,12 @@ async def run_describe(args: argparse.Namespace) -> int:
     print(f"URL:         {st.url}")
     print(f"Command:     {' '.join(sp.command)}")
     print(f"Model:       {sp.model_id}, version {sp.model_version}")
+    if sp.storage_uri:
+        cached = sorted((n.name, n.model_bytes.get(sp.model_id, 0))
+                        for n in cluster.partitions.nodes.values() if sp.model_id in n.models)
+        where = ", ".join(f"{name} ({size / 2**20:.1f} MiB)" for name, size in cached)
+        print(f"Cached on:   {where or 'no node yet'}"
+              + (f" (prefetch {sp.prefetch})" if sp.prefetch else ""))
     print(f"Resources:   {sp.resources.cpu:g} cpu, {sp.resources.memory_mb} MiB"
           + (f", {sp.resources.gpu} gpu" if sp.resources.gpu else ""))
     print(f"Scale:       min {sc.min_scale}, max {sc.max_scale or 'unbounded'}, "

@@ -23,16 +23,20 @@ from kernel.messages import (
     Empty,
     Endpoints,
     NameRequest,
+    PartitionMap,
+    PrefetchModel,
     RoutingSnapshot,
     ScaleStatus,
     ServiceDeleted,
     ServiceList,
+    ServiceSpec,
     ServiceStatus,
     SpecError,
     SpecUpdated,
 )
 from kernel.shards import shard_of
 from kernel.store import Store
+from partitions.modelcache.placement import prefetch_nodes
 from partitions.modelcache.policy import ModelUriError, UriPolicy
 
 log = logging.getLogger(__name__)
@@ -80,8 +84,26 @@ class Registry(Component):
         spec = msgspec.structs.replace(spec, generation=gen)
         await self.store.put_service(spec)
         await self.bus.send(ep.SERVICE_UPDATED, SpecUpdated(spec=spec))
+        if spec.prefetch:
+            await self._prefetch(spec)
         log.info("registry: %s %s (generation %d)", "updated" if old else "created", spec.name, gen)
         return ServiceStatus(spec=spec, url=self.url(spec.name))
+
+    async def _prefetch(self, spec: ServiceSpec) -> None:
+        """Ask `prefetch` nodes a pod could go to (those caching it first) to fetch the
+        model now; a node that cannot is logged, the deploy stands."""
+        try:
+            pmap: PartitionMap = await self.bus.call(ep.PARTITION_MAP_GET, Empty(), timeout=2.0)
+        except RemoteError as exc:
+            log.warning("registry: no partition map to prefetch %s: %s", spec.name, exc)
+            return
+        msg = PrefetchModel(service=spec.name, storage_uri=spec.storage_uri,
+                            sha256=spec.storage_sha256)
+        for node in prefetch_nodes(pmap.nodes.values(), spec):
+            try:
+                await self.bus.call(ep.NODE_PREFETCH, msg, timeout=2.0, node=node)
+            except RemoteError as exc:
+                log.warning("registry: node %s did not prefetch %s: %s", node, spec.name, exc)
 
     async def _on_delete(self, msg: NameRequest, _raw: Msg) -> Empty:
         if not await self.store.delete_service(msg.name):

@@ -480,6 +480,15 @@ class StartPod(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     gpu_devices: list[int] = []
 
 
+class PrefetchModel(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """Registry → a node: fetch this service's weights into your cache now, before any
+    request (`prefetch`); answered at once, the download goes on in the node."""
+
+    service: str
+    storage_uri: str
+    sha256: str = ""
+
+
 class StopPod(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     pod: str
     service: str

@@ -89,6 +89,31 @@ async def test_a_service_scales_from_zero_with_its_weights_from_the_node_cache(
 
 
 @pytest.mark.timeout(60)
+async def test_prefetch_warms_the_model_on_n_nodes_before_any_request(
+        nats_url: str, redis_url: str, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    model_dir(root)
+    uri = f"file://{root}/iris"
+    cfg = stack_config(tmp_path / "state")
+    cfg = replace(cfg, nodes=replace(cfg.nodes, model_root=root))
+    stack = Stack(cfg, nats_url=nats_url, redis_url=redis_url)
+    await stack.start()
+    try:
+        await deploy(nats_url, sample_spec(name="warm", storage_uri=uri, prefetch=2))
+
+        async def holders() -> list[str]:
+            async with admin(nats_url) as bus:
+                status: ClusterStatus = await bus.call(ep.ADMIN_STATUS, Empty(), timeout=5)
+            return sorted(n.name for n in status.partitions.nodes.values() if uri in n.models)
+
+        await wait_until(holders, lambda h: h == ["node-0", "node-1"], timeout=15,
+                         what="the model cached on both nodes")
+        assert (await describe(nats_url, "warm")).pods == []  # no pod ran for it
+    finally:
+        await stack.stop()
+
+
+@pytest.mark.timeout(60)
 async def test_an_unfetchable_uri_is_a_failed_pod_naming_it(
         nats_url: str, redis_url: str, tmp_path: Path) -> None:
     cfg = stack_config(tmp_path / "state")

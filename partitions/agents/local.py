@@ -40,6 +40,7 @@ from kernel.messages import (
     PodsAnnounced,
     PodState,
     PodTimeline,
+    PrefetchModel,
     StartPod,
     StopPod,
 )
@@ -167,6 +168,7 @@ class LocalNode(Component):
         bus = self.bus
         await bus.serve(ep.NODE_START, self._on_start, concurrent=True, node=self.name)
         await bus.serve(ep.NODE_STOP, self._on_stop, concurrent=True, node=self.name)
+        await bus.serve(ep.NODE_PREFETCH, self._on_prefetch, node=self.name)
         await bus.serve(ep.NODE_INVENTORY, self._on_inventory)
         await bus.serve(ep.NODE_ANNOUNCE, self._on_announce)
         await register(bus, [self.info])
@@ -189,6 +191,21 @@ class LocalNode(Component):
         await super().stop()
         if self._http is not None:
             await self._http.close()
+
+    async def _on_prefetch(self, msg: PrefetchModel, _raw: Msg) -> Empty:
+        """Warm the cache now; the download goes on after the answer (its end shows in the
+        next cache report)."""
+        if self.cache is None:
+            raise RemoteError(ErrorCode.INVALID, f"node {self.name} has no model cache")
+        self.tasks.spawn(self._prefetch(msg), name=f"prefetch-{msg.service}")
+        return Empty()
+
+    async def _prefetch(self, msg: PrefetchModel) -> None:
+        assert self.cache is not None
+        try:
+            await self.cache.fetch(msg.storage_uri, sha256=msg.sha256)
+        except (ModelUriError, ModelFetchError) as exc:
+            log.warning("node %s: prefetch for %s failed: %s", self.name, msg.service, exc)
 
     def _caches(self) -> dict[str, dict[str, int]]:
         """What this node's cache holds now, said with every heartbeat."""
