@@ -74,8 +74,12 @@ class DemandReporter:
             service=name, pod=target.pod, node=target.node, request_in=request_in,
             placement_decided=tl.placed_at, process_spawned=tl.spawned_at, ready=tl.ready_at,
             first_byte_out=first_byte, trace_id=telemetry.current_trace_id(),
+            weights_fetched=tl.fetched_at,
         )
         self.metrics.observe("fnplane.cold_start.duration", first_byte - request_in, service=name)
+        # The stage the weights' download took, apart: the control plane's share excludes it.
+        fetch = tl.fetched_at - tl.placed_at if tl.fetched_at and tl.placed_at else 0.0
+        self.metrics.observe("fnplane.cold_start.weights_fetch.duration", fetch, service=name)
         self.tasks.spawn(self.bus.send(ep.COLD_START, cs), name=f"cold-start-{name}")
 
     async def run(self) -> None:

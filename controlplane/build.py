@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from kernel.bus import Bus
 from kernel.component import Component
-from kernel.config import Config
+from kernel.config import Config, ConfigError
 from kernel.identity import login
 from kernel.messages import NodeInfo
 
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from kernel.store import Store
     from partitions.agents.kubernetes.agent import KubernetesBackend, KubernetesConfig
     from partitions.agents.local import LocalNode
+    from partitions.modelcache.policy import UriPolicy
+    from partitions.modelcache.store import ModelCache
 
 
 def new_id(kind: str) -> str:
@@ -162,16 +164,25 @@ async def coordinator(config: Config, *, public_url: str, runtime: Runtime | Non
                         config.coordinator,
                         runtime=runtime)
     registry = Registry(await connect(config, new_id("registry"), "coordinator"), store,
-                        public_url=public_url)
+                        public_url=public_url, model_policy=model_policy(config))
     return Coordinated(coord, registry, store, runtime)
 
 
 async def local_nodes(config: Config, *, log_dir: Path) -> list[LocalNode]:
     from partitions.agents.local import LocalNode
     from partitions.agents.podusers import PodUsers
+    from partitions.modelcache.store import ModelCache
     nodes = config.nodes
     pod_users = PodUsers(nodes.pod_user, workdir=nodes.workdir)  # one pod user for all
     gpus = nodes.capacity.gpu
+    policy = model_policy(config)
+    cache_dir = nodes.model_cache_dir or Path(config.state_dir) / "models"
+
+    def cache(name: str) -> ModelCache:
+        # One cache per node, as on separate machines: locality is per node.
+        return ModelCache(cache_dir / name, capacity_bytes=nodes.node_cache_bytes,
+                          policy=policy)
+
     return [
         LocalNode(await connect(config, f"node-{i}", "node"),
                   # The local nodes share this machine's GPUs: each has its own slice of
@@ -179,9 +190,22 @@ async def local_nodes(config: Config, *, log_dir: Path) -> list[LocalNode]:
                   NodeInfo(name=f"node-{i}", capacity=nodes.capacity, backend="local",
                            gpu_devices=list(range(i * gpus, (i + 1) * gpus))),
                   workdir=nodes.workdir, log_dir=log_dir, pod_users=pod_users,
-                  pod_nice=nodes.pod_nice)
+                  pod_nice=nodes.pod_nice, cache=cache(f"node-{i}"))
         for i in range(nodes.count)
     ]
+
+
+def model_policy(config: Config) -> UriPolicy:
+    """Which storage URIs nodes fetch, from the configuration: the registry checks a
+    deploy against the same policy the nodes apply."""
+    from partitions.modelcache.policy import ModelUriError, policy_from
+    n = config.nodes
+    try:
+        return policy_from(model_root=n.model_root, state_dir=Path(config.state_dir),
+                           hosts=n.model_hosts, max_bytes=n.model_max_bytes,
+                           timeout_s=n.model_fetch_timeout_s)
+    except ModelUriError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 async def kubernetes_nodes(config: Config, kube: KubernetesConfig) -> KubernetesBackend:

@@ -90,6 +90,10 @@ async def run_up(args: argparse.Namespace) -> int:
             ),
             workdir=Path(args.workdir).resolve(),
             pod_user=args.pod_user,
+            model_root=Path(args.model_root).resolve() if args.model_root else None,
+            model_hosts=tuple(h.strip() for h in (args.model_hosts or "").split(",")
+                              if h.strip()),
+            node_cache_bytes=_bytes(args.node_cache_size, "--node-cache-size"),
         ),
     )
     config = replace(config, coordinator=replace(
@@ -265,7 +269,22 @@ def spec_from_flags(args: argparse.Namespace) -> ServiceSpec:
         run_as_user=args.run_as_user,
         run_as_group=args.run_as_group,
         tolerations=[parse_toleration(t) for t in args.toleration or []],
+        storage_uri=args.storage_uri,
+        storage_sha256=args.storage_sha256,
+        prefetch=args.prefetch,
     ).validate()
+
+
+def _bytes(value: str, flag: str) -> int:
+    """A size as a Kubernetes quantity ('20Gi', '500M'); a bare number is bytes."""
+    from controlplane.specfile import parse_quantity
+    try:
+        n = parse_quantity(value)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise ConfigError(f"{flag} {value!r}: expected a size such as '20Gi'")
+    return int(n)
 
 
 def _seconds(value: str) -> float:
@@ -343,6 +362,12 @@ async def run_describe(args: argparse.Namespace) -> int:
     print(f"URL:         {st.url}")
     print(f"Command:     {' '.join(sp.command)}")
     print(f"Model:       {sp.model_id}, version {sp.model_version}")
+    if sp.storage_uri:
+        cached = sorted((n.name, n.model_bytes.get(sp.model_id, 0))
+                        for n in cluster.partitions.nodes.values() if sp.model_id in n.models)
+        where = ", ".join(f"{name} ({size / 2**20:.1f} MiB)" for name, size in cached)
+        print(f"Cached on:   {where or 'no node yet'}"
+              + (f" (prefetch {sp.prefetch})" if sp.prefetch else ""))
     print(f"Resources:   {sp.resources.cpu:g} cpu, {sp.resources.memory_mb} MiB"
           + (f", {sp.resources.gpu} gpu" if sp.resources.gpu else ""))
     print(f"Scale:       min {sc.min_scale}, max {sc.max_scale or 'unbounded'}, "
@@ -499,6 +524,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kubeconfig", default=None,
                     help="with --backend kubernetes: the cluster (default: in-cluster "
                          "service account, else ~/.kube/config)")
+    up.add_argument("--model-root", default=None,
+                    help="the only directory file:// storage URIs may name (default: "
+                         "file:// refused; never the state dir)")
+    up.add_argument("--model-hosts", default="",
+                    help="comma-separated hosts http(s)/s3/gs storage URIs may name ('*': any "
+                         "but loopback and link-local, which must be listed by name)")
+    up.add_argument("--node-cache-size", default="20Gi",
+                    help="each node's model cache (least recently used models no pod uses "
+                         "are evicted to stay within it)")
     up.set_defaults(func=run_up)
 
     dep = sub.add_parser("deploy", help="create or update a service")
@@ -533,6 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the pod's gid on kubernetes (default 10001)")
     dep.add_argument("--model-version", default="1",
                      help="the version on OIP's versioned paths (/v2/models/NAME/versions/V)")
+    dep.add_argument("--storage-uri", default="",
+                     help="the model's weights (file://, http(s)://, s3://, gs://), fetched "
+                          "into the node's cache and given to the pod in MODEL_DIR")
+    dep.add_argument("--storage-sha256", default="",
+                     help="the weights' sha256: the cache keys by it and verifies it")
+    dep.add_argument("--prefetch", type=int, default=0,
+                     help="warm the model on this many nodes before any request")
     dep.add_argument("--max-batch-size", type=int, default=0)
     dep.add_argument("--max-batch-wait-ms", type=float, default=5.0)
     dep.add_argument("--activation-scale", type=int, default=0,

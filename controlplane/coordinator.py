@@ -186,12 +186,26 @@ class Coordinator(Component):
                 self._changed.set()
         return Empty()
 
+    def _note_caches(self, msg: NodesAlive) -> None:
+        """A node's model cache changed (a fetch, an eviction): its NodeInfo says so, and
+        the next map carries it to the `schedule` owner, whose locality score reads it."""
+        for name, held in msg.caches.items():
+            info = self.nodes.get(name)
+            if info is None or info.model_bytes == held:
+                continue
+            # Models the node was registered with (labels) stay; cached ones follow the cache.
+            labelled = set(info.models) - set(info.model_bytes)
+            self.nodes[name] = msgspec.structs.replace(
+                info, models=sorted(labelled | set(held)), model_bytes=dict(held))
+            self._changed.set()
+
     async def _on_nodes_alive(self, msg: NodesAlive, _raw: Msg) -> UnknownNodes:
         """Nodes we know are alive; the others (expired while their agent was silent, or
         from before our restart and not registered since) are named in the answer, so
         their agent registers them again."""
         known = [n for n in msg.nodes if n in self.nodes and n not in self._unconfirmed]
         self.liveness.alive(known, self.clock())
+        self._note_caches(msg)
         if len(known) == len(msg.nodes):
             return UnknownNodes()
         have = set(known)

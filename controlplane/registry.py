@@ -8,6 +8,7 @@ subject; status answers gather what `scale` and `route` know at that moment.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import msgspec
 from nats.aio.msg import Msg
@@ -22,16 +23,21 @@ from kernel.messages import (
     Empty,
     Endpoints,
     NameRequest,
+    PartitionMap,
+    PrefetchModel,
     RoutingSnapshot,
     ScaleStatus,
     ServiceDeleted,
     ServiceList,
+    ServiceSpec,
     ServiceStatus,
     SpecError,
     SpecUpdated,
 )
 from kernel.shards import shard_of
 from kernel.store import Store
+from partitions.modelcache.placement import prefetch_nodes
+from partitions.modelcache.policy import ModelUriError, UriPolicy
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +45,12 @@ log = logging.getLogger(__name__)
 class Registry(Component):
     """`store` is shared with the coordinator and closed by whoever opened it."""
 
-    def __init__(self, bus: Bus, store: Store, *, public_url: str) -> None:
+    def __init__(self, bus: Bus, store: Store, *, public_url: str,
+                 model_policy: UriPolicy | None = None) -> None:
         super().__init__(bus)
         self.store = store
+        # The nodes' storage URI policy: a URI they would refuse is refused here, a 400.
+        self.model_policy = model_policy
         self.public_url = public_url.rstrip("/")
 
     async def start(self) -> None:
@@ -60,13 +69,41 @@ class Registry(Component):
             spec = msg.spec.validate()
         except SpecError as exc:
             raise RemoteError(ErrorCode.INVALID, f"invalid service spec: {exc}") from None
+        if spec.storage_uri and self.model_policy is not None:
+            try:
+                source = self.model_policy.check(spec.storage_uri)
+            except ModelUriError as exc:
+                raise RemoteError(ErrorCode.INVALID, f"invalid service spec: {exc}") from None
+            # Where it can be known here (a path on this machine): it must exist. A remote
+            # one is checked by the node, and a failed fetch is a failed pod naming it.
+            if source.scheme == "file" and not Path(source.path).exists():
+                raise RemoteError(ErrorCode.INVALID, f"invalid service spec: storage URI "
+                                                     f"{spec.storage_uri!r}: no such file")
         old = await self.store.get_service(spec.name)
         gen = (old.generation if old else 0) + 1
         spec = msgspec.structs.replace(spec, generation=gen)
         await self.store.put_service(spec)
         await self.bus.send(ep.SERVICE_UPDATED, SpecUpdated(spec=spec))
+        if spec.prefetch:
+            await self._prefetch(spec)
         log.info("registry: %s %s (generation %d)", "updated" if old else "created", spec.name, gen)
         return ServiceStatus(spec=spec, url=self.url(spec.name))
+
+    async def _prefetch(self, spec: ServiceSpec) -> None:
+        """Ask `prefetch` nodes a pod could go to (those caching it first) to fetch the
+        model now; a node that cannot is logged, the deploy stands."""
+        try:
+            pmap: PartitionMap = await self.bus.call(ep.PARTITION_MAP_GET, Empty(), timeout=2.0)
+        except RemoteError as exc:
+            log.warning("registry: no partition map to prefetch %s: %s", spec.name, exc)
+            return
+        msg = PrefetchModel(service=spec.name, storage_uri=spec.storage_uri,
+                            sha256=spec.storage_sha256)
+        for node in prefetch_nodes(pmap.nodes.values(), spec):
+            try:
+                await self.bus.call(ep.NODE_PREFETCH, msg, timeout=2.0, node=node)
+            except RemoteError as exc:
+                log.warning("registry: node %s did not prefetch %s: %s", node, spec.name, exc)
 
     async def _on_delete(self, msg: NameRequest, _raw: Msg) -> Empty:
         if not await self.store.delete_service(msg.name):

@@ -5,9 +5,11 @@ Unknown fields are errors: a typo must not silently deploy defaults.
 Where KServe (`pkg/apis/serving/v1beta1`) has a field of the same meaning, its name and its
 default are fnplane's: `minReplicas` defaults to 1, `predictor.model` is a ModelSpec object
 (`modelFormat`, and the container fields `image`, `command`, `args`, `env`, `resources`).
-KServe fields fnplane does not implement (`storageUri`, `runtime`, `protocolVersion`...) are
-refused by name, never accepted and ignored. Quantities are read as the API server reads
-them (k8s.io/apimachinery `resource.Quantity`): a bare number of memory is bytes."""
+`storageUri` (in the predictor or its `model`, as KServe has both) names the weights a
+node fetches into its cache. KServe fields fnplane does not implement (`runtime`,
+`protocolVersion`...) are refused by name, never accepted and ignored. Quantities are read
+as the API server reads them (k8s.io/apimachinery `resource.Quantity`): a bare number of
+memory is bytes."""
 
 from __future__ import annotations
 
@@ -114,11 +116,12 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
             "targetUtilizationPercentage", "containerConcurrency", "scaleWindowSeconds",
             "scaleToZeroGracePeriodSeconds", "scaleDownDelaySeconds", "targetBurstCapacity",
             "batching", "container", "model", "modelVersion", "modelId", "tolerations",
-            "activationScale",
+            "activationScale", "storageUri", "prefetch",
         },
         "spec.predictor",
     )
     container = _container(pred)
+    storage_uri = _storage_uri(pred)
     model_format, model_id = "", str(pred.get("modelId", ""))
     if isinstance(pred.get("model"), dict):
         model_format = _model_format(pred["model"], container)
@@ -184,6 +187,8 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
         tolerations=tolerations_from(pred.get("tolerations") or []),
         readiness_period_s=float(probe.get("periodSeconds", 1)),
         readiness_failure_threshold=int(probe.get("failureThreshold", 3)),
+        storage_uri=storage_uri,
+        prefetch=_count(pred.get("prefetch", 0), "spec.predictor.prefetch"),
         batching=BatchingSpec(
             max_batch_size=int(batching.get("maxBatchSize", 0)),
             max_wait_ms=float(batching.get("maxWaitMs", 5)),
@@ -195,9 +200,7 @@ CONTAINER_FIELDS = {"command", "args", "env", "resources", "readinessPath",
                     "startupTimeoutSeconds", "image", "securityContext", "readinessProbe"}
 # KServe ModelSpec fields with no fnplane meaning yet: refused by name, with the reason.
 _NOT_IMPLEMENTED = {
-    "storageUri": "fnplane does not download model weights yet; put them in the image, or "
-                  "let the server fetch them itself (e.g. from an env variable)",
-    "storage": "fnplane does not download model weights yet",
+    "storage": "fnplane fetches model weights by storageUri only",
     "runtime": "fnplane has no ServingRuntimes; name the server's image and command",
     "runtimeVersion": "fnplane has no ServingRuntimes; name the server's image",
     "protocolVersion": "the gateway serves KServe v1 and OIP v2 for every pod alike; the "
@@ -215,12 +218,31 @@ def _container(pred: dict[str, Any]) -> dict[str, Any]:
     for name, why in _NOT_IMPLEMENTED.items():
         if name in model:
             raise SpecError(f"spec.predictor.model.{name}: not supported by fnplane ({why})")
-    _take(model, CONTAINER_FIELDS | {"modelFormat"}, "spec.predictor.model")
-    fields = {k: v for k, v in model.items() if k != "modelFormat"}
+    _take(model, CONTAINER_FIELDS | {"modelFormat", "storageUri"}, "spec.predictor.model")
+    fields = {k: v for k, v in model.items() if k not in ("modelFormat", "storageUri")}
     if fields and own:
         raise SpecError("spec.predictor: give the container in `container` or in `model`, "
                         "not both")
     return fields or own
+
+
+def _storage_uri(pred: dict[str, Any]) -> str:
+    """KServe's `predictor.model.storageUri`, or the older top-level `predictor.storageUri`."""
+    model = pred.get("model") if isinstance(pred.get("model"), dict) else {}
+    top, inner = pred.get("storageUri"), model.get("storageUri")
+    if top and inner and top != inner:
+        raise SpecError("spec.predictor: storageUri given twice (in the predictor and in "
+                        "its model), with different values")
+    uri = inner or top or ""
+    if not isinstance(uri, str):
+        raise SpecError("spec.predictor.model.storageUri: expected a URI string")
+    return uri
+
+
+def _count(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SpecError(f"{where} {value!r}: expected a whole number >= 0")
+    return value
 
 
 def _model_format(model: dict[str, Any], container: dict[str, Any]) -> str:

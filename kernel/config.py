@@ -193,8 +193,22 @@ class NodesConfig:
     # 2 cores until its instances missed heartbeats and requests failed. The price: on a
     # machine shared with other work, pods yield to that work too (slower cold starts).
     pod_nice: int = 10
+    # The model cache (partitions/modelcache/): where `file://` storage URIs may point (None:
+    # file:// refused), the hosts http(s)/s3/gs URIs may name ('*': any but loopback and
+    # link-local), each node's cache size, and the bounds of one fetch. The cache lives in
+    # `model_cache_dir` (None: <state-dir>/models), one directory per node.
+    model_root: Path | None = None
+    model_hosts: tuple[str, ...] = ()
+    node_cache_bytes: int = 20 * 1024**3
+    model_max_bytes: int = 20 * 1024**3
+    model_fetch_timeout_s: float = 600.0
+    model_cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.node_cache_bytes < 1 or self.model_max_bytes < 1:
+            raise ConfigError("node cache size and model size limit must be >= 1 byte")
+        if self.model_fetch_timeout_s <= 0:
+            raise ConfigError("model fetch timeout must be > 0")
         if self.count < 1:
             raise ConfigError("need at least one node")
         if not 0 <= self.pod_nice <= 19:

@@ -43,6 +43,7 @@ from kernel.messages import (
     PlaceRequest,
     PodEvent,
     PodsAnnounced,
+    PrefetchModel,
     Reclaimed,
     ReclaimQuery,
     ReclaimRequest,
@@ -194,6 +195,10 @@ NODE_START: Endpoint[StartPod, Empty] = _ep(
     "node-start", "node.{node}.start", StartPod, Empty, "node", "schedule bench",
     "run one pod on this node; refused from a stale partition epoch; one agent answers "
     "(two run at once during a rollout)", queue="node")
+NODE_PREFETCH: Endpoint[PrefetchModel, Empty] = _ep(
+    "node-prefetch", "node.{node}.prefetch", PrefetchModel, Empty, "node", "coordinator",
+    "warm a service's model in this node's cache before any request (deploy --prefetch)",
+    queue="node")
 NODE_STOP: Endpoint[StopPod, Empty] = _ep(
     "node-stop", "node.{node}.stop", StopPod, Empty, "node", "scale",
     "stop one pod (idempotent); one agent answers", queue="node")
@@ -223,7 +228,8 @@ PARTITION_MAP: Endpoint[PartitionMap, None] = _ep(
     "coordinator", "the partition map, on every change: owners, epochs, nodes")
 PARTITION_MAP_GET: Endpoint[Empty, PartitionMap] = _ep(
     "partition-map-get", "partition.map.get", Empty, PartitionMap, "coordinator",
-    "schedule node bench", "the current partition map, for a component that starts late")
+    "schedule node bench coordinator",
+    "the current partition map, for a component that starts late")
 PARTITION_SUMMARY: Endpoint[PartitionSummary, None] = _ep(
     "partition-summary", "partition.summary", PartitionSummary, None, "schedule coordinator",
     "schedule", "an owner's free capacity, for the others' probe caches")

@@ -193,6 +193,14 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
     # is what its Pods on Kubernetes always had, so a sick pod leaves the route in seconds.
     readiness_period_s: float = 1.0
     readiness_failure_threshold: int = 3
+    # Where the weights are (KServe's storageUri: file://, http(s)://, s3:// or gs:// where
+    # their fsspec packages are installed): the node fetches them into its model cache and
+    # hands the pod a read-only directory in MODEL_DIR ("" = the pod loads its own).
+    storage_uri: str = ""
+    # The weights' sha256, when the user knows it: the cache keys by it and verifies it.
+    storage_sha256: str = ""
+    # Warm the model on this many nodes (chosen by `schedule`) before any request.
+    prefetch: int = 0
 
     def validate(self) -> ServiceSpec:
         """Refuse specs the control plane cannot honour, before anything is stored."""
@@ -247,11 +255,22 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
                             " (1-63), starting with a letter or digit")
         for i, toleration in enumerate(s.tolerations):
             toleration.check(f"tolerations[{i}]")
+        if s.storage_uri and "://" not in s.storage_uri:
+            raise SpecError(f"storage URI {s.storage_uri!r}: expected SCHEME://PATH "
+                            "(file://, http://, https://, s3://, gs://)")
+        if s.storage_sha256 and not re.fullmatch(r"[0-9a-f]{64}", s.storage_sha256):
+            raise SpecError("storage sha256: expected 64 lowercase hex digits")
+        if s.prefetch < 0:
+            raise SpecError("prefetch must be >= 0 (nodes to warm the model on)")
+        if s.prefetch and not s.storage_uri:
+            raise SpecError("prefetch needs a storage URI (the weights to warm)")
         return self
 
     @property
     def model_id(self) -> str:
-        return self.model or self.name
+        """The weights' identity for cache locality: what nodes report they cache (the
+        storage URI, when the node fetches the weights itself)."""
+        return self.model or self.storage_uri or self.name
 
 
 # ---- node inventory and partitions -------------------------------------------------------
@@ -271,6 +290,9 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
     # node hands them to the pod as CUDA_VISIBLE_DEVICES (on Kubernetes the device plugin
     # picks the devices, and these indices are only accounting).
     gpu_devices: list[int] = []
+    # Bytes each model of `models` takes in the node's cache, where the node has a real
+    # cache (partitions/modelcache/): what `fnplane describe` shows.
+    model_bytes: dict[str, int] = {}
 
 
 class NodeRegistration(msgspec.Struct, frozen=True, tag=True, kw_only=True):
@@ -287,6 +309,9 @@ class NodesAlive(msgspec.Struct, frozen=True, tag=True, kw_only=True):
 
     agent: str
     nodes: list[str]
+    # Node → model → bytes of what its model cache holds now, for nodes with a real cache:
+    # the coordinator puts it in their NodeInfo, so `schedule` scores what is really there.
+    caches: dict[str, dict[str, int]] = {}
 
 
 class UnknownNodes(msgspec.Struct, frozen=True, tag=True, kw_only=True):
@@ -481,6 +506,15 @@ class StartPod(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     gpu_devices: list[int] = []
 
 
+class PrefetchModel(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """Registry → a node: fetch this service's weights into your cache now, before any
+    request (`prefetch`); answered at once, the download goes on in the node."""
+
+    service: str
+    storage_uri: str
+    sha256: str = ""
+
+
 class StopPod(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     pod: str
     service: str
@@ -493,6 +527,8 @@ class PodTimeline(msgspec.Struct, frozen=True, kw_only=True):
 
     requested_at: float = 0.0
     placed_at: float = 0.0
+    # When the weights were in the node's cache (0: the pod fetches none).
+    fetched_at: float = 0.0
     spawned_at: float = 0.0
     ready_at: float = 0.0
 
@@ -610,6 +646,12 @@ class ColdStart(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     ready: float
     first_byte_out: float
     trace_id: str = ""
+    # When the node had the weights in its cache (0: none to fetch; the stage is then 0).
+    weights_fetched: float = 0.0
+
+    @property
+    def fetched(self) -> float:
+        return self.weights_fetched or self.placement_decided
 
     def stages_ms(self) -> dict[str, float]:
         def ms(a: float, b: float) -> float:
@@ -617,7 +659,8 @@ class ColdStart(msgspec.Struct, frozen=True, tag=True, kw_only=True):
 
         return {
             "request_in->placement_decided": ms(self.request_in, self.placement_decided),
-            "placement_decided->process_spawned": ms(self.placement_decided, self.process_spawned),
+            "placement_decided->weights_fetched": ms(self.placement_decided, self.fetched),
+            "weights_fetched->process_spawned": ms(self.fetched, self.process_spawned),
             "process_spawned->ready": ms(self.process_spawned, self.ready),
             "ready->first_byte_out": ms(self.ready, self.first_byte_out),
             "total": ms(self.request_in, self.first_byte_out),

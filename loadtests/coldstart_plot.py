@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 from kernel.messages import ColdStart
 from loadtests.coldstart_report import STAGES
 
-COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+COLOURS = ("tab:blue", "tab:purple", "tab:orange", "tab:green", "tab:red")
 
 
 def plot_coldstarts(path: Path, cases: Sequence[dict[str, object]]) -> Path:
@@ -63,8 +63,9 @@ def _timeline(ax: plt.Axes, colds: Sequence[ColdStart]) -> None:
         return
     t0 = min(c.request_in for c in colds)
     for row, c in enumerate(sorted(colds, key=lambda c: c.request_in)):
-        marks = [c.request_in, c.placement_decided, c.process_spawned, c.ready, c.first_byte_out]
-        for i in range(4):
+        marks = [c.request_in, c.placement_decided, c.fetched, c.process_spawned, c.ready,
+                 c.first_byte_out]
+        for i in range(len(STAGES)):
             a, b = marks[i], marks[i + 1]
             if a and b:
                 ax.barh(row, b - a, left=a - t0, color=COLOURS[i], height=0.8,

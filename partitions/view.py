@@ -64,8 +64,11 @@ class PartitionView:
             state = keep.get(info.name)
             if state is not None and state.info != info:
                 # Re-registered (new capacity, labels, cached models): same accounting.
+                # Models a real cache reports (`model_bytes`) follow it, evictions too;
+                # the others (labels, models pods were seen loading) only accumulate.
+                gone = set(state.info.model_bytes) - set(info.model_bytes)
                 state.info = info
-                state.models |= set(info.models)
+                state.models = (state.models - gone) | set(info.models)
         self.nodes = {n.name: keep.get(n.name) or NodeState(n) for n in infos}
         self.pods = {p: n for p, n in self.pods.items() if n in self.nodes}
         self.partition, self.epoch = partition, epoch
@@ -210,7 +213,9 @@ class PartitionView:
         """A pod that ended gives its resources back; a ready one tells what its node caches."""
         if ev.state in ("stopped", "failed"):
             self.release(ev.pod)
-        elif ev.state == "ready":
+        elif ev.state == "ready" and "://" not in ev.model:
+            # A model fetched by storage URI is known from the node's cache report, which
+            # also says when it is evicted; a pod's word for it would outlive the eviction.
             self.note_model(ev.node, ev.model or ev.service)
 
     def release(self, pod: str) -> bool:

@@ -211,16 +211,20 @@ GOOD = [
 
 def test_the_crd_keeps_kserve_fields_fnplane_refuses_so_they_are_never_pruned_silently(
 ) -> None:
-    """The API server prunes fields a structural schema does not declare: a `storageUri`
-    dropped there would deploy a service without its model, silently. `model` keeps unknown
-    fields, so the operator sees `storageUri` and refuses it with the reason."""
-    doc = _variant(model={"modelFormat": {"name": "sklearn"}, "storageUri": "gs://b/iris",
+    """The API server prunes fields a structural schema does not declare: a `runtime`
+    dropped there would deploy a service without its server, silently. `model` keeps unknown
+    fields, so the operator sees `runtime` and refuses it with the reason; `storageUri` is
+    kept and read."""
+    doc = _variant(model={"modelFormat": {"name": "sklearn"}, "runtime": "kserve-sklearn",
                           "image": "registry.example/iris:1"})
     doc["spec"]["predictor"].pop("container")
     assert validate_custom_resource(doc, crd()) == []
-    with pytest.raises(SpecError, match="storageUri: not supported"):
+    with pytest.raises(SpecError, match="runtime: not supported"):
         spec_from_manifest(copy.deepcopy(doc))
-    doc["spec"]["predictor"]["model"].pop("storageUri")
+    doc["spec"]["predictor"]["model"].pop("runtime")
+    doc["spec"]["predictor"]["model"]["storageUri"] = "gs://b/iris"
+    assert validate_custom_resource(doc, crd()) == []
+    assert spec_from_manifest(copy.deepcopy(doc)).storage_uri == "gs://b/iris"
     doc["spec"]["predictor"]["model"]["securityContext"] = {"runAsUser": 1000}
     assert validate_custom_resource(doc, crd()) == []
     assert spec_from_manifest(copy.deepcopy(doc)).run_as_user == 1000

@@ -309,3 +309,26 @@ def test_pod_status_table() -> None:
     for obj, (is_ready, terminating, failed) in cases:
         seen = ko.observe_pod(obj)
         assert (seen.ready, seen.terminating, seen.failed) == (is_ready, terminating, failed)
+
+
+async def test_a_storage_uri_gives_the_pod_kserves_init_container_and_volume(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """KServe's storage initializer: an init container fetching the URI into an emptyDir at
+    /mnt/models, which the server mounts read-only and finds in MODEL_DIR. Fake API server:
+    no real cluster can run here (its kubelet emulator runs no init containers)."""
+    uri = "https://models.example/iris/weights.npz"
+    async with fake_cluster(tmp_path, NODES) as cluster, backend_on(cluster, nats_url):
+        await start_pod(nats_url, "iris-aaaa0009", "n1", name="iris", storage_uri=uri)
+        pod = next(p for p in cluster.pods() if p["metadata"]["name"] == "iris-aaaa0009")
+    init = pod["spec"]["initContainers"]
+    assert [c["name"] for c in init] == ["storage-initializer"]
+    assert init[0]["args"] == [uri, "/mnt/models"]
+    assert {"name": "FNPLANE_MODEL_HOSTS", "value": "models.example"} in init[0]["env"]
+    assert init[0]["volumeMounts"] == [{"name": "kserve-provision-location",
+                                        "mountPath": "/mnt/models"}]
+    main = pod["spec"]["containers"][0]
+    assert {"name": "kserve-provision-location", "mountPath": "/mnt/models",
+            "readOnly": True} in main["volumeMounts"]
+    assert {"name": "MODEL_DIR", "value": "/mnt/models"} in main["env"]
+    assert {"name": "kserve-provision-location", "emptyDir": {}} in pod["spec"]["volumes"]

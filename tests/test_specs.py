@@ -468,8 +468,8 @@ def test_kserve_model_object_names_the_container() -> None:
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ({"modelFormat": {"name": "sklearn"}, "storageUri": "gs://kfserving/iris",
-          "image": "x"}, "storageUri: not supported by fnplane"),
+        ({"modelFormat": {"name": "sklearn"}, "storage": {"key": "x"},
+          "image": "x"}, "storage: not supported by fnplane"),
         ({"modelFormat": {"name": "sklearn"}, "runtime": "kserve-sklearnserver"},
          "runtime: not supported"),
         ({"modelFormat": {"name": "sklearn"}, "protocolVersion": "v2", "image": "x"},
@@ -479,7 +479,7 @@ def test_kserve_model_object_names_the_container() -> None:
         ({"image": "x", "imagePullPolicy": "Always"}, r"unknown field\(s\) imagePullPolicy"),
         ({"image": "x", "securityContext": {"runAsUser": -1}}, "runAsUser -1"),
     ],
-    ids=["storageUri", "runtime", "protocolVersion", "format-without-server", "format-no-name",
+    ids=["storage", "runtime", "protocolVersion", "format-without-server", "format-no-name",
          "unknown-field", "negative-uid"],
 )
 def test_kserve_fields_fnplane_does_not_implement_are_refused_by_name(

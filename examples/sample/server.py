@@ -16,6 +16,9 @@ Run: `PORT=8080 python -m examples.sample.server`. Environment:
 - `SAMPLE_UNREADY_FILE`: while this file exists, readiness answers 503 though the pod still
   serves (a model reloading, a wedged GPU): readiness flips without the process dying.
   `{pod}` in it stands for `FNPLANE_POD`, so each pod of a service has its own switch.
+- `MODEL_DIR`: a directory of weights (fnplane's node cache hands it to the pod read-only when
+  the service has a `storageUri`): the model is loaded from its `weights.npz` (or its one
+  `.npz` file), and every file in it is read once, as a server loading big weights would.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from aiohttp import web
@@ -70,6 +74,7 @@ class ServerSettings:
     latency_s: float = 0.0
     startup_delay_s: float = 0.0
     unready_file: str = ""
+    model_dir: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ServerSettings:
@@ -98,6 +103,7 @@ class ServerSettings:
             startup_delay_s=_milliseconds(env, "SAMPLE_STARTUP_DELAY_MS") / 1000.0,
             unready_file=env.get("SAMPLE_UNREADY_FILE", "").replace(
                 "{pod}", env.get("FNPLANE_POD", "")),
+            model_dir=env.get("MODEL_DIR", ""),
         )
 
 
@@ -345,7 +351,7 @@ async def serve(settings: ServerSettings) -> int:
         if stop.is_set():
             return 0
     try:
-        model = load_model()
+        model = load_model(weights_in(settings.model_dir)) if settings.model_dir else load_model()
     except (OSError, ValueError) as exc:
         print(f"sample: cannot load model weights: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -376,6 +382,26 @@ async def serve(settings: ServerSettings) -> int:
     # requests in flight to finish before closing their connections.
     await runner.cleanup()
     return 0
+
+
+def weights_in(model_dir: str) -> Path:
+    """The weights file of a model directory, after reading every file in it once (the
+    load a real server does; the bytes are not kept)."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ValueError(f"MODEL_DIR {model_dir!r} is not a directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    for path in files:
+        with path.open("rb") as f:
+            while f.read(8 * 1024 * 1024):
+                pass
+    if (root / "weights.npz").is_file():
+        return root / "weights.npz"
+    npz = [p for p in files if p.suffix == ".npz"]
+    if len(npz) != 1:
+        raise ValueError(f"MODEL_DIR {model_dir!r}: expected weights.npz or one .npz file, "
+                         f"found {len(npz)}")
+    return npz[0]
 
 
 def main(env: Mapping[str, str] | None = None) -> int:

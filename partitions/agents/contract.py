@@ -81,8 +81,11 @@ class NodeHeartbeater:
 
     def __init__(self, bus: Bus, *, nodes: Callable[[], Iterable[str]],
                  rejoin: Callable[[list[str]], Awaitable[None]],
-                 interval_s: float = NODE_HEARTBEAT_S) -> None:
+                 interval_s: float = NODE_HEARTBEAT_S,
+                 caches: Callable[[], dict[str, dict[str, int]]] | None = None) -> None:
         self.bus = bus
+        # Node → model → bytes its model cache holds, said with the beats (nodes with one).
+        self.caches = caches
         self.nodes = nodes
         self.rejoin = rejoin
         self.interval_s = interval_s
@@ -103,11 +106,13 @@ class NodeHeartbeater:
         def size(part: Sequence[str]) -> int:
             return len(encode(NodesAlive(agent=agent, nodes=list(part))))
 
+        caches = self.caches() if self.caches is not None else {}
         unknown: list[str] = []
         for part in chunks(self.bus, sorted(self.nodes()), size):
+            said = {n: caches[n] for n in part if n in caches}
             try:
                 reply: UnknownNodes = await self.bus.call(
-                    ep.NODE_HEARTBEAT, NodesAlive(agent=agent, nodes=list(part)),
+                    ep.NODE_HEARTBEAT, NodesAlive(agent=agent, nodes=list(part), caches=said),
                     timeout=self.interval_s)
             except (RemoteError, nats.errors.Error, OSError):
                 # No coordinator now (restarting, NATS down): the next beat tries again.

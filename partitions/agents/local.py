@@ -25,6 +25,7 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from kernel import endpoints as ep
+from kernel import telemetry
 from kernel.bus import Bus
 from kernel.component import Component
 from kernel.errors import ErrorCode, RemoteError
@@ -40,6 +41,7 @@ from kernel.messages import (
     PodsAnnounced,
     PodState,
     PodTimeline,
+    PrefetchModel,
     StartPod,
     StopPod,
 )
@@ -58,6 +60,8 @@ from partitions.agents.contract import (
 from partitions.agents.podusers import CURRENT, LABEL, PodUserError, PodUsers
 from partitions.agents.readiness import ReadinessProbe
 from partitions.fencing import EpochFence
+from partitions.modelcache.policy import ModelUriError
+from partitions.modelcache.store import ModelCache, ModelFetchError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,7 @@ class LocalPod:
     ready_at: float = 0.0
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     run_as: str = ""
+    fetched_at: float = 0.0  # when its weights were in the node's cache (0: none to fetch)
 
     @property
     def url(self) -> str:
@@ -117,8 +122,13 @@ class LocalNode(Component):
 
     def __init__(self, bus: Bus, info: NodeInfo, *, workdir: Path, log_dir: Path,
                  keep_logs: int = KEEP_POD_LOGS, pod_users: PodUsers | None = None,
-                 heartbeat_s: float = NODE_HEARTBEAT_S, pod_nice: int = POD_NICE) -> None:
+                 heartbeat_s: float = NODE_HEARTBEAT_S, pod_nice: int = POD_NICE,
+                 cache: ModelCache | None = None) -> None:
         super().__init__(bus)
+        # The node's model cache (None: services with a storage URI cannot start here).
+        self.cache = cache
+        # Pods whose weights are being fetched: accepted, not yet spawned.
+        self._fetching: dict[str, StartPod] = {}
         self.pod_nice = pod_nice
         self.info = info
         self.heartbeat_s = heartbeat_s
@@ -150,15 +160,22 @@ class LocalNode(Component):
         # Said once at start (a warning when pods run as root) and on the node's label.
         summary = await self.pod_users.prepare("python", pod_path())
         self.info = msgspec.structs.replace(self.info, labels={**self.info.labels, LABEL: summary})
+        if self.cache is not None:
+            # What a previous agent cached is still here: said in the registration.
+            self.cache.load()
+            held = self.cache.contents()
+            self.info = msgspec.structs.replace(
+                self.info, models=sorted({*self.info.models, *held}), model_bytes=held)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
         bus = self.bus
         await bus.serve(ep.NODE_START, self._on_start, concurrent=True, node=self.name)
         await bus.serve(ep.NODE_STOP, self._on_stop, concurrent=True, node=self.name)
+        await bus.serve(ep.NODE_PREFETCH, self._on_prefetch, node=self.name)
         await bus.serve(ep.NODE_INVENTORY, self._on_inventory)
         await bus.serve(ep.NODE_ANNOUNCE, self._on_announce)
         await register(bus, [self.info])
         beats = NodeHeartbeater(bus, nodes=lambda: [self.name], rejoin=self._rejoin,
-                                interval_s=self.heartbeat_s)
+                                interval_s=self.heartbeat_s, caches=self._caches)
         self.tasks.spawn(beats.run(), name="heartbeat")
         self.tasks.spawn(self._scrape(), name="metrics")
         await follow_map(bus, self.fence)
@@ -177,6 +194,25 @@ class LocalNode(Component):
         if self._http is not None:
             await self._http.close()
 
+    async def _on_prefetch(self, msg: PrefetchModel, _raw: Msg) -> Empty:
+        """Warm the cache now; the download goes on after the answer (its end shows in the
+        next cache report)."""
+        if self.cache is None:
+            raise RemoteError(ErrorCode.INVALID, f"node {self.name} has no model cache")
+        self.tasks.spawn(self._prefetch(msg), name=f"prefetch-{msg.service}")
+        return Empty()
+
+    async def _prefetch(self, msg: PrefetchModel) -> None:
+        assert self.cache is not None
+        try:
+            await self.cache.fetch(msg.storage_uri, sha256=msg.sha256)
+        except (ModelUriError, ModelFetchError) as exc:
+            log.warning("node %s: prefetch for %s failed: %s", self.name, msg.service, exc)
+
+    def _caches(self) -> dict[str, dict[str, int]]:
+        """What this node's cache holds now, said with every heartbeat."""
+        return {} if self.cache is None else {self.name: self.cache.contents()}
+
     async def _rejoin(self, _nodes: list[str]) -> None:
         """The coordinator took this node for lost (we were silent) or forgot it: register
         again, and say again what runs here, since `route` and `scale` dropped our pods."""
@@ -194,17 +230,29 @@ class LocalNode(Component):
                           gpu_devices=list(p.start.gpu_devices))
             for p in self.pods.values()
         ]
+        pods += [PodAllocation(pod=m.pod, service=m.spec.name, resources=m.spec.resources,
+                               gpu_devices=list(m.gpu_devices))
+                 for m in self._fetching.values()]
         return Inventory(pods={self.name: pods})
 
     async def _on_start(self, msg: StartPod, _raw: Msg) -> Empty:
         if self._stopping:
             raise RemoteError(ErrorCode.UNAVAILABLE, f"node {self.name} is shutting down")
-        if msg.pod in self.pods:
+        if msg.pod in self.pods or msg.pod in self._fetching:
             return Empty()
         if (refused := self.fence.refusal(msg)) is not None:
             raise refused
+        if msg.spec.storage_uri and self.cache is None:
+            raise RemoteError(ErrorCode.INVALID, f"node {self.name} has no model cache for "
+                                                 f"{msg.spec.storage_uri}")
         self._claim_gpus(msg)
         port = _reserve_port()
+        if msg.spec.storage_uri:
+            # Accepted now, spawned once the weights are here: the download must not hold
+            # `schedule`'s call, and ten starts of one model share one download.
+            self._fetching[msg.pod] = msg
+            self.tasks.spawn(self._fetch_and_start(msg, port), name=f"{msg.pod}-fetch")
+            return Empty()
         try:
             return await self._start(msg, port)
         except BaseException:
@@ -212,6 +260,45 @@ class LocalNode(Component):
                 _PORTS.discard(port)
                 self._gpus.pop(msg.pod, None)
             raise
+
+    async def _fetch_and_start(self, msg: StartPod, port: int) -> None:
+        """Fetch the weights into the node's cache, then start the pod with them in
+        MODEL_DIR; a fetch that fails is a failed pod whose reason names the URI."""
+        assert self.cache is not None
+        spec = msg.spec
+        reason = ""
+        try:
+            with telemetry.tracer.start_as_current_span("node weights fetch") as span:
+                span.set_attribute("fnplane.storage_uri", spec.storage_uri)
+                model = await self.cache.fetch(spec.storage_uri, sha256=spec.storage_sha256)
+                span.set_attribute("fnplane.cache_hit", model.hit)
+            self.cache.acquire(msg.pod, model.key)
+            if self._fetching.pop(msg.pod, None) is None:
+                return  # stopped while its weights were fetched
+            await self._start(msg, port, model_dir=model.path, fetched_at=time.time())
+        except (ModelUriError, ModelFetchError) as exc:
+            reason = str(exc)
+        except RemoteError as exc:
+            reason = exc.message
+        finally:
+            self._fetching.pop(msg.pod, None)
+            if msg.pod not in self.pods:
+                _PORTS.discard(port)
+                self._gpus.pop(msg.pod, None)
+                if self.cache is not None:
+                    self.cache.release(msg.pod)
+        if reason:
+            log.warning("node %s: pod %s failed: %s", self.name, msg.pod, reason)
+            await self._emit_unstarted(msg, "failed", reason=reason)
+
+    async def _emit_unstarted(self, msg: StartPod, state: PodState, *, reason: str) -> None:
+        """The event of a pod that never got a process (its weights never came)."""
+        spec = msg.spec
+        await self.announcer.send(PodEvent(
+            pod=msg.pod, service=spec.name, node=self.name, state=state,
+            container_concurrency=spec.container_concurrency, resources=spec.resources,
+            timeline=PodTimeline(requested_at=msg.requested_at, placed_at=msg.placed_at),
+            reason=reason, ts=time.time(), model=spec.model_id))
 
     def _claim_gpus(self, msg: StartPod) -> None:
         """Hold the GPU devices `schedule` assigned the pod, refusing a start that would
@@ -238,8 +325,11 @@ class LocalNode(Component):
             return {}
         return {"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in self._gpus.get(msg.pod, ()))}
 
-    async def _start(self, msg: StartPod, port: int) -> Empty:
+    async def _start(self, msg: StartPod, port: int, *, model_dir: Path | None = None,
+                     fetched_at: float = 0.0) -> Empty:
         spec = msg.spec
+        weights = {} if model_dir is None else {"MODEL_DIR": str(model_dir),
+                                                "STORAGE_URI": spec.storage_uri}
         env = {
             # A clean environment: nothing of the control plane's (its credentials, a cloud
             # key in the operator's shell) reaches a pod; only the few variables a process
@@ -254,6 +344,7 @@ class LocalNode(Component):
             "FNPLANE_POD": msg.pod,
             "FNPLANE_NODE": self.name,
             **self._gpu_env(msg),
+            **weights,
         }
         if not spec.command or shutil.which(spec.command[0], path=env["PATH"]) is None:
             raise RemoteError(ErrorCode.INVALID,
@@ -272,7 +363,8 @@ class LocalNode(Component):
         except OSError as exc:
             raise RemoteError(ErrorCode.INVALID,
                               f"cannot start {spec.command[0]!r}: {exc}") from None
-        pod = LocalPod(msg, port, proc, time.time(), run_as=run_as.describe())
+        pod = LocalPod(msg, port, proc, time.time(), run_as=run_as.describe(),
+                       fetched_at=fetched_at)
         self.pods[msg.pod] = pod
         pod.tasks = [
             self.tasks.spawn(self._pump_output(pod), name=f"{msg.pod}-output"),
@@ -290,6 +382,8 @@ class LocalNode(Component):
         pod = self.pods.get(msg.pod)
         if pod is not None:
             await self._terminate(pod, msg.reason)
+        elif (fetching := self._fetching.pop(msg.pod, None)) is not None:
+            await self._emit_unstarted(fetching, "stopped", reason=msg.reason)
         return Empty()
 
     # ---- pod metrics ---------------------------------------------------------------------
@@ -428,6 +522,8 @@ class LocalNode(Component):
             task.cancel()
 
     def _ended_pod(self, name: str) -> None:
+        if self.cache is not None:
+            self.cache.release(name)  # its weights may be evicted now
         self._ended.append(name)
         while len(self._ended) > self.keep_logs:
             old = self._ended.popleft()
@@ -448,6 +544,7 @@ class LocalNode(Component):
             timeline=PodTimeline(
                 requested_at=pod.start.requested_at,
                 placed_at=pod.start.placed_at,
+                fetched_at=pod.fetched_at,
                 spawned_at=pod.spawned_at,
                 ready_at=pod.ready_at,
             ),

@@ -33,6 +33,7 @@ from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import PodAllocation, PodTimeline, Resources, StartPod
 from partitions.agents.kubernetes import capacity as kc
 from partitions.agents.kubernetes import objects as ko
+from partitions.agents.kubernetes.storage import with_storage_initializer
 from partitions.kubeapi import (
     ApiUnreachable,
     KubeApi,
@@ -137,6 +138,8 @@ class PodTracker:
                                    grace_s=self.stop_grace_s,
                                    run_as_user=_first(spec.run_as_user, self.run_as[0]),
                                    run_as_group=_first(spec.run_as_group, self.run_as[1]))
+        # A storageUri: KServe's storage-initializer init container, run from fnplane's image.
+        manifest = with_storage_initializer(manifest, spec, image=self.image)
         deadline = time.monotonic() + self.start_timeout_s
         try:
             await self._create(pod, manifest, deadline)
