@@ -336,6 +336,9 @@ def options(argv: list[str] | None) -> tuple[BenchOptions, argparse.Namespace]:
     p.add_argument("--validate-nodes", default=None,
                    help="cluster sizes the model is checked on (default 1000,20000; quick: none)")
     p.add_argument("--no-model", action="store_true")
+    p.add_argument("--reanalyse", type=Path, default=None, metavar="JSON",
+                   help="measure nothing: recompute ratios, model and goals from a saved run "
+                        "(the JSON says so in `reanalysed_from`)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", type=Path, default=REPO / "loadtests" / "out")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
@@ -381,7 +384,15 @@ async def amain(argv: list[str] | None = None) -> dict[str, Any]:
     opts, a = options(argv)
     if a.elastic:
         return await run_elastic(opts, a)
-    out = await run_benchmark(opts)
+    if a.reanalyse is not None:
+        out = json.loads(a.reanalyse.read_text())
+        out["reanalysed_from"] = str(a.reanalyse)
+        out["ratios"] = ratios(out)
+        if opts.model:
+            out["model"] = bench_model.run_model(out)
+        out["goals"] = goals(out)
+    else:
+        out = await run_benchmark(opts)
     if opts.plot and "model" in out:
         opts.out.mkdir(parents=True, exist_ok=True)
         out.setdefault("files", {})["model_png"] = str(opts.out / "bench_schedule_model.png")
