@@ -303,7 +303,9 @@ async def run(opts: Options) -> dict[str, object]:
     scenarios = {k: report.summarize(v) for k, v in wakes.items()}
     from loadtests.coldstart_cache_plot import plot_cache  # matplotlib only after the stacks
 
-    png = plot_cache(opts.out / "coldstart_cache.png", scenarios, opts)
+    png = plot_cache(opts.out / "coldstart_cache.png", scenarios,
+                     f"{opts.model_mb:g} MB model at {opts.mbps:g} MB/s, {opts.cycles} cycles; "
+                     f"{opts.services} models cycling on {opts.nodes} nodes, seed {opts.seed}")
     result: dict[str, object] = {
         "model_bytes": len(server.body),
         "mbps": opts.mbps,

@@ -22,7 +22,7 @@ def _num(v: object) -> float:
     return float(v) if isinstance(v, int | float) else 0.0
 
 
-def plot_cache(path: Path, scenarios: Mapping[str, Mapping[str, object]], opts: object) -> Path:
+def plot_cache(path: Path, scenarios: Mapping[str, Mapping[str, object]], title: str) -> Path:
     names = list(scenarios)
     x = range(len(names))
     labels = [n.replace("cycling_locality_", "cycling\nlocality ").replace("_", " ")
@@ -57,7 +57,7 @@ def plot_cache(path: Path, scenarios: Mapping[str, Mapping[str, object]], opts: 
     ax2.set_ylabel("ms (p50 of each stage)")
     ax2.set_title("cold start by stage")
     ax2.legend(fontsize=8)
-    fig.suptitle(f"cold start with a node model cache ({opts})", fontsize=8)
+    fig.suptitle(f"cold start with a node model cache: {title}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
