@@ -165,6 +165,9 @@ class ScheduleConfig:
     sampling_d: int = 2
     sampling_max_tries: int = 4
     sampling_seed: int | None = None
+    # Prefer nodes that cache the pod's model (partitions/view.py). Off only to measure what
+    # locality buys (loadtests/coldstart.py's cycling scenario, on versus off).
+    locality: bool = True
 
     def __post_init__(self) -> None:
         if self.probe_cache_ttl_s <= 0 or self.reserve_timeout_s <= 0 or self.max_probes < 0:

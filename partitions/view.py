@@ -50,6 +50,9 @@ class PartitionView:
     nodes: dict[str, NodeState] = field(default_factory=dict)
     pods: dict[str, str] = field(default_factory=dict)  # pod → node
     indexed: bool = True
+    # Off: a node caching the model gets no preference (the cold-start benchmark's same-run
+    # comparison, loadtests/coldstart.py); best fit alone decides.
+    locality: bool = True
     _all: SortedList = field(default_factory=SortedList)
     _by_model: dict[str, SortedList] = field(default_factory=dict)
     _keys: dict[str, Key] = field(default_factory=dict)
@@ -128,7 +131,8 @@ class PartitionView:
                tolerations: Sequence[Toleration] = ()) -> NodeState | None:
         if not self.indexed:
             return self.scan(req, model, tolerations=tolerations)
-        for keys in (self._by_model.get(model), self._all):
+        first = self._by_model.get(model) if self.locality else None
+        for keys in (first, self._all):
             if keys:
                 node = self._best_fit(keys, req, tolerations)
                 if node is not None:
@@ -156,8 +160,8 @@ class PartitionView:
             if node.name in self.held or not node.fits(req) or not admits(node, tolerations):
                 continue
             left = node.free - req
-            key = (0 if model in node.models else 1, left.cpu, left.memory_mb, left.gpu,
-                   node.name)
+            cached = self.locality and model in node.models
+            key = (0 if cached else 1, left.cpu, left.memory_mb, left.gpu, node.name)
             if best_key is None or key < best_key:
                 best, best_key = node, key
         return best

@@ -63,7 +63,7 @@ class ScheduleInstance(Component):
     def __init__(self, bus: Bus, config: ScheduleConfig) -> None:
         super().__init__(bus)
         self.config = config
-        self.view = PartitionView()
+        self.view = PartitionView(locality=config.locality)
         self.shard_fence = ShardFence()
         self.cache = ProbeCache(ttl_s=config.probe_cache_ttl_s)
         self.membership = Membership()  # in the placement queue group, or stepped aside
