@@ -163,8 +163,10 @@ async def test_a_service_image_is_the_pods_image_else_the_backends(
 ) -> None:
     """A user's own server (MLServer, Triton, a FastAPI app) runs from its own image; a spec
     without one runs the backend's image, which carries the sample model. Fake API server:
-    no real cluster can run here."""
-    async with fake_cluster(tmp_path, NODES) as cluster, backend_on(cluster, nats_url):
+    no real cluster can run here. (The witness answers the node registrations: without it the
+    backend waits out its registration retries first, ~45 s.)"""
+    async with fake_cluster(tmp_path, NODES) as cluster, witness(nats_url), \
+            backend_on(cluster, nats_url):
         await start_pod(nats_url, "own-aaaa0005", "n1", name="own",
                         image="registry.example/team/model:1.2")
         await start_pod(nats_url, "sample-aaaa0006", "n1")
@@ -318,7 +320,8 @@ async def test_a_storage_uri_gives_the_pod_kserves_init_container_and_volume(
     /mnt/models, which the server mounts read-only and finds in MODEL_DIR. Fake API server:
     no real cluster can run here (its kubelet emulator runs no init containers)."""
     uri = "https://models.example/iris/weights.npz"
-    async with fake_cluster(tmp_path, NODES) as cluster, backend_on(cluster, nats_url):
+    async with fake_cluster(tmp_path, NODES) as cluster, witness(nats_url), \
+            backend_on(cluster, nats_url):
         await start_pod(nats_url, "iris-aaaa0009", "n1", name="iris", storage_uri=uri)
         pod = next(p for p in cluster.pods() if p["metadata"]["name"] == "iris-aaaa0009")
     init = pod["spec"]["initContainers"]
