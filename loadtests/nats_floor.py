@@ -18,7 +18,7 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -58,43 +58,42 @@ async def serve(url: str, subject: str, how: str = "raw") -> None:
     await asyncio.Event().wait()
 
 
-async def request_rate(
-    url: str, subject: str, *, concurrency: int, requests: int, payload: bytes
-) -> float:
-    """Closed loop, `concurrency` in flight, as the benchmark drives placements."""
-    nc = await nats.connect(url)
+async def closed_loop(ask: Callable[[], Awaitable[object]], *, concurrency: int,
+                      requests: int) -> float:
+    """Requests per second with `concurrency` in flight, as the benchmark drives placements
+    (after a short warm-up)."""
 
     async def worker(todo: Iterator[int]) -> None:
         for _ in todo:
-            await nc.request(subject, payload, timeout=10.0)
+            await ask()
 
+    warm = iter(range(min(200, requests)))
+    await asyncio.gather(*(worker(warm) for _ in range(8)))
+    todo = iter(range(requests))
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(todo) for _ in range(concurrency)))
+    return requests / (time.perf_counter() - t0)
+
+
+async def request_rate(
+    url: str, subject: str, *, concurrency: int, requests: int, payload: bytes
+) -> float:
+    """Raw nats-py request-reply."""
+    nc = await nats.connect(url)
     try:
-        warm = iter(range(min(200, requests)))
-        await asyncio.gather(*(worker(warm) for _ in range(8)))
-        todo = iter(range(requests))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(todo) for _ in range(concurrency)))
-        return requests / (time.perf_counter() - t0)
+        return await closed_loop(lambda: nc.request(subject, payload, timeout=10.0),
+                                 concurrency=concurrency, requests=requests)
     finally:
         await nc.close()
 
 
 async def bus_rate(url: str, *, concurrency: int, requests: int, payload: bytes) -> float:
-    """As `request_rate`, through `Bus.call` with a typed request and reply."""
+    """The same through `Bus.call`, with a typed request and reply."""
     bus = await Bus.connect(url, "nats-floor-driver")
     msg = msgspec.msgpack.decode(payload, type=PlaceRequest)
-
-    async def worker(todo: Iterator[int]) -> None:
-        for _ in todo:
-            await bus.call(BUS_FLOOR, msg, timeout=10.0)
-
     try:
-        warm = iter(range(min(200, requests)))
-        await asyncio.gather(*(worker(warm) for _ in range(8)))
-        todo = iter(range(requests))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(todo) for _ in range(concurrency)))
-        return requests / (time.perf_counter() - t0)
+        return await closed_loop(lambda: bus.call(BUS_FLOOR, msg, timeout=10.0),
+                                 concurrency=concurrency, requests=requests)
     finally:
         await bus.close()
 
