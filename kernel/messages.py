@@ -452,6 +452,10 @@ class PartitionSummary(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     free: Resources
     largest_free: Resources  # free resources of the emptiest node: the biggest pod that fits
     nodes: int = 0
+    # Whether the owner takes placements from the queue group (it steps aside while full):
+    # an instance steps aside only for a peer that does, so the group is never left empty
+    # by two full partitions each counting on the other.
+    serving: bool = True
 
 
 class Placement(msgspec.Struct, frozen=True, tag=True, kw_only=True):

@@ -27,7 +27,7 @@ from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.config import Config, CoordinatorConfig, dumps
 from kernel.endpoints import Endpoint
-from kernel.errors import RemoteError
+from kernel.errors import NoResponders, RemoteError
 from kernel.messages import (
     Heartbeat,
     NodeInfo,
@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 MODES = ("partitioned", "central-indexed", "kube-scheduler", "central", "sampling")
 # The ratios that count are against the strongest central design: one process, same index.
 REFERENCE = "central-indexed"
+NO_RESPONDERS_WAIT_S = 2.0  # as `scale` waits out an empty placement queue group
 
 # What every mode answers a PlaceRequest on: ep.PLACE, ep.PLACE_CENTRAL or ep.PLACE_SAMPLING.
 PlaceEndpoint = Endpoint[PlaceRequest, Placement | Unschedulable]
@@ -160,7 +161,7 @@ async def drive(
             req = msgspec.structs.replace(requests[i], requested_at=time.time())
             t0 = time.perf_counter()
             try:
-                res.replies[i] = await bus.call(endpoint, req, timeout=timeout)
+                res.replies[i] = await place(bus, endpoint, req, timeout)
             except RemoteError as exc:
                 res.replies[i] = exc
             t1 = time.perf_counter()
@@ -169,6 +170,22 @@ async def drive(
     await asyncio.gather(*(worker() for _ in range(min(concurrency, n))))
     res.wall_s = time.perf_counter() - start
     return res
+
+
+async def place(
+    bus: Bus, endpoint: PlaceEndpoint, req: PlaceRequest, timeout: float
+) -> Placement | Unschedulable:
+    """One placement, as `scale` asks for it: nobody in the queue group for a moment (an
+    instance stepping aside as another rejoins, a partition changing hands) is waited out for
+    up to 2 s, not counted as an error."""
+    deadline = time.monotonic() + NO_RESPONDERS_WAIT_S
+    while True:
+        try:
+            return await bus.call(endpoint, req, timeout=timeout)
+        except NoResponders:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -194,8 +211,8 @@ async def open_loop(
 
     async def one(at: float, req: PlaceRequest) -> None:
         try:
-            reply = await bus.call(
-                endpoint, msgspec.structs.replace(req, requested_at=time.time()), timeout=timeout
+            reply = await place(
+                bus, endpoint, msgspec.structs.replace(req, requested_at=time.time()), timeout
             )
             why = reply.reason if isinstance(reply, Unschedulable) else ""
         except RemoteError as exc:

@@ -42,11 +42,14 @@ class ProbeCache:
         entry = self.entries.get(partition)
         return None if entry is None else self.clock() - entry[1]
 
-    def candidates(self, req: Resources, *, exclude: int) -> list[PartitionSummary]:
+    def candidates(self, req: Resources, *, exclude: int,
+                   serving: bool = False) -> list[PartitionSummary]:
         """Partitions whose largest free slot fits the pod, most promising first: the most
-        free cpu left overall, so a probe is likely to succeed and load spreads."""
+        free cpu left overall, so a probe is likely to succeed and load spreads. `serving`:
+        only those whose owner takes placements from the queue group."""
         fits = [
             s for s in self.fresh()
             if s.partition != exclude and s.owner and req.fits_in(s.largest_free)
+            and (s.serving or not serving)
         ]
         return sorted(fits, key=lambda s: (-s.free.cpu, -s.free.memory_mb, s.partition))

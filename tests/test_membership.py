@@ -44,3 +44,16 @@ def test_a_new_partition_forgets_what_the_old_one_refused() -> None:
     m.reset()
     assert m.serving
     assert m.rejoin(FULL, peer_has_room_for_it=True) is False  # serving: nothing to rejoin
+
+
+def test_only_a_serving_peer_is_one_to_step_aside_for() -> None:
+    """A peer that stepped aside itself still takes reserves (a probe may go there), but
+    stepping aside for it could leave the queue group empty."""
+    from kernel.messages import PartitionSummary
+    from partitions.probecache import ProbeCache
+
+    cache = ProbeCache(clock=lambda: 0.0)
+    cache.update(PartitionSummary(partition=1, epoch=1, owner="b", free=ROOM, largest_free=ROOM,
+                                  serving=False))
+    assert [s.partition for s in cache.candidates(POD, exclude=0)] == [1]
+    assert cache.candidates(POD, exclude=0, serving=True) == []

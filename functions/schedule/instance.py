@@ -194,18 +194,31 @@ class ScheduleInstance(Component):
                 log.info("%s: partition %d full; placements go to peers with room", self.id,
                          self.view.partition)
                 await _drain(sub)
+        await self._tell_peers()
+
+    async def _tell_peers(self) -> None:
+        """Our summary now, not at the next broadcast: whether we serve placements changed."""
+        try:
+            await self.bus.send(ep.PARTITION_SUMMARY, self._summary())
+        except (nats.errors.Error, OSError):
+            log.debug("%s: summary lost", self.id, exc_info=True)
+
+    def _summary(self) -> PartitionSummary:
+        return msgspec.structs.replace(self.view.summary(self.id),
+                                       serving=self.membership.serving)
 
     async def _rejoin_if_due(self) -> None:
         need = self.membership.aside_for
         if need is None:
             return
-        peers = bool(self.cache.candidates(need, exclude=self.view.partition))
-        if self.membership.rejoin(self.view.summary(self.id).largest_free, peers):
+        peers = bool(self.cache.candidates(need, exclude=self.view.partition, serving=True))
+        if self.membership.rejoin(self._summary().largest_free, peers):
             async with self._assign_lock:
                 if self._place_sub is None and self._assigned.is_set():
                     log.info("%s: taking placements again", self.id)
                     self._place_sub = await self.bus.serve(ep.PLACE, self._on_place,
                                                            concurrent=True)
+            await self._tell_peers()
 
     # ---- events ---------------------------------------------------------------------------
 
@@ -232,6 +245,10 @@ class ScheduleInstance(Component):
     async def _on_summary(self, msg: PartitionSummary, _raw: Msg) -> None:
         if msg.owner != self.id:
             self.cache.update(msg)
+            if not msg.serving and not self.membership.serving:
+                # The peer we stepped aside for may have stepped aside too: one of us must
+                # take placements, and the rule (no serving peer with room → rejoin) says who.
+                await self._rejoin_if_due()
 
     # ---- placing --------------------------------------------------------------------------
 
@@ -273,7 +290,7 @@ class ScheduleInstance(Component):
             local = await self._commit_and_start(req)
         if isinstance(local, Placement):
             return local
-        peers = self.cache.candidates(req.resources, exclude=self.view.partition)
+        peers = self.cache.candidates(req.resources, exclude=self.view.partition, serving=True)
         if not local.stale and self.membership.leave_after_refusal(req.resources, bool(peers)):
             self.tasks.spawn(self._step_aside(), name="step-aside")
         probes = 0
@@ -335,7 +352,7 @@ class ScheduleInstance(Component):
         tolerations = pod_tolerations(req.spec)
         node = self.view.place(req.pod, req.resources, req.model, tolerations=tolerations)
         if node is None:
-            free = self.view.summary(self.id)
+            free = self._summary()
             tainted = self.view.shut_out(tolerations)
             taints = (f"; {len(tainted)} node(s) tainted and not tolerated "
                       f"({', '.join(sorted(set(tainted.values()))[:3])})" if tainted else "")
@@ -371,13 +388,13 @@ class ScheduleInstance(Component):
             # Only a stale epoch says our map is behind; any other refusal is the node's.
             return Refused(pod=req.pod, partition=pid,
                            reason=f"node {node.name} refused pod: {exc.message}",
-                           summary=self.view.summary(self.id),
+                           summary=self._summary(),
                            stale=exc.code is ErrorCode.STALE_EPOCH)
         # Our summary rides on a reserve's reply, for the asker's probe cache; the placer
         # of a local placement has no use for it.
         return Placement(pod=req.pod, service=req.service, node=node.name, partition=pid,
                          epoch=epoch, decided_at=decided, probes=0,
-                         summary=self.view.summary(self.id) if reserve else None)
+                         summary=self._summary() if reserve else None)
 
     async def _refresh_map(self) -> None:
         try:
@@ -422,7 +439,7 @@ class ScheduleInstance(Component):
             try:
                 await self._rejoin_if_due()
                 if self._assigned.is_set():
-                    await self.bus.send(ep.PARTITION_SUMMARY, self.view.summary(self.id))
+                    await self.bus.send(ep.PARTITION_SUMMARY, self._summary())
             except (nats.errors.Error, OSError):
                 log.debug("%s: summary or rejoin lost", self.id, exc_info=True)
 
