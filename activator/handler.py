@@ -178,11 +178,9 @@ class Handler:
         self.metrics = metrics
         # Instruments and attribute sets made once: recording on the request path is then
         # one SDK call with a cached mapping.
-        self._requests = metrics.counter("fnplane.revision.requests")
-        self._queued = metrics.gauge("fnplane.revision.request.queued")
+        self._requests = metrics.hot_counter("fnplane.revision.requests", "service")
+        self._direct = metrics.hot_counter("fnplane.gateway.direct.requests", "service")
         self._invocation = metrics.histogram("fnplane.serving.invocation.duration")
-        self._direct = metrics.counter("fnplane.gateway.direct.requests")
-        self._direct_duration = metrics.histogram("fnplane.gateway.direct.duration")
         self.rejected = metrics.counter("fnplane.activator.rejected")
         self._by_service = LabelCache("service")
         self._direct_attrs = LabelCache("service", path="direct")
@@ -305,9 +303,8 @@ class Handler:
         took = time.time() - t0
         # Counted once answered: a pod that refused sends the request down the activator
         # path, which counts it there.
-        self._requests.add(1, self._by_service[name])
-        self._direct.add(1, self._by_service[name])
-        self._direct_duration.record(took, self._by_service[name])
+        self._requests.add(name)
+        self._direct.add(name)
         self._invocation.record(took, self._direct_attrs[name])
         return _answer(resp, target.pod, "direct", cold=False)
 
@@ -324,13 +321,12 @@ class Handler:
         thr = svc.throttler
         request_in = time.time()
         attrs = self._by_service[name]
-        self._requests.add(1, attrs)
+        self._requests.add(name)
         attempts = MAX_ATTEMPTS
         cold_any = False
         while True:
             if thr.would_wait():
                 self.reporter.urgent(name)
-            self._queued.set(thr.buffered + 1, attrs)
             slot, cold = await thr.acquire(self.config.request_timeout_s)
             cold_any = cold_any or cold
             try:

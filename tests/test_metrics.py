@@ -122,3 +122,25 @@ def test_the_dashboard_is_valid_and_written_from_code() -> None:
     overlay = REPO / "deploy" / "overlays" / "monitoring"
     assert "fnplane.json=dashboard.json" in (overlay / "kustomization.yaml").read_text()
 
+
+
+def test_a_hot_counter_is_exported_as_the_same_counter() -> None:
+    """The request path's counters are dict updates read by an observable counter at
+    collection: Prometheus sees an ordinary counter, from 0 when told so."""
+    m = Metrics("schedule-hot")
+    try:
+        placements = m.hot_counter("fnplane.schedule.placements", "outcome")
+        assert m.hot_counter("fnplane.schedule.placements", "outcome") is placements
+        placements.add("unschedulable", 0)
+        for _ in range(3):
+            placements.add("placed")
+        families = {f.name: f for f in text_string_to_metric_families(m.render())}
+        fam = families["fnplane_schedule_placements"]
+        assert fam.type == "counter"
+        assert {(s.name, s.labels["outcome"], s.value) for s in fam.samples} == {
+            ("fnplane_schedule_placements_total", "placed", 3.0),
+            ("fnplane_schedule_placements_total", "unschedulable", 0.0)}
+        with pytest.raises(TypeError):
+            m.counter("fnplane.schedule.placements")  # one way per name
+    finally:
+        m.close()

@@ -80,12 +80,10 @@ class ScheduleInstance(Component):
         self._in_flight = 0
         self._latencies: list[float] = []
         self.probes_sent = 0
-        self._placed = {"placed": {"outcome": "placed"},
-                        "unschedulable": {"outcome": "unschedulable"}}
         self._probe_outcome = {o: {"outcome": o} for o in ("placed", "refused", "failed")}
         self._lookup = {True: {"result": "hit"}, False: {"result": "miss"}}
         m = self.metrics  # instruments and attribute sets made once, not per placement
-        self._m_placements = m.counter("fnplane.schedule.placements")
+        self._m_placements = m.hot_counter("fnplane.schedule.placements", "outcome")
         self._m_duration = m.histogram("fnplane.schedule.placement.duration")
         self._m_unschedulable = m.counter("fnplane.schedule.unschedulable")
         self._m_probes = m.counter("fnplane.schedule.probes")
@@ -93,8 +91,9 @@ class ScheduleInstance(Component):
         self._m_epoch = m.gauge("fnplane.schedule.partition.epoch")
         # Known label values start at 0 (Prometheus' advice): a rate over a series that
         # appears with its first event misses that event.
-        for counter, sets in ((self._m_placements, self._placed.values()),
-                              (self._m_probes, self._probe_outcome.values()),
+        for outcome in ("placed", "unschedulable"):
+            self._m_placements.add(outcome, 0)
+        for counter, sets in ((self._m_probes, self._probe_outcome.values()),
                               (self._m_lookups, self._lookup.values())):
             for attrs in sets:
                 counter.add(0, attrs)
@@ -263,11 +262,11 @@ class ScheduleInstance(Component):
             raise RemoteError(ErrorCode.STALE_EPOCH, why)
         t0 = time.monotonic()
         self._in_flight += 1
-        outcome = self._placed["unschedulable"]
+        outcome = "unschedulable"
         try:
             answer = await self._place(msg)
             if isinstance(answer, Placement):
-                outcome = self._placed["placed"]
+                outcome = "placed"
             else:
                 self._m_unschedulable.add(1, {"service": msg.service})
             return answer
@@ -276,7 +275,7 @@ class ScheduleInstance(Component):
             self._handled += 1
             took = time.monotonic() - t0
             self._latencies.append(took)
-            self._m_placements.add(1, outcome)
+            self._m_placements.add(outcome)
             self._m_duration.record(took)
 
     async def _place(self, req: PlaceRequest) -> Placement | Unschedulable:
