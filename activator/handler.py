@@ -26,6 +26,7 @@ from kernel import telemetry
 from kernel.config import ActivatorConfig
 from kernel.errors import RemoteError
 from kernel.messages import ServiceSpec
+from kernel.metrics import LabelCache, Metrics
 
 log = logging.getLogger(__name__)
 # Pods tried for one request: each that is gone is marked dead, so this bounds a request's
@@ -164,7 +165,7 @@ class Handler:
         proxy: Proxy,
         direct: DirectPath,
         reporter: DemandReporter,
-        metrics: telemetry.Registry,
+        metrics: Metrics,
         *,
         lookup: Lookup,
         log_id: str,
@@ -175,6 +176,14 @@ class Handler:
         self.direct = direct
         self.reporter = reporter
         self.metrics = metrics
+        # Instruments and attribute sets made once: recording on the request path is then
+        # one SDK call with a cached mapping.
+        self._requests = metrics.hot_counter("fnplane.revision.requests", "service")
+        self._direct = metrics.hot_counter("fnplane.gateway.direct.requests", "service")
+        self._invocation = metrics.histogram("fnplane.serving.invocation.duration")
+        self.rejected = metrics.counter("fnplane.activator.rejected")
+        self._by_service = LabelCache("service")
+        self._direct_attrs = LabelCache("service", path="direct")
         self.lookup = lookup
         self.id = log_id
         # Services whose pods answered a versioned path with NO_VERSIONED_PATHS: their
@@ -247,16 +256,15 @@ class Handler:
     def _failure(self, name: str, exc: Exception) -> Answer:
         """Every failure of the request path, mapped to an answer once."""
         retry = self.config.retry_after_s
-        rejected = "fnplane.activator.rejected"
         match exc:
             case BufferFull():
-                self.metrics.inc(rejected, service=name, reason="buffer_full")
+                self.rejected.add(1, {"service": name, "reason": "buffer_full"})
                 return error(503, str(exc), retry_after_s=retry)
             case WaitTimeout():
-                self.metrics.inc(rejected, service=name, reason="timeout")
+                self.rejected.add(1, {"service": name, "reason": "timeout"})
                 return error(503, str(exc), retry_after_s=retry)
             case StartFailed():
-                self.metrics.inc(rejected, service=name, reason="start_failed")
+                self.rejected.add(1, {"service": name, "reason": "start_failed"})
                 return error(503, f"service {name} failed to start: {exc}", retry_after_s=retry)
             case ServiceGone() | BatcherClosed() | BatchAborted():
                 return error(503, str(exc) or "service unavailable", retry_after_s=retry)
@@ -292,10 +300,12 @@ class Handler:
         finally:
             self.direct.release(name, target.pod)
             thr.dispatch()
-        self.metrics.inc("fnplane.gateway.direct.count", service=name)
-        self.metrics.observe(
-            "fnplane.serving.invocation.duration", time.time() - t0, service=name, path="direct"
-        )
+        took = time.time() - t0
+        # Counted once answered: a pod that refused sends the request down the activator
+        # path, which counts it there.
+        self._requests.add(name)
+        self._direct.add(name)
+        self._invocation.record(took, self._direct_attrs[name])
         return _answer(resp, target.pod, "direct", cold=False)
 
     async def forward(
@@ -310,13 +320,13 @@ class Handler:
             raise ServiceGone(f"service {name!r} was deleted")
         thr = svc.throttler
         request_in = time.time()
-        self.metrics.inc("fnplane.revision.request.count", service=name)
+        attrs = self._by_service[name]
+        self._requests.add(name)
         attempts = MAX_ATTEMPTS
         cold_any = False
         while True:
             if thr.would_wait():
                 self.reporter.urgent(name)
-            self.metrics.set("fnplane.revision.request.queued", thr.buffered + 1, service=name)
             slot, cold = await thr.acquire(self.config.request_timeout_s)
             cold_any = cold_any or cold
             try:
@@ -334,9 +344,7 @@ class Handler:
             break
         if cold_any:
             self.reporter.cold_start(name, slot.endpoint, request_in, resp.first_byte_at)
-        self.metrics.observe(
-            "fnplane.serving.invocation.duration", time.time() - request_in, service=name
-        )
+        self._invocation.record(time.time() - request_in, attrs)
         return _answer(resp, slot.pod, "activator", cold=cold_any)
 
     def _batcher_for(self, spec: ServiceSpec) -> MicroBatcher | None:

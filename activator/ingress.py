@@ -183,9 +183,8 @@ async def _forward(request: web.Request, protocol: Protocol | None) -> web.Respo
             read = await _read_body(request, handler.config, lease)
             if isinstance(read, Answer):
                 if read.status == 503:
-                    handler.metrics.inc("fnplane.activator.rejected",
-                                        service=request.match_info["name"],
-                                        reason="body_budget")
+                    handler.rejected.add(1, {"service": request.match_info["name"],
+                                             "reason": "body_budget"})
                 return _http(read)
             body = read
         answer = await handler.handle(Request(

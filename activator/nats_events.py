@@ -357,7 +357,8 @@ class EventStreams:
         else:
             cfg = self.config
             await msg.nak(delay=min(cfg.nak_delay_s * 2 ** (delivered - 1), cfg.nak_max_delay_s))
-        self.handler.metrics.inc("fnplane.activator.events", service=service, outcome=outcome)
+        self.handler.metrics.counter("fnplane.activator.events").add(
+            1, {"service": service, "outcome": outcome})
 
     # ---- consumer lag as demand ----------------------------------------------------------
 
@@ -398,7 +399,7 @@ class EventStreams:
             self._reported.discard(name)  # one last zero, so `scale` forgets it at once
         svc = self.handler.table.get(name)
         urgent = lag > 0 and (svc is None or svc.throttler.ready_pods() == 0)
-        self.handler.metrics.set("fnplane.activator.events.lag", lag, service=name)
+        self.handler.metrics.gauge("fnplane.activator.events.lag").set(lag, {"service": name})
         demand = Demand(service=name, reporter=LAG_REPORTER, buffered=lag, in_flight=0,
                         requests=0, ts=now, urgent=urgent)
         try:

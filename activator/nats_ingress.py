@@ -151,7 +151,8 @@ class NatsIngress:
         """One task per request: a cold one waits seconds for its pod, and nats-py runs a
         subscription's callbacks one at a time."""
         if not raw.reply:  # nobody to answer: fire-and-forget belongs on svc.events
-            self.handler.metrics.inc("fnplane.activator.nats.dropped", reason="no_reply")
+            self.handler.metrics.counter("fnplane.activator.nats.dropped").add(
+                1, {"reason": "no_reply"})
             return
         task = asyncio.create_task(self._answer(raw))
         self._requests.add(task)
@@ -167,9 +168,8 @@ class NatsIngress:
                 raw.reply, error(503, "the activator is shutting down", retry_after_s=retry)
             )
             raise
-        self.handler.metrics.inc(
-            "fnplane.activator.nats.requests", service=name, status=str(answer.status)
-        )
+        self.handler.metrics.counter("fnplane.activator.nats.requests").add(
+            1, {"service": name, "status": str(answer.status)})
         await self._publish(raw.reply, answer)
 
     async def _invoke(self, name: str, raw: Msg) -> Answer:

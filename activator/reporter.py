@@ -17,12 +17,26 @@ from kernel import endpoints as ep
 from kernel import telemetry
 from kernel.bus import Bus
 from kernel.messages import ColdStart, Demand, Endpoint, Heartbeat
+from kernel.metrics import LabelCache, Metrics
 from kernel.shards import shard_of
 from kernel.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
 URGENT_MIN_GAP_S = 0.05
+# ColdStart.stages_ms's keys → the `stage` label of fnplane.cold_start.stage.duration.
+STAGES = {"request_in->placement_decided": "placement",
+          "placement_decided->weights_fetched": "weights_fetch",
+          "weights_fetched->process_spawned": "spawn",
+          "process_spawned->ready": "ready",
+          "ready->first_byte_out": "first_byte"}
+
+
+def cold_start_stages(cs: ColdStart) -> dict[str, float]:
+    """Seconds per stage; stages whose timestamps the pod did not report are left out
+    (weights_fetch is 0, not absent, when there was nothing to fetch)."""
+    return {STAGES[k]: v / 1000.0 for k, v in cs.stages_ms().items()
+            if k in STAGES and (v or k == "placement_decided->weights_fetched")}
 
 
 class DemandReporter:
@@ -32,7 +46,7 @@ class DemandReporter:
         reporter_id: str,
         table: ServiceTable,
         direct: DirectPath,
-        metrics: telemetry.Registry,
+        metrics: Metrics,
         tasks: TaskGroup,
         *,
         interval_s: float,
@@ -42,6 +56,12 @@ class DemandReporter:
         self.table = table
         self.direct = direct
         self.metrics = metrics
+        self._by_service = LabelCache("service")
+        self._cold_starts = metrics.counter("fnplane.cold_starts")
+        self._cold_duration = metrics.histogram("fnplane.cold_start.duration")
+        self._stage = metrics.histogram("fnplane.cold_start.stage.duration")
+        self._queued = metrics.gauge("fnplane.revision.request.queued")
+        self._concurrency = metrics.gauge("fnplane.revision.request.concurrency")
         self.tasks = tasks
         self.interval_s = interval_s
         self._last_urgent: dict[str, float] = {}
@@ -76,10 +96,13 @@ class DemandReporter:
             first_byte_out=first_byte, trace_id=telemetry.current_trace_id(),
             weights_fetched=tl.fetched_at,
         )
-        self.metrics.observe("fnplane.cold_start.duration", first_byte - request_in, service=name)
-        # The stage the weights' download took, apart: the control plane's share excludes it.
-        fetch = tl.fetched_at - tl.placed_at if tl.fetched_at and tl.placed_at else 0.0
-        self.metrics.observe("fnplane.cold_start.weights_fetch.duration", fetch, service=name)
+        attrs = self._by_service[name]
+        self._cold_starts.add(1, attrs)
+        self._cold_duration.record(first_byte - request_in, attrs)
+        # Each stage apart (the weights' download among them: the control plane's share
+        # excludes it); a stage whose timestamps the pod did not report is left out.
+        for stage, took in cold_start_stages(cs).items():
+            self._stage.record(took, {"service": name, "stage": stage})
         self.tasks.spawn(self.bus.send(ep.COLD_START, cs), name=f"cold-start-{name}")
 
     async def run(self) -> None:
@@ -98,9 +121,9 @@ class DemandReporter:
                                 in_flight=in_flight, requests=thr.admitted, ts=now)
                 thr.admitted = 0
                 (self._reported_nonzero.add if busy else self._reported_nonzero.discard)(name)
-                self.metrics.set("fnplane.revision.request.queued", thr.buffered, service=name)
-                self.metrics.set("fnplane.revision.request.in_flight", thr.in_flight,
-                                 service=name)
+                attrs = self._by_service[name]
+                self._queued.set(thr.buffered, attrs)
+                self._concurrency.set(thr.in_flight, attrs)
                 await self._send(demand)
             await self._send_heartbeat(now)
 

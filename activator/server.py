@@ -21,7 +21,6 @@ from activator.reporter import DemandReporter
 from activator.services import ServiceTable
 from activator.sync import ServiceSync
 from activator.workers import Worker
-from kernel import telemetry
 from kernel.bus import Bus
 from kernel.component import Component
 from kernel.config import ActivatorConfig
@@ -38,7 +37,6 @@ class Activator(Component):
         self.config = config
         self.port = config.port
         self.own_url = ""  # with several workers: this worker's own listener
-        self.metrics = telemetry.Registry()
         self.direct = DirectPath()
         worker = Worker(config.worker, config.workers)
         self.direct.worker = worker

@@ -125,6 +125,9 @@ async def run_up(args: argparse.Namespace) -> int:
     workers = [p for p in stack.role_processes.values() if p.own_url]
     for p in workers:
         print(f"           {p.name}: {p.own_url}/metrics   (this worker alone)", flush=True)
+    for name, url in stack.metrics_urls().items():
+        if not any(p.name == name for p in workers):
+            print(f"  metrics  {name}: {url}", flush=True)
     if stack.role_processes:
         print(f"  roles    {', '.join(stack.role_processes)}: one process each, restarted "
               "when they die (logs in <state-dir>/logs)", flush=True)

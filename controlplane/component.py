@@ -14,7 +14,10 @@ file, kernel/identity.py), FNPLANE_PUBLIC_URL (the gateway's URL services are an
 FNPLANE_ACTIVATOR_PORT, FNPLANE_POD_IMAGE, FNPLANE_POD_PULL_POLICY, FNPLANE_POD_PORT,
 FNPLANE_NAMESPACE, FNPLANE_INSTANCE_ID (a `schedule` instance's id: its pod name, from the
 downward API; else HOSTNAME), FNPLANE_LEADER_LEASE (coordinator, node, operator: run only
-while holding this Lease, partitions/leader.py), FNPLANE_POD_NAME (this pod's name).
+while holding this Lease, partitions/leader.py), FNPLANE_POD_NAME (this pod's name),
+FNPLANE_METRICS_HOST and FNPLANE_METRICS_PORT (the metrics port, kernel/metricsport.py;
+deploy/ sets 0.0.0.0 and 9090 on every component but the activator, whose /metrics is on
+its own port), and the standard OTEL_* variables (OTLP traces and metrics).
 The coordinator's instance runtime: with FNPLANE_RUNTIME=kubernetes (deploy/ sets it) it
 owns the replicas of the `schedule` Deployment (FNPLANE_SCHEDULE_DEPLOYMENT, default
 fnplane-schedule, in FNPLANE_NAMESPACE; FNPLANE_KUBECONFIG when out of cluster), between
@@ -42,9 +45,11 @@ from controlplane import build as builder
 from controlplane.elastic import Runtime
 from controlplane.instance import config_from_env as config_from_json_env
 from controlplane.operator import OperatorConfig
+from kernel import telemetry
 from kernel.component import Component
-from kernel.config import DEFAULT_NATS_URL, Config
+from kernel.config import DEFAULT_NATS_URL, Config, MetricsConfig
 from kernel.limits import raise_open_files_limit
+from kernel.metricsport import MetricsPort
 from partitions.agents.kubernetes.agent import KubernetesConfig
 
 COMPONENTS = ("coordinator", "scale", "schedule", "route", "activator", "node", "operator")
@@ -68,10 +73,13 @@ def config_from_env(env: dict[str, str]) -> Config:
     activator = replace(base.activator, host="0.0.0.0",
                         port=int(env.get("FNPLANE_ACTIVATOR_PORT", "8080")))
     creds = env.get("FNPLANE_CREDS")
+    metrics = MetricsConfig(host=env.get("FNPLANE_METRICS_HOST", base.metrics.host),
+                            port=int(env.get("FNPLANE_METRICS_PORT", base.metrics.port)))
     return replace(base, nats_url=env.get("FNPLANE_NATS_URL", DEFAULT_NATS_URL),
                    redis_url=env.get("FNPLANE_REDIS_URL", base.redis_url),
                    coordinator=coordinator, activator=activator,
-                   credentials=Path(creds) if creds else base.credentials)
+                   credentials=Path(creds) if creds else base.credentials,
+                   metrics=metrics)
 
 
 # The single writers: with FNPLANE_LEADER_LEASE set (deploy/ sets it on these three), only
@@ -148,7 +156,23 @@ async def _beat(path: Path) -> None:
 
 
 async def run(name: str) -> int:
-    component = await build(name, dict(os.environ))
+    env = dict(os.environ)
+    config = config_from_env(env)
+    if telemetry.tracing_wanted(config.trace_file):
+        telemetry.setup_tracing(f"fnplane-{name}", trace_file=config.trace_file)
+    # The activator's /metrics is on its own listener; every other component has a port.
+    port = MetricsPort(config.metrics.host, config.metrics.port)
+    if name != "activator" and config.metrics.port >= 0:
+        await port.start()
+    try:
+        return await _run(name, env)
+    finally:
+        await port.stop()
+        telemetry.flush()
+
+
+async def _run(name: str, env: dict[str, str]) -> int:
+    component = await build(name, env)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

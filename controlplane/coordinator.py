@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from redis.exceptions import RedisError
 
 from controlplane.elastic import InstancePolicy, InstanceScaler, Runtime
+from controlplane.mapmetrics import MapMetrics
 from controlplane.sharding import assign
 from kernel import endpoints as ep
 from kernel.bus import Bus
@@ -82,6 +83,7 @@ class Coordinator(Component):
         self.runtime = runtime
         self.smap = ShardMap(version=0, count=SHARDS)
         self._shards_unsent = False
+        self.map_metrics = MapMetrics(self.metrics)
         self.scalers = {
             "schedule": InstanceScaler(
                 InstancePolicy(config.schedule_min, config.schedule_max,
@@ -270,6 +272,7 @@ class Coordinator(Component):
                 self._expire_nodes()
                 self._forget_unregistered()
                 await self._scale_instances()
+                self.map_metrics.instances(self.instances.values())
                 await self.repartition()
                 await self.reshard()
                 await self._report_lost()
@@ -362,6 +365,7 @@ class Coordinator(Component):
                 )
             self._changed.set()
             return
+        self.map_metrics.partition_map(self.pmap, pmap)
         self.pmap = pmap
         self._unsent = True
         log.info(
@@ -384,6 +388,7 @@ class Coordinator(Component):
             return
         smap = ShardMap(version=self.smap.version + 1, count=self.smap.count, shards=shards)
         await self.store.put_shard_map(smap)
+        self.map_metrics.shard_map(self.smap, smap)
         self.smap = smap
         self._shards_unsent = True
         log.info("coordinator: shard map v%d: %s", smap.version, "; ".join(

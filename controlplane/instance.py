@@ -16,8 +16,10 @@ import signal
 import sys
 
 from controlplane import build
+from kernel import telemetry
 from kernel.config import Config, dumps, loads
 from kernel.limits import raise_open_files_limit
+from kernel.metricsport import open_metrics_port
 
 READY_LINE = "fnplane-instance ready"
 CONFIG_ENV = "FNPLANE_CONFIG"
@@ -33,14 +35,19 @@ async def run(kind: str, config: Config, instance_id: str, *, ready_timeout: flo
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with await build.instance(kind, config, instance_id) as component:
+    if telemetry.tracing_wanted(config.trace_file):
+        telemetry.setup_tracing(f"fnplane-{kind}", trace_file=config.trace_file)
+    async with (open_metrics_port(config.metrics) as port,
+                await build.instance(kind, config, instance_id) as component):
         wait_ready = getattr(component, "wait_ready", None)
         if wait_ready is not None:  # the baselines: once they know the nodes
             await wait_ready(timeout=ready_timeout)
         # A `schedule` instance is ready once the coordinator gives it a partition: its
         # heartbeats say so, and that is what callers watch.
-        print(f"{READY_LINE} {kind} {component.id} config={dumps(config)}", flush=True)
+        metrics = f" metrics={port.url}" if port.url else ""
+        print(f"{READY_LINE} {kind} {component.id}{metrics} config={dumps(config)}", flush=True)
         await stop.wait()
+    telemetry.flush()
     return 0
 
 

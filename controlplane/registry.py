@@ -69,6 +69,7 @@ class Registry(Component):
             spec = msg.spec.validate()
         except SpecError as exc:
             raise RemoteError(ErrorCode.INVALID, f"invalid service spec: {exc}") from None
+        self.metrics.counter("fnplane.registry.deploys").add(1)
         if spec.storage_uri and self.model_policy is not None:
             try:
                 source = self.model_policy.check(spec.storage_uri)

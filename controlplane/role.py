@@ -31,9 +31,11 @@ import msgspec
 from controlplane import build
 from controlplane.instance import CONFIG_ENV, config_from_env
 from controlplane.runtime import ProcessRuntime
+from kernel import telemetry
 from kernel.component import Component
-from kernel.config import Config, dumps
+from kernel.config import Config, MetricsConfig, dumps
 from kernel.limits import raise_open_files_limit
+from kernel.metricsport import open_metrics_port
 from kernel.procs import ManagedProcess, ServerStartError
 
 READY_LINE = "fnplane-role ready"
@@ -52,6 +54,7 @@ class RoleProcess:
     process: ManagedProcess
     stop_timeout: float
     own_url: str = ""  # a gateway worker's own listener
+    metrics_url: str = ""  # the process's metrics port (the gateway's are on own_url)
 
     async def stop(self, timeout: float | None = None) -> None:
         await self.process.stop(self.stop_timeout if timeout is None else timeout)
@@ -75,15 +78,17 @@ async def start_role(role: str, config: Config, *, name: str, log_dir: Path,
     if not ready or process.returncode is not None:
         await process.stop(timeout=2.0)
         raise ServerStartError(f"fnplane {name} did not start", tail=process.tail(40))
-    own = ""
+    own = metrics = ""
     for line in process.tail().splitlines():
         if line.startswith(READY_LINE) and " own=" in line:
             own = line.split(" own=", 1)[1].split()[0]
+        if line.startswith(READY_LINE) and " metrics=" in line:
+            metrics = line.split(" metrics=", 1)[1].split()[0]
     act = config.activator
     # A gateway worker drains before it exits; everything else gets the usual bound.
     stop_timeout = 10.0 + (act.drain_grace_s + act.drain_timeout_s if role == "activator"
                            else 0.0)
-    return RoleProcess(role, name, process, stop_timeout, own)
+    return RoleProcess(role, name, process, stop_timeout, own, metrics)
 
 
 class Group(Component):
@@ -122,13 +127,18 @@ async def run(role: str, config: Config) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if telemetry.tracing_wanted(config.trace_file):
+        telemetry.setup_tracing(f"fnplane-{role}", trace_file=config.trace_file)
     component = await build_role(role, config, dict(os.environ))
-    async with component:
+    # The gateway shows its metrics on its own listener; the other roles on a port.
+    metrics_config = config.metrics if role != "activator" else MetricsConfig(port=-1)
+    async with open_metrics_port(metrics_config) as port, component:
         # A gateway worker says where its own listener is (its metrics, on their own).
         own = getattr(component, "own_url", "")
-        print(f"{READY_LINE} {role} {component.id}" + (f" own={own}" if own else ""),
-              flush=True)
+        print(f"{READY_LINE} {role} {component.id}" + (f" own={own}" if own else "")
+              + (f" metrics={port.url}" if port.url else ""), flush=True)
         await stop.wait()
+    telemetry.flush()
     return 0
 
 

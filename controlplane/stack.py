@@ -34,6 +34,7 @@ from kernel.config import Config
 from kernel.errors import RemoteError
 from kernel.identity import Credentials, login
 from kernel.messages import ClusterStatus, Empty
+from kernel.metricsport import MetricsPort
 from kernel.procs import ServerStartError, free_port, hostport
 from kernel.store import ROUTES, Store
 from partitions.agents.kubernetes.agent import KubernetesConfig
@@ -79,6 +80,9 @@ class Stack:
     gateway_workers: int = 1
     role_processes: dict[str, RoleProcess] = field(default_factory=dict)
     public_url: str = ""
+    # Inline, every component shows on this one port (the process's, kernel/metricsport.py);
+    # with role processes each process has its own (`role_processes[name].metrics_url`).
+    metrics_port: MetricsPort | None = None
 
     async def start(self) -> None:
         self.started_at = time.time()
@@ -121,6 +125,9 @@ class Stack:
         if self.roles == "processes":
             await self._start_roles(state)
             return
+        if cfg.metrics.port >= 0:
+            self.metrics_port = MetricsPort(cfg.metrics.host, cfg.metrics.port)
+            await self.metrics_port.start()
 
         public = f"http://{cfg.activator.host}:{cfg.activator.port or 0}"
         # The coordinator starts `schedule` instances itself and scales them with their load.
@@ -251,7 +258,19 @@ class Stack:
             if server is not None:
                 await server.stop()
         self.redis = self.nats = None
+        if self.metrics_port is not None:
+            await self.metrics_port.stop()
+            self.metrics_port = None
         telemetry.flush()
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Where to scrape this stack: process name → its metrics URL."""
+        urls = {name: p.metrics_url for name, p in self.role_processes.items() if p.metrics_url}
+        urls.update({name: f"{p.own_url}/metrics" for name, p in self.role_processes.items()
+                     if p.own_url})
+        if self.metrics_port is not None and self.metrics_port.url:
+            urls["stack"] = self.metrics_port.url
+        return urls
 
     @property
     def url(self) -> str:

@@ -1,13 +1,16 @@
 """What every fnplane component is: it is handed a connected bus (one wiring path builds it,
 controlplane/build.py), which it then owns; its id is the bus connection's name. `start()`
 subscribes and starts its background work in a named task group; `stop()` is idempotent,
-ends that work and drains the bus. `async with component:` does both."""
+ends that work and drains the bus. `async with component:` does both. Its `metrics` are
+made on first use (kernel/metrics.py) and shown by its process's metrics port."""
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Self
 
 from kernel.bus import Bus
+from kernel.metrics import Metrics
 from kernel.tasks import TaskGroup
 
 
@@ -19,6 +22,10 @@ class Component:
         self.id = bus.name
         self.tasks = TaskGroup(self.id)
 
+    @cached_property
+    def metrics(self) -> Metrics:
+        return Metrics(self.id, self.kind)
+
     async def start(self) -> None:
         """Subscribe and start background work; a subclass calls this last or not at all."""
 
@@ -27,6 +34,8 @@ class Component:
         cleanup first (it may still need the bus) and call this last."""
         await self.tasks.close()
         await self.bus.close()
+        if "metrics" in self.__dict__:
+            self.metrics.close()
 
     async def __aenter__(self) -> Self:
         await self.start()

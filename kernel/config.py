@@ -278,6 +278,20 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Each process's metrics port (kernel/metricsport.py): 0 takes a free port (several
+    processes share a host under `fnplane up`), -1 opens none. On Kubernetes each pod has
+    its own address, so every Deployment sets the same fixed port."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.port < 65536:
+            raise ConfigError(f"metrics port {self.port} out of range (-1: none, 0: any free)")
+
+
+@dataclass(frozen=True)
 class Config:
     nats_url: str = DEFAULT_NATS_URL
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -292,6 +306,7 @@ class Config:
     # authorization. `fnplane up` makes them in its state dir.
     credentials: Path | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 # ---- one Config across processes -------------------------------------------------------------

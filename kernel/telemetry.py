@@ -1,16 +1,13 @@
-"""Traces and metrics. A cold request is one OpenTelemetry trace whose context travels in
-HTTP and NATS headers (W3C `traceparent`); metrics are Knative-named counters and histograms
-in an `fnplane.` namespace, exposed in Prometheus text format by the activator's `/metrics`.
-
-The metrics registry is a small hand-written one: what we need is a handful of labelled
-counters, gauges and histograms in one process, and the OpenTelemetry Prometheus exporter
-would pull in prometheus_client and a second HTTP server for that.
-"""
+"""Traces. A cold request is one OpenTelemetry trace whose context travels in HTTP and NATS
+headers (W3C `traceparent`). Spans go to a JSON-lines file (the embedded default) and over
+OTLP/HTTP when the standard `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` says where; the SDK
+honours `OTEL_TRACES_SAMPLER` (default: parent-based, always on) and `OTEL_SERVICE_NAME`.
+Metrics are in kernel/metrics.py."""
 
 from __future__ import annotations
 
-import bisect
 import contextlib
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -94,19 +91,75 @@ def _attributes(attributes: Mapping[str, object] | None) -> dict[str, object] | 
     return dict(attributes) if attributes is not None else None
 
 
-_exporter = JsonLinesExporter()
+def otlp_traces_endpoint() -> str:
+    """Where OTLP/HTTP traces go, by the standard variables; "" for nowhere."""
+    env = os.environ
+    if env.get("OTEL_TRACES_EXPORTER", "otlp").strip() == "none":
+        return ""
+    if url := env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
+        return url
+    if base := env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
+        return base.rstrip("/") + "/v1/traces"
+    return ""
+
+
+class Exporters(SpanExporter):
+    """The file and, when configured, OTLP: one batch processor (one thread) feeds both.
+    Either can be switched while the process runs (one tracer provider per process, many
+    embedded stacks in a test run)."""
+
+    def __init__(self) -> None:
+        self.file = JsonLinesExporter()
+        self.otlp: SpanExporter | None = None
+        self.otlp_endpoint = ""
+
+    def use_otlp(self, endpoint: str) -> None:
+        if endpoint == self.otlp_endpoint:
+            return
+        old, self.otlp, self.otlp_endpoint = self.otlp, None, ""
+        if old is not None:
+            old.shutdown()
+        if not endpoint:
+            return
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:  # the exporter is a dependency; a trimmed install may lack it
+            return
+        self.otlp, self.otlp_endpoint = OTLPSpanExporter(endpoint=endpoint), endpoint
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = self.file.export(spans)
+        if (otlp := self.otlp) is not None and otlp.export(spans) is not SpanExportResult.SUCCESS:
+            result = SpanExportResult.FAILURE
+        return result
+
+    def shutdown(self) -> None:
+        self.use_otlp("")
+
+
+_exporter = Exporters()
 _processor: BatchSpanProcessor | None = None
 
 
 def setup_tracing(service_name: str = "fnplane", *, trace_file: Path | None = None) -> None:
-    """Install the tracer provider once per process, and send spans to `trace_file`."""
+    """Install the tracer provider once per process (its sampler from `OTEL_TRACES_SAMPLER`),
+    send spans to `trace_file`, and over OTLP when the environment says where."""
     global _processor
     if _processor is None:
-        provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        # OTEL_SERVICE_NAME, when set, names the process instead.
+        named = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
+        provider = TracerProvider(resource=Resource.create(named))
         _processor = BatchSpanProcessor(_exporter, schedule_delay_millis=500)
         provider.add_span_processor(_processor)
         trace.set_tracer_provider(provider)
-    _exporter.path = trace_file
+    _exporter.file.path = trace_file
+    _exporter.use_otlp(otlp_traces_endpoint())
+
+
+def tracing_wanted(trace_file: Path | None) -> bool:
+    """A role or instance process traces when told where to: a trace file in its config,
+    or an OTLP endpoint (the embedded inline stack always writes its file)."""
+    return trace_file is not None or bool(otlp_traces_endpoint())
 
 
 def flush() -> None:
@@ -132,78 +185,3 @@ def continue_trace(headers: Mapping[str, str] | None, name: str) -> Iterator[Non
 def current_trace_id() -> str:
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
-
-
-# ---- metrics ------------------------------------------------------------------------------
-
-LabelKey = tuple[tuple[str, str], ...]
-
-DEFAULT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
-
-class Registry:
-    """Counters, gauges and histograms keyed by name and labels; thread-safe enough for
-    one event loop plus the occasional reader."""
-
-    def __init__(self) -> None:
-        self._counters: dict[str, dict[LabelKey, float]] = {}
-        self._gauges: dict[str, dict[LabelKey, float]] = {}
-        self._hists: dict[str, dict[LabelKey, list[float]]] = {}
-        self._help: dict[str, str] = {}
-
-    @staticmethod
-    def _key(labels: Mapping[str, str]) -> LabelKey:
-        return tuple(sorted(labels.items()))
-
-    def inc(self, name: str, value: float = 1.0, help: str = "", **labels: str) -> None:
-        series = self._counters.setdefault(name, {})
-        key = self._key(labels)
-        series[key] = series.get(key, 0.0) + value
-        self._help.setdefault(name, help)
-
-    def set(self, name: str, value: float, help: str = "", **labels: str) -> None:
-        self._gauges.setdefault(name, {})[self._key(labels)] = value
-        self._help.setdefault(name, help)
-
-    def observe(self, name: str, value: float, help: str = "", **labels: str) -> None:
-        series = self._hists.setdefault(name, {})
-        counts = series.setdefault(self._key(labels), [0.0] * (len(DEFAULT_BUCKETS_S) + 2))
-        counts[bisect.bisect_left(DEFAULT_BUCKETS_S, value)] += 1
-        counts[-1] += value  # running sum in the last slot
-        self._help.setdefault(name, help)
-
-    def counter(self, name: str, **labels: str) -> float:
-        return self._counters.get(name, {}).get(self._key(labels), 0.0)
-
-    def render(self) -> str:
-        """Prometheus text exposition; dots become underscores as OTel's exporter does."""
-        out: list[str] = []
-
-        def fmt(key: LabelKey, extra: str = "") -> str:
-            parts = [f'{k}="{v}"' for k, v in key]
-            if extra:
-                parts.append(extra)
-            return "{" + ",".join(parts) + "}" if parts else ""
-
-        for kind, table in (("counter", self._counters), ("gauge", self._gauges)):
-            for name, series in sorted(table.items()):
-                prom = name.replace(".", "_")
-                out.append(f"# HELP {prom} {self._help.get(name, '')}")
-                out.append(f"# TYPE {prom} {kind}")
-                out.extend(f"{prom}{fmt(k)} {v:g}" for k, v in series.items())
-        for name, series in sorted(self._hists.items()):
-            prom = name.replace(".", "_")
-            out.append(f"# HELP {prom} {self._help.get(name, '')}")
-            out.append(f"# TYPE {prom} histogram")
-            for key, counts in series.items():
-                cumulative = 0.0
-                for bound, n in zip(DEFAULT_BUCKETS_S, counts, strict=False):
-                    cumulative += n
-                    le = f'le="{bound:g}"'
-                    out.append(f"{prom}_bucket{fmt(key, le)} {cumulative:g}")
-                cumulative += counts[len(DEFAULT_BUCKETS_S)]
-                inf = 'le="+Inf"'
-                out.append(f"{prom}_bucket{fmt(key, inf)} {cumulative:g}")
-                out.append(f"{prom}_count{fmt(key)} {cumulative:g}")
-                out.append(f"{prom}_sum{fmt(key)} {counts[-1]:g}")
-        return "\n".join(out) + "\n"

@@ -1,20 +1,27 @@
 """Seeing a cold start (knative/serving#13459 asks for a cold-start metric): one cold request
 is one OpenTelemetry trace across activator, scale, schedule, node and route, joined by the
-W3C traceparent carried in HTTP and NATS headers; and the activator's /metrics exposes a
-cold-start histogram. Real stack, real pods."""
+W3C traceparent carried in HTTP and NATS headers; and every component's metrics, scraped in
+Prometheus format and read by prometheus_client's own parser, count it. Real stack, real
+pods."""
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import json
+import sys
 from pathlib import Path
 
 import aiohttp
 
+from controlplane import dashboard
 from functions.scale.instance import ScaleInstance
 from kernel import endpoints as ep
 from kernel import telemetry
-from tests.stackutil import deploy, running_stack, sample_spec, wait_until
+from kernel.errors import ErrorCode, RemoteError
+from kernel.messages import ClusterStatus, Empty, StartPod
+from kernel.metrics import scrape
+from tests.stackutil import admin, deploy, running_stack, sample_spec, wait_until
 
 BODY = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP32",
                     "data": [[5.1, 3.5, 1.4, 0.2]]}]}
@@ -24,7 +31,35 @@ async def _settled(scale: ScaleInstance) -> bool:
     return bool(scale.shards.owned) and not scale._rebuilding
 
 
-async def test_a_cold_request_is_one_trace_and_a_metric(
+Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def total(series: Series, name: str, **labels: str) -> float:
+    return sum(v for (n, have), v in series.items()
+               if n == name and labels.items() <= dict(have).items())
+
+
+def has(series: Series, name: str, **labels: str) -> bool:
+    return any(n == name and labels.items() <= dict(have).items() for n, have in series)
+
+
+async def _refused_start(nats_url: str) -> None:
+    """A start from a stale owner of a node's partition (epoch -1): the node refuses it."""
+    async with admin(nats_url) as bus:
+        st: ClusterStatus = await bus.call(ep.ADMIN_STATUS, Empty(), timeout=5)
+        part = next(p for p in st.partitions.partitions if p.nodes)
+        node = part.nodes[0]
+        stale = StartPod(pod="stale-1", spec=sample_spec(), node=node, requested_at=0.0,
+                         placed_at=0.0, partition=part.id, epoch=-1)
+        try:
+            await bus.call(ep.NODE_START, stale, timeout=5, node=node)
+        except RemoteError as exc:
+            assert exc.code is ErrorCode.STALE_EPOCH
+        else:
+            raise AssertionError("a start at a stale epoch was accepted")
+
+
+async def test_a_cold_request_is_one_trace_and_metrics_on_every_component(
     nats_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     async with running_stack(nats_url, redis_url, tmp_path) as stack:
@@ -35,19 +70,82 @@ async def test_a_cold_request_is_one_trace_and_a_metric(
         await wait_until(lambda: _settled(scale), bool, timeout=10,
                          what="scale owning its shards")
         await deploy(nats_url, sample_spec())
+        infer = f"{stack.url}/v2/models/sample/infer"
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{stack.url}/v2/models/sample/infer", json=BODY) as r:
+            async with http.post(infer, json=BODY) as r:
                 assert r.status == 200
             async with http.get(f"{stack.url}/metrics") as r:
-                metrics = await r.text()
-    assert 'fnplane_cold_start_duration_count{service="sample"} 1' in metrics
-    assert 'fnplane_revision_request_count{service="sample"} 1' in metrics
+                gateway = scrape(await r.text())
+
+            async def one() -> int:
+                async with http.post(infer, json=BODY) as r:
+                    return r.status
+
+            burst = await asyncio.gather(*(one() for _ in range(30)))
+            assert burst == [200] * 30
+            # A service whose pod dies at start: its waiting request is refused, counted.
+            await deploy(nats_url, sample_spec(
+                "broken", command=[sys.executable, "-c", "raise SystemExit(3)"]))
+            async with http.post(f"{stack.url}/v2/models/broken/infer", json=BODY) as r:
+                assert r.status == 503
+            await _refused_start(nats_url)
+            # The whole process's port: every component, each series by `component`.
+            urls = stack.metrics_urls()
+            async with http.get(urls["stack"]) as r:
+                assert r.headers["Content-Type"].startswith("text/plain")
+                every = scrape(await r.text())
+
+    # The gateway's own /metrics: the cold request, counted once, stage by stage.
+    assert total(gateway, "fnplane_cold_starts_total", service="sample") == 1
+    assert total(gateway, "fnplane_cold_start_duration_seconds_count", service="sample") == 1
+    assert total(gateway, "fnplane_revision_requests_total", service="sample") == 1
+    for stage in ("placement", "weights_fetch", "spawn", "ready", "first_byte"):
+        assert total(gateway, "fnplane_cold_start_stage_duration_seconds_count",
+                     service="sample", stage=stage) == 1, stage
+    # Every component of the stack shows on the process's port.
+    components = {dict(labels)["component"].split("-", 1)[0] for _, labels in every}
+    assert {"activator", "coordinator", "registry", "scale", "schedule", "route",
+            "node"} <= components, components
+    assert total(every, "fnplane_revision_requests_total", service="sample") == 31
+    assert total(every, "fnplane_cold_starts_total", service="sample") == 1
+    # schedule placed the cold start's pod, and timed it.
+    assert total(every, "fnplane_schedule_placements_total", outcome="placed") >= 1
+    assert total(every, "fnplane_schedule_placement_duration_seconds_count") >= 1
+    assert has(every, "fnplane_schedule_partition_epoch")
+    # scale's desired pods went from 0 up (a decision counted), and the gauges show them.
+    assert total(every, "fnplane_scale_decisions_total", service="sample", direction="up") >= 1
+    assert has(every, "fnplane_revision_pods_desired", service="sample")
+    assert has(every, "fnplane_revision_pods_count", service="sample")
+    assert has(every, "fnplane_revision_panic_mode", service="sample")
+    # The coordinator: partitions and shards got owners, with epochs; live instances.
+    assert total(every, "fnplane_partition_ownership_changes_total") >= 1
+    assert has(every, "fnplane_partition_epoch")
+    assert total(every, "fnplane_shard_ownership_changes_total", kind="scale") >= 1
+    assert total(every, "fnplane_instances", kind="schedule") >= 1
+    # Nodes started the pod(s) and refused the stale start; route published endpoints;
+    # the registry took the deploy.
+    assert total(every, "fnplane_node_pods_started_total", service="sample") >= 1
+    assert total(every, "fnplane_node_refusals_total", reason="stale_epoch", op="start") == 1
+    assert total(every, "fnplane_route_updates_total", service="sample") >= 1
+    assert total(every, "fnplane_registry_deploys_total") == 2
+    assert total(every, "fnplane_activator_rejected_total", service="broken",
+                 reason="start_failed") == 1
+    # Every query of the Grafana dashboard reads series this scrape saw.
+    seen = {name for name, _ in every}
+    assert dashboard.series_named(dashboard.dashboard()) <= seen, (
+        dashboard.series_named(dashboard.dashboard()) - seen)
 
     telemetry.flush()
     spans = [json.loads(line) for line in (tmp_path / "traces.jsonl").read_text().splitlines()]
     root = next(s for s in spans if s["name"] == "activator sample")
     trace_id = root["context"]["trace_id"]
-    names = [s["name"] for s in spans if s["context"]["trace_id"] == trace_id]
+    assert_every_component([s["name"] for s in spans if s["context"]["trace_id"] == trace_id])
+
+
+def assert_every_component(names: list[str]) -> None:
+    """One cold request's span names cover the activator, scale, schedule, the node and
+    route."""
+    assert "activator sample" in names
     node_start_suffix = "." + ep.NODE_START.subject.split(".")[-1]  # "{node}" varies
     demand_prefix = ep.DEMAND.subject_for().rsplit(".", 1)[0] + "."  # "{shard}" varies
     for part in (demand_prefix, ep.PLACE.subject_for(), node_start_suffix,

@@ -142,6 +142,7 @@ class RouteInstance(Component):
             return  # the shard moved on while we worked on it
         eps = msgspec.structs.replace(eps, epoch=epoch)
         self._published += 1
+        self.metrics.counter("fnplane.route.updates").add(1, {"service": eps.service})
         await self.bus.send(ep.ENDPOINTS, eps, service=eps.service)
         self._dirty[eps.service] = eps
         self._flush.set()

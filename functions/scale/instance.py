@@ -53,6 +53,7 @@ from kernel.messages import (
     StopPod,
     Unschedulable,
 )
+from kernel.metrics import LabelCache
 from kernel.shard_owner import ShardOwnership
 from kernel.shards import shard_of
 
@@ -88,6 +89,15 @@ class ScaleInstance(Component):
         self._reclaiming: set[str] = set()
         self.reclaimed = 0
         self._rebuilding: set[int] = set()  # shards taken over whose pods are being gathered
+        # What the gauges last showed per service: they are set on a change only, and a
+        # change of desired pods is counted as a decision.
+        self._shown: dict[str, tuple[int, int, bool]] = {}
+        self._by_service = LabelCache("service")
+        m = self.metrics
+        self._m_desired = m.gauge("fnplane.revision.pods.desired")
+        self._m_pods = m.gauge("fnplane.revision.pods.count")
+        self._m_panic = m.gauge("fnplane.revision.panic.mode")
+        self._m_decisions = m.counter("fnplane.scale.decisions")
 
     async def start(self) -> None:
         await self.bus.serve(ep.POD_EVENTS, self._on_pod_event)
@@ -254,6 +264,7 @@ class ScaleInstance(Component):
         epoch = self.shards.epoch(plan.service)
         if epoch is None:
             return  # the shard moved on; its new owner acts
+        self._show(scaler, plan)
 
         if plan.mode_change is not None:
             ebc = plan.decision.excess_burst_capacity if plan.decision else -1.0
@@ -269,6 +280,22 @@ class ScaleInstance(Component):
                 self._stop_pod(plan.service, victim.pod, victim.node, "scale-down", epoch),
                 name=f"stop-{victim.pod}",
             )
+
+    def _show(self, scaler: ServiceScaler, plan: Plan) -> None:
+        """Desired vs actual pods and panic mode, as gauges; set only when they change."""
+        shown = (plan.desired, scaler.counts()[1], bool(plan.decision and plan.decision.panic))
+        before = self._shown.get(plan.service)
+        if shown == before:
+            return
+        self._shown[plan.service] = shown
+        attrs = self._by_service[plan.service]
+        self._m_desired.set(shown[0], attrs)
+        self._m_pods.set(shown[1], attrs)
+        self._m_panic.set(int(shown[2]), attrs)
+        was = before[0] if before is not None else 0
+        if shown[0] != was:
+            direction = "up" if shown[0] > was else "down"
+            self._m_decisions.add(1, {"service": plan.service, "direction": direction})
 
     async def _place(self, scaler: ServiceScaler, pod: str, requested_at: float,
                      epoch: int) -> None:

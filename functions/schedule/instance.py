@@ -80,6 +80,23 @@ class ScheduleInstance(Component):
         self._in_flight = 0
         self._latencies: list[float] = []
         self.probes_sent = 0
+        self._probe_outcome = {o: {"outcome": o} for o in ("placed", "refused", "failed")}
+        self._lookup = {True: {"result": "hit"}, False: {"result": "miss"}}
+        m = self.metrics  # instruments and attribute sets made once, not per placement
+        self._m_placements = m.hot_counter("fnplane.schedule.placements", "outcome")
+        self._m_duration = m.histogram("fnplane.schedule.placement.duration")
+        self._m_unschedulable = m.counter("fnplane.schedule.unschedulable")
+        self._m_probes = m.counter("fnplane.schedule.probes")
+        self._m_lookups = m.counter("fnplane.schedule.probe_cache.lookups")
+        self._m_epoch = m.gauge("fnplane.schedule.partition.epoch")
+        # Known label values start at 0 (Prometheus' advice): a rate over a series that
+        # appears with its first event misses that event.
+        for outcome in ("placed", "unschedulable"):
+            self._m_placements.add(outcome, 0)
+        for counter, sets in ((self._m_probes, self._probe_outcome.values()),
+                              (self._m_lookups, self._lookup.values())):
+            for attrs in sets:
+                counter.add(0, attrs)
 
     async def start(self) -> None:
         await self.bus.serve(ep.SHARD_MAP, self._on_shard_map)
@@ -142,6 +159,7 @@ class ScheduleInstance(Component):
             await self._listen(part.id)
             self.cache.forget(part.id)
             self._assigned.set()
+            self._m_epoch.set(part.epoch, {"partition": str(part.id)})
             log.info("%s: owns partition %d (epoch %d, %d nodes)", self.id, part.id,
                      part.epoch, len(infos))
 
@@ -261,12 +279,21 @@ class ScheduleInstance(Component):
             raise RemoteError(ErrorCode.STALE_EPOCH, why)
         t0 = time.monotonic()
         self._in_flight += 1
+        outcome = "unschedulable"
         try:
-            return await self._place(msg)
+            answer = await self._place(msg)
+            if isinstance(answer, Placement):
+                outcome = "placed"
+            else:
+                self._m_unschedulable.add(1, {"service": msg.service})
+            return answer
         finally:
             self._in_flight -= 1
             self._handled += 1
-            self._latencies.append(time.monotonic() - t0)
+            took = time.monotonic() - t0
+            self._latencies.append(took)
+            self._m_placements.add(outcome)
+            self._m_duration.record(took)
 
     async def _place(self, req: PlaceRequest) -> Placement | Unschedulable:
         if not self._assigned.is_set():  # wait_for costs a task: not on every placement
@@ -290,7 +317,9 @@ class ScheduleInstance(Component):
             local = await self._commit_and_start(req)
         if isinstance(local, Placement):
             return local
-        peers = self.cache.candidates(req.resources, exclude=self.view.partition, serving=True)
+        candidates = self.cache.candidates(req.resources, exclude=self.view.partition)
+        self._m_lookups.add(1, self._lookup[bool(candidates)])
+        peers = [c for c in candidates if c.serving]  # one to step aside for
         if not local.stale and self.membership.leave_after_refusal(req.resources, bool(peers)):
             self.tasks.spawn(self._step_aside(), name="step-aside")
         probes = 0
@@ -319,12 +348,15 @@ class ScheduleInstance(Component):
                 )
             except RemoteError as exc:
                 self.cache.forget(target.partition)
+                self._m_probes.add(1, self._probe_outcome["failed"])
                 log.debug("%s: reserve on p%d failed: %s", self.id, target.partition, exc)
                 continue
             if isinstance(reply, Placement):
+                self._m_probes.add(1, self._probe_outcome["placed"])
                 if reply.summary is not None:
                     self.cache.update(reply.summary)
                 return msgspec.structs.replace(reply, probes=probes)
+            self._m_probes.add(1, self._probe_outcome["refused"])
             if reply.summary is not None:
                 self.cache.update(reply.summary)
         reason = local.reason if isinstance(local, Refused) else "no room"

@@ -32,6 +32,7 @@ from kernel.messages import (
     UnknownNodes,
     encode,
 )
+from kernel.metrics import Metrics
 from kernel.shards import ShardFence, shard_of
 from partitions.fencing import EpochFence
 
@@ -160,6 +161,13 @@ async def follow_shards(bus: Bus, fence: ShardFence) -> None:
     except RemoteError:
         return
     fence.apply(smap)
+
+
+def count_refusal(metrics: Metrics, refused: RemoteError, op: str) -> None:
+    """A fenced refusal (a stale owner's start or stop), counted: frequent ones say a map
+    is slow to reach someone."""
+    metrics.counter("fnplane.node.refusals").add(
+        1, {"reason": refused.code.name.lower(), "op": op})
 
 
 def stop_refusal(fence: ShardFence, stop: StopPod) -> RemoteError | None:

@@ -52,6 +52,7 @@ from partitions.agents.contract import (
     NODE_HEARTBEAT_S,
     NodeHeartbeater,
     PodAnnouncer,
+    count_refusal,
     follow_map,
     follow_shards,
     register,
@@ -144,6 +145,9 @@ class LocalNode(Component):
         self._http: aiohttp.ClientSession | None = None
         self._stopping = False
         self.fence = EpochFence()
+        refusals = self.metrics.counter("fnplane.node.refusals")
+        for op in ("start", "stop"):  # from 0, so a rate sees the first one
+            refusals.add(0, {"reason": "stale_epoch", "op": op})
         self.shards = ShardFence()
         self.announcer = PodAnnouncer(bus, what=f"node {info.name}", fence=self.fence)
         self._reported: set[str] = set()
@@ -241,6 +245,7 @@ class LocalNode(Component):
         if msg.pod in self.pods or msg.pod in self._fetching:
             return Empty()
         if (refused := self.fence.refusal(msg)) is not None:
+            count_refusal(self.metrics, refused, "start")
             raise refused
         if msg.spec.storage_uri and self.cache is None:
             raise RemoteError(ErrorCode.INVALID, f"node {self.name} has no model cache for "
@@ -366,6 +371,7 @@ class LocalNode(Component):
         pod = LocalPod(msg, port, proc, time.time(), run_as=run_as.describe(),
                        fetched_at=fetched_at)
         self.pods[msg.pod] = pod
+        self.metrics.counter("fnplane.node.pods.started").add(1, {"service": msg.spec.name})
         pod.tasks = [
             self.tasks.spawn(self._pump_output(pod), name=f"{msg.pod}-output"),
             self.tasks.spawn(self._watch(pod), name=f"{msg.pod}-watch"),
@@ -378,6 +384,7 @@ class LocalNode(Component):
 
     async def _on_stop(self, msg: StopPod, _raw: Msg) -> Empty:
         if (refused := stop_refusal(self.shards, msg)) is not None:
+            count_refusal(self.metrics, refused, "stop")
             raise refused
         pod = self.pods.get(msg.pod)
         if pod is not None:

@@ -43,6 +43,7 @@ from kernel.shards import ShardFence
 from partitions.agents.contract import (
     NODE_HEARTBEAT_S,
     NodeHeartbeater,
+    count_refusal,
     follow_map,
     follow_shards,
     register,
@@ -247,6 +248,7 @@ class SimCluster(Component):
             raise RemoteError(ErrorCode.CONFLICT, f"pod {msg.pod} already runs on {known.node}")
         if (refused := self.fence.refusal(msg)) is not None:
             self.stats.refused_fence += 1
+            count_refusal(self.metrics, refused, "start")
             raise refused
         res = msg.spec.resources
         if raw.headers and raw.headers.get(ep.ADMIT_IF_FITS) and not res.fits_in(node.free):
@@ -280,6 +282,7 @@ class SimCluster(Component):
         if node is None:
             return None
         if (refused := stop_refusal(self.shards, msg)) is not None:
+            count_refusal(self.metrics, refused, "stop")
             raise refused
         pod = self.pods.get(msg.pod)
         if pod is not None and pod.node == node.info.name:

@@ -56,6 +56,7 @@ from kernel.shards import ShardFence, shard_of
 from partitions.agents.contract import (
     NodeHeartbeater,
     PodAnnouncer,
+    count_refusal,
     follow_map,
     follow_shards,
     register,
@@ -520,6 +521,7 @@ class KubernetesBackend(Component):
             raise RemoteError(ErrorCode.UNAVAILABLE, f"node {msg.node} takes no pods of "
                               f"{msg.spec.name}: tainted {describe(taint)}, not tolerated")
         if (refused := self.fence.refusal(msg)) is not None:
+            count_refusal(self.metrics, refused, "start")
             raise refused
         await self.tracker.start(msg, node.k8s_name, self.config.pod_port or free_port())
         return Empty()
@@ -529,6 +531,7 @@ class KubernetesBackend(Component):
 
     async def _on_stop(self, msg: StopPod, _raw: Msg) -> Empty:
         if (refused := stop_refusal(self.shards, msg)) is not None:
+            count_refusal(self.metrics, refused, "stop")
             raise refused
         assert self.tracker is not None
         await self.tracker.stop(msg.pod, msg.reason)

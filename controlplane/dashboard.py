@@ -1,0 +1,108 @@
+"""The Grafana dashboard an operator opens first, written from code: requests and errors
+per service, cold starts by stage, pods desired and actual, buffer depth, placements/s and
+their p99, probes, partition map changes, instances per function. Every query names series
+of kernel/metrics.py's catalogue (a test checks each one against a live scrape).
+`python -m controlplane.dashboard` writes deploy/overlays/monitoring/dashboard.json."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+DASHBOARD = (Path(__file__).resolve().parent.parent / "deploy" / "overlays" / "monitoring"
+             / "dashboard.json")
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+RATE = "[$__rate_interval]"
+
+# (title, unit, [(expr, legend)]), two panels a row.
+PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
+    ("Requests per service", "reqps", [
+        (f"sum by (service) (rate(fnplane_revision_requests_total{RATE}))", "{{service}}")]),
+    ("Errors per service (gateway refusals)", "reqps", [
+        (f"sum by (service, reason) (rate(fnplane_activator_rejected_total{RATE}))",
+         "{{service}} {{reason}}")]),
+    ("Cold starts per service", "short", [
+        (f"sum by (service) (increase(fnplane_cold_starts_total{RATE}))", "{{service}}")]),
+    ("Cold start p90 by stage", "s", [
+        ("histogram_quantile(0.9, sum by (le, stage) "
+         f"(rate(fnplane_cold_start_stage_duration_seconds_bucket{RATE})))", "{{stage}}"),
+        ("histogram_quantile(0.9, sum by (le) "
+         f"(rate(fnplane_cold_start_duration_seconds_bucket{RATE})))", "total")]),
+    ("Pods desired and actual", "short", [
+        ("sum by (service) (fnplane_revision_pods_desired)", "{{service}} desired"),
+        ("sum by (service) (fnplane_revision_pods_count)", "{{service}} actual"),
+        ("max by (service) (fnplane_revision_panic_mode)", "{{service}} panic")]),
+    ("Gateway buffer depth", "short", [
+        ("sum by (service) (fnplane_revision_request_queued)", "{{service}} queued"),
+        ("sum by (service) (fnplane_revision_request_concurrency)", "{{service}} in flight")]),
+    ("Request latency p99", "s", [
+        ("histogram_quantile(0.99, sum by (le, service) "
+         f"(rate(fnplane_serving_invocation_duration_seconds_bucket{RATE})))", "{{service}}")]),
+    ("Placements per second", "ops", [
+        (f"sum by (outcome) (rate(fnplane_schedule_placements_total{RATE}))", "{{outcome}}")]),
+    ("Placement latency p99", "s", [
+        ("histogram_quantile(0.99, sum by (le) "
+         f"(rate(fnplane_schedule_placement_duration_seconds_bucket{RATE})))", "p99")]),
+    ("Probes and probe-cache lookups", "ops", [
+        (f"sum by (outcome) (rate(fnplane_schedule_probes_total{RATE}))", "probe {{outcome}}"),
+        (f"sum by (result) (rate(fnplane_schedule_probe_cache_lookups_total{RATE}))",
+         "cache {{result}}")]),
+    ("Partition map and ownership changes", "short", [
+        (f"sum (increase(fnplane_partition_map_changes_total{RATE}))", "map versions"),
+        (f"sum (increase(fnplane_partition_ownership_changes_total{RATE}))", "partition owners"),
+        (f"sum by (kind) (increase(fnplane_shard_ownership_changes_total{RATE}))",
+         "{{kind}} shard owners"),
+        (f"sum by (reason) (increase(fnplane_node_refusals_total{RATE}))",
+         "node refusals {{reason}}")]),
+    ("Instances per control function", "short", [
+        ("max by (kind) (fnplane_instances)", "{{kind}}")]),
+]
+
+
+def _panel(pid: int, title: str, unit: str, targets: list[tuple[str, str]]) -> dict[str, Any]:
+    col, row = (pid - 1) % 2, (pid - 1) // 2
+    return {
+        "id": pid, "type": "timeseries", "title": title, "datasource": DATASOURCE,
+        "gridPos": {"h": 8, "w": 12, "x": 12 * col, "y": 8 * row},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {"legend": {"displayMode": "list", "placement": "bottom",
+                               "showLegend": True},
+                    "tooltip": {"mode": "multi", "sort": "none"}},
+        "targets": [{"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr,
+                     "legendFormat": legend} for i, (expr, legend) in enumerate(targets)],
+    }
+
+
+def dashboard() -> dict[str, Any]:
+    return {
+        "uid": "fnplane", "title": "fnplane", "tags": ["fnplane"], "editable": True,
+        "schemaVersion": 39, "version": 1, "timezone": "browser", "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"},
+        "annotations": {"list": []},
+        "templating": {"list": [{
+            "name": "datasource", "label": "Prometheus", "type": "datasource",
+            "query": "prometheus", "current": {}, "hide": 0, "refresh": 1}]},
+        "panels": [_panel(i, *p) for i, p in enumerate(PANELS, start=1)],
+    }
+
+
+_SERIES = re.compile(r"\bfnplane_[a-z0-9_]+")
+
+
+def series_named(board: dict[str, Any]) -> set[str]:
+    """Every fnplane series the board's queries read."""
+    return {name for panel in board["panels"] for t in panel["targets"]
+            for name in _SERIES.findall(t["expr"])}
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else DASHBOARD
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render())

@@ -1,0 +1,57 @@
+"""A process's metrics port: `GET /metrics` shows every component the process runs
+(kernel/metrics.py), for Prometheus to scrape. The gateway has its own `/metrics` on its
+listener; the coordinator, the control-function instances and the node agents have this.
+Binds 127.0.0.1 unless told otherwise; port 0 takes a free one, which `url` says."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from kernel import metrics
+from kernel.config import MetricsConfig
+
+CONTENT_TYPE = "text/plain; version=0.0.4"
+
+
+async def _metrics(_request: web.Request) -> web.Response:
+    return web.Response(body=metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
+class MetricsPort:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/metrics", _metrics)
+        self._runner = runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        self.port = port
+        self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/metrics"
+        return self.url
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def open_metrics_port(config: MetricsConfig) -> AsyncIterator[MetricsPort]:
+    """The port for the block's duration; with `port == -1` none (its `url` stays "")."""
+    port = MetricsPort(config.host, config.port)
+    if config.port >= 0:
+        await port.start()
+    try:
+        yield port
+    finally:
+        await port.stop()
