@@ -290,6 +290,21 @@ class Bus:
         await self.nc.flush()
         return sub
 
+    async def follow(self, changes: Endpoint[Any, None], current: Endpoint[Any, Any],
+                     apply: Callable[[Any], object], *, timeout: float = 1.0) -> None:
+        """Keep `apply` fed with a map the coordinator publishes: every change, and the map
+        as it is now (a late joiner must not wait for the next change; with nobody to ask
+        yet, the next change brings it)."""
+
+        async def on_change(msg: Any, _raw: Msg) -> None:
+            apply(msg)
+
+        await self.serve(changes, on_change)
+        try:
+            apply(await self.call(current, messages.Empty(), timeout=timeout))
+        except RemoteError:
+            return
+
     async def unserve(self, sub: Subscription) -> None:
         """Stop serving what `serve` returned `sub` for (a shard that moved elsewhere)."""
         if sub in self._subs:

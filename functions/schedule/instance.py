@@ -10,7 +10,6 @@ nodes' accounting, so concurrent reserves from many instances cannot over-commit
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -36,7 +35,6 @@ from kernel.messages import (
     PodEvent,
     Refused,
     ReserveRequest,
-    ShardMap,
     StartPod,
     Unschedulable,
 )
@@ -99,9 +97,7 @@ class ScheduleInstance(Component):
                 counter.add(0, attrs)
 
     async def start(self) -> None:
-        await self.bus.serve(ep.SHARD_MAP, self._on_shard_map)
-        with contextlib.suppress(RemoteError):  # without one yet, the next change brings it
-            self.shard_fence.apply(await self.bus.call(ep.SHARD_MAP_GET, Empty(), timeout=1.0))
+        await self.bus.follow(ep.SHARD_MAP, ep.SHARD_MAP_GET, self.shard_fence.apply)
         await self.bus.serve(ep.PARTITION_MAP, self._on_map)
         await self.bus.serve(ep.PARTITION_SUMMARY, self._on_summary)
         # PLACE is subscribed only while we own a partition (see _listen), so the queue
@@ -269,9 +265,6 @@ class ScheduleInstance(Component):
                 await self._rejoin_if_due()
 
     # ---- placing --------------------------------------------------------------------------
-
-    async def _on_shard_map(self, msg: ShardMap, _raw: Msg) -> None:
-        self.shard_fence.apply(msg)
 
     async def _on_place(self, msg: PlaceRequest, _raw: Msg) -> Placement | Unschedulable:
         # A `scale` instance that lost the service's shard adds no pod to it.

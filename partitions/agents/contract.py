@@ -13,21 +13,17 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 import nats.errors
-from nats.aio.msg import Msg
 
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
     AnnounceRequest,
-    Empty,
     NodeInfo,
     NodeRegistration,
     NodesAlive,
-    PartitionMap,
     PodEvent,
     PodsAnnounced,
-    ShardMap,
     StopPod,
     UnknownNodes,
     encode,
@@ -136,31 +132,13 @@ class NodeHeartbeater:
 
 async def follow_map(bus: Bus, fence: EpochFence) -> None:
     """Keep `fence` on the current partition map: every change, and the map as it is now."""
-
-    async def on_map(msg: PartitionMap, _raw: Msg) -> None:
-        fence.apply(msg)
-
-    await bus.serve(ep.PARTITION_MAP, on_map)
-    try:
-        pmap: PartitionMap = await bus.call(ep.PARTITION_MAP_GET, Empty(), timeout=1.0)
-    except RemoteError:
-        return  # the map arrives with the next change
-    fence.apply(pmap)
+    await bus.follow(ep.PARTITION_MAP, ep.PARTITION_MAP_GET, fence.apply)
 
 
 async def follow_shards(bus: Bus, fence: ShardFence) -> None:
     """Keep `fence` on the current service shard map, so a node refuses a stop from a
     `scale` instance that lost the service's shard."""
-
-    async def on_map(msg: ShardMap, _raw: Msg) -> None:
-        fence.apply(msg)
-
-    await bus.serve(ep.SHARD_MAP, on_map)
-    try:
-        smap: ShardMap = await bus.call(ep.SHARD_MAP_GET, Empty(), timeout=1.0)
-    except RemoteError:
-        return
-    fence.apply(smap)
+    await bus.follow(ep.SHARD_MAP, ep.SHARD_MAP_GET, fence.apply)
 
 
 def count_refusal(metrics: Metrics, refused: RemoteError, op: str) -> None:
