@@ -7,8 +7,6 @@ behind. Plus the arithmetic of its summary, table-driven."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +19,7 @@ from loadtests.report import (
     percentile,
     summarize,
 )
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.loadtestutil import run_quick
 
 FIELDS = {
     "requests",
@@ -49,17 +46,8 @@ FIELDS = {
 def test_small_burst_from_zero_loses_nothing_and_honours_container_concurrency(
     tmp_path: Path,
 ) -> None:
-    cmd = [
-        sys.executable, "-m", "loadtests.burst", "--quick", "--json",
-        "--requests", "120", "--concurrency", "40", "--latency-pairs", "20",
-        "--out", str(tmp_path),
-    ]  # fmt: skip
-    try:
-        run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=55)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"loadtests.burst took over 55 s; stderr tail:\n{(exc.stderr or '')[-3000:]}")
-    assert run.returncode == 0, f"exit {run.returncode}; stderr tail:\n{run.stderr[-3000:]}"
-    out = json.loads(run.stdout)  # exactly one JSON object on stdout
+    out = run_quick("loadtests.burst", tmp_path, "--requests", "120", "--concurrency", "40",
+                    "--latency-pairs", "20")
 
     assert FIELDS <= out.keys(), f"missing fields: {FIELDS - out.keys()}"
     assert out["requests"] == 120

@@ -7,15 +7,12 @@ behind. Correctness only: no figure is judged for speed."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from loadtests.coldstart_report import CONTROL_PLANE, STAGES
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.loadtestutil import run_quick
 
 TOP = {"model_bytes", "mbps", "transfer_ms", "http_gets", "cycling_order", "load_avg_1m",
        "scenarios", "goals", "processes_left", "plots", "json", "options"}
@@ -29,14 +26,7 @@ STAGE_KEYS = {*STAGES, CONTROL_PLANE, "total"}
 
 @pytest.mark.timeout(60)
 def test_quick_cache_cold_starts_answer_every_request_and_count_hits(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "loadtests.coldstart", "--quick", "--json",
-           "--out", str(tmp_path)]
-    try:
-        run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=55)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"took over 55 s; stderr tail:\n{(exc.stderr or '')[-3000:]}")
-    assert run.returncode == 0, f"exit {run.returncode}; stderr tail:\n{run.stderr[-3000:]}"
-    out = json.loads(run.stdout)  # exactly one JSON object on stdout
+    out = run_quick("loadtests.coldstart", tmp_path)
 
     assert TOP <= out.keys(), f"missing: {TOP - out.keys()}"
     assert list(out["scenarios"]) == SCENARIOS

@@ -6,16 +6,13 @@ its plot, and leave no process behind. Plus the goals' arithmetic, on hand-made 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from kernel.messages import ColdStart
 from loadtests.coldstart_report import CONTROL_PLANE, STAGES, Answer, goals, summarize_case
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.loadtestutil import run_quick
 
 TOP = {"cores", "load_avg_1m", "one_pod", "cases", "goals", "processes_left", "plots", "json",
        "options"}
@@ -29,14 +26,7 @@ STAGE_KEYS = {*STAGES, CONTROL_PLANE, "total"}
 
 @pytest.mark.timeout(60)
 def test_quick_parallel_cold_starts_answer_every_request(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "loadtests.coldstart_parallel", "--quick", "--json",
-           "--out", str(tmp_path)]
-    try:
-        run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=55)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"took over 55 s; stderr tail:\n{(exc.stderr or '')[-3000:]}")
-    assert run.returncode == 0, f"exit {run.returncode}; stderr tail:\n{run.stderr[-3000:]}"
-    out = json.loads(run.stdout)  # exactly one JSON object on stdout
+    out = run_quick("loadtests.coldstart_parallel", tmp_path)
 
     assert TOP <= out.keys(), f"missing: {TOP - out.keys()}"
     assert out["one_pod"]["pod_start_cpu_ms"] > 0

@@ -9,15 +9,12 @@ machine; only their presence and consistency are checked. Plus the summary's ari
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from loadtests import dataplane_report as dr
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.loadtestutil import run_quick
 
 TOP = {"goal", "errors", "wrong_path", "rates", "pods", "targets", "processes_left", "plots",
        "json", "options"}
@@ -37,14 +34,7 @@ GOAL = {"rate_qps", "added_p50_ms", "added_p50_goal_ms", "added_p50_met", "added
 
 @pytest.mark.timeout(60)
 def test_quick_probe_answers_every_path_and_reports_every_field(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "loadtests.dataplane", "--quick", "--json",
-           "--out", str(tmp_path)]
-    try:
-        run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=55)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"the probe took over 55 s; stderr tail:\n{(exc.stderr or '')[-3000:]}")
-    assert run.returncode == 0, f"exit {run.returncode}; stderr tail:\n{run.stderr[-3000:]}"
-    out = json.loads(run.stdout)  # exactly one JSON object on stdout
+    out = run_quick("loadtests.dataplane", tmp_path)
 
     assert TOP <= out.keys(), f"missing: {TOP - out.keys()}"
     assert out["errors"] == 0 and out["wrong_path"] == 0
