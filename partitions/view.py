@@ -251,7 +251,7 @@ class PartitionView:
     def free(self) -> dict[str, Resources]:
         return {name: n.free for name, n in self.nodes.items()}
 
-    def summary(self, owner: str) -> PartitionSummary:
+    def summary(self, owner: str, *, serving: bool = True) -> PartitionSummary:
         """What other instances' probe caches need: total free, and the largest free slot
         (the node with the most free cpu, then memory). O(1): read off the index."""
         largest = Resources()
@@ -265,6 +265,7 @@ class PartitionView:
             free=self._free_total,
             largest_free=largest,
             nodes=len(self.nodes),
+            serving=serving,
         )
 
 

@@ -218,8 +218,7 @@ class ScheduleInstance(Component):
             log.debug("%s: summary lost", self.id, exc_info=True)
 
     def _summary(self) -> PartitionSummary:
-        return msgspec.structs.replace(self.view.summary(self.id),
-                                       serving=self.membership.serving)
+        return self.view.summary(self.id, serving=self.membership.serving)
 
     async def _rejoin_if_due(self) -> None:
         need = self.membership.aside_for
