@@ -126,7 +126,8 @@ class Stack:
             await self._start_roles(state)
             return
         if cfg.metrics.port >= 0:
-            self.metrics_port = MetricsPort(cfg.metrics.host, cfg.metrics.port)
+            self.metrics_port = MetricsPort(cfg.metrics.host, cfg.metrics.port,
+                                            only_newer=True)
             await self.metrics_port.start()
 
         public = f"http://{cfg.activator.host}:{cfg.activator.port or 0}"

@@ -16,20 +16,30 @@ from kernel.config import MetricsConfig
 CONTENT_TYPE = "text/plain; version=0.0.4"
 
 
-async def _metrics(_request: web.Request) -> web.Response:
-    return web.Response(body=metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
-
-
 class MetricsPort:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    """`only_newer`: show only components born after the port started. A process runs one
+    stack, so it changes nothing there; an inline stack shares its test process with what
+    earlier tests left behind, whose series are not this stack's."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
+                 only_newer: bool = False) -> None:
         self.host = host
         self.port = port
         self.url = ""
         self._runner: web.AppRunner | None = None
+        self._older: list[metrics.Metrics] = []
+        self._only_newer = only_newer
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        shown = [m for m in metrics.live() if not any(m is o for o in self._older)]
+        return web.Response(body=metrics.render(shown).encode(),
+                            headers={"Content-Type": CONTENT_TYPE})
 
     async def start(self) -> str:
+        if self._only_newer:
+            self._older = metrics.live()
         app = web.Application()
-        app.router.add_get("/metrics", _metrics)
+        app.router.add_get("/metrics", self._metrics)
         self._runner = runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)

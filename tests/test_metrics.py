@@ -8,12 +8,14 @@ import json
 import re
 from pathlib import Path
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane import dashboard
 from kernel import metrics
 from kernel.metrics import CATALOGUE, LabelCache, Metrics, prom_sample_names
+from kernel.metricsport import MetricsPort
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,6 +53,25 @@ def test_a_closed_component_leaves_the_process_exposition() -> None:
     assert "route-x9" in metrics.render()
     m.close()
     assert "route-x9" not in metrics.render()
+
+
+async def test_an_inline_stacks_port_shows_only_components_born_after_it() -> None:
+    """A test process keeps what earlier tests left unclosed; the stack's port is the stack's."""
+    older = Metrics("activator-older")
+    port = MetricsPort(only_newer=True)
+    await port.start()
+    newer = Metrics("activator-newer")
+    try:
+        for m in (older, newer):
+            m.counter("fnplane.revision.requests").add(1, {"service": "s"})
+        async with aiohttp.ClientSession() as http, http.get(port.url) as r:
+            text = await r.text()
+        assert "activator-newer" in text
+        assert "activator-older" not in text
+    finally:
+        await port.stop()
+        older.close()
+        newer.close()
 
 
 def test_value_reads_one_components_series() -> None:

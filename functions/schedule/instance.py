@@ -112,6 +112,8 @@ class ScheduleInstance(Component):
         await self.tasks.close()
         if not self.bus.nc.is_closed:
             await self.bus.nc.close()
+        # A dead process shows no series; a crashed instance's would linger on the port.
+        self.metrics.close()
 
     # ---- partition assignment -------------------------------------------------------------
 
