@@ -6,6 +6,8 @@ address another subject."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import uuid
 
 import msgspec
 import pytest
@@ -109,6 +111,9 @@ async def test_a_payload_of_the_wrong_type_is_counted_and_answered_invalid(nats_
 
 
 async def test_garbage_on_a_publication_is_counted_not_dropped_silently(nats_url: str) -> None:
+    # The session's NATS is shared: a coordinator another test left stopping may still
+    # publish the real partition map, so this conversation gets a subject of its own.
+    pmap = dataclasses.replace(ep.PARTITION_MAP, subject=f"test.{uuid.uuid4().hex}.map")
     server = await Bus.connect(nats_url, "server")
     client = await Bus.connect(nats_url, "client")
     got: list[PartitionMap] = []
@@ -117,10 +122,10 @@ async def test_garbage_on_a_publication_is_counted_not_dropped_silently(nats_url
         got.append(msg)
 
     try:
-        await server.serve(ep.PARTITION_MAP, on_map)
-        await client.nc.publish(ep.PARTITION_MAP.subject, b"\xc1garbage")
-        await client.send(ep.PARTITION_MAP, Empty())  # a real message of the wrong kind
-        await client.send(ep.PARTITION_MAP, PartitionMap(version=1, partitions=[]))
+        await server.serve(pmap, on_map)
+        await client.nc.publish(pmap.subject, b"\xc1garbage")
+        await client.send(pmap, Empty())  # a real message of the wrong kind
+        await client.send(pmap, PartitionMap(version=1, partitions=[]))
         await client.nc.flush()  # all three are on the server before we wait for them
         for _ in range(500):  # up to 10 s: a loaded 2-core machine has taken over 2
             if got and server.rejected["partition-map"] == 2:
