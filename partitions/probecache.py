@@ -38,6 +38,13 @@ class ProbeCache:
                 del self.entries[pid]
         return [s for s, _ in self.entries.values()]
 
+    def unknown(self, owned: dict[int, int], *, exclude: int) -> list[tuple[int, int]]:
+        """(partition, epoch) of the owned partitions we hold no fresh summary of, lowest id
+        first: probed last, when no summary says a pod fits. Knowing nothing of a partition
+        (we just started, its owner is new, its summaries were lost) is not knowing it full."""
+        known = {s.partition for s in self.fresh()}
+        return sorted((p, e) for p, e in owned.items() if p != exclude and p not in known)
+
     def age(self, partition: int) -> float | None:
         entry = self.entries.get(partition)
         return None if entry is None else self.clock() - entry[1]

@@ -57,3 +57,20 @@ def test_only_a_serving_peer_is_one_to_step_aside_for() -> None:
                                   serving=False))
     assert [s.partition for s in cache.candidates(POD, exclude=0)] == [1]
     assert cache.candidates(POD, exclude=0, serving=True) == []
+
+
+def test_a_partition_the_cache_knows_nothing_of_is_probed_last_not_taken_for_full() -> None:
+    """An instance that just started (or whose peer's summaries were lost) has an empty
+    cache: the partitions the map says are owned are still worth one probe each."""
+    from kernel.messages import PartitionSummary
+    from partitions.probecache import ProbeCache
+
+    now = [0.0]
+    cache = ProbeCache(ttl_s=2.0, clock=lambda: now[0])
+    owned = {0: 3, 1: 5, 2: 1}  # partition → epoch, ours is 0
+    assert cache.unknown(owned, exclude=0) == [(1, 5), (2, 1)]
+    cache.update(PartitionSummary(partition=1, epoch=5, owner="b", free=FULL,
+                                  largest_free=FULL))
+    assert cache.unknown(owned, exclude=0) == [(2, 1)]  # known full: not probed blind
+    now[0] = 3.0  # the summary is stale: knowing nothing again
+    assert cache.unknown(owned, exclude=0) == [(1, 5), (2, 1)]

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from controlplane import build
@@ -20,11 +21,12 @@ from controlplane.runtime import ProcessRuntime, TaskRuntime
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.config import Config, CoordinatorConfig
-from kernel.errors import ErrorCode, RemoteError
+from kernel.errors import ErrorCode, NoResponders, RemoteError, RequestTimeout
 from kernel.messages import (
     NodeInfo,
     Placement,
     PlaceRequest,
+    ReserveRequest,
     Resources,
     ScalingSpec,
     ServiceSpec,
@@ -165,5 +167,62 @@ async def test_stale_owner_commit_is_refused_by_the_node(
             # node now belonging to another partition.
             assert err.value.code == ErrorCode.STALE_EPOCH
             assert "stale epoch" in err.value.message or "not 0" in err.value.message
+        finally:
+            await bus.close()
+
+
+async def place_like_scale(bus: Bus, spec: ServiceSpec, wait_s: float = 15) -> Placement:
+    """As `scale` places: nobody in the queue group for a moment (a partition changing
+    hands) is waited out, and a pod not placed — unschedulable, or its request handed to
+    an instance as it died (the server learns of a dead connection a moment after it
+    closes) — is placed again shortly; its requests wait in the activators meanwhile."""
+    deadline = time.monotonic() + wait_s
+    req = PlaceRequest(pod=f"{spec.name}-{uuid.uuid4().hex[:6]}", spec=spec,
+                       requested_at=time.time())
+    while True:
+        try:
+            reply = await bus.call(ep.PLACE, req, timeout=2)
+        except (NoResponders, RequestTimeout):
+            reply = None
+        if isinstance(reply, Placement):
+            return reply
+        assert time.monotonic() < deadline, f"not placed within {wait_s}s: {reply}"
+        await asyncio.sleep(0.2)
+
+
+async def test_the_only_serving_instance_dies_while_its_peer_is_aside(
+    nats_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """One instance's partition is full, so it stepped aside for its peer: the peer is then
+    the whole placement queue group. It dies silently; placements must go on (the aside
+    instance takes the dead one's nodes, or a replacement does), none lost, none hung."""
+    runtime = schedule_runtime(nats_url)
+    big = msgspec.structs.replace(SLEEPER, name="big",
+                                  resources=Resources(cpu=2, memory_mb=16))
+    async with cluster(nats_url, redis_url, tmp_path, runtime) as coord:
+        full, other = runtime.running["schedule"][:2]
+        part = next(p for p in coord.pmap.partitions if p.owner == full.id)
+        bus = await Bus.connect(nats_url, "test-aside")
+        try:
+            for node in part.nodes:  # fill every node of `full`'s partition, through it
+                place = PlaceRequest(pod=f"big-{node}", spec=big, requested_at=time.time())
+                reply = await bus.call(ep.RESERVE, ReserveRequest(place=place, asker="test"),
+                                       timeout=5, partition=part.id)
+                assert isinstance(reply, Placement), reply
+            await until(lambda: full.view.summary(full.id).largest_free.cpu < 0.1, 5,
+                        "the full partition's owner seeing it full")
+            for _ in range(30):  # the queue group hands some of these to `full`
+                await place_like_scale(bus, SLEEPER)
+                if not full.membership.serving:
+                    break
+            assert not full.membership.serving, "never stepped aside"
+
+            runtime.running["schedule"].remove(other)  # dies unseen by the runtime
+            await other.crash()
+            placed = await asyncio.gather(*(place_like_scale(bus, SLEEPER)
+                                            for _ in range(6)))
+            assert len(placed) == 6
+            await until(lambda: all(p.owner != other.id for p in coord.pmap.partitions), 5,
+                        "the dead instance's partition reassigned")
         finally:
             await bus.close()

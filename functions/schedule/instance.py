@@ -67,6 +67,7 @@ class ScheduleInstance(Component):
         self.membership = Membership()  # in the placement queue group, or stepped aside
         self._assigned = asyncio.Event()
         self._map_version = 0
+        self._owned: dict[int, int] = {}  # every owned partition → its epoch, from the map
         self._reserve_sub: Subscription | None = None
         self._place_sub: Subscription | None = None
         self._reserve_partition = -1
@@ -129,6 +130,7 @@ class ScheduleInstance(Component):
                           pmap.version, self._map_version)
                 return
             self._map_version = pmap.version
+            self._owned = {p.id: p.epoch for p in pmap.partitions if p.owner}
             mine = [p for p in pmap.partitions if p.owner == self.id]
             if not mine:
                 if self.view.partition >= 0:
@@ -319,31 +321,32 @@ class ScheduleInstance(Component):
         probes = 0
         tried: set[int] = {self.view.partition}
         while probes < self.config.max_probes:
-            candidates = [
-                c for c in self.cache.candidates(req.resources, exclude=self.view.partition)
-                if c.partition not in tried
-            ]
-            if not candidates:
+            # Where a fresh summary says the pod fits first; then partitions we know nothing
+            # of (never a known-full one).
+            targets = [(c.partition, c.epoch) for c in
+                       self.cache.candidates(req.resources, exclude=self.view.partition)]
+            targets += self.cache.unknown(self._owned, exclude=self.view.partition)
+            targets = [t for t in targets if t[0] not in tried]
+            if not targets:
                 break
-            target = candidates[0]
-            tried.add(target.partition)
+            target, epoch = targets[0]
+            tried.add(target)
             probes += 1
             self.probes_sent += 1
             deadline = time.time() + self.config.reserve_timeout_s
             try:
                 reply: Placement | Refused = await self.bus.call(
                     ep.RESERVE,
-                    ReserveRequest(place=req, asker=self.id, epoch=target.epoch,
-                                   deadline=deadline),
+                    ReserveRequest(place=req, asker=self.id, epoch=epoch, deadline=deadline),
                     # A little longer than the deadline, so an owner that committed in time
                     # is heard rather than taken for a refusal.
                     timeout=self.config.reserve_timeout_s + RESERVE_SLACK_S,
-                    partition=target.partition,
+                    partition=target,
                 )
             except RemoteError as exc:
-                self.cache.forget(target.partition)
+                self.cache.forget(target)
                 self._m_probes.add(1, self._probe_outcome["failed"])
-                log.debug("%s: reserve on p%d failed: %s", self.id, target.partition, exc)
+                log.debug("%s: reserve on p%d failed: %s", self.id, target, exc)
                 continue
             if isinstance(reply, Placement):
                 self._m_probes.add(1, self._probe_outcome["placed"])
