@@ -113,3 +113,30 @@ def redis_url(redis_server: RedisServer) -> str:
     finally:
         client.close()
     return redis_server.db_url(db)
+
+
+# ---- components a test left running --------------------------------------------------------
+# A component a test starts and never stops keeps its heartbeats, maps and subscriptions on
+# the session's shared NATS for the rest of the run: later tests see its messages (two
+# flakes came from that) and pay for its CPU. Each component's metrics live until it stops
+# (kernel/metrics.py), so those still live after a test's own teardown are what it left.
+
+_LEFT_RUNNING: dict[str, list[str]] = {}
+
+
+@pytest.fixture(autouse=True)
+def _components_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
+    from kernel import metrics
+
+    before = {id(m) for m in metrics.live()}
+    yield
+    left = [m.component for m in metrics.live() if id(m) not in before]
+    if left:
+        _LEFT_RUNNING[request.node.nodeid] = left
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _LEFT_RUNNING:
+        terminalreporter.section("components left running by tests")
+        for test, left in sorted(_LEFT_RUNNING.items()):
+            terminalreporter.write_line(f"{test}: {', '.join(sorted(left))}")
