@@ -37,6 +37,16 @@ class Component:
         if "metrics" in self.__dict__:
             self.metrics.close()
 
+    async def crash(self) -> None:
+        """Die as a crashed process would, for fault tests: no unsubscribe, no drain, no
+        goodbye — others learn of it only from missed heartbeats. Its series leave the
+        process's metrics, as a dead process's would."""
+        await self.tasks.close()
+        if not self.bus.nc.is_closed:
+            await self.bus.nc.close()
+        if "metrics" in self.__dict__:
+            self.metrics.close()
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self

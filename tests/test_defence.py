@@ -77,4 +77,4 @@ async def test_scale_refuses_a_spec_the_registry_would_not_have_stored(nats_url:
         # Every spec is kept (a shard of it may come to this instance), none invalid.
         assert set(scale.specs) == {"svc"}
     finally:
-        await bus.close()
+        await scale.stop()  # closes its bus, and its metrics leave the process

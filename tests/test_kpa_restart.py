@@ -62,8 +62,7 @@ async def test_a_restarted_scale_keeps_warm_pods_a_stable_window_then_scales_dow
         # min-scale goes to 0, so nothing but the autoscaler keeps the pods.
         old = next(c for c in stack.components if isinstance(c, ScaleInstance))
         stack.components.remove(old)
-        await old.tasks.close()
-        await old.bus.close()
+        await old.crash()
         await deploy(nats_url, sample_spec("warm", command=BARE_POD, readiness_path="/",
                                            resources=warm.resources, scaling=ScalingSpec(
                                                min_scale=0, stable_window_s=WINDOW_S,

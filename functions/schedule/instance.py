@@ -108,14 +108,6 @@ class ScheduleInstance(Component):
         self.tasks.spawn(self._follow(), name="follow")
         self.tasks.spawn(self._broadcast(), name="summary")
 
-    async def crash(self) -> None:
-        """Die as a crashed process would: no unsubscribe, no drain, no goodbye."""
-        await self.tasks.close()
-        if not self.bus.nc.is_closed:
-            await self.bus.nc.close()
-        # A dead process shows no series; a crashed instance's would linger on the port.
-        self.metrics.close()
-
     # ---- partition assignment -------------------------------------------------------------
 
     async def _on_map(self, msg: PartitionMap, _raw: Msg) -> None:
