@@ -354,7 +354,7 @@ async def test_a_flood_of_events_cannot_fill_the_buffer(
                 v2_body([row(i)]),
                 headers={REPLY_TO_HEADER: f"{inbox}.{i}"},
             )
-        thr = stack.activator.services["sample"].throttler  # type: ignore[union-attr]
+        thr = stack.activator.services["sample-00001"].throttler  # type: ignore[union-attr]
         info = await wait_until(
             lambda: js.consumer_info(stream_name("sample"), DURABLE),
             lambda i: (i.num_ack_pending or 0) > 0,

@@ -35,6 +35,16 @@ def within_limit(spec: ServiceSpec, limit: int) -> ServiceSpec:
     return msgspec.structs.replace(spec, scaling=capped)
 
 
+def reachable_scaling(spec: ServiceSpec) -> ServiceSpec:
+    """Knative's routingState `reserve`: a revision no traffic target names gets no
+    requests, so it keeps no pods whatever its min-scale (nor activation-scale); it still
+    starts with its initial scale, which tells whether it can become ready at all."""
+    if spec.routing_state != "reserve":
+        return spec
+    sc = msgspec.structs.replace(spec.scaling, min_scale=0, activation_scale=0)
+    return msgspec.structs.replace(spec, scaling=sc)
+
+
 @dataclass
 class TrackedPod:
     pod: str

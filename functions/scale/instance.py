@@ -21,7 +21,7 @@ import uuid
 from nats.aio.msg import Msg
 
 from functions.scale import reclaim
-from functions.scale.core import Plan, ServiceScaler, within_limit
+from functions.scale.core import Plan, ServiceScaler, reachable_scaling, within_limit
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.component import Component
@@ -124,10 +124,14 @@ class ScaleInstance(Component):
                 await asyncio.sleep(min(0.1 * (attempt + 1), 1.0))
                 continue
             for st in reply.services:
+                for rev in st.revisions:
+                    self._upsert(rev.spec)
                 self._upsert(st.spec)
             return
 
     def _upsert(self, spec: ServiceSpec) -> None:
+        if spec.revisions:
+            return  # a service with revisions runs no pods of its own: its revisions do
         try:
             # The registry validated it; a spec that reaches us otherwise (a bug, a sender
             # with the registry's credentials) must not drive pods.
@@ -135,7 +139,7 @@ class ScaleInstance(Component):
         except SpecError as exc:
             log.error("%s: spec of %r refused: %s", self.id, spec.name, exc)
             return
-        spec = within_limit(spec, self.config.max_scale_limit)
+        spec = within_limit(reachable_scaling(spec), self.config.max_scale_limit)
         self.specs[spec.name] = spec
         if not self.shards.owns(spec.name):
             return
