@@ -56,8 +56,10 @@ class Request:
     headers: dict[str, str] = field(default_factory=dict)
     protocol: Protocol | None = None
     version: str | None = None
-    # The revision chosen for it (a service with revisions), whose pods serve it.
+    # The revision chosen for it (a service with revisions), whose pods serve it, and
+    # whether the split drew it (rather than a tag or a version naming it).
     revision: str = ""
+    drawn: bool = False
 
     @property
     def target(self) -> str:
@@ -210,6 +212,7 @@ class Handler:
                          retry_after_s=self.config.retry_after_s)
         if spec is None or spec.revision_of:  # a revision is reached through its service
             return not_found(name)
+        asked = req
         if spec.revisions:
             chosen = await self._revision(req, spec)
             if isinstance(chosen, Answer):
@@ -230,6 +233,18 @@ class Handler:
             telemetry.inject(headers)
             try:
                 answer = await self._versioned(req, payload, headers)
+            except StartFailed as exc:
+                # Drawn by the split for a revision whose pods turned out not to start:
+                # its share falls to the others, this request's too (a tag or a version
+                # asked for that revision, and gets its failure).
+                again = await self._revision(asked, spec) if req.drawn else None
+                if not isinstance(again, Request) or again.revision == req.revision:
+                    return self._failure(name, exc)
+                req = again
+                try:
+                    answer = await self._versioned(req, None, headers)
+                except Exception as exc2:
+                    return self._failure(name, exc2)
             except Exception as exc:
                 return self._failure(name, exc)
             span.set_attribute("fnplane.path", answer.path)
@@ -260,7 +275,8 @@ class Handler:
         if req.version is not None and choice.version != req.version:
             old = f"/v2/models/{req.service}/versions/{req.version}"
             path = f"/v2/models/{req.service}/versions/{choice.version}" + path[len(old):]
-        return replace(req, revision=choice.revision, version=choice.version, path=path)
+        return replace(req, revision=choice.revision, version=choice.version, path=path,
+                       drawn=choice.drawn)
 
     async def _versioned(self, req: Request, payload: Any, headers: dict[str, str]) -> Answer:
         """A versioned request goes to the pod's versioned path if the pod serves it, else

@@ -37,6 +37,7 @@ class Choice:
 
     revision: str = ""
     version: str | None = None  # the model version to send on a versioned path
+    drawn: bool = False  # by the split's draw (another revision may serve it instead)
     status: int = 0
     message: str = ""
 
@@ -81,7 +82,7 @@ class RevisionPicker:
         if versioned and svc is not None:
             version = svc.spec.model_version  # the pod's own version, on its versioned path
         self._picked.add(1, {"service": service.name, "revision": rev, "via": via})
-        return Choice(revision=rev, version=version)
+        return Choice(revision=rev, version=version, drawn=via == "split")
 
     def _failed(self, service: ServiceSpec) -> set[str]:
         """Weighted revisions whose pods fail to start; each reported the first time."""
