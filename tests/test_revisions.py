@@ -12,7 +12,9 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
+import pytest
 
+from controlplane.cli import CliError, build_parser
 from kernel import endpoints as ep
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
@@ -134,7 +136,8 @@ async def test_split_tags_and_rollback(nats_url: str, redis_url: str, tmp_path: 
 
 
 async def test_a_canary_at_zero_wakes_on_its_first_request_while_stable_serves(
-        nats_url: str, redis_url: str, tmp_path: Path) -> None:
+        nats_url: str, redis_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     spec = sample_spec("canary", scaling=WARM, env={})
     async with running_stack(nats_url, redis_url, tmp_path) as stack:
         await deploy(nats_url, spec)
@@ -163,6 +166,28 @@ async def test_a_canary_at_zero_wakes_on_its_first_request_while_stable_serves(
         st = await describe(nats_url, "canary")
         assert [p for p in st.pods if p.service == "canary-00002" and p.state == "ready"]
         assert took > 1.5  # the canary's share waited for its cold start (1.5 s to ready)
+        # the CLI, kn's way: traffic by number and @latest, tags, rollback, list, describe
+        await cli(nats_url, "traffic", "canary", "--traffic", "1=20", "--traffic",
+                  "@latest=80", "--tag", "canary-00002=next")
+        out = await cli(nats_url, "describe", "canary", capsys=capsys)
+        assert "canary-00002" in out and " 80%" in out and "tag next" in out, out
+        out = await cli(nats_url, "rollback", "canary", capsys=capsys)
+        assert "100%  canary-00001" in out, out
+        out = await cli(nats_url, "list", capsys=capsys)
+        assert "canary-00002" in out, out  # the latest ready revision
+        with pytest.raises(CliError, match="sum to 90"):
+            await cli(nats_url, "traffic", "canary", "--traffic", "1=90")
+        with pytest.raises(CliError, match="no earlier revision"):
+            await cli(nats_url, "rollback", "canary")
+
+
+async def cli(nats_url: str, *argv: str, capsys: pytest.CaptureFixture[str] | None = None
+              ) -> str:
+    if capsys is not None:
+        capsys.readouterr()
+    args = build_parser().parse_args(["--nats", nats_url, *argv])
+    assert await args.func(args) == 0
+    return capsys.readouterr().out if capsys is not None else ""
 
 
 async def test_a_revision_that_cannot_start_gets_no_traffic(
