@@ -25,6 +25,7 @@ from controlplane.specfile import (
     parse_cpu,
     parse_memory_mb,
     parse_toleration,
+    traffic_from_manifest,
 )
 from kernel import endpoints as ep
 from kernel import revisions as rv
@@ -328,6 +329,16 @@ def _traffic_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {"traffic": traffic, "tags": tags}
 
 
+def _manifest(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CliError(f"{path}: {exc}") from None
+    return doc if isinstance(doc, dict) else {}
+
+
 def _print_traffic(st: ServiceStatus) -> None:
     for r in st.revisions:
         tags = f"  tag {', '.join(r.tags)}" if r.tags else ""
@@ -337,11 +348,13 @@ def _print_traffic(st: ServiceStatus) -> None:
 async def run_deploy(args: argparse.Namespace) -> int:
     spec = spec_from_flags(args)
     t0 = time.time()
-    flags = _traffic_flags(args)
+    flags = {**_traffic_flags(args), "canary_percent": args.canary_percent}
     if args.canary_percent is not None and flags["traffic"] is not None:
         raise CliError("give --traffic or --canary-percent, not both")
-    reply = await _admin(args.nats, ep.ADMIN_DEPLOY, DeployRequest(
-        spec=spec, canary_percent=args.canary_percent, **flags))
+    if args.file and flags["traffic"] is None and flags["canary_percent"] is None:
+        # the manifest's traffic block or canaryTrafficPercent, as the operator reads them
+        flags = {**traffic_from_manifest(_manifest(args.file)), "tags": flags["tags"] or {}}
+    reply = await _admin(args.nats, ep.ADMIN_DEPLOY, DeployRequest(spec=spec, **flags))
     verb = "created" if reply.spec.generation == 1 else "updated"
     if spec.scaling.min_scale > 0 and not args.no_wait:
         await _wait_ready(args.nats, spec.name, spec.scaling.min_scale, args.wait_timeout)
