@@ -11,7 +11,7 @@ is stopped at the end; `processes_left` in the JSON says so.
 
 How it observes the stack, so the numbers can be trusted:
 - pods (ready / starting / desired) come from the admin `describe` API over NATS, as the CLI sees
-  them; the endpoint mode from `route`'s `Endpoints` on `fnplane.service.endpoints.sample`;
+  them; the endpoint mode from `route`'s `Endpoints` of each of its revisions;
   the first cold start from the activator's `ColdStart` record on `fnplane.service.cold-start`;
 - the buffer depth is read in-process from the throttlers of the service's revisions: a
   benchmark-only shortcut (the activator exports the same numbers as metrics, but only per
