@@ -8,6 +8,7 @@ import random
 from collections import Counter
 from itertools import pairwise
 
+import msgspec
 import pytest
 
 from kernel import revisions as rv
@@ -169,3 +170,26 @@ def test_pick_skips_revisions_that_fail_to_start_and_sticks_per_request_id() -> 
     draws = {rv.sticky_draw("req-42") for _ in range(5)}
     assert len(draws) == 1 and 0 <= draws.pop() < 1
     assert rv.sticky_draw("req-42") != rv.sticky_draw("req-43")
+
+
+def test_a_reserve_revision_keeps_no_pods_whatever_its_min_scale() -> None:
+    """Knative's reachability, in `scale`: the same revision holds its min-scale while a
+    target names it, and drops to zero once none does (after its grace, no delay)."""
+    from functions.scale.core import ServiceScaler, reachable_scaling
+    from kernel.messages import PodEvent
+
+    sc = ScalingSpec(min_scale=2, initial_scale=2, scale_to_zero_grace_s=1.0,
+                     scale_down_delay_s=30.0)
+    active = rv.revision_spec(spec(scaling=sc), 1)
+    reserve = reachable_scaling(msgspec.structs.replace(active, routing_state="reserve"))
+    assert reachable_scaling(active) == active
+    assert (reserve.scaling.min_scale, reserve.scaling.scale_down_delay_s) == (0, 0.0)
+    s = ServiceScaler.for_spec(reachable_scaling(active), 0.0)
+    assert s.plan(0.0, 0.5).start == 2
+    for i in range(2):
+        s.placing(f"p{i}", 0.0)
+        s.on_pod_event(PodEvent(pod=f"p{i}", service=active.name, node="n", state="ready"),
+                       0.1)
+    assert s.plan(10.0, 0.5).desired == 2  # active: min-scale holds with no demand
+    s.update_spec(reserve)
+    assert s.plan(20.0, 0.5).desired == 0  # reserve: to zero, min-scale and delay ignored
