@@ -1,8 +1,9 @@
 """Which revision serves one request to a service with revisions: the one its tag names
 (`X-Fnplane-Tag`), the one its versioned OIP path names (the version is the revision
-number), or a weighted draw over the split — random per request, or by the hash of its
-`x-request-id` so a retried request stays on its revision. From there the request takes
-the revision's own path (buffer, scale from zero, direct mode) as any service's.
+number, once a service has several), or a weighted draw over the split — random per
+request, or by the hash of its `x-request-id` so a retried request stays on its
+revision. From there the request takes the revision's own path (buffer, scale from
+zero, direct mode) as any service's.
 
 A revision whose pods fail to start (`route` says so: no endpoint and an error) gets no
 share: the draw falls to the others, counted and logged once per revision, not silent.
@@ -60,7 +61,10 @@ class RevisionPicker:
             if rev is None:
                 return Choice(status=404, message=f"Model {service.name} has no tag {tag}.")
             return self._chosen(service, rev, version, via="tag")
-        if version is not None and version.isdigit():
+        # With several revisions a version names one by its number (and the service's own
+        # model version still means the split); with one, the service answers to its model
+        # version only, as it always did.
+        if version is not None and version.isdigit() and len(service.revisions) > 1:
             rev = rv.revision_name(service.name, int(version))
             if rev in service.revisions:
                 return self._chosen(service, rev, None, via="version", versioned=True)

@@ -81,6 +81,13 @@ class Registry(Component):
             spec = msg.spec.validate()
         except SpecError as exc:
             raise RemoteError(ErrorCode.INVALID, f"invalid service spec: {exc}") from None
+        if len(rv.revision_name(spec.name, 1)) > 63:
+            raise RemoteError(ErrorCode.INVALID, f"invalid service spec: name {spec.name!r} is "
+                              "over 57 characters: its revisions' names (NAME-0000N) would "
+                              "not be DNS labels")
+        if rv.parent_of(spec.name):
+            raise RemoteError(ErrorCode.INVALID, f"invalid service spec: name {spec.name!r} "
+                              "ends in -NNNNN, which names revisions (NAME-0000N)")
         self.metrics.counter("fnplane.registry.deploys").add(1)
         if spec.storage_uri and self.model_policy is not None:
             try:

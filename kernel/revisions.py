@@ -66,11 +66,14 @@ def creates_revision(old: ServiceSpec | None, new: ServiceSpec) -> bool:
 
 def revision_spec(service: ServiceSpec, number: int) -> ServiceSpec:
     """The immutable spec of revision `number` of `service`. Its pods still answer to the
-    service's model name (MODEL_NAME), since clients call the service, not the revision."""
+    service's model name (MODEL_NAME), since clients call the service, not the revision,
+    and keep its weights' identity (`model_id`), so every revision finds the nodes that
+    cache the service's model."""
     env = {"MODEL_NAME": service.name, **service.env}
     return msgspec.structs.replace(
         template(service), name=revision_name(service.name, number), env=env,
-        scaling=service.scaling, generation=number, revision_of=service.name)
+        scaling=service.scaling, generation=number, revision_of=service.name,
+        model=service.model_id if not service.storage_uri else service.model)
 
 
 def effective(revision: ServiceSpec, service: ServiceSpec) -> ServiceSpec:

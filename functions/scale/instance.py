@@ -223,17 +223,23 @@ class ScaleInstance(Component):
         self._wake.set()
 
     async def _on_spec_updated(self, msg: SpecUpdated, _raw: Msg) -> None:
+        if msg.spec.revisions and msg.spec.name in self.specs:
+            # A service of an earlier release, scaled under its own name, now has revisions:
+            # its first revision serves it, its own pods go.
+            self._drop(msg.spec.name, "replaced by its revisions")
         self._upsert(msg.spec)
 
     async def _on_service_deleted(self, msg: ServiceDeleted, _raw: Msg) -> None:
-        self.specs.pop(msg.name, None)
-        scaler = self.services.pop(msg.name, None)
-        epoch = self.shards.epoch(msg.name) or 0
+        self._drop(msg.name, "deleted")
+
+    def _drop(self, name: str, reason: str) -> None:
+        self.specs.pop(name, None)
+        scaler = self.services.pop(name, None)
+        epoch = self.shards.epoch(name) or 0
         if scaler is not None:
             for pod in scaler.pods.values():
                 if pod.node:
-                    self.tasks.spawn(self._stop_pod(msg.name, pod.pod, pod.node, "deleted",
-                                                    epoch),
+                    self.tasks.spawn(self._stop_pod(name, pod.pod, pod.node, reason, epoch),
                                      name=f"stop-{pod.pod}")
 
     async def _on_status(self, msg: NameRequest, _raw: Msg) -> ScaleStatus:
