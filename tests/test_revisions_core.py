@@ -193,3 +193,51 @@ def test_a_reserve_revision_keeps_no_pods_whatever_its_min_scale() -> None:
     assert s.plan(10.0, 0.5).desired == 2  # active: min-scale holds with no demand
     s.update_spec(reserve)
     assert s.plan(20.0, 0.5).desired == 0  # reserve: to zero, min-scale and delay ignored
+
+
+# ---- the activator's side: which revision a request reaches --------------------------------
+
+
+def picker_for(service: ServiceSpec, draws: list[float]):  # type: ignore[no-untyped-def]
+    """The activator's service table as sync.py fills it (revisions, then the service), and
+    its picker with a scripted draw."""
+    from activator.direct import DirectPath
+    from activator.revisions import RevisionPicker
+    from activator.services import ServiceTable
+    from kernel.metrics import Metrics
+
+    table = ServiceTable(buffer_size=10, direct=DirectPath())
+    for rev in service.revisions:
+        table.upsert(rv.revision_spec(spec(), rv.revision_number(rev)))
+    table.upsert(service)
+    it = iter(draws)
+    return table, RevisionPicker(table, Metrics("activator-test"), log_id="t",
+                                 draw=lambda: next(it))
+
+
+def test_the_activator_reaches_a_revision_by_tag_version_or_draw() -> None:
+    from kernel.messages import Endpoints
+
+    two = spec(revisions=["svc-00001", "svc-00002"], latest_revision="svc-00002",
+               traffic=[T(revision="svc-00002", percent=10, tag="canary"),
+                        T(revision="svc-00001", percent=90)])
+    table, picker = picker_for(two, [0.05, 0.5, 0.95, 0.5])
+    assert [picker.choose(two, {}, None).revision for _ in range(3)] == [
+        "svc-00002", "svc-00001", "svc-00001"]  # the draw decides, by weight, in block order
+    assert picker.choose(two, {"X-Fnplane-Tag": "canary"}, None).revision == "svc-00002"
+    assert picker.choose(two, {"x-fnplane-tag": "nope"}, None).status == 404
+    assert picker.choose(two, {}, "2").revision == "svc-00002"  # version = revision number
+    assert picker.choose(two, {}, "7").status == 404
+    sticky = {picker.choose(two, {"X-Request-Id": "abc"}, None).revision for _ in range(5)}
+    assert len(sticky) == 1
+    # the canary's pods fail to start: it gets no share, every draw goes to the other
+    table.apply_endpoints(Endpoints(service="svc-00002", version=1, endpoints=[],
+                                    error="pod failed"))
+    assert picker.choose(two, {}, None).revision == "svc-00001"  # draw 0.5
+    assert picker.choose(two, {"X-Request-Id": "abc"}, None).revision == "svc-00001"
+    # one revision: the service answers to its model version only, as before revisions
+    one = spec(revisions=["svc-00001"], latest_revision="svc-00001", model_version="5",
+               traffic=[T(revision="svc-00001", percent=100)])
+    _, picker = picker_for(one, [0.5])
+    assert picker.choose(one, {}, "1").status == 404
+    assert picker.choose(one, {}, "5").revision == "svc-00001"
