@@ -19,12 +19,14 @@ from kernel import endpoints as ep
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import (
     DeployRequest,
+    NameRequest,
     ScalingSpec,
     ServiceSpec,
     ServiceStatus,
     TrafficRequest,
     TrafficTarget,
 )
+from partitions.agents.local import LocalNode
 from tests.stackutil import admin, deploy, describe, running_stack, sample_spec, wait_until
 
 BODY = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP32",
@@ -221,3 +223,15 @@ async def test_a_revision_that_cannot_start_gets_no_traffic(
         metrics = stack.activator.metrics  # type: ignore[union-attr]
         assert metrics.value("fnplane_route_revision_fallback_total", service="broken",
                              revision="broken-00002") > 0
+        # deleting the service deletes its revisions: their pods stop, their records go
+        async with admin(nats_url) as bus:
+            await bus.call(ep.ADMIN_DELETE, NameRequest(name="broken"), timeout=5)
+        nodes = [c for c in stack.components if isinstance(c, LocalNode)]
+        await wait_until(lambda: _pods_of(nodes, "broken"), lambda pods: not pods, timeout=10,
+                         what="the revisions' pods stopped")
+        assert await stack.store.get_revisions("broken") == {}  # type: ignore[union-attr]
+
+
+async def _pods_of(nodes: list[LocalNode], service: str) -> list[str]:
+    return [p.start.pod for n in nodes for p in n.pods.values()
+            if p.start.spec.revision_of == service and p.state not in ("stopped", "failed")]
