@@ -20,6 +20,7 @@ from activator.batcher import BatchAborted, BatcherClosed, MicroBatcher
 from activator.direct import DirectPath
 from activator.proxy import PodResponse, PodUnreachable, Proxy
 from activator.reporter import DemandReporter
+from activator.revisions import RevisionPicker
 from activator.services import ServiceTable
 from activator.throttler import BufferFull, ServiceGone, StartFailed, WaitTimeout
 from kernel import telemetry
@@ -55,6 +56,15 @@ class Request:
     headers: dict[str, str] = field(default_factory=dict)
     protocol: Protocol | None = None
     version: str | None = None
+    # The revision chosen for it (a service with revisions), whose pods serve it, and
+    # whether the split drew it (rather than a tag or a version naming it).
+    revision: str = ""
+    drawn: bool = False
+
+    @property
+    def target(self) -> str:
+        """The name whose buffer, throttler and pods serve it: its revision, or the service."""
+        return self.revision or self.service
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,7 @@ class Answer:
     path: str = ""  # activator | direct | activator-batch, for X-Fnplane-Path
     retry_after_s: int = 0
     cold: bool = False
+    revision: str = ""  # for X-Fnplane-Revision
 
     @property
     def ok(self) -> bool:
@@ -189,6 +200,7 @@ class Handler:
         # Services whose pods answered a versioned path with NO_VERSIONED_PATHS: their
         # versioned requests go to the unversioned path at once (the version is checked here).
         self.unversioned: set[str] = set()
+        self.revisions = RevisionPicker(table, metrics, log_id=log_id)
         table.make_batcher = self._batcher_for
 
     async def handle(self, req: Request) -> Answer:
@@ -198,14 +210,20 @@ class Handler:
         except RemoteError as exc:
             return error(503, f"cannot tell now whether model {name} exists: {exc.message}",
                          retry_after_s=self.config.retry_after_s)
-        if spec is None:
+        if spec is None or spec.revision_of:  # a revision is reached through its service
             return not_found(name)
-        if req.version is not None and req.version != spec.model_version:
+        asked = req
+        if spec.revisions:
+            chosen = await self._revision(req, spec)
+            if isinstance(chosen, Answer):
+                return chosen
+            req = chosen
+        elif req.version is not None and req.version != spec.model_version:
             return not_found(name, req.version)
         payload: Any = None  # decoded only for a batched service, which merges payloads
         if req.protocol is not None:
             problem = check_shape(req.protocol, req.body)
-            svc = self.table.get(name)
+            svc = self.table.get(req.target)
             if problem is None and svc is not None and svc.batcher is not None:
                 payload, problem = parse_body(req.body)
             if problem is not None:
@@ -215,13 +233,50 @@ class Handler:
             telemetry.inject(headers)
             try:
                 answer = await self._versioned(req, payload, headers)
+            except StartFailed as exc:
+                # Drawn by the split for a revision whose pods turned out not to start:
+                # its share falls to the others, this request's too (a tag or a version
+                # asked for that revision, and gets its failure).
+                again = await self._revision(asked, spec) if req.drawn else None
+                if not isinstance(again, Request) or again.revision == req.revision:
+                    return self._failure(name, exc)
+                req = again
+                try:
+                    answer = await self._versioned(req, None, headers)
+                except Exception as exc2:
+                    return self._failure(name, exc2)
             except Exception as exc:
                 return self._failure(name, exc)
             span.set_attribute("fnplane.path", answer.path)
+            if req.revision:
+                span.set_attribute("fnplane.revision", req.revision)
+                answer = replace(answer, revision=req.revision)
             if answer.pod:
                 span.set_attribute("fnplane.pod", answer.pod)
                 span.set_attribute("fnplane.cold", answer.cold)
         return answer
+
+    async def _revision(self, req: Request, spec: ServiceSpec) -> Request | Answer:
+        """The revision that serves `req` (kernel/revisions.py decides), its spec known
+        before anything wakes; a versioned path then names the revision's own version."""
+        choice = self.revisions.choose(spec, req.headers, req.version)
+        if choice.status:
+            return error(choice.status, choice.message,
+                         retry_after_s=self.config.retry_after_s if choice.status == 503 else 0)
+        try:
+            known = await self.lookup(choice.revision)
+        except RemoteError as exc:
+            return error(503, f"cannot tell now what revision {choice.revision} is: "
+                              f"{exc.message}", retry_after_s=self.config.retry_after_s)
+        if known is None:
+            return error(503, f"revision {choice.revision} of {spec.name} is not known yet",
+                         retry_after_s=self.config.retry_after_s)
+        path = req.path
+        if req.version is not None and choice.version != req.version:
+            old = f"/v2/models/{req.service}/versions/{req.version}"
+            path = f"/v2/models/{req.service}/versions/{choice.version}" + path[len(old):]
+        return replace(req, revision=choice.revision, version=choice.version, path=path,
+                       drawn=choice.drawn)
 
     async def _versioned(self, req: Request, payload: Any, headers: dict[str, str]) -> Answer:
         """A versioned request goes to the pod's versioned path if the pod serves it, else
@@ -231,27 +286,27 @@ class Handler:
         if req.version is None or not req.path.startswith(versioned):  # KServe v1: no versions
             return await self._route(req, payload, headers)
         plain = replace(req, path=f"/v2/models/{req.service}" + req.path[len(versioned):])
-        if req.service in self.unversioned:
+        if req.target in self.unversioned:
             return await self._route(plain, payload, headers)
         answer = await self._route(req, payload, headers)
         if answer.status not in NO_VERSIONED_PATHS:
             return answer
         log.info("%s: pods of %s answered %d on %s; using unversioned paths", self.id,
                  req.service, answer.status, versioned)
-        self.unversioned.add(req.service)
+        self.unversioned.add(req.target)
         return await self._route(plain, payload, headers)
 
     async def _route(self, req: Request, payload: Any, headers: dict[str, str]) -> Answer:
-        svc = self.table.get(req.service)
+        svc = self.table.get(req.target)
         if svc is not None and svc.batcher is not None and payload is not None:
             status, body = await svc.batcher.submit(req.protocol, payload)
             return Answer(status, json.dumps(body).encode(), path="activator-batch")
         if svc is not None and svc.mode == "direct":
-            answer = await self.forward_direct(req.service, req.method, req.path, req.body,
+            answer = await self.forward_direct(req.target, req.method, req.path, req.body,
                                                headers)
             if answer is not None:
                 return answer
-        return await self.forward(req.service, req.method, req.path, req.body, headers)
+        return await self.forward(req.target, req.method, req.path, req.body, headers)
 
     def _failure(self, name: str, exc: Exception) -> Answer:
         """Every failure of the request path, mapped to an answer once."""
@@ -302,10 +357,12 @@ class Handler:
             thr.dispatch()
         took = time.time() - t0
         # Counted once answered: a pod that refused sends the request down the activator
-        # path, which counts it there.
-        self._requests.add(name)
-        self._direct.add(name)
-        self._invocation.record(took, self._direct_attrs[name])
+        # path, which counts it there. Labelled by service (a revision's is its service's:
+        # fnplane.route.revision.requests counts per revision).
+        label = svc.spec.revision_of or name
+        self._requests.add(label)
+        self._direct.add(label)
+        self._invocation.record(took, self._direct_attrs[label])
         return _answer(resp, target.pod, "direct", cold=False)
 
     async def forward(
@@ -320,8 +377,9 @@ class Handler:
             raise ServiceGone(f"service {name!r} was deleted")
         thr = svc.throttler
         request_in = time.time()
-        attrs = self._by_service[name]
-        self._requests.add(name)
+        label = svc.spec.revision_of or name
+        attrs = self._by_service[label]
+        self._requests.add(label)
         attempts = MAX_ATTEMPTS
         cold_any = False
         while True:
@@ -352,7 +410,9 @@ class Handler:
 
         async def send(protocol: str, payload: dict) -> tuple[int, dict]:
             """One merged request takes one pod slot, through the same path as any other."""
-            path = f"/v2/models/{name}/infer" if protocol == "v2" else f"/v1/models/{name}:predict"
+            model = spec.revision_of or name  # a revision's pods answer to its service
+            path = (f"/v2/models/{model}/infer" if protocol == "v2"
+                    else f"/v1/models/{model}:predict")
             headers = {"content-type": "application/json"}
             answer = await self.forward(name, "POST", path, json.dumps(payload).encode(), headers)
             try:

@@ -116,6 +116,8 @@ def _http(answer: Answer) -> web.Response:
         headers["X-Fnplane-Pod"] = answer.pod
     if answer.path:
         headers["X-Fnplane-Path"] = answer.path
+    if answer.revision:
+        headers["X-Fnplane-Revision"] = answer.revision
     if answer.retry_after_s:
         headers["Retry-After"] = str(answer.retry_after_s)
     return web.Response(status=answer.status, body=answer.body, headers=headers)

@@ -255,7 +255,7 @@ class EventStreams:
     def _room(self, ev: ServiceEvents) -> int:
         """Events that may start now: within this activator's per-service limit and within
         what the service's buffer still holds, so events never crowd callers out of it."""
-        svc = self.handler.table.get(ev.service)
+        svc = self.handler.table.front(ev.service)
         if svc is None:
             return 0
         thr = svc.throttler
@@ -397,10 +397,13 @@ class EventStreams:
             self._reported.add(name)
         else:
             self._reported.discard(name)  # one last zero, so `scale` forgets it at once
-        svc = self.handler.table.get(name)
+        # A service with revisions: the lag wakes the revision with the largest share (each
+        # event is then drawn over the split as it is served, waking the others as needed).
+        svc = self.handler.table.front(name)
         urgent = lag > 0 and (svc is None or svc.throttler.ready_pods() == 0)
         self.handler.metrics.gauge("fnplane.activator.events.lag").set(lag, {"service": name})
-        demand = Demand(service=name, reporter=LAG_REPORTER, buffered=lag, in_flight=0,
+        demand = Demand(service=svc.spec.name if svc is not None else name,
+                        reporter=LAG_REPORTER, buffered=lag, in_flight=0,
                         requests=0, ts=now, urgent=urgent)
         try:
             await self.bus.send(ep.DEMAND, demand, shard=shard_of(demand.service))

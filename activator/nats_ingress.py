@@ -29,7 +29,7 @@ STATUS_HEADER = "Fnplane-Status"
 # The NATS twin of OIP's `/versions/{v}` path segment: a request that names a version is
 # answered 404 unless the service serves that version, as over HTTP.
 VERSION_HEADER = "Fnplane-Model-Version"
-_FORWARDED = ("x-request-id", "tracestate")
+_FORWARDED = ("x-request-id", "tracestate", "fnplane-tag", "x-fnplane-tag")
 
 
 def nats_headers(answer: Answer) -> dict[str, str]:
@@ -38,6 +38,8 @@ def nats_headers(answer: Answer) -> dict[str, str]:
         headers["Fnplane-Pod"] = answer.pod
     if answer.path:
         headers["Fnplane-Path"] = answer.path  # activator | direct | activator-batch
+    if answer.revision:
+        headers["Fnplane-Revision"] = answer.revision
     if answer.retry_after_s:
         headers["Retry-After"] = str(answer.retry_after_s)
     return headers
@@ -138,7 +140,7 @@ class NatsIngress:
         await asyncio.gather(*late, return_exceptions=True)
 
     async def _on_spec_updated(self, msg: SpecUpdated, _raw: Msg) -> None:
-        if self.events is not None:
+        if self.events is not None and not msg.spec.revision_of:  # clients call the service
             await self.events.ensure(msg.spec.name, deployed=True)
 
     async def _on_service_deleted(self, msg: ServiceDeleted, _raw: Msg) -> None:

@@ -96,13 +96,16 @@ class DemandReporter:
             first_byte_out=first_byte, trace_id=telemetry.current_trace_id(),
             weights_fetched=tl.fetched_at,
         )
-        attrs = self._by_service[name]
+        # Counted for the service clients call (a revision's for its service, as the
+        # request counters); the record keeps the revision, for `describe`.
+        label = svc.spec.revision_of or name if svc is not None else name
+        attrs = self._by_service[label]
         self._cold_starts.add(1, attrs)
         self._cold_duration.record(first_byte - request_in, attrs)
         # Each stage apart (the weights' download among them: the control plane's share
         # excludes it); a stage whose timestamps the pod did not report is left out.
         for stage, took in cold_start_stages(cs).items():
-            self._stage.record(took, {"service": name, "stage": stage})
+            self._stage.record(took, {"service": label, "stage": stage})
         self.tasks.spawn(self.bus.send(ep.COLD_START, cs), name=f"cold-start-{name}")
 
     async def run(self) -> None:

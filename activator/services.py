@@ -31,6 +31,12 @@ class Service:
     def mode(self) -> ServingMode:
         return self.endpoints.mode if self.endpoints is not None else "proxy"
 
+    @property
+    def failed(self) -> bool:
+        """Its pods fail to start (`route` says so): a split gives it no traffic."""
+        eps = self.endpoints
+        return eps is not None and bool(eps.error) and not eps.endpoints
+
 
 class ServiceTable:
     def __init__(self, *, buffer_size: int, direct: DirectPath, worker: Worker = ALONE) -> None:
@@ -41,26 +47,55 @@ class ServiceTable:
         # as one request.
         self.make_batcher: BatcherFactory = lambda _spec: None
         self._services: dict[str, Service] = {}
+        # Services with revisions: what clients call; their revisions are in `_services`.
+        self._routers: dict[str, ServiceSpec] = {}
         # Endpoint sets that arrived before their service's spec (events race).
         self._early: dict[str, Endpoints] = {}
 
     def get(self, name: str) -> Service | None:
         return self._services.get(name)
 
+    def router(self, name: str) -> ServiceSpec | None:
+        """The spec of a service with revisions (its traffic block), if `name` is one."""
+        return self._routers.get(name)
+
     def __getitem__(self, name: str) -> Service:
         return self._services[name]
 
     def __contains__(self, name: str) -> bool:
-        return name in self._services
+        return name in self._services or name in self._routers
 
     def __iter__(self) -> Iterator[Service]:
         return iter(list(self._services.values()))
 
     def names(self) -> list[str]:
-        return list(self._services)
+        """The names clients call: services, not their revisions."""
+        return [n for n, s in self._services.items() if not s.spec.revision_of] + list(
+            self._routers)
+
+    def front(self, name: str) -> Service | None:
+        """Who answers for `name` where one revision must (the event stream's room and lag):
+        the service itself, or its revision with the largest share that can start."""
+        router = self._routers.get(name)
+        if router is None:
+            return self._services.get(name)
+        shares = sorted(((t.percent, t.revision) for t in router.traffic if t.percent),
+                        reverse=True)
+        revs = [svc for _, r in shares if (svc := self._services.get(r)) is not None]
+        return next((svc for svc in revs if not svc.failed), revs[0] if revs else None)
 
     def upsert(self, spec: ServiceSpec) -> MicroBatcher | None:
-        """Add or update a service; returns a batcher it replaced, for the caller to close."""
+        """Add or update a service; returns a batcher it replaced, for the caller to close.
+        A service with revisions only routes: its revisions get the throttlers."""
+        if spec.revisions:
+            self._routers[spec.name] = spec
+            # A service of an earlier release had pods under its own name: they go (scale
+            # stops them), its revisions serve it from now on.
+            old = self._services.pop(spec.name, None)
+            if old is not None:
+                old.throttler.fail_waiters(ServiceGone(f"service {spec.name!r} now has "
+                                                       "revisions; retry"))
+            return old.batcher if old is not None else None
         svc = self._services.get(spec.name)
         if svc is None:
             thr = ServiceThrottler(
@@ -84,6 +119,7 @@ class ServiceTable:
         """A deleted service: its waiting requests fail at once; the caller closes the
         batcher of the returned entry."""
         self._early.pop(name, None)
+        self._routers.pop(name, None)
         svc = self._services.pop(name, None)
         if svc is not None:
             svc.throttler.fail_waiters(ServiceGone(f"service {name!r} was deleted"))

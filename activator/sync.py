@@ -53,6 +53,8 @@ class ServiceSync:
         try:
             services: ServiceList = await self.bus.call(ep.ADMIN_LIST, Empty(), timeout=2.0)
             for st in services.services:
+                for rev in st.revisions:  # before the split that names them
+                    self._upsert(rev.spec)
                 self._upsert(st.spec)
         except RemoteError as exc:
             log.warning("%s: no service list yet (%s); learning from events", self.id, exc)
@@ -74,6 +76,8 @@ class ServiceSync:
         svc = self.table.get(name)
         if svc is not None:
             return svc.spec
+        if (router := self.table.router(name)) is not None:
+            return router
         try:
             reply: SpecUpdated = await self.bus.call(ep.ADMIN_SPEC, NameRequest(name=name),
                                                      timeout=1.0)

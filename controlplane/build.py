@@ -164,7 +164,8 @@ async def coordinator(config: Config, *, public_url: str, runtime: Runtime | Non
                         config.coordinator,
                         runtime=runtime)
     registry = Registry(await connect(config, new_id("registry"), "coordinator"), store,
-                        public_url=public_url, model_policy=model_policy(config))
+                        public_url=public_url, model_policy=model_policy(config),
+                        revision_history=config.coordinator.revision_history)
     return Coordinated(coord, registry, store, runtime)
 
 

@@ -25,8 +25,10 @@ from controlplane.specfile import (
     parse_cpu,
     parse_memory_mb,
     parse_toleration,
+    traffic_from_manifest,
 )
 from kernel import endpoints as ep
+from kernel import revisions as rv
 from kernel.bus import Bus
 from kernel.config import (
     DEFAULT_NATS_URL,
@@ -49,7 +51,9 @@ from kernel.messages import (
     Resources,
     ScalingSpec,
     ServiceSpec,
+    ServiceStatus,
     SpecError,
+    TrafficRequest,
 )
 from kernel.procs import PortInUseError, ServerStartError, port_in_use
 from partitions.agents.podusers import LABEL as POD_USER_LABEL
@@ -314,14 +318,51 @@ def _target(sc: ScalingSpec) -> str:
     return f"{sc.target_concurrency:g}"
 
 
+def _traffic_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """kn's `--traffic REV=PCT` (`@latest`, a revision, its number or a tag) and `--tag
+    REV=TAG`, checked for shape here; the registry checks the rest (sum, names, clashes)."""
+    try:
+        traffic = rv.parse_traffic(args.traffic) if args.traffic else None
+        tags = dict(rv.parse_assignments(args.tag or [], what="--tag"))
+    except RemoteError as exc:
+        raise CliError(exc.message) from None
+    return {"traffic": traffic, "tags": tags}
+
+
+def _manifest(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CliError(f"{path}: {exc}") from None
+    return doc if isinstance(doc, dict) else {}
+
+
+def _print_traffic(st: ServiceStatus) -> None:
+    for r in st.revisions:
+        tags = f"  tag {', '.join(r.tags)}" if r.tags else ""
+        print(f"  {r.percent:>3}%  {r.spec.name}{tags}")
+
+
 async def run_deploy(args: argparse.Namespace) -> int:
     spec = spec_from_flags(args)
     t0 = time.time()
-    reply = await _admin(args.nats, ep.ADMIN_DEPLOY, DeployRequest(spec=spec))
+    flags = {**_traffic_flags(args), "canary_percent": args.canary_percent}
+    if args.canary_percent is not None and flags["traffic"] is not None:
+        raise CliError("give --traffic or --canary-percent, not both")
+    if args.file and flags["traffic"] is None and flags["canary_percent"] is None:
+        # the manifest's traffic block or canaryTrafficPercent, as the operator reads them
+        flags = {**traffic_from_manifest(_manifest(args.file)), "tags": flags["tags"] or {}}
+    reply = await _admin(args.nats, ep.ADMIN_DEPLOY, DeployRequest(spec=spec, **flags))
     verb = "created" if reply.spec.generation == 1 else "updated"
     if spec.scaling.min_scale > 0 and not args.no_wait:
         await _wait_ready(args.nats, spec.name, spec.scaling.min_scale, args.wait_timeout)
-    print(f"Service '{spec.name}' {verb} (generation {reply.spec.generation}).")
+    print(f"Service '{spec.name}' {verb} (generation {reply.spec.generation}, latest "
+          f"revision {reply.spec.latest_revision}).")
+    print("Traffic: " + ", ".join(f"{t.revision} {t.percent}%" + (f" (tag {t.tag})" if t.tag
+                                                                  else "")
+                                  for t in reply.spec.traffic))
     print(f"Service '{spec.name}' is ready to serve in {time.time() - t0:.2f}s", end="")
     print(" (scaled to zero until the first request)." if spec.scaling.min_scale == 0 else ".")
     print(reply.url)
@@ -345,10 +386,11 @@ async def run_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(msgspec.to_builtins(reply), indent=2))
         return 0
-    rows = [("NAME", "URL", "READY", "PODS")]
+    rows = [("NAME", "URL", "LATEST", "READY", "PODS")]
     for st in reply.services:
         ready = "True" if st.ready_pods or st.spec.scaling.min_scale == 0 else "False"
-        rows.append((st.spec.name, st.url, ready, str(st.ready_pods)))
+        rows.append((st.spec.name, st.url, st.latest_ready_revision or "-", ready,
+                     str(st.ready_pods)))
     _table(rows)
     return 0
 
@@ -383,6 +425,17 @@ async def run_describe(args: argparse.Namespace) -> int:
               f"{part_of.get(p.node, '?')})  {p.url}")
         if p.run_as:
             print(f"  {'':<22} runs as {p.run_as}")
+    if st.revisions:
+        print(f"Revisions:   latest {sp.latest_revision}, latest ready "
+              f"{st.latest_ready_revision or 'none yet'}")
+        for r in st.revisions:
+            tags = f"  tag {', '.join(r.tags)}" if r.tags else ""
+            state = ("ready" if r.ready else "not ready") + (
+                "" if r.spec.routing_state == "active" else ", reserve (scales to zero)")
+            print(f"  {r.spec.name:<22} {r.percent:>3}%  {r.ready_pods} pods  {state}{tags}")
+            if r.last_error:
+                print(f"  {'':<22} cannot start: {r.last_error} (its share goes to the "
+                      "other revisions)")
     if st.last_error:
         print(f"Last error:  {st.last_error}")
     cs = st.last_cold_start
@@ -391,6 +444,23 @@ async def run_describe(args: argparse.Namespace) -> int:
               f" pod {cs.pod} on {cs.node}):")
         for stage, ms in cs.stages_ms().items():
             print(f"  {stage:<36} {ms:>9.1f} ms")
+    return 0
+
+
+async def run_traffic(args: argparse.Namespace) -> int:
+    """`fnplane traffic NAME --traffic REV=PCT … --tag REV=TAG`: only the split and tags."""
+    st = await _admin(args.nats, ep.ADMIN_TRAFFIC, TrafficRequest(name=args.name,
+                                                                  **_traffic_flags(args)))
+    print(f"Traffic of '{args.name}':")
+    _print_traffic(st)
+    return 0
+
+
+async def run_rollback(args: argparse.Namespace) -> int:
+    st = await _admin(args.nats, ep.ADMIN_TRAFFIC, TrafficRequest(name=args.name,
+                                                                  rollback=True))
+    print(f"Service '{args.name}' rolled back:")
+    _print_traffic(st)
     return 0
 
 
@@ -468,6 +538,14 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 
 
 # ---- argument parsing --------------------------------------------------------------------
+
+
+def _add_traffic_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--traffic", action="append", metavar="REV=PERCENT",
+                   help="a revision's share (repeatable, summing to 100): NAME-0000N, its "
+                        "number, a tag, or @latest for the newest revision")
+    p.add_argument("--tag", action="append", metavar="REV=TAG",
+                   help="reach REV with header X-Fnplane-Tag: TAG (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -582,6 +660,10 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--activation-scale", type=int, default=0,
                      help="the fewest pods when scaling from zero (Knative's "
                           "activation-scale; 0 = not set, else >= 2)")
+    _add_traffic_flags(dep)
+    dep.add_argument("--canary-percent", type=int, default=None, metavar="N",
+                     help="the new revision gets N%%, the previous serving one the rest "
+                          "(KServe's canaryTrafficPercent)")
     dep.add_argument("--no-wait", action="store_true")
     dep.add_argument("--wait-timeout", type=float, default=120.0)
     dep.add_argument("--command", nargs=argparse.REMAINDER,
@@ -596,7 +678,15 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("name")
         c.add_argument("--json", action="store_true")
         c.set_defaults(func=func)
-    ls = sub.add_parser("list", help="services: NAME URL READY")
+    tr = sub.add_parser("traffic", help="change a service's traffic split and tags")
+    tr.add_argument("name")
+    _add_traffic_flags(tr)
+    tr.set_defaults(func=run_traffic)
+    rb = sub.add_parser("rollback", help="all traffic back to the previous revision that "
+                                         "served it all")
+    rb.add_argument("name")
+    rb.set_defaults(func=run_rollback)
+    ls = sub.add_parser("list", help="services: NAME URL LATEST READY")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=run_list)
     st = sub.add_parser("status", help="nodes, partitions and owners, instances")

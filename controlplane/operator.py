@@ -23,7 +23,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from controlplane.specfile import spec_from_manifest
+from controlplane.specfile import spec_from_manifest, traffic_from_manifest
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.component import Component
@@ -81,6 +81,18 @@ def status_for(st: ServiceStatus, generation: int, old: dict[str, Any]) -> dict[
         "url": st.url,
         "replicas": sum(1 for p in st.pods if p.state in ("starting", "ready", "unready")),
         "readyReplicas": st.ready_pods,
+        **({"latestCreatedRevisionName": st.spec.latest_revision,
+            "latestReadyRevisionName": st.latest_ready_revision,
+            "trafficSummary": ",".join(f"{t.revision}={t.percent}%"
+                                       for t in st.spec.traffic if t.percent),
+            "traffic": [{"revisionName": t.revision, "percent": t.percent,
+                         **({"tag": t.tag} if t.tag else {}),
+                         **({"latestRevision": True} if t.latest else {})}
+                        for t in st.spec.traffic],
+            "revisions": [{"name": r.spec.name, "ready": r.ready,
+                           "readyReplicas": r.ready_pods, "percent": r.percent,
+                           **({"message": r.last_error[:500]} if r.last_error else {})}
+                          for r in st.revisions]} if st.spec.revisions else {}),
         **({"lastColdStart": {
             "pod": st.last_cold_start.pod,
             "node": st.last_cold_start.node,
@@ -225,13 +237,15 @@ class FnServiceOperator(Component):
             return  # this generation is registered already (e.g. after an operator restart)
         try:
             spec = spec_from_manifest(obj)
+            traffic_from_manifest(obj)
         except (SpecError, TypeError, ValueError) as exc:
             await self._status_of(obj, _with_condition(
                 {**status, "observedGeneration": generation}, status, "False", "InvalidSpec",
                 str(exc)))
             return
         try:
-            reply = await self._admin(ep.ADMIN_DEPLOY, DeployRequest(spec=spec))
+            reply = await self._admin(ep.ADMIN_DEPLOY, DeployRequest(
+                spec=spec, **traffic_from_manifest(obj)))
         except RemoteError as exc:
             await self._status_of(obj, _with_condition(
                 {**status, "observedGeneration": generation}, status, "False", "DeployFailed",

@@ -28,6 +28,7 @@ from kernel.messages import (
     ServiceSpec,
     SpecError,
     Toleration,
+    TrafficTarget,
 )
 
 DEFAULT_COMMAND = ["python", "-m", "examples.sample.server"]
@@ -108,7 +109,7 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
     name = (doc.get("metadata") or {}).get("name")
     if not name:
         raise SpecError("metadata.name is required")
-    spec = _take(doc.get("spec") or {}, {"predictor"}, "spec")
+    spec = _take(doc.get("spec") or {}, {"predictor", "traffic"}, "spec")
     pred = _take(
         spec.get("predictor") or {},
         {
@@ -116,7 +117,7 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
             "targetUtilizationPercentage", "containerConcurrency", "scaleWindowSeconds",
             "scaleToZeroGracePeriodSeconds", "scaleDownDelaySeconds", "targetBurstCapacity",
             "batching", "container", "model", "modelVersion", "modelId", "tolerations",
-            "activationScale", "storageUri", "prefetch",
+            "activationScale", "storageUri", "prefetch", "canaryTrafficPercent",
         },
         "spec.predictor",
     )
@@ -316,6 +317,39 @@ def parse_toleration(text: str) -> Toleration:
                             effect=effect)
     toleration.check(f"--toleration {text!r}")
     return toleration
+
+
+def traffic_from_manifest(doc: dict[str, Any]) -> dict[str, Any]:
+    """The split an FnService asks for, as DeployRequest fields: Knative's `spec.traffic`
+    (`revisionName` or `latestRevision: true`, `percent`, `tag`) or KServe's
+    `spec.predictor.canaryTrafficPercent`; neither: the split stays as it is. The sums and
+    names are the registry's to check, as for `fnplane deploy --traffic`."""
+    spec = doc.get("spec") or {}
+    canary = (spec.get("predictor") or {}).get("canaryTrafficPercent")
+    items = spec.get("traffic")
+    if items is not None and canary is not None:
+        raise SpecError("spec.traffic and spec.predictor.canaryTrafficPercent: give one")
+    out: dict[str, Any] = {"traffic": None, "tags": {},
+                           "canary_percent": None if canary is None else _count(
+                               canary, "spec.predictor.canaryTrafficPercent")}
+    if items is None:
+        return out
+    if not isinstance(items, list):
+        raise SpecError("spec.traffic: expected a list")
+    traffic = []
+    for i, item in enumerate(items):
+        where = f"spec.traffic[{i}]"
+        t = _take(item, {"revisionName", "latestRevision", "percent", "tag"}, where)
+        if bool(t.get("latestRevision")) == bool(t.get("revisionName")):
+            raise SpecError(f"{where}: give revisionName or latestRevision: true")
+        rev = "@latest" if t.get("latestRevision") else str(t["revisionName"])
+        if t.get("tag"):
+            out["tags"][rev] = str(t["tag"])
+        if t.get("percent") is not None:
+            traffic.append(TrafficTarget(revision=rev,
+                                         percent=_count(t["percent"], f"{where}.percent")))
+    out["traffic"] = traffic or None
+    return out
 
 
 def load_spec_file(path: Path) -> ServiceSpec:

@@ -245,6 +245,9 @@ class CoordinatorConfig:
     # A registered node no agent has said is alive for this long (agents say so every
     # second) leaves its partition, and its pods are reported lost to `route` and `scale`.
     node_heartbeat_timeout_s: float = 5.0
+    # Revisions kept per service that no traffic target names (for rollback); those a split
+    # or a tag names are always kept, so a service may hold more while they are routed.
+    revision_history: int = 10
 
 
 @dataclass(frozen=True)

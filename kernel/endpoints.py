@@ -59,6 +59,7 @@ from kernel.messages import (
     SpecUpdated,
     StartPod,
     StopPod,
+    TrafficRequest,
     UnknownNodes,
     Unschedulable,
 )
@@ -185,7 +186,7 @@ RESERVE: Endpoint[ReserveRequest, Placement | Refused] = _ep(
     "schedule", "place in your partition or refuse with your summary (a probe)")
 POD_EVENTS: Endpoint[PodEvent, None] = _ep(
     "pod-events", "pod.events.{partition}.{service}", PodEvent, None,
-    "scale schedule route bench", "node",
+    "scale schedule route bench coordinator", "node",
     "a pod changed state: starting, ready, terminating, stopped, failed; only node agents say "
     "so. Keyed by the partition of the pod's node as its agent knows the map (`none` before "
     "the node has one), so a `schedule` instance hears only its own nodes' pods")
@@ -252,6 +253,9 @@ HEARTBEAT: Endpoint[Heartbeat, None] = _ep(
 ADMIN_DEPLOY: Endpoint[DeployRequest, ServiceStatus] = _ep(
     "admin-deploy", "admin.deploy", DeployRequest, ServiceStatus, "coordinator",
     "admin operator", "create or update a service")
+ADMIN_TRAFFIC: Endpoint[TrafficRequest, ServiceStatus] = _ep(
+    "admin-traffic", "admin.traffic", TrafficRequest, ServiceStatus, "coordinator",
+    "admin operator", "change a service's traffic split and tags, or roll it back")
 ADMIN_DELETE: Endpoint[NameRequest, Empty] = _ep(
     "admin-delete", "admin.delete", NameRequest, Empty, "coordinator", "admin operator",
     "delete a service")

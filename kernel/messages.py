@@ -155,8 +155,32 @@ class BatchingSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_wait_ms: float = 5.0
 
 
+class TrafficTarget(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of a service's traffic block, as Knative's Route `traffic[]`: `percent` of
+    the service's requests go to `revision` (`NAME-0000N`); `tag` makes it reachable alone
+    (header `X-Fnplane-Tag`); `latest` makes the target follow the newest revision, as
+    Knative's `latestRevision: true`, so the next deploy moves this share to it."""
+
+    revision: str
+    percent: int = 0
+    tag: str = ""
+    latest: bool = False
+
+
+# Knative's `serving.knative.dev/routingState`: a revision no traffic target names (no
+# percent, no tag) is `reserve` and scales to zero whatever its min-scale.
+RoutingState = Literal["active", "reserve"]
+
+
 class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """A user's inference deployment. `command` is the pod's argv (Knative runtime contract)."""
+    """A user's inference deployment. `command` is the pod's argv (Knative runtime contract).
+
+    A deployed service is the template plus its revisions: the registry keeps each pod
+    template as an immutable revision spec (`name` = `NAME-0000N`, `revision_of` = NAME),
+    which `scale`, `schedule` and `route` treat exactly as a service of that name; the
+    service's own spec then carries the traffic block (`traffic`, `revisions`) and is what
+    clients call. A spec with no `revisions` is a plain service, scaled under its own name.
+    """
 
     name: str
     command: list[str]
@@ -201,6 +225,17 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
     storage_sha256: str = ""
     # Warm the model on this many nodes (chosen by `schedule`) before any request.
     prefetch: int = 0
+    # ---- revisions (set by the registry, never by a user; kernel/revisions.py) ----
+    # On a revision's spec: the service it is a revision of, and whether any traffic target
+    # names it (`reserve`: no percent, no tag, so it scales to zero whatever its min-scale).
+    revision_of: str = ""
+    routing_state: RoutingState = "active"
+    # On a service's spec: its live revisions (oldest first), the newest one, the traffic
+    # block, and the revisions that once held 100% (for `rollback`), newest last.
+    revisions: list[str] = []
+    latest_revision: str = ""
+    traffic: list[TrafficTarget] = []
+    promoted: list[str] = []
 
     def validate(self) -> ServiceSpec:
         """Refuse specs the control plane cannot honour, before anything is stored."""
@@ -689,7 +724,25 @@ class Heartbeat(msgspec.Struct, frozen=True, tag=True, kw_only=True):
 
 
 class DeployRequest(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """`traffic` (kn's `--traffic REV=PCT`, `@latest` for the new revision) or
+    `canary_percent` (KServe's canaryTrafficPercent) set the split the deploy ends with;
+    neither: the traffic block stays, its `latest` targets following the new revision.
+    `tags`: revision (or `@latest`) → tag."""
+
     spec: ServiceSpec
+    traffic: list[TrafficTarget] | None = None
+    canary_percent: int | None = None
+    tags: dict[str, str] = {}
+
+
+class TrafficRequest(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """Change only a service's split and tags (`fnplane traffic`), or move all traffic back
+    to the previous revision that served it all (`fnplane rollback`)."""
+
+    name: str
+    traffic: list[TrafficTarget] | None = None
+    tags: dict[str, str] = {}
+    rollback: bool = False
 
 
 class NameRequest(msgspec.Struct, frozen=True, tag=True, kw_only=True):
@@ -700,6 +753,19 @@ class Empty(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     pass
 
 
+class RevisionStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One revision as `describe` shows it: its spec as `scale` runs it, its share and tag,
+    whether it ever became ready, and why it cannot start when it cannot."""
+
+    spec: ServiceSpec
+    percent: int = 0
+    tags: list[str] = []
+    ready_pods: int = 0
+    desired_pods: int = 0
+    ready: bool = False
+    last_error: str = ""
+
+
 class ServiceStatus(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     spec: ServiceSpec
     url: str
@@ -708,6 +774,8 @@ class ServiceStatus(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     pods: list[PodEvent] = []
     last_cold_start: ColdStart | None = None
     last_error: str = ""
+    revisions: list[RevisionStatus] = []
+    latest_ready_revision: str = ""
 
 
 class ServiceList(msgspec.Struct, frozen=True, tag=True, kw_only=True):

@@ -137,6 +137,15 @@ CATALOGUE: tuple[Instrument, ...] = (
        "Endpoint sets route published to the gateways.", "service"),
     # registry
     _i("fnplane.registry.deploys", "counter", "{deploy}", "Services deployed or updated."),
+    # revisions (kernel/revisions.py)
+    _i("fnplane.route.revision.requests", "counter", "{request}",
+       "Requests the activator sent to each revision of a service, by how it chose it "
+       "(split, tag, version).", "service", "revision", "via"),
+    _i("fnplane.route.revision.fallback", "counter", "{request}",
+       "Requests drawn over a split whose revision fails to start: its share went to the "
+       "other revisions.", "service", "revision"),
+    _i("fnplane.registry.traffic.changes", "counter", "{change}",
+       "Traffic splits changed by `fnplane traffic` or `rollback`.", "service", "rollback"),
 )
 BY_NAME = {i.name: i for i in CATALOGUE}
 

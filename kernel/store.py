@@ -31,6 +31,11 @@ PARTITIONS = "fnplane:partitions"
 SHARD_MAP = "fnplane:shards"
 ROUTES = "fnplane:routes"
 COLD_STARTS = "fnplane:coldstarts"
+# Per service: its revisions' immutable specs (`fnplane:revisions:NAME`, revision → spec),
+# and the revisions that have had a ready pod (Knative's Ready condition, which a revision
+# keeps when it scales to zero).
+REVISIONS = "fnplane:revisions:"
+READY_REVISIONS = "fnplane:ready-revisions"
 
 # Fencing: write the partition map only if the stored version is the one the writer read,
 # so a coordinator that lost its lease (or a stale copy) cannot roll the map back.
@@ -108,12 +113,53 @@ class Store:
         return sorted((decode_record(v, ServiceSpec) for v in raw.values()), key=lambda s: s.name)
 
     async def delete_service(self, name: str) -> bool:
+        revisions = await self.r.hkeys(REVISIONS + name)
         pipe = self.r.pipeline()
         pipe.hdel(SERVICES, name)
         pipe.hdel(ROUTES, name)
         pipe.hdel(COLD_STARTS, name)
+        pipe.delete(REVISIONS + name)
+        for rev in revisions:
+            pipe.hdel(ROUTES, rev)
+            pipe.hdel(COLD_STARTS, rev)
+            pipe.srem(READY_REVISIONS, rev)
         removed, *_ = await pipe.execute()
         return bool(removed)
+
+    # ---- revisions ----------------------------------------------------------------------
+
+    async def put_service_with_revision(self, spec: ServiceSpec,
+                                        revision: ServiceSpec | None,
+                                        retired: list[str]) -> None:
+        """The service, its new revision and its retired ones, in one transaction: a
+        service never names a revision that is not stored."""
+        pipe = self.r.pipeline(transaction=True)
+        if revision is not None:
+            pipe.hset(REVISIONS + spec.name, revision.name, encode_record(revision))
+        for rev in retired:
+            pipe.hdel(REVISIONS + spec.name, rev)
+            pipe.hdel(ROUTES, rev)
+            pipe.hdel(COLD_STARTS, rev)
+            pipe.srem(READY_REVISIONS, rev)
+        pipe.hset(SERVICES, spec.name, encode_record(spec))
+        await pipe.execute()
+
+    async def get_revisions(self, service: str) -> dict[str, ServiceSpec]:
+        raw = await self.r.hgetall(REVISIONS + service)
+        return {k.decode(): decode_record(v, ServiceSpec) for k, v in raw.items()}
+
+    async def get_revision(self, service: str, revision: str) -> ServiceSpec | None:
+        raw = await self.r.hget(REVISIONS + service, revision)
+        return decode_record(raw, ServiceSpec) if raw else None
+
+    async def mark_ready(self, revision: str) -> None:
+        await self.r.sadd(READY_REVISIONS, revision)
+
+    async def ready_revisions(self, revisions: list[str]) -> set[str]:
+        if not revisions:
+            return set()
+        flags = await self.r.smismember(READY_REVISIONS, revisions)
+        return {r for r, f in zip(revisions, flags, strict=True) if f}
 
     # ---- partition map -------------------------------------------------------------------
 

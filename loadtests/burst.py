@@ -7,12 +7,13 @@ is stopped at the end; `processes_left` in the JSON says so.
 
     python -m loadtests.burst --json            # 1,000 requests, 200 concurrent, < 2 min
     python -m loadtests.burst --quick --json    # a smaller run, for the smoke test
+    python -m loadtests.burst --split 50 --json # against a 50/50 split of two revisions
 
 How it observes the stack, so the numbers can be trusted:
 - pods (ready / starting / desired) come from the admin `describe` API over NATS, as the CLI sees
-  them; the endpoint mode from `route`'s `Endpoints` on `fnplane.service.endpoints.sample`;
+  them; the endpoint mode from `route`'s `Endpoints` of each of its revisions;
   the first cold start from the activator's `ColdStart` record on `fnplane.service.cold-start`;
-- the buffer depth is read in-process from `stack.activator.services["sample"].throttler`: a
+- the buffer depth is read in-process from the throttlers of the service's revisions: a
   benchmark-only shortcut (the activator exports the same numbers as metrics, but only per
   metrics interval, too coarse for a burst that lasts seconds);
 - container concurrency is checked on both sides: every pod's own `/stats` peak after the
@@ -105,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BurstOptions, argparse.Na
         help="spare slots before the activator may leave the path (default 20)",
     )
     p.add_argument("--nodes", type=int, help="local nodes (default 2)")
+    p.add_argument("--split", dest="split_percent", type=int, metavar="PCT",
+                   help="deploy a second revision taking PCT%% of the traffic (kn's --traffic "
+                        "@latest=PCT), both revisions from zero (default 0: one revision)")
     p.add_argument(
         "--latency-pairs",
         type=int,

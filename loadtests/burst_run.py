@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
+import msgspec
 from nats.aio.msg import Msg
 
 from controlplane.stack import Stack
@@ -33,8 +34,10 @@ from kernel.messages import (
     ScalingSpec,
     ServiceSpec,
     ServiceStatus,
+    TrafficTarget,
 )
 from kernel.procs import pdeathsig_preexec
+from kernel.revisions import parent_of
 from loadtests import report
 from loadtests.burst_client import BODY, JSON_HEADERS
 from loadtests.report import BufferSample, ModeChange, PodSample, PodStats, RequestRecord
@@ -63,6 +66,9 @@ class BurstOptions:
     sample_interval_s: float = 0.1
     tail_s: float = 1.0  # keep sampling this long after the last answer
     request_timeout_s: float = 60.0  # how long the activator buffers a request
+    # A second revision takes this share of the traffic (0: one revision). Both revisions
+    # then start at zero (initial scale 0), each scaled by its own KPA up to max-scale.
+    split_percent: int = 0
     out: Path = REPO / "loadtests" / "out"
 
     def __post_init__(self) -> None:
@@ -72,6 +78,8 @@ class BurstOptions:
             raise ValueError("--max-scale and nodes must be >= 1, container concurrency >= 0")
         if self.latency_ms < 0 or self.pod_cpu <= 0 or self.request_timeout_s <= 0:
             raise ValueError("latency must be >= 0, pod cpu and request timeout > 0")
+        if not 0 <= self.split_percent < 100:
+            raise ValueError("--split must be between 0 and 99 (percent to the second revision)")
 
     def spec(self) -> ServiceSpec:
         cc = self.container_concurrency
@@ -86,12 +94,24 @@ class BurstOptions:
                 max_scale=self.max_scale,
                 target_concurrency=float(cc) if cc else 100.0,
                 target_burst_capacity=self.target_burst_capacity,
+                initial_scale=0 if self.split_percent else 1,
             ),
         ).validate()
 
+    def deploys(self) -> list[DeployRequest]:
+        """One deploy, or with a split two: the second a new revision (its env differs)
+        taking `split_percent` of the traffic, the first the rest."""
+        first = self.spec()
+        if not self.split_percent:
+            return [DeployRequest(spec=first)]
+        second = msgspec.structs.replace(first, env={**first.env, "BURST_REVISION": "2"})
+        return [DeployRequest(spec=first), DeployRequest(spec=second, traffic=[
+            TrafficTarget(revision="@latest", percent=self.split_percent),
+            TrafficTarget(revision="1", percent=100 - self.split_percent)])]
+
     def config(self, state_dir: Path) -> Config:
         """`fnplane up`'s defaults, on free ports, with nodes big enough for max-scale pods."""
-        per_node = math.ceil(self.max_scale / self.nodes)
+        per_node = math.ceil(self.max_scale * (2 if self.split_percent else 1) / self.nodes)
         return Config(
             state_dir=state_dir,
             activator=ActivatorConfig(
@@ -121,30 +141,41 @@ class BurstRun:
         self.buffer: list[BufferSample] = []
         self.max_loop_lag_s = 0.0
         self._modes: list[tuple[float, str, int]] = []  # wall clock, mode, endpoints
-        self._endpoints_version = -1
         self.pod_urls: dict[str, str] = {}
         self.cold_starts: list[ColdStart] = []
         # Filled by the summary, for the plot: mode changes and the first cold answer, both
         # in seconds since the burst started.
         self.modes: list[ModeChange] = []
         self.cold_at: float | None = None
+        # What the activator buffers and `route` publishes for: the service's revisions.
+        self.targets: list[str] = [SERVICE]
+        self._latest: dict[str, tuple[str, int]] = {}  # target → (mode, endpoints)
+        self._versions: dict[str, tuple[int, int]] = {}
+
+    def _ours(self, service: str) -> bool:
+        return service == SERVICE or parent_of(service) == SERVICE
 
     # ---- observers ------------------------------------------------------------------------
 
     async def _on_endpoints(self, msg: Endpoints, _raw: Msg) -> None:
-        if msg.service != SERVICE:
+        if not self._ours(msg.service):
             return
-        if msg.version <= self._endpoints_version:
+        if msg.order <= self._versions.get(msg.service, (-1, -1)):
             return  # a snapshot racing a newer update
-        self._endpoints_version = msg.version
+        self._versions[msg.service] = msg.order
         for e in msg.endpoints:
             self.pod_urls[e.pod] = e.url
+        # The service's mode: direct once every revision with pods is; its endpoints, all.
+        self._latest[msg.service] = (msg.mode, len(msg.endpoints))
+        serving = [m for m, n in self._latest.values() if n]
+        mode = "direct" if serving and all(m == "direct" for m in serving) else "proxy"
+        count = sum(n for _, n in self._latest.values())
         last = self._modes[-1] if self._modes else None
-        if last is None or (last[1], last[2]) != (msg.mode, len(msg.endpoints)):
-            self._modes.append((time.time(), msg.mode, len(msg.endpoints)))
+        if last is None or (last[1], last[2]) != (mode, count):
+            self._modes.append((time.time(), mode, count))
 
     async def _on_cold_start(self, msg: ColdStart, _raw: Msg) -> None:
-        if msg.service == SERVICE:
+        if self._ours(msg.service):
             self.cold_starts.append(msg)
 
     async def _describe(self) -> ServiceStatus | None:
@@ -180,10 +211,10 @@ class BurstRun:
         assert self.stack.activator is not None
         services = self.stack.activator.services
         while True:
-            svc = services.get(SERVICE)
-            if svc is not None:
-                thr = svc.throttler
-                self.buffer.append(BufferSample(time.time(), thr.buffered, thr.in_flight))
+            thrs = [svc.throttler for t in self.targets if (svc := services.get(t)) is not None]
+            if thrs:
+                self.buffer.append(BufferSample(time.time(), sum(t.buffered for t in thrs),
+                                                sum(t.in_flight for t in thrs)))
             await asyncio.sleep(self.opts.sample_interval_s)
 
     async def _sample_loop_lag(self, interval: float = 0.02) -> None:
@@ -203,14 +234,15 @@ class BurstRun:
                                            login=login(self.stack.config.credentials, "admin"))
         samplers: list[asyncio.Task[None]] = []
         try:
-            await bus.serve(ep.ENDPOINTS, self._on_endpoints, service=SERVICE)
+            await bus.serve(ep.ENDPOINTS, self._on_endpoints)
             await bus.serve(ep.COLD_START, self._on_cold_start)
-            st = await bus.call(
-                ep.ADMIN_DEPLOY, DeployRequest(spec=self.opts.spec()), timeout=5.0
-            )
-            assert isinstance(st, ServiceStatus), st
+            for deploy in self.opts.deploys():
+                st = await bus.call(ep.ADMIN_DEPLOY, deploy, timeout=5.0)
+                assert isinstance(st, ServiceStatus), st
+            self.targets = list(st.spec.revisions) or [SERVICE]
+            split = ", ".join(f"{t.revision} {t.percent}%" for t in st.spec.traffic if t.percent)
             progress(
-                f"deployed {SERVICE!r} at zero pods; burst of {self.opts.requests} "
+                f"deployed {SERVICE!r} at zero pods ({split}); burst of {self.opts.requests} "
                 f"requests, {self.opts.concurrency} concurrent"
             )
             samplers = [
@@ -326,8 +358,8 @@ class BurstRun:
         self, duration: float, pod_stats: list[PodStats], unreadable: int
     ) -> dict[str, object]:
         assert self.stack.activator is not None
-        svc = self.stack.activator.services.get(SERVICE)
-        thr = svc.throttler if svc is not None else None
+        services = self.stack.activator.services
+        thrs = [svc.throttler for t in self.targets if (svc := services.get(t)) is not None]
         self.pods = [replace(p, t=p.t - self.t0) for p in self.pods]
         self.buffer = [replace(b, t=b.t - self.t0) for b in self.buffer]
         self.modes = modes = [ModeChange(t - self.t0, m, n) for t, m, n in self._modes]
@@ -339,8 +371,12 @@ class BurstRun:
             modes=modes,
             pod_stats=pod_stats,
             container_concurrency=self.opts.container_concurrency,
-            throttler_violations=thr.violations if thr is not None else 0,
+            throttler_violations=sum(t.violations for t in thrs),
         )
+        # Which revision answered (a pod's name begins with its revision's).
+        out["by_revision"] = dict(sorted(Counter(
+            next((t for t in self.targets if r.pod.startswith(t + "-")), "?")
+            for r in self.records if r.pod).items()))
         first = self.cold_starts[0] if self.cold_starts else None
         stages = first.stages_ms() if first else {}
         out["first_cold_start_ms"] = stages.get("total")

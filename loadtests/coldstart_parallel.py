@@ -37,6 +37,7 @@ from kernel.config import ActivatorConfig, Config, NodesConfig
 from kernel.identity import login
 from kernel.messages import ColdStart, DeployRequest, Resources, ScalingSpec, ServiceSpec
 from kernel.procs import free_port, pdeathsig_preexec
+from kernel.revisions import parent_of
 from loadtests import coldstart_report as report
 from loadtests.burst import processes_left
 from loadtests.burst_run import progress
@@ -171,7 +172,9 @@ async def run_case(opts: Options, n: int, pod_cpu_s: float) -> dict[str, object]
     case = report.summarize_case(
         n, answers, colds, nodes=opts.nodes, node_cpu=opts.node_cpu,
         node_memory_mb=opts.node_memory_mb, pod_cpu_s=pod_cpu_s, cores=os.cpu_count() or 1)
-    example = next((c for c in colds if c.service == _name(n, n // 2)), None)
+    # A cold start is recorded under the revision that started (`NAME-00001`).
+    example = next((c for c in colds if (parent_of(c.service) or c.service) == _name(n, n // 2)),
+                   None)
     case["example_pod_stages_ms"] = report.stages(example) if example else {}
     # The control plane's CPU while the services woke: this process (inline: all of it, on
     # one event loop) plus its role and instance processes (processes), never the pods'.

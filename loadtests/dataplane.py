@@ -43,6 +43,7 @@ from kernel.config import ActivatorConfig, Config, NodesConfig
 from kernel.identity import login
 from kernel.messages import DeployRequest, Endpoints, Resources, ScalingSpec, ServiceSpec
 from kernel.procs import descendants, pdeathsig_preexec
+from kernel.revisions import parent_of
 from loadtests import dataplane_report as dr
 from loadtests.burst import processes_left
 from loadtests.burst_client import BODY, JSON_HEADERS
@@ -167,9 +168,11 @@ class Probe:
         self.stack_idle = 0.0  # CPU share of the stack at rest, measured before the load
 
     async def _on_endpoints(self, msg: Endpoints, _raw: Msg) -> None:
-        old = self.endpoints.get(msg.service)
+        # `route` publishes per revision (`NAME-00001`); each service here has one.
+        name = parent_of(msg.service) or msg.service
+        old = self.endpoints.get(name)
         if old is None or msg.version > old.version:
-            self.endpoints[msg.service] = msg
+            self.endpoints[name] = msg
             self.changed.set()
 
     async def run(self) -> dict[str, object]:

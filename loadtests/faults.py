@@ -73,6 +73,7 @@ from kernel.messages import (
     ShardMap,
 )
 from kernel.procs import descendants, free_port
+from kernel.revisions import revision_name
 from kernel.shards import shard_of
 from partitions.agents.local import LocalNode
 
@@ -238,7 +239,8 @@ async def _ready_pod_pid(stack: Stack, service: str, within_s: float = 30.0) -> 
     while time.monotonic() < deadline:
         for node in _nodes(stack):
             for pod in node.pods.values():
-                if pod.start.spec.name == service and pod.state == "ready":
+                spec = pod.start.spec
+                if (spec.revision_of or spec.name) == service and pod.state == "ready":
                     return int(pod.proc.pid)
         await asyncio.sleep(0.05)
     raise RuntimeError(f"no ready pod of {service} to kill within {within_s:g}s")
@@ -296,8 +298,12 @@ async def _other_owner(bus: Bus, service: str, candidates: list[str]) -> str:
     (so its idle pods are reclaimed by asking that owner); the first one if all share it."""
     smap: ShardMap = await bus.call(ep.SHARD_MAP_GET, Empty(), timeout=5)
     owner = {s.id: s.owner for s in smap.shards.get("scale", [])}
+
+    def scaled(name: str) -> int:  # `scale` shards a service's first revision, NAME-00001
+        return shard_of(revision_name(name, 1), smap.count)
+
     for name in candidates:
-        if owner.get(shard_of(name, smap.count)) != owner.get(shard_of(service, smap.count)):
+        if owner.get(scaled(name)) != owner.get(scaled(service)):
             return name
     return candidates[0]
 

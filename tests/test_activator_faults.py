@@ -50,7 +50,7 @@ async def test_buffer_timeout_is_a_503_with_retry_after(
                     assert r.status == 503
                     assert r.headers["Retry-After"] == "1"
                     assert "within 1s" in (await r.json())["error"]
-        thr = stack.activator.services["sample"].throttler  # type: ignore[union-attr]
+        thr = stack.activator.services["sample-00001"].throttler  # type: ignore[union-attr]
         assert thr.buffered == 0, "the timed-out request left the buffer"
 
 

@@ -57,7 +57,7 @@ async def test_concurrent_requests_share_batches_and_get_their_own_answers(
             assert status == 200
             want = MODEL.predict(np.asarray([row(i)], dtype=np.float32))[0]
             assert np.allclose(out, want, atol=1e-5), (i, out, want)
-        batcher = stack.activator.services["sample"].batcher  # type: ignore[union-attr]
+        batcher = stack.activator.services["sample-00001"].batcher  # type: ignore[union-attr]
         assert batcher.rows_sent == 64
         assert batcher.batches_sent < 64, "requests that arrived together were batched"
         assert batcher.max_rows_in_a_batch <= 8
@@ -96,6 +96,6 @@ async def test_nats_invoke_batches_like_http(
             assert (status, path) == ("200", "activator-batch")
             want = MODEL.predict(np.asarray([row(i)], dtype=np.float32))[0]
             assert np.allclose(out, want, atol=1e-5), (i, out, want)
-        batcher = stack.activator.services["batch-nats"].batcher  # type: ignore[union-attr]
+        batcher = stack.activator.services["batch-nats-00001"].batcher  # type: ignore[union-attr]
         assert batcher.rows_sent == 32
         assert batcher.batches_sent < 32, "requests that arrived together were batched"

@@ -68,6 +68,21 @@ def test_small_burst_from_zero_loses_nothing_and_honours_container_concurrency(
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.timeout(60)
+def test_a_burst_against_a_50_50_split_from_zero_loses_nothing(tmp_path: Path) -> None:
+    """Two revisions, each at zero with its own KPA, behind one name: the burst wakes both,
+    every request is answered by one of them, each answers about half."""
+    out = run_quick("loadtests.burst", tmp_path, "--split", "50", "--requests", "200",
+                    "--concurrency", "50", "--latency-pairs", "5")
+    assert out["lost"] == 0 and out["ok"] == 200, out["errors_by_status"]
+    assert out["cc_violations"] == 0, out["pod_max_in_flight"]
+    assert out["pod_requests_total"] == 200
+    by = out["by_revision"]
+    assert set(by) == {"sample-00001", "sample-00002"} and sum(by.values()) == 200, by
+    assert all(60 <= n <= 140 for n in by.values()), by  # 50/50 by draw, not exactly
+    assert out["processes_left"] == 0
+
+
 # ---- the summary's arithmetic ------------------------------------------------------------
 
 

@@ -104,12 +104,12 @@ async def test_load_above_burst_capacity_brings_the_activator_back(
                 stop.set()
                 await asyncio.gather(*workers)
             # Direct and activator paths together never put more than 8 on the pod.
-            for ep in gw.services["sample"].endpoints.endpoints:
+            for ep in gw.services["sample-00001"].endpoints.endpoints:
                 async with http.get(f"{ep.url}/stats") as r:
                     stats = await r.json()
                 assert 1 <= stats["max_in_flight"] <= 8, stats
-        assert gw.services["sample"].throttler.violations == 0
+        assert gw.services["sample-00001"].throttler.violations == 0
 
 
 async def _mode(gw) -> str:
-    return gw.services["sample"].mode
+    return gw.services["sample-00001"].mode

@@ -33,7 +33,7 @@ class RecordingScale(ScaleInstance):
     plans: list[tuple[float, int]]
 
     def _execute(self, scaler: ServiceScaler, plan: Plan, now: float) -> None:
-        if plan.service == "warm":
+        if plan.service == "warm-00001":  # scale sees the service's revision
             self.plans.append((time.monotonic(), plan.desired))
         super()._execute(scaler, plan, now)
 
@@ -50,7 +50,7 @@ async def test_a_restarted_scale_keeps_warm_pods_a_stable_window_then_scales_dow
 
         def ready() -> int:
             return sum(1 for n in nodes for p in n.pods.values()
-                       if p.start.spec.name == "warm" and p.state == "ready")
+                       if p.start.spec.name == "warm-00001" and p.state == "ready")
 
         async def count() -> int:
             return ready()

@@ -276,7 +276,7 @@ async def test_consumer_lag_alone_scales_a_service_from_zero(
         demands: list[Demand] = []
 
         async def on_demand(msg: Demand, _raw: Msg) -> None:
-            if msg.service == "sample":
+            if msg.service == "sample-00001":  # the lag wakes the service's revision
                 demands.append(msg)
 
         async with admin(nats_url) as bus:
@@ -289,7 +289,7 @@ async def test_consumer_lag_alone_scales_a_service_from_zero(
                 timeout=COLD_S,
                 what="a pod for the waiting events",
             )
-        assert st.pods[0].service == "sample"
+        assert st.pods[0].service == "sample-00001"
         from_lag = [d for d in demands if d.reporter == LAG_REPORTER]
         assert any(d.buffered == 5 and d.urgent for d in from_lag), demands
         gw = stack.activator  # type: ignore[union-attr]
@@ -354,7 +354,7 @@ async def test_a_flood_of_events_cannot_fill_the_buffer(
                 v2_body([row(i)]),
                 headers={REPLY_TO_HEADER: f"{inbox}.{i}"},
             )
-        thr = stack.activator.services["sample"].throttler  # type: ignore[union-attr]
+        thr = stack.activator.services["sample-00001"].throttler  # type: ignore[union-attr]
         info = await wait_until(
             lambda: js.consumer_info(stream_name("sample"), DURABLE),
             lambda i: (i.num_ack_pending or 0) > 0,

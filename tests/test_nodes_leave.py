@@ -28,6 +28,7 @@ from kernel.messages import (
     ScalingSpec,
     ServiceStatus,
 )
+from kernel.revisions import parent_of
 from kernel.store import Store
 from partitions.agents.local import LocalNode
 from tests.netcut import Relay
@@ -85,7 +86,9 @@ async def routed_nodes(nats_url: str, service: str) -> list[str]:
     """The node of every endpoint `route` publishes for `service` (what activators use)."""
     async with admin(nats_url) as bus:
         snap: RoutingSnapshot = await bus.call(ep.ROUTES, Empty(), timeout=5)
-    return sorted(e.node for s in snap.services if s.service == service for e in s.endpoints)
+    # route publishes per revision (NAME-0000N)
+    return sorted(e.node for s in snap.services if parent_of(s.service) == service
+                  for e in s.endpoints)
 
 
 def pod_nodes(status: ServiceStatus) -> list[str]:

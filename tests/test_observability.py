@@ -112,11 +112,13 @@ async def test_a_cold_request_is_one_trace_and_metrics_on_every_component(
     assert total(every, "fnplane_schedule_placements_total", outcome="placed") >= 1
     assert total(every, "fnplane_schedule_placement_duration_seconds_count") >= 1
     assert has(every, "fnplane_schedule_partition_epoch")
-    # scale's desired pods went from 0 up (a decision counted), and the gauges show them.
-    assert total(every, "fnplane_scale_decisions_total", service="sample", direction="up") >= 1
-    assert has(every, "fnplane_revision_pods_desired", service="sample")
-    assert has(every, "fnplane_revision_pods_count", service="sample")
-    assert has(every, "fnplane_revision_panic_mode", service="sample")
+    # scale's desired pods went from 0 up (a decision counted), and the gauges show them:
+    # scale, the nodes and route see revisions, so their series are the revision's.
+    assert total(every, "fnplane_scale_decisions_total", service="sample-00001",
+                 direction="up") >= 1
+    assert has(every, "fnplane_revision_pods_desired", service="sample-00001")
+    assert has(every, "fnplane_revision_pods_count", service="sample-00001")
+    assert has(every, "fnplane_revision_panic_mode", service="sample-00001")
     # The coordinator: partitions and shards got owners, with epochs; live instances.
     assert total(every, "fnplane_partition_ownership_changes_total") >= 1
     assert has(every, "fnplane_partition_epoch")
@@ -124,9 +126,9 @@ async def test_a_cold_request_is_one_trace_and_metrics_on_every_component(
     assert total(every, "fnplane_instances", kind="schedule") >= 1
     # Nodes started the pod(s) and refused the stale start; route published endpoints;
     # the registry took the deploy.
-    assert total(every, "fnplane_node_pods_started_total", service="sample") >= 1
+    assert total(every, "fnplane_node_pods_started_total", service="sample-00001") >= 1
     assert total(every, "fnplane_node_refusals_total", reason="stale_epoch", op="start") == 1
-    assert total(every, "fnplane_route_updates_total", service="sample") >= 1
+    assert total(every, "fnplane_route_updates_total", service="sample-00001") >= 1
     assert total(every, "fnplane_registry_deploys_total") == 2
     assert total(every, "fnplane_activator_rejected_total", service="broken",
                  reason="start_failed") == 1
@@ -149,7 +151,7 @@ def assert_every_component(names: list[str]) -> None:
     node_start_suffix = "." + ep.NODE_START.subject.split(".")[-1]  # "{node}" varies
     demand_prefix = ep.DEMAND.subject_for().rsplit(".", 1)[0] + "."  # "{shard}" varies
     for part in (demand_prefix, ep.PLACE.subject_for(), node_start_suffix,
-                 ep.POD_EVENTS.subject_for(service="sample")):
+                 ep.POD_EVENTS.subject_for(service="sample-00001")):
         # A `*` in a subject stands for the token that varies (the partition, here).
         assert any(fnmatch.fnmatchcase(n, f"*{part}*") for n in names), (
             f"no span for {part} in the trace: {names}")

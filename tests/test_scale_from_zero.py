@@ -129,7 +129,7 @@ async def test_burst_of_300_at_zero_honours_max_scale_and_container_concurrency(
                     stats = await r.json()
                 assert 1 <= stats["max_in_flight"] <= cc, (pod.pod, stats)
         gw = stack.activator  # type: ignore[union-attr]
-        assert gw.services["sample"].throttler.violations == 0
+        assert gw.services["sample-00001"].throttler.violations == 0
 
 
 async def test_service_scales_back_to_zero_after_the_grace_period(

@@ -42,6 +42,7 @@ from kernel.messages import (
     StopPod,
 )
 from kernel.procs import descendants
+from kernel.revisions import revision_spec
 from kernel.shards import ShardFence, shard_of
 from tests.stackutil import (
     REPO,
@@ -152,6 +153,7 @@ async def test_a_dead_owners_shards_move_within_2s_and_its_stale_actions_are_ref
     await stack.start()
     try:
         spec = sample_spec("sharded")
+        REV = "sharded-00001"
         await deploy(nats_url, spec)
         url = f"{stack.url}/v2/models/sharded/infer"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
@@ -160,8 +162,7 @@ async def test_a_dead_owners_shards_move_within_2s_and_its_stale_actions_are_ref
                                     lambda m: len({s.owner for s in m.shards["scale"]}) == 2
                                     and len({s.owner for s in m.shards["route"]}) == 2,
                                     timeout=10, what="two owners of each function")
-            old_scale, old_route = _shard(smap, "scale", "sharded"), _shard(smap, "route",
-                                                                             "sharded")
+            old_scale, old_route = _shard(smap, "scale", REV), _shard(smap, "route", REV)
             victims = [c for c in stack.components
                        if isinstance(c, ScaleInstance | RouteInstance)
                        and c.id in (old_scale.owner, old_route.owner)]
@@ -173,12 +174,12 @@ async def test_a_dead_owners_shards_move_within_2s_and_its_stale_actions_are_ref
             t0 = time.monotonic()
             smap = await wait_until(
                 lambda: _shard_map(nats_url),
-                lambda m: _shard(m, "scale", "sharded").owner not in ("", old_scale.owner)
-                and _shard(m, "route", "sharded").owner not in ("", old_route.owner),
+                lambda m: _shard(m, "scale", REV).owner not in ("", old_scale.owner)
+                and _shard(m, "route", REV).owner not in ("", old_route.owner),
                 timeout=5, what="the dead owners' shards taken over")
             took = time.monotonic() - t0
             assert took <= 2.0, f"takeover took {took:.2f}s"
-            assert _shard(smap, "scale", "sharded").epoch > old_scale.epoch
+            assert _shard(smap, "scale", REV).epoch > old_scale.epoch
             # Scaling and routing go on under the new owners.
             assert [await _post(http, url) for _ in range(5)] == [200] * 5
             status = await wait_until(lambda: describe(nats_url, "sharded"),
@@ -188,20 +189,21 @@ async def test_a_dead_owners_shards_move_within_2s_and_its_stale_actions_are_ref
             async with admin(nats_url) as bus:
                 # The stale `scale` owner's placement and stop are refused...
                 with pytest.raises(RemoteError) as place:
-                    await bus.call(ep.PLACE, PlaceRequest(pod="sharded-stale", spec=spec,
+                    await bus.call(ep.PLACE, PlaceRequest(pod="sharded-stale",
+                                                          spec=revision_spec(spec, 1),
                                                           requested_at=time.time(),
                                                           epoch=old_scale.epoch), timeout=5)
                 assert place.value.code is ErrorCode.STALE_EPOCH
                 with pytest.raises(RemoteError) as stop:
-                    await bus.call(ep.NODE_STOP, StopPod(pod=pod.pod, service="sharded",
+                    await bus.call(ep.NODE_STOP, StopPod(pod=pod.pod, service=REV,
                                                          epoch=old_scale.epoch),
                                    timeout=5, node=pod.node)
                 assert stop.value.code is ErrorCode.STALE_EPOCH
                 # ...and the stale `route` owner's endpoint set (no pods, a version far
                 # ahead) is not taken by the activator.
-                await bus.send(ep.ENDPOINTS, Endpoints(service="sharded", version=10_000,
+                await bus.send(ep.ENDPOINTS, Endpoints(service=REV, version=10_000,
                                                        epoch=old_route.epoch, endpoints=[]),
-                               service="sharded")
+                               service=REV)
                 await asyncio.sleep(0.3)
             assert [await _post(http, url) for _ in range(5)] == [200] * 5
             after = await describe(nats_url, "sharded")
@@ -209,9 +211,9 @@ async def test_a_dead_owners_shards_move_within_2s_and_its_stale_actions_are_ref
                 "the stale stop did not land"
             assert "sharded-stale" not in {p.pod for p in after.pods}
             assert stack.activator is not None
-            held = stack.activator.services["sharded"].endpoints
+            held = stack.activator.services[REV].endpoints
             assert held is not None and held.endpoints
-            assert held.epoch == _shard(smap, "route", "sharded").epoch
+            assert held.epoch == _shard(smap, "route", REV).epoch
     finally:
         await stack.stop()
 
@@ -263,7 +265,7 @@ async def test_up_with_two_scale_and_two_route_loses_nothing_when_owners_die_mid
                 timeout=20, what="2 scale and 2 route instances, each owning shards")
             shown = up.cli("status").stdout
             assert "Shard map version" in shown and "scale" in shown, shown
-            victims = {k: _owner(st, k, "sample")["owner"] for k in ("scale", "route")}
+            victims = {k: _owner(st, k, "sample-00001")["owner"] for k in ("scale", "route")}
             pids = _instance_pids(up)
             assert set(victims.values()) <= set(pids), (victims, pids)
             tasks = [asyncio.create_task(_post(http, url)) for _ in range(200)]
@@ -273,7 +275,7 @@ async def test_up_with_two_scale_and_two_route_loses_nothing_when_owners_die_mid
             t0 = time.monotonic()
             await wait_until(
                 lambda: asyncio.to_thread(_status, up),
-                lambda s: all(_owner(s, k, "sample")["owner"] not in ("", victims[k])
+                lambda s: all(_owner(s, k, "sample-00001")["owner"] not in ("", victims[k])
                               for k in victims),
                 timeout=10, what="the killed owners' shards taken over")
             took = time.monotonic() - t0

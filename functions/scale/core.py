@@ -35,6 +35,22 @@ def within_limit(spec: ServiceSpec, limit: int) -> ServiceSpec:
     return msgspec.structs.replace(spec, scaling=capped)
 
 
+# A scale-down rate no pod count reaches: an unreachable revision drops to its target at once.
+UNBOUNDED_RATE = 1e9
+
+
+def reachable_scaling(spec: ServiceSpec) -> ServiceSpec:
+    """Knative's routingState `reserve`: a revision no traffic target names gets no
+    requests, so it keeps no pods whatever its min-scale (nor activation-scale), and, as
+    Knative's KPA for an unreachable revision, skips the scale-down delay and rate; it still
+    starts with its initial scale, which tells whether it can become ready at all."""
+    if spec.routing_state != "reserve":
+        return spec
+    sc = msgspec.structs.replace(spec.scaling, min_scale=0, activation_scale=0,
+                                 scale_down_delay_s=0.0, max_scale_down_rate=UNBOUNDED_RATE)
+    return msgspec.structs.replace(spec, scaling=sc)
+
+
 @dataclass
 class TrackedPod:
     pod: str

@@ -21,7 +21,7 @@ import uuid
 from nats.aio.msg import Msg
 
 from functions.scale import reclaim
-from functions.scale.core import Plan, ServiceScaler, within_limit
+from functions.scale.core import Plan, ServiceScaler, reachable_scaling, within_limit
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.component import Component
@@ -124,10 +124,14 @@ class ScaleInstance(Component):
                 await asyncio.sleep(min(0.1 * (attempt + 1), 1.0))
                 continue
             for st in reply.services:
+                for rev in st.revisions:
+                    self._upsert(rev.spec)
                 self._upsert(st.spec)
             return
 
     def _upsert(self, spec: ServiceSpec) -> None:
+        if spec.revisions:
+            return  # a service with revisions runs no pods of its own: its revisions do
         try:
             # The registry validated it; a spec that reaches us otherwise (a bug, a sender
             # with the registry's credentials) must not drive pods.
@@ -135,7 +139,7 @@ class ScaleInstance(Component):
         except SpecError as exc:
             log.error("%s: spec of %r refused: %s", self.id, spec.name, exc)
             return
-        spec = within_limit(spec, self.config.max_scale_limit)
+        spec = within_limit(reachable_scaling(spec), self.config.max_scale_limit)
         self.specs[spec.name] = spec
         if not self.shards.owns(spec.name):
             return
@@ -219,17 +223,23 @@ class ScaleInstance(Component):
         self._wake.set()
 
     async def _on_spec_updated(self, msg: SpecUpdated, _raw: Msg) -> None:
+        if msg.spec.revisions and msg.spec.name in self.specs:
+            # A service of an earlier release, scaled under its own name, now has revisions:
+            # its first revision serves it, its own pods go.
+            self._drop(msg.spec.name, "replaced by its revisions")
         self._upsert(msg.spec)
 
     async def _on_service_deleted(self, msg: ServiceDeleted, _raw: Msg) -> None:
-        self.specs.pop(msg.name, None)
-        scaler = self.services.pop(msg.name, None)
-        epoch = self.shards.epoch(msg.name) or 0
+        self._drop(msg.name, "deleted")
+
+    def _drop(self, name: str, reason: str) -> None:
+        self.specs.pop(name, None)
+        scaler = self.services.pop(name, None)
+        epoch = self.shards.epoch(name) or 0
         if scaler is not None:
             for pod in scaler.pods.values():
                 if pod.node:
-                    self.tasks.spawn(self._stop_pod(msg.name, pod.pod, pod.node, "deleted",
-                                                    epoch),
+                    self.tasks.spawn(self._stop_pod(name, pod.pod, pod.node, reason, epoch),
                                      name=f"stop-{pod.pod}")
 
     async def _on_status(self, msg: NameRequest, _raw: Msg) -> ScaleStatus:

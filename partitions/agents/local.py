@@ -345,7 +345,9 @@ class LocalNode(Component):
             "PORT": str(port),
             "MODEL_NAME": spec.env.get("MODEL_NAME", spec.name),
             "MODEL_VERSION": spec.env.get("MODEL_VERSION", spec.model_version),
-            "FNPLANE_SERVICE": spec.name,
+            # Knative's K_SERVICE and K_REVISION: the service clients call, the revision running.
+            "FNPLANE_SERVICE": spec.revision_of or spec.name,
+            **({"FNPLANE_REVISION": spec.name} if spec.revision_of else {}),
             "FNPLANE_POD": msg.pod,
             "FNPLANE_NODE": self.name,
             **self._gpu_env(msg),

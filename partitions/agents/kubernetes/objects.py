@@ -187,7 +187,9 @@ def pod_manifest(
         "HOST": "0.0.0.0",  # the pod's own network namespace: listen where the kubelet probes
         "MODEL_NAME": spec.env.get("MODEL_NAME", spec.name),
         "MODEL_VERSION": spec.env.get("MODEL_VERSION", spec.model_version),
-        "FNPLANE_SERVICE": spec.name,
+        # Knative's K_SERVICE and K_REVISION: the service clients call, the revision running.
+        "FNPLANE_SERVICE": spec.revision_of or spec.name,
+        **({"FNPLANE_REVISION": spec.name} if spec.revision_of else {}),
         "FNPLANE_POD": start.pod,
         "FNPLANE_NODE": start.node,
     }
