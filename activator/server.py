@@ -16,6 +16,7 @@ from activator.handler import Handler
 from activator.ingress import BodyBudget, ReadyCheck, build_app
 from activator.listener import LINGERING_TIME_S, ConnectionGuard, GuardedSite, connection_cap
 from activator.nats_ingress import NatsIngress
+from activator.oipgrpc.ingress import GrpcIngress
 from activator.proxy import Proxy
 from activator.reporter import DemandReporter
 from activator.services import ServiceTable
@@ -55,11 +56,17 @@ class Activator(Component):
         self.ready: ReadyCheck | None = None
         self.handler: Handler | None = None
         self.nats_ingress: NatsIngress | None = None
+        self.grpc_ingress: GrpcIngress | None = None
         self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def grpc_address(self) -> str:
+        """host:port of the gRPC ingress ("" without one)."""
+        return self.grpc_ingress.address if self.grpc_ingress is not None else ""
 
     async def start(self) -> None:
         await self.proxy.start()
@@ -93,6 +100,9 @@ class Activator(Component):
             own = GuardedSite(self._runner, cfg.host, 0, self.guard, backlog=128)
             await own.start()
             self.own_url = f"http://{cfg.host}:{own.port}"
+        if cfg.grpc_port >= 0:
+            self.grpc_ingress = GrpcIngress(handler, ready, cfg, bodies=self.bodies)
+            await self.grpc_ingress.start()
 
     async def stop(self) -> None:
         self.guard.draining = True
@@ -102,7 +112,7 @@ class Activator(Component):
                 await asyncio.sleep(self.config.drain_grace_s)
         # Both ingresses drain at once (their bounds do not add up), then the rest.
         results = await asyncio.gather(self._stop_http(), self._stop_nats(),
-                                       return_exceptions=True)
+                                       self._stop_grpc(), return_exceptions=True)
         for result in results:
             if isinstance(result, Exception):
                 log.error("activator: stopping an ingress failed", exc_info=result)
@@ -117,6 +127,10 @@ class Activator(Component):
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+
+    async def _stop_grpc(self) -> None:
+        if self.grpc_ingress is not None:
+            await self.grpc_ingress.stop()
 
     async def _stop_nats(self) -> None:
         if self.nats_ingress is not None:

@@ -31,6 +31,7 @@ from kernel.bus import Bus
 from kernel.config import (
     DEFAULT_NATS_URL,
     ActivatorConfig,
+    ApiKeysConfig,
     Config,
     ConfigError,
     NodesConfig,
@@ -75,13 +76,17 @@ async def run_up(args: argparse.Namespace) -> int:
                 f"{what} port {port} on {args.host} is already in use; pass "
                 f"{'--port' if what == 'activator' else '--nats-port'} to choose another"
             )
+    if args.grpc_port > 0 and port_in_use(args.host, args.grpc_port):
+        raise CliError(f"gRPC port {args.grpc_port} on {args.host} is already in use; pass "
+                       "--grpc-port to choose another (-1: none)")
     # Gateway connections and pod spawns share this process's descriptors (kernel/limits.py).
     raise_open_files_limit()
     config = Config(
         state_dir=Path(args.state_dir),
         tls=tls_from_flags(args),
         activator=ActivatorConfig(host=args.host, port=args.port,
-                                  drain_grace_s=args.drain_grace),
+                                  drain_grace_s=args.drain_grace, grpc_port=args.grpc_port,
+                                  keys=ApiKeysConfig(enabled=args.api_keys)),
         nodes=NodesConfig(
             count=args.nodes,
             capacity=Resources(
@@ -122,6 +127,11 @@ async def run_up(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     print(f"fnplane is up in {time.time() - t0:.1f}s", flush=True)
     print(f"  gateway  {stack.url}   (KServe v1 and Open Inference Protocol v2)", flush=True)
+    if stack.grpc_address:
+        print(f"  grpc     {stack.grpc_address}   (Open Inference Protocol v2 over gRPC)",
+              flush=True)
+    if args.api_keys:
+        print("  keys     API keys required (`fnplane key create --service NAME`)", flush=True)
     workers = [p for p in stack.role_processes.values() if p.own_url]
     for p in workers:
         print(f"           {p.name}: {p.own_url}/metrics   (this worker alone)", flush=True)
@@ -481,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8080, help="activator HTTP port")
     up.add_argument("--nats-port", type=int, default=4222)
+    up.add_argument("--grpc-port", type=int, default=8081,
+                    help="Open Inference Protocol gRPC port (-1: none, 0: any free)")
+    up.add_argument("--api-keys", action="store_true",
+                    help="require an API key on every model request (`fnplane key create`)")
     up.add_argument("--nodes", type=int, default=2, help="local nodes")
     up.add_argument("--node-cpu", default="4", help="cpu per node (cores or millicores)")
     up.add_argument("--node-memory", default="8Gi", help="memory per node")
