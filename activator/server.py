@@ -14,6 +14,7 @@ from aiohttp import web
 from activator.direct import DirectPath
 from activator.handler import Handler
 from activator.ingress import BodyBudget, ReadyCheck, build_app
+from activator.keygate import KeyGate
 from activator.listener import LINGERING_TIME_S, ConnectionGuard, GuardedSite, connection_cap
 from activator.nats_ingress import NatsIngress
 from activator.oipgrpc.ingress import GrpcIngress
@@ -22,10 +23,13 @@ from activator.reporter import DemandReporter
 from activator.services import ServiceTable
 from activator.sync import ServiceSync
 from activator.workers import Worker
+from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.component import Component
 from kernel.config import ActivatorConfig
 from kernel.limits import open_files_limit
+from kernel.messages import KeyRevoked
+from kernel.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +37,15 @@ log = logging.getLogger(__name__)
 class Activator(Component):
     kind = "activator"
 
-    def __init__(self, bus: Bus, config: ActivatorConfig) -> None:
+    def __init__(self, bus: Bus, config: ActivatorConfig, *, store: Store | None = None) -> None:
+        """`store`: where API keys and their buckets are (needed with keys on; closed by
+        `stop`)."""
         super().__init__(bus)
         self.config = config
+        if config.keys.enabled and store is None:
+            raise ValueError("API keys on: the activator needs the Redis store")
+        self.store = store
+        self.gate: KeyGate | None = None
         self.port = config.port
         self.own_url = ""  # with several workers: this worker's own listener
         self.direct = DirectPath()
@@ -79,12 +89,18 @@ class Activator(Component):
                                          log_id=self.id)
         await sync.start()
         self.tasks.spawn(reporter.run(), name="report")
+        middlewares = [self.guard.middleware]
+        if self.config.keys.enabled and self.store is not None:
+            self.gate = KeyGate(self.store, self.metrics, cache_ttl_s=self.config.keys.cache_ttl_s,
+                                retry_after=self.config.retry_after_s)
+            await bus.serve(ep.KEY_REVOKED, self._on_key_revoked)
+            middlewares.append(self.gate.middleware())
         if self.config.nats.enabled:
             self.nats_ingress = NatsIngress(handler, bus, self.config.nats)
+            self.nats_ingress.gate = self.gate.admit if self.gate is not None else None
             await self.nats_ingress.start()
         self.ready = ready = ReadyCheck(lambda: not bus.nc.is_closed and bus.nc.is_connected)
-        app = build_app(handler, ready=ready, bodies=self.bodies,
-                        middlewares=[self.guard.middleware])
+        app = build_app(handler, ready=ready, bodies=self.bodies, middlewares=middlewares)
         cfg = self.config
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.drain_timeout_s,
                                      keepalive_timeout=cfg.keepalive_timeout_s,
@@ -101,7 +117,9 @@ class Activator(Component):
             await own.start()
             self.own_url = f"http://{cfg.host}:{own.port}"
         if cfg.grpc_port >= 0:
-            self.grpc_ingress = GrpcIngress(handler, ready, cfg, bodies=self.bodies)
+            self.grpc_ingress = GrpcIngress(
+                handler, ready, cfg, bodies=self.bodies,
+                gate=self.gate.admit if self.gate is not None else None)
             await self.grpc_ingress.start()
 
     async def stop(self) -> None:
@@ -122,6 +140,13 @@ class Activator(Component):
         self.services.fail_all("the activator is shutting down")
         await super().stop()
         await self.proxy.close()
+        if self.store is not None:
+            store, self.store = self.store, None
+            await store.close()
+
+    async def _on_key_revoked(self, msg: KeyRevoked, _raw: object) -> None:
+        if self.gate is not None:
+            self.gate.forget(msg.id)
 
     async def _stop_http(self) -> None:
         if self._runner is not None:

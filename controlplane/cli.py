@@ -46,6 +46,9 @@ from kernel.messages import (
     BatchingSpec,
     DeployRequest,
     Empty,
+    KeyCreate,
+    KeyQuery,
+    KeyRevoke,
     NameRequest,
     Resources,
     ScalingSpec,
@@ -460,6 +463,46 @@ async def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- key ---------------------------------------------------------------------------------
+
+
+async def run_key_create(args: argparse.Namespace) -> int:
+    reply = await _admin(args.nats, ep.ADMIN_KEY_CREATE,
+                         KeyCreate(service=args.service, rps=args.rps, burst=args.burst))
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(reply), indent=2))
+        return 0
+    k = reply.key
+    limit = f"{k.rps:g} requests/s, burst {k.burst}" if k.rps else "no rate limit"
+    print(f"API key {k.id} for service '{k.service}' ({limit}). It is shown only now:")
+    print(reply.secret)
+    return 0
+
+
+async def run_key_list(args: argparse.Namespace) -> int:
+    reply = await _admin(args.nats, ep.ADMIN_KEY_LIST, KeyQuery(service=args.service or ""))
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(reply), indent=2))
+        return 0
+    rows = [("ID", "SERVICE", "RPS", "BURST", "CREATED", "REVOKED")]
+    for k in reply.keys:
+        rows.append((k.id, k.service, f"{k.rps:g}" if k.rps else "-",
+                     str(k.burst) if k.rps else "-", _when(k.created_at),
+                     _when(k.revoked_at) if k.revoked_at else "-"))
+    _table(rows)
+    return 0
+
+
+async def run_key_revoke(args: argparse.Namespace) -> int:
+    await _admin(args.nats, ep.ADMIN_KEY_REVOKE, KeyRevoke(id=args.id))
+    print(f"API key {args.id} revoked.")
+    return 0
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
 def _ranges(ids: list[int]) -> str:
     """[0, 1, 2, 5] → "0-2,5" ("-" for none)."""
     out: list[tuple[int, int]] = []
@@ -616,6 +659,23 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="nodes, partitions and owners, instances")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=run_status)
+
+    key = sub.add_parser("key", help="API keys of the gateway (with --api-keys / in deploy/)")
+    keys = key.add_subparsers(dest="key_command", required=True)
+    kc = keys.add_parser("create", help="a new key for a service; printed once")
+    kc.add_argument("--service", required=True)
+    kc.add_argument("--rps", type=float, default=0.0, help="requests per second (0: no limit)")
+    kc.add_argument("--burst", type=int, default=0,
+                    help="requests at once after a quiet spell (0: one second's worth)")
+    kc.add_argument("--json", action="store_true")
+    kc.set_defaults(func=run_key_create)
+    kl = keys.add_parser("list", help="keys (ids, never the keys), of one service or all")
+    kl.add_argument("--service", default="")
+    kl.add_argument("--json", action="store_true")
+    kl.set_defaults(func=run_key_list)
+    kr = keys.add_parser("revoke", help="revoke a key by its id (gateways refuse it at once)")
+    kr.add_argument("id")
+    kr.set_defaults(func=run_key_revoke)
 
     cr = sub.add_parser("creds", help="print fresh credentials for deploy/ as Kubernetes Secrets")
     cr.add_argument("target", choices=["k8s"])
