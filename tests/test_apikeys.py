@@ -21,6 +21,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from activator.nats_events import REPLY_TO_HEADER
 from activator.oipgrpc import messages as m
 from activator.server import Activator
 from controlplane import build
@@ -30,7 +31,8 @@ from kernel.config import ApiKeysConfig
 from kernel.messages import ApiKey, KeyCreate, KeyCreated, KeyRevoke, StoredKey
 from kernel.store import Store
 from kernel.tokenbucket import Bucket, retry_after_s, take
-from tests.stackutil import admin, deploy, running_stack, sample_spec
+from tests.stackutil import admin, deploy, running_stack, sample_spec, wait_until
+from tests.test_nats_ingress import consumer_ready
 
 V2 = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP32",
                   "data": [[5.1, 3.5, 1.4, 0.2]]}]}
@@ -161,6 +163,34 @@ async def _nats_infer(nats_url: str, service: str, key: str | None) -> tuple[str
     return (msg.headers or {}).get("Fnplane-Status", ""), json.loads(msg.data)
 
 
+async def _event_replies(nats_url: str, service: str,
+                         keys: list[str | None]) -> list[tuple[str, dict[str, Any]]]:
+    """One event per key on `svc.events.{service}`, each asking for its outcome; in order."""
+    async with admin(nats_url) as bus:
+        nc = bus.nc
+        js = nc.jetstream()
+        await consumer_ready(js, service)
+        inbox, replies = nc.new_inbox(), {}
+
+        async def on_reply(msg: Any) -> None:
+            replies[msg.subject] = msg
+
+        await nc.subscribe(f"{inbox}.>", cb=on_reply)
+        for i, key in enumerate(keys):
+            headers = {REPLY_TO_HEADER: f"{inbox}.{i}"}
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            await js.publish(ep.EVENTS.subject_for(service=service), json.dumps(V2).encode(),
+                             headers=headers)
+        async def answered() -> int:
+            return len(replies)
+
+        await wait_until(answered, lambda n: n == len(keys), timeout=30,
+                         what="every event answered")
+        got = [replies[f"{inbox}.{i}"] for i in range(len(keys))]
+    return [((r.headers or {}).get("Fnplane-Status", ""), json.loads(r.data)) for r in got]
+
+
 async def test_every_ingress_refuses_with_the_right_status_and_body(
     nats_url: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -185,6 +215,7 @@ async def test_every_ingress_refuses_with_the_right_status_and_body(
             grpc_seen = [await _grpc_infer(address, "keyed", k)
                          for k in (mine, None, theirs)]
             nats_seen = [await _nats_infer(nats_url, "keyed", k) for k in (mine, None, theirs)]
+            events_seen = await _event_replies(nats_url, "keyed", [mine, None, theirs])
             async with admin(nats_url) as bus:
                 await bus.call(ep.ADMIN_KEY_REVOKE, KeyRevoke(id=theirs.split("_")[1]),
                                timeout=5)
@@ -208,6 +239,8 @@ async def test_every_ingress_refuses_with_the_right_status_and_body(
     assert nats_seen[0][0] == "200"
     assert nats_seen[1][0] == "401" and "API key is required" in nats_seen[1][1]["error"]
     assert nats_seen[2] == ("403", {"error": f"API key {key_id} is not for model keyed"})
+    assert [e[0] for e in events_seen] == ["200", "401", "403"]  # refused: not redelivered
+    assert events_seen[2][1] == {"error": f"API key {key_id} is not for model keyed"}
     assert revoked[:2] == (401, {"error": f"API key {key_id} was revoked"})
 
 
