@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from activator.direct import DirectPath
 from activator.handler import Handler
 from activator.ingress import BodyBudget, ReadyCheck, build_app
-from activator.keygate import KeyGate
 from activator.listener import LINGERING_TIME_S, ConnectionGuard, GuardedSite, connection_cap
 from activator.nats_ingress import NatsIngress
-from activator.oipgrpc.ingress import GrpcIngress
 from activator.proxy import Proxy
 from activator.reporter import DemandReporter
 from activator.services import ServiceTable
@@ -29,7 +28,11 @@ from kernel.component import Component
 from kernel.config import ActivatorConfig
 from kernel.limits import open_files_limit
 from kernel.messages import KeyRevoked
-from kernel.store import Store
+
+if TYPE_CHECKING:  # imported when configured: grpc, protobuf and numpy cost every worker
+    from activator.keygate import KeyGate  # a tenth of a second at start
+    from activator.oipgrpc.ingress import GrpcIngress
+    from kernel.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,8 @@ class Activator(Component):
         self.tasks.spawn(reporter.run(), name="report")
         middlewares = [self.guard.middleware]
         if self.config.keys.enabled and self.store is not None:
+            from activator.keygate import KeyGate
+
             self.gate = KeyGate(self.store, self.metrics, cache_ttl_s=self.config.keys.cache_ttl_s,
                                 retry_after=self.config.retry_after_s)
             await bus.serve(ep.KEY_REVOKED, self._on_key_revoked)
@@ -117,6 +122,8 @@ class Activator(Component):
             await own.start()
             self.own_url = f"http://{cfg.host}:{own.port}"
         if cfg.grpc_port >= 0:
+            from activator.oipgrpc.ingress import GrpcIngress
+
             self.grpc_ingress = GrpcIngress(
                 handler, ready, cfg, bodies=self.bodies,
                 gate=self.gate.admit if self.gate is not None else None)
