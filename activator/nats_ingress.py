@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -30,6 +30,13 @@ STATUS_HEADER = "Fnplane-Status"
 # answered 404 unless the service serves that version, as over HTTP.
 VERSION_HEADER = "Fnplane-Model-Version"
 _FORWARDED = ("x-request-id", "tracestate", "fnplane-tag", "x-fnplane-tag")
+# The API-key check (activator/keygate.py): service, Authorization header → None to let in.
+Gate = Callable[[str, str | None], Awaitable[Answer | None]]
+
+
+def header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """A NATS header by name, case-insensitive as HTTP's."""
+    return next((v for k, v in (headers or {}).items() if k.lower() == name.lower()), None)
 
 
 def nats_headers(answer: Answer) -> dict[str, str]:
@@ -88,6 +95,7 @@ class NatsIngress:
         self.bus = bus
         self.config = config
         self.events: EventStreams | None = None  # None while JetStream is unavailable
+        self.gate: Gate | None = None  # API keys on: both svc.invoke and svc.events pass it
         self._sub: Subscription | None = None
         self._requests: set[asyncio.Task[None]] = set()
         self._stopped = False
@@ -177,6 +185,10 @@ class NatsIngress:
     async def _invoke(self, name: str, raw: Msg) -> Answer:
         """`invoke` inside the caller's trace; an unexpected failure is a 500, not silence."""
         try:
+            if self.gate is not None:
+                refused = await self.gate(name, header(raw.headers, "authorization"))
+                if refused is not None:
+                    return refused
             with telemetry.continue_trace(raw.headers, f"{self.handler.id} {raw.subject}"):
                 return await invoke(self.handler, name, raw.data, raw.headers)
         except asyncio.CancelledError:

@@ -127,7 +127,12 @@ async def instance(kind: str, config: Config, instance_id: str = "") -> Componen
 
 async def activator(config: Config) -> Activator:
     from activator.server import Activator
-    return Activator(await connect(config, new_id("activator"), "activator"), config.activator)
+    from kernel.store import Store
+
+    # API keys on: the gateway reads keys and keeps their buckets in Redis.
+    store = Store.from_url(config.redis_url) if config.activator.keys.enabled else None
+    return Activator(await connect(config, new_id("activator"), "activator"), config.activator,
+                     store=store)
 
 
 class Coordinated(Component):

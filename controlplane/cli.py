@@ -33,6 +33,7 @@ from kernel.bus import Bus
 from kernel.config import (
     DEFAULT_NATS_URL,
     ActivatorConfig,
+    ApiKeysConfig,
     Config,
     ConfigError,
     NodesConfig,
@@ -47,6 +48,9 @@ from kernel.messages import (
     BatchingSpec,
     DeployRequest,
     Empty,
+    KeyCreate,
+    KeyQuery,
+    KeyRevoke,
     NameRequest,
     Resources,
     ScalingSpec,
@@ -79,13 +83,17 @@ async def run_up(args: argparse.Namespace) -> int:
                 f"{what} port {port} on {args.host} is already in use; pass "
                 f"{'--port' if what == 'activator' else '--nats-port'} to choose another"
             )
+    if args.grpc_port > 0 and port_in_use(args.host, args.grpc_port):
+        raise CliError(f"gRPC port {args.grpc_port} on {args.host} is already in use; pass "
+                       "--grpc-port to choose another (-1: none)")
     # Gateway connections and pod spawns share this process's descriptors (kernel/limits.py).
     raise_open_files_limit()
     config = Config(
         state_dir=Path(args.state_dir),
         tls=tls_from_flags(args),
         activator=ActivatorConfig(host=args.host, port=args.port,
-                                  drain_grace_s=args.drain_grace),
+                                  drain_grace_s=args.drain_grace, grpc_port=args.grpc_port,
+                                  keys=ApiKeysConfig(enabled=args.api_keys)),
         nodes=NodesConfig(
             count=args.nodes,
             capacity=Resources(
@@ -126,6 +134,11 @@ async def run_up(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     print(f"fnplane is up in {time.time() - t0:.1f}s", flush=True)
     print(f"  gateway  {stack.url}   (KServe v1 and Open Inference Protocol v2)", flush=True)
+    if stack.grpc_address:
+        print(f"  grpc     {stack.grpc_address}   (Open Inference Protocol v2 over gRPC)",
+              flush=True)
+    if args.api_keys:
+        print("  keys     API keys required (`fnplane key create --service NAME`)", flush=True)
     workers = [p for p in stack.role_processes.values() if p.own_url]
     for p in workers:
         print(f"           {p.name}: {p.own_url}/metrics   (this worker alone)", flush=True)
@@ -520,6 +533,46 @@ async def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- key ---------------------------------------------------------------------------------
+
+
+async def run_key_create(args: argparse.Namespace) -> int:
+    reply = await _admin(args.nats, ep.ADMIN_KEY_CREATE,
+                         KeyCreate(service=args.service, rps=args.rps, burst=args.burst))
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(reply), indent=2))
+        return 0
+    k = reply.key
+    limit = f"{k.rps:g} requests/s, burst {k.burst}" if k.rps else "no rate limit"
+    print(f"API key {k.id} for service '{k.service}' ({limit}). It is shown only now:")
+    print(reply.secret)
+    return 0
+
+
+async def run_key_list(args: argparse.Namespace) -> int:
+    reply = await _admin(args.nats, ep.ADMIN_KEY_LIST, KeyQuery(service=args.service or ""))
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(reply), indent=2))
+        return 0
+    rows = [("ID", "SERVICE", "RPS", "BURST", "CREATED", "REVOKED")]
+    for k in reply.keys:
+        rows.append((k.id, k.service, f"{k.rps:g}" if k.rps else "-",
+                     str(k.burst) if k.rps else "-", _when(k.created_at),
+                     _when(k.revoked_at) if k.revoked_at else "-"))
+    _table(rows)
+    return 0
+
+
+async def run_key_revoke(args: argparse.Namespace) -> int:
+    await _admin(args.nats, ep.ADMIN_KEY_REVOKE, KeyRevoke(id=args.id))
+    print(f"API key {args.id} revoked.")
+    return 0
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
 def _ranges(ids: list[int]) -> str:
     """[0, 1, 2, 5] → "0-2,5" ("-" for none)."""
     out: list[tuple[int, int]] = []
@@ -559,6 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8080, help="activator HTTP port")
     up.add_argument("--nats-port", type=int, default=4222)
+    up.add_argument("--grpc-port", type=int, default=8081,
+                    help="Open Inference Protocol gRPC port (-1: none, 0: any free)")
+    up.add_argument("--api-keys", action="store_true",
+                    help="require an API key on every model request (`fnplane key create`)")
     up.add_argument("--nodes", type=int, default=2, help="local nodes")
     up.add_argument("--node-cpu", default="4", help="cpu per node (cores or millicores)")
     up.add_argument("--node-memory", default="8Gi", help="memory per node")
@@ -692,6 +749,23 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="nodes, partitions and owners, instances")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=run_status)
+
+    key = sub.add_parser("key", help="API keys of the gateway (with --api-keys / in deploy/)")
+    keys = key.add_subparsers(dest="key_command", required=True)
+    kc = keys.add_parser("create", help="a new key for a service; printed once")
+    kc.add_argument("--service", required=True)
+    kc.add_argument("--rps", type=float, default=0.0, help="requests per second (0: no limit)")
+    kc.add_argument("--burst", type=int, default=0,
+                    help="requests at once after a quiet spell (0: one second's worth)")
+    kc.add_argument("--json", action="store_true")
+    kc.set_defaults(func=run_key_create)
+    kl = keys.add_parser("list", help="keys (ids, never the keys), of one service or all")
+    kl.add_argument("--service", default="")
+    kl.add_argument("--json", action="store_true")
+    kl.set_defaults(func=run_key_list)
+    kr = keys.add_parser("revoke", help="revoke a key by its id (gateways refuse it at once)")
+    kr.add_argument("id")
+    kr.set_defaults(func=run_key_revoke)
 
     cr = sub.add_parser("creds", help="print fresh credentials for deploy/ as Kubernetes Secrets")
     cr.add_argument("target", choices=["k8s"])

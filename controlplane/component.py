@@ -11,7 +11,9 @@
 Configuration: the whole Config as JSON in FNPLANE_CONFIG if set; on top, the variables a
 Deployment sets: FNPLANE_NATS_URL, FNPLANE_REDIS_URL, FNPLANE_CREDS (the NATS credentials
 file, kernel/identity.py), FNPLANE_PUBLIC_URL (the gateway's URL services are announced at),
-FNPLANE_ACTIVATOR_PORT, FNPLANE_POD_IMAGE, FNPLANE_POD_PULL_POLICY, FNPLANE_POD_PORT,
+FNPLANE_ACTIVATOR_PORT, FNPLANE_GRPC_PORT and FNPLANE_API_KEYS (the gateway's gRPC
+port, -1 none; API keys required, 1 or 0), FNPLANE_POD_IMAGE, FNPLANE_POD_PULL_POLICY,
+FNPLANE_POD_PORT,
 FNPLANE_NAMESPACE, FNPLANE_INSTANCE_ID (a `schedule` instance's id: its pod name, from the
 downward API; else HOSTNAME), FNPLANE_LEADER_LEASE (coordinator, node, operator: run only
 while holding this Lease, partitions/leader.py), FNPLANE_POD_NAME (this pod's name),
@@ -72,6 +74,11 @@ def config_from_env(env: dict[str, str]) -> Config:
     )
     activator = replace(base.activator, host="0.0.0.0",
                         port=int(env.get("FNPLANE_ACTIVATOR_PORT", "8080")))
+    # deploy/ serves gRPC on 8081 and requires API keys (FNPLANE_API_KEYS=1).
+    activator = replace(activator,
+                        grpc_port=int(env.get("FNPLANE_GRPC_PORT", activator.grpc_port)),
+                        keys=replace(activator.keys, enabled=env.get(
+                            "FNPLANE_API_KEYS", "1" if activator.keys.enabled else "0") == "1"))
     creds = env.get("FNPLANE_CREDS")
     metrics = MetricsConfig(host=env.get("FNPLANE_METRICS_HOST", base.metrics.host),
                             port=int(env.get("FNPLANE_METRICS_PORT", base.metrics.port)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import msgspec
@@ -16,6 +17,7 @@ from nats.aio.msg import Msg
 
 from kernel import endpoints as ep
 from kernel import revisions as rv
+from kernel.apikeys import is_service_name, new_key
 from kernel.bus import Bus
 from kernel.component import Component
 from kernel.errors import ErrorCode, RemoteError
@@ -24,6 +26,12 @@ from kernel.messages import (
     DeployRequest,
     Empty,
     Endpoints,
+    KeyCreate,
+    KeyCreated,
+    KeyList,
+    KeyQuery,
+    KeyRevoke,
+    KeyRevoked,
     NameRequest,
     PartitionMap,
     PodEvent,
@@ -72,6 +80,9 @@ class Registry(Component):
         await self.bus.serve(ep.ADMIN_DESCRIBE, self._on_describe)
         await self.bus.serve(ep.ADMIN_SPEC, self._on_spec)
         await self.bus.serve(ep.COLD_START, self._on_cold_start)
+        await self.bus.serve(ep.ADMIN_KEY_CREATE, self._on_key_create)
+        await self.bus.serve(ep.ADMIN_KEY_LIST, self._on_key_list)
+        await self.bus.serve(ep.ADMIN_KEY_REVOKE, self._on_key_revoke)
 
     def url(self, name: str) -> str:
         return f"{self.public_url}/v2/models/{name}/infer"
@@ -309,6 +320,40 @@ class Registry(Component):
 
     async def _on_cold_start(self, msg: ColdStart, _raw: Msg) -> None:
         await self.store.put_cold_start(msg)
+
+    # ---- API keys (kernel/apikeys.py) ------------------------------------------------------
+
+    async def _on_key_create(self, msg: KeyCreate, _raw: Msg) -> KeyCreated:
+        """A key may be made before its service is deployed (a client is often set up
+        first); its service's name must be one a service could have."""
+        if not is_service_name(msg.service):
+            raise RemoteError(ErrorCode.INVALID, f"service name {msg.service!r}: must be a DNS "
+                                                 "label (lowercase letters, digits, '-', 1-63)")
+        if msg.rps < 0 or msg.burst < 0:
+            raise RemoteError(ErrorCode.INVALID, "rps and burst must be >= 0 (0: no limit)")
+        if msg.burst and not msg.rps:
+            raise RemoteError(ErrorCode.INVALID, "a burst needs a rate (--rps)")
+        stored, secret = new_key(msg.service, rps=msg.rps, burst=msg.burst, now=time.time())
+        await self.store.put_key(stored)
+        log.info("registry: API key %s made for %s", stored.key.id, msg.service)
+        return KeyCreated(key=stored.key, secret=secret)
+
+    async def _on_key_list(self, msg: KeyQuery, _raw: Msg) -> KeyList:
+        keys = await self.store.list_keys()
+        return KeyList(keys=[k for k in keys if not msg.service or k.service == msg.service])
+
+    async def _on_key_revoke(self, msg: KeyRevoke, _raw: Msg) -> KeyList:
+        """Idempotent; the record stays (revoked), so a revoked key answers 401 "revoked",
+        and `key list` shows when."""
+        stored = await self.store.get_key(msg.id)
+        if stored is None:
+            raise RemoteError(ErrorCode.NOT_FOUND, f"API key {msg.id!r} not found")
+        if not stored.key.revoked_at:
+            stored = msgspec.structs.replace(
+                stored, key=msgspec.structs.replace(stored.key, revoked_at=time.time()))
+            await self.store.put_key(stored)
+        await self.bus.send(ep.KEY_REVOKED, KeyRevoked(id=msg.id))
+        return KeyList(keys=[stored.key])
 
     async def _routes(self) -> dict[str, list[str]]:
         # Each `route` instance answers for its shards; a service's newest set wins.

@@ -156,8 +156,11 @@ class Stack:
         cfg = self.config
         act = cfg.activator
         port = act.port or free_port(act.host)  # every worker must bind the same one
+        # The gRPC port too (-1: none).
+        grpc_port = act.grpc_port if act.grpc_port != 0 else free_port(act.host)
         self.config = cfg = replace(
-            cfg, activator=replace(act, port=port, workers=self.gateway_workers),
+            cfg, activator=replace(act, port=port, workers=self.gateway_workers,
+                                   grpc_port=grpc_port),
             coordinator=replace(cfg.coordinator, runtime="processes"))
         self.public_url = f"http://{hostport(act.host, port)}"
         env = {"FNPLANE_PUBLIC_URL": self.public_url}
@@ -272,6 +275,14 @@ class Stack:
         if self.metrics_port is not None and self.metrics_port.url:
             urls["stack"] = self.metrics_port.url
         return urls
+
+    @property
+    def grpc_address(self) -> str:
+        """host:port of the gateway's Open Inference Protocol gRPC port ("" without one)."""
+        if self.activator is not None:
+            return self.activator.grpc_address
+        act = self.config.activator
+        return hostport(act.host, act.grpc_port) if act.grpc_port > 0 else ""
 
     @property
     def url(self) -> str:

@@ -75,6 +75,22 @@ class NatsIngressConfig:
 
 
 @dataclass(frozen=True)
+class ApiKeysConfig:
+    """Front-door identity (issue 19): with `enabled`, every model request at every ingress
+    needs an API key for its service (`fnplane key create`), within the key's rate limit.
+    Off on the embedded default (`fnplane up --api-keys` turns it on), on in deploy/."""
+
+    enabled: bool = False
+    # How long a gateway trusts what it read of a key (a miss too) before reading it again;
+    # a revocation reaches gateways at once over NATS, this bounds it if that is lost.
+    cache_ttl_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.cache_ttl_s < 0:
+            raise ConfigError("API key cache TTL must be >= 0")
+
+
+@dataclass(frozen=True)
 class ActivatorConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -116,10 +132,17 @@ class ActivatorConfig:
     # and the buffer bound hold across all of them.
     workers: int = 1
     worker: int = 0
+    # The Open Inference Protocol over gRPC (activator/oipgrpc/) on its own port: -1 none
+    # (a bare Config opens no port it was not asked for), 0 any free one. `fnplane up`
+    # serves it on 8081 (KServe's gRPC port) unless told otherwise.
+    grpc_port: int = -1
+    keys: ApiKeysConfig = field(default_factory=ApiKeysConfig)
 
     def __post_init__(self) -> None:
         if self.workers < 1 or not 0 <= self.worker < self.workers:
             raise ConfigError("gateway workers must be >= 1, the worker index below them")
+        if not -1 <= self.grpc_port < 65536:
+            raise ConfigError(f"gRPC port {self.grpc_port} out of range (-1: none, 0: any free)")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"activator port {self.port} out of range")
         if self.buffer_size < 1:

@@ -32,6 +32,12 @@ from kernel.messages import (
     IdlePods,
     Inventory,
     InventoryRequest,
+    KeyCreate,
+    KeyCreated,
+    KeyList,
+    KeyQuery,
+    KeyRevoke,
+    KeyRevoked,
     NameRequest,
     NodeFree,
     NodeRegistration,
@@ -271,6 +277,21 @@ ADMIN_SPEC: Endpoint[NameRequest, SpecUpdated] = _ep(
 ADMIN_STATUS: Endpoint[Empty, ClusterStatus] = _ep(
     "admin-status", "admin.status", Empty, ClusterStatus, "coordinator", "admin",
     "partitions, their owners and free capacity, instances")
+
+# ---- API keys (kernel/apikeys.py): made, listed and revoked by admins, checked by gateways ------
+ADMIN_KEY_CREATE: Endpoint[KeyCreate, KeyCreated] = _ep(
+    "admin-key-create", "admin.key.create", KeyCreate, KeyCreated, "coordinator", "admin",
+    "a new API key for a service, with its rate limit; the reply is the only place the "
+    "whole key ever appears (Redis keeps its hash)")
+ADMIN_KEY_LIST: Endpoint[KeyQuery, KeyList] = _ep(
+    "admin-key-list", "admin.key.list", KeyQuery, KeyList, "coordinator", "admin",
+    "API keys (ids, services, limits, revoked or not), of one service or all")
+ADMIN_KEY_REVOKE: Endpoint[KeyRevoke, KeyList] = _ep(
+    "admin-key-revoke", "admin.key.revoke", KeyRevoke, KeyList, "coordinator", "admin",
+    "revoke an API key; gateways hear of it at once (key-revoked)")
+KEY_REVOKED: Endpoint[KeyRevoked, None] = _ep(
+    "key-revoked", "key.revoked", KeyRevoked, None, "activator", "coordinator",
+    "an API key was revoked: every gateway drops its cached copy")
 
 # ---- scheduler baselines of the benchmark (functions/schedule/baselines.py) ---------------------
 PLACE_CENTRAL: Endpoint[PlaceRequest, Placement | Unschedulable] = _ep(

@@ -766,6 +766,59 @@ class RevisionStatus(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str = ""
 
 
+# ---- API keys (kernel/apikeys.py: what a key is, how it is checked) ----------------------
+
+
+class ApiKey(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """What may be shown of a key: never its secret nor the secret's hash. `rps` 0: no rate
+    limit; `burst`: the bucket's size (requests let through at once after a quiet spell)."""
+
+    id: str
+    service: str
+    rps: float = 0.0
+    burst: int = 0
+    created_at: float = 0.0
+    revoked_at: float = 0.0  # 0: in force
+
+
+class StoredKey(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """The Redis record of a key."""
+
+    key: ApiKey
+    secret_sha256: str
+
+
+class KeyCreate(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    service: str
+    rps: float = 0.0
+    burst: int = 0
+
+
+class KeyCreated(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """The only message that ever holds the whole key: the CLI shows it once."""
+
+    key: ApiKey
+    secret: str  # the whole `fnp_<id>_<secret>`
+
+
+class KeyQuery(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    service: str = ""  # "": every service's keys
+
+
+class KeyList(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    keys: list[ApiKey]
+
+
+class KeyRevoke(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    id: str
+
+
+class KeyRevoked(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """Told to every gateway so none trusts its cached copy of the key any longer."""
+
+    id: str
+
+
 class ServiceStatus(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     spec: ServiceSpec
     url: str

@@ -83,6 +83,11 @@ CATALOGUE: tuple[Instrument, ...] = (
        "Inference requests that arrived over NATS, by answer status.", "service", "status"),
     _i("fnplane.activator.nats.dropped", "counter", "{request}",
        "NATS requests dropped without an answer, by reason.", "reason"),
+    _i("fnplane.activator.grpc.requests", "counter", "{request}",
+       "Open Inference Protocol gRPC calls, by method and answer status.", "method", "status"),
+    _i("fnplane.gateway.key.requests", "counter", "{request}",
+       "Model requests by API key id (never the key) and the gate's outcome: ok, "
+       "rate_limited, wrong_service, revoked, unknown.", "key", "service", "outcome"),
     _i("fnplane.cold_starts", "counter", "{cold_start}",
        "Cold starts: the first request a new pod answered.", "service"),
     _i("fnplane.cold_start.duration", "histogram", "s",

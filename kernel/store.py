@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
+from kernel import tokenbucket
 from kernel.messages import (
+    ApiKey,
     ColdStart,
     Endpoints,
     PartitionMap,
     ServiceSpec,
     ShardMap,
+    StoredKey,
     decode_record,
     encode_record,
 )
@@ -36,6 +39,8 @@ COLD_STARTS = "fnplane:coldstarts"
 # keeps when it scales to zero).
 REVISIONS = "fnplane:revisions:"
 READY_REVISIONS = "fnplane:ready-revisions"
+API_KEYS = "fnplane:apikeys"  # key id → StoredKey (the secret only as its hash)
+BUCKET = "fnplane:bucket:{}"  # key id → its token bucket (kernel/tokenbucket.py)
 
 # Fencing: write the partition map only if the stored version is the one the writer read,
 # so a coordinator that lost its lease (or a stale copy) cannot roll the map back.
@@ -75,6 +80,7 @@ class Store:
     def __init__(self, client: aioredis.Redis) -> None:
         self.r = client
         self._cas_map = self.r.register_script(_CAS_MAP)
+        self._take_token = self.r.register_script(tokenbucket.SCRIPT)
 
     @classmethod
     def from_url(cls, url: str) -> Store:
@@ -195,3 +201,23 @@ class Store:
     async def get_cold_start(self, name: str) -> ColdStart | None:
         raw = await self.r.hget(COLD_STARTS, name)
         return decode_record(raw, ColdStart) if raw else None
+
+    # ---- API keys and their rate limits (kernel/apikeys.py, kernel/tokenbucket.py) --------
+
+    async def put_key(self, stored: StoredKey) -> None:
+        await self.r.hset(API_KEYS, stored.key.id, encode_record(stored))
+
+    async def get_key(self, key_id: str) -> StoredKey | None:
+        raw = await self.r.hget(API_KEYS, key_id)
+        return decode_record(raw, StoredKey) if raw else None
+
+    async def list_keys(self) -> list[ApiKey]:
+        raw = await self.r.hgetall(API_KEYS)
+        keys = (decode_record(v, StoredKey).key for v in raw.values())
+        return sorted(keys, key=lambda k: (k.service, k.created_at, k.id))
+
+    async def take_token(self, key_id: str, *, rps: float, burst: int, now: float) -> float:
+        """One request against the key's shared bucket: how long it must wait (0: go)."""
+        wait = await self._take_token(keys=[BUCKET.format(key_id)],
+                                      args=[repr(rps), burst, f"{now:.6f}"])
+        return float(wait)

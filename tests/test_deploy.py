@@ -263,7 +263,8 @@ def test_the_dockerfile_runs_components_by_argument() -> None:
 # ---- credentials as Secrets (`fnplane creds k8s`) --------------------------------------------
 
 CREDS_DIR = "/etc/fnplane/credentials"
-REDIS_USERS = ("coordinator", "route")  # the components whose Store is on Redis
+# The components whose Store is on Redis (the activator's: API keys and their buckets).
+REDIS_USERS = ("coordinator", "route", "activator")
 
 
 def _by_name(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -28,11 +28,13 @@ FNPLANE = [sys.executable, "-m", "controlplane.cli"]
 class Up:
     def __init__(self, state_dir: Path, *, extra: Sequence[str] = ()) -> None:
         self.port, self.nats_port = free_port(), free_port()
+        self.grpc_port = free_port()  # not 8081: tests run beside other stacks
         # The CLI finds the admin credentials `up` made in the state dir.
         self.env = {**os.environ, "FNPLANE_NATS_URL": f"nats://127.0.0.1:{self.nats_port}",
                     "FNPLANE_STATE_DIR": str(state_dir)}
         self.proc = subprocess.Popen(
             [*FNPLANE, "up", "--port", str(self.port), "--nats-port", str(self.nats_port),
+             "--grpc-port", str(self.grpc_port),
              "--state-dir", str(state_dir), "--workdir", str(REPO), *extra],
             cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
@@ -66,6 +68,7 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
 def test_up_serves_from_zero_keeps_services_and_stops_cleanly(state_dir: Path) -> None:
     up = Up(state_dir)
     try:
+        assert f"grpc     127.0.0.1:{up.grpc_port}" in "".join(up.banner)
         out = up.cli("deploy", "sample", "--min-scale", "0", "--model-version", "4")
         assert out.returncode == 0, out.stderr
         assert f"http://127.0.0.1:{up.port}/v2/models/sample/infer" in out.stdout

@@ -27,7 +27,7 @@ async def test_up_with_the_kubernetes_backend_uses_the_clusters_nodes(tmp_path: 
                "FNPLANE_STATE_DIR": str(tmp_path / "state")}
         up = await asyncio.create_subprocess_exec(
             *FNPLANE, "up", "--backend", "kubernetes", "--kubeconfig", str(cluster.kubeconfig),
-            "--port", str(port), "--nats-port", str(nats_port),
+            "--port", str(port), "--nats-port", str(nats_port), "--grpc-port", "0",
             "--state-dir", str(tmp_path / "state"), cwd=REPO, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         assert up.stdout is not None
