@@ -11,6 +11,7 @@ import logging
 
 from aiohttp import web
 
+from activator import openai
 from activator.direct import DirectPath
 from activator.handler import Handler
 from activator.ingress import BodyBudget, ReadyCheck, build_app
@@ -78,6 +79,7 @@ class Activator(Component):
         self.ready = ready = ReadyCheck(lambda: not bus.nc.is_closed and bus.nc.is_connected)
         app = build_app(handler, ready=ready, bodies=self.bodies,
                         middlewares=[self.guard.middleware])
+        openai.add_routes(app)
         cfg = self.config
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.drain_timeout_s,
                                      keepalive_timeout=cfg.keepalive_timeout_s,
