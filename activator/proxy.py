@@ -156,8 +156,6 @@ class Proxy:
             while chunk := await _next_chunk(resp, deadline, limits):
                 chunks.append(chunk)
             return PodResponse(resp.status, b"".join(chunks), content_type, first_byte)
-        except TimeoutError:  # only the first byte's: the body's are PodTimeout already
-            raise PodTimeout(which, seconds) from None
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
                 aiohttp.ClientOSError, aiohttp.ConnectionTimeoutError) as exc:
             # Refused, reset, closed before an answer, or never connected within the connect
@@ -165,6 +163,9 @@ class Proxy:
             # not processed to an answer we could return, so another pod may take it (a
             # connect timeout is not the pod's 504: it never got the request).
             raise PodUnreachable(f"{base_url}: {exc}") from exc
+        except TimeoutError:  # the first byte's (after: aiohttp's connect timeout is one too;
+            # the body's are PodTimeout already)
+            raise PodTimeout(which, seconds) from None
         finally:
             if resp is not None:  # read whole (pooled), or abandoned half way (closed)
                 resp.release() if resp.content.at_eof() else resp.close()
