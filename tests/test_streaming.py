@@ -25,9 +25,10 @@ TOKENS = [sys.executable, "-m", "examples.tokens.server"]
 
 
 def tokens_spec(name: str = "tokens", **overrides: object) -> ServiceSpec:
-    scaling = ScalingSpec(min_scale=0, stable_window_s=6.0, scale_to_zero_grace_s=30.0)
+    overrides.setdefault("scaling", ScalingSpec(min_scale=0, stable_window_s=6.0,
+                                                scale_to_zero_grace_s=30.0))
     return sample_spec(name, command=list(TOKENS), readiness_path="/v2/health/ready",
-                       scaling=scaling, **overrides)
+                       **overrides)
 
 
 def sse_events(raw: bytes) -> list[str]:
@@ -191,3 +192,32 @@ async def _get(http: aiohttp.ClientSession, url: str) -> dict:
 async def _value(v: int) -> int:
     await asyncio.sleep(0)
     return v
+
+
+async def test_direct_mode_streams_too_and_holds_the_pods_slot_until_the_end(
+    nats_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    scaling = ScalingSpec(min_scale=0, stable_window_s=6, scale_to_zero_grace_s=30,
+                          target_burst_capacity=0)
+    async with running_stack(nats_url, redis_url, tmp_path) as stack:
+        await deploy(nats_url, tokens_spec(container_concurrency=4, scaling=scaling))
+        gw = stack.activator
+        url = f"{stack.url}/openai/v1/chat/completions"
+        body = {"model": "tokens", "messages": [], "stream": True, "max_tokens": 10,
+                "token_delay_ms": 50}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, json={**body, "token_delay_ms": 1}) as r:
+                assert r.headers["X-Fnplane-Path"] == "activator", "the cold one is buffered"
+                await r.read()
+            await wait_until(lambda: _value(gw.services["tokens"].mode),
+                             lambda m: m == "direct", timeout=10, what="direct mode")
+            async with http.post(url, json=body) as r:
+                assert r.headers["X-Fnplane-Path"] == "direct"
+                first = await r.content.readuntil(b"\n\n")
+                first_at = time.time()
+                assert gw.direct.total("tokens") == 1, "the stream holds its direct slot"
+                rest = await r.read()
+            events = sse_events(first + rest)
+            assert events[-1] == "[DONE]"
+            assert first_at < json.loads(events[-2])["sent_at"], "first event before the end"
+            assert gw.direct.total("tokens") == 0
