@@ -55,8 +55,12 @@ def in_openai_shape(answer: Answer) -> Answer:
         doc = None
     if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
         return answer
-    message = doc["error"] if isinstance(doc, dict) and isinstance(doc.get("error"), str) \
-        else answer.body.decode(errors="replace")[:500]
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        message = doc["error"]  # KServe's shape: the gateway's, or a KServe pod's
+    elif isinstance(doc, dict) and isinstance(doc.get("message"), str):
+        message = doc["message"]  # vLLM's ErrorResponse, flat
+    else:
+        message = answer.body.decode(errors="replace")[:500]
     shaped = openai_error(answer.status, message, retry_after_s=answer.retry_after_s)
     return Answer(shaped.status, shaped.body, pod=answer.pod, path=answer.path,
                   retry_after_s=answer.retry_after_s)

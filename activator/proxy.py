@@ -134,12 +134,15 @@ class Proxy:
             # Inference bodies are JSON; without this aiohttp says application/octet-stream,
             # which FastAPI-based model servers refuse with a 422.
             sent["Content-Type"] = "application/json"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limits.timeout_s
-        start = limits.response_start_timeout_s
-        first_by, which, seconds = deadline, "timeoutSeconds", limits.timeout_s
-        if start is not None and start < limits.timeout_s:
-            first_by, which, seconds = loop.time() + start, "responseStartTimeoutSeconds", start
+        now = asyncio.get_running_loop().time()
+        deadline = now + limits.timeout_s
+        # The first byte is waited for within all three, as Knative's timeout handler does
+        # (its idle timer runs from the request's start, reset by each write).
+        first_by, which, seconds = min(
+            (now + s, name, s) for name, s in (
+                ("timeoutSeconds", limits.timeout_s),
+                ("responseStartTimeoutSeconds", limits.response_start_timeout_s),
+                ("idleTimeoutSeconds", limits.idle_timeout_s)) if s)
         resp: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout_at(first_by):

@@ -16,7 +16,9 @@ import aiohttp
 import openai
 import pytest
 
+from activator.handler import Answer
 from activator.nats_stream import CHUNK, END, HEAD, SEQ_HEADER, request_stream
+from activator.openai import in_openai_shape
 from kernel.bus import Bus
 from kernel.messages import ScalingSpec, ServiceSpec
 from tests.stackutil import deploy, running_stack, sample_spec, wait_until
@@ -221,3 +223,32 @@ async def test_direct_mode_streams_too_and_holds_the_pods_slot_until_the_end(
             assert events[-1] == "[DONE]"
             assert first_at < json.loads(events[-2])["sent_at"], "first event before the end"
             assert gw.direct.total("tokens") == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        # The gateway's own errors (KServe's shape) said OpenAI's way.
+        (404, b'{"error": "Model with name x does not exist."}',
+         {"message": "Model with name x does not exist.", "type": "invalid_request_error",
+          "param": None, "code": "model_not_found"}),
+        (504, b'{"error": "model x did not answer"}',
+         {"message": "model x did not answer", "type": "timeout", "param": None,
+          "code": "timeout"}),
+        (503, b'{"error": "buffer full"}',
+         {"message": "buffer full", "type": "server_error", "param": None, "code": None}),
+        # vLLM's flat ErrorResponse, and a body that is not JSON.
+        (400, b'{"object": "error", "message": "bad n", "type": "BadRequestError"}',
+         {"message": "bad n", "type": "invalid_request_error", "param": None, "code": None}),
+        (500, b"boom", {"message": "boom", "type": "server_error", "param": None,
+                        "code": None}),
+        # A pod's own OpenAI error passes unchanged.
+        (429, b'{"error": {"message": "slow down", "type": "rate_limit_error"}}',
+         {"message": "slow down", "type": "rate_limit_error"}),
+    ],
+)
+def test_errors_on_the_openai_routes_take_openais_shape(status: int, body: bytes,
+                                                         expected: dict) -> None:
+    shaped = in_openai_shape(Answer(status, body, pod="p-1"))
+    assert shaped.status == status and shaped.pod == "p-1"
+    assert json.loads(shaped.body) == {"error": expected}
