@@ -299,10 +299,7 @@ class Handler:
 
     def _limits(self, name: str) -> Limits | None:
         svc = self.table.get(name)
-        if svc is None:
-            return None
-        spec = svc.spec
-        return Limits(spec.timeout_s, spec.response_start_timeout_s, spec.idle_timeout_s)
+        return Limits.of(svc.spec) if svc is not None else None
 
     def _streamed(self, name: str, resp: PodResponse, release: Callable[[], None],
                   done: Callable[[], None]) -> AnswerStream:

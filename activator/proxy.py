@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from kernel.messages import ServiceSpec
+
 # Headers worth carrying to the pod; hop-by-hop ones are the HTTP client's business.
 FORWARD_HEADERS = ("content-type", "accept", "traceparent", "tracestate", "x-request-id")
 # Answers with no body by definition: never a stream.
@@ -41,6 +43,10 @@ class Limits:
     timeout_s: float = 300.0
     response_start_timeout_s: float | None = None
     idle_timeout_s: float = 0.0
+
+    @classmethod
+    def of(cls, spec: ServiceSpec) -> Limits:
+        return cls(spec.timeout_s, spec.response_start_timeout_s, spec.idle_timeout_s)
 
 
 class PodStream:
