@@ -18,10 +18,11 @@ import msgspec
 
 from activator.batcher import BatchAborted, BatcherClosed, MicroBatcher
 from activator.direct import DirectPath
-from activator.proxy import PodResponse, PodUnreachable, Proxy
+from activator.proxy import Limits, PodResponse, PodTimeout, PodUnreachable, Proxy
 from activator.reporter import DemandReporter
 from activator.revisions import RevisionPicker
 from activator.services import ServiceTable
+from activator.streaming import AnswerStream, Ended
 from activator.throttler import BufferFull, ServiceGone, StartFailed, WaitTimeout
 from kernel import telemetry
 from kernel.config import ActivatorConfig
@@ -65,6 +66,9 @@ class Request:
     def target(self) -> str:
         """The name whose buffer, throttler and pods serve it: its revision, or the service."""
         return self.revision or self.service
+    # The caller can pass a pod's answer on as it comes (SSE, chunked): the answer then
+    # carries an AnswerStream the caller must close. False: answers are read whole.
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class Answer:
     retry_after_s: int = 0
     cold: bool = False
     revision: str = ""  # for X-Fnplane-Revision
+    stream: AnswerStream | None = None  # the body, as the pod writes it (body is then b"")
 
     @property
     def ok(self) -> bool:
@@ -91,6 +96,14 @@ class Answer:
 def error(status: int, message: str, *, retry_after_s: int = 0) -> Answer:
     """KServe's error shape: `{"error": "..."}`."""
     return Answer(status, json.dumps({"error": message}).encode(), retry_after_s=retry_after_s)
+
+
+def stream_failure(exc: Exception) -> Answer:
+    """How a stream that broke off after its start is reported, where the framing can still
+    say it (an SSE event, the last NATS message): a timeout 504, anything else 502."""
+    if isinstance(exc, PodTimeout):
+        return error(504, f"the model's stream was cut by its {exc.which} ({exc.seconds:g}s)")
+    return error(502, f"the stream from the model broke off: {exc}")
 
 
 def not_found(name: str, version: str | None = None) -> Answer:
@@ -192,6 +205,8 @@ class Handler:
         self._requests = metrics.hot_counter("fnplane.revision.requests", "service")
         self._direct = metrics.hot_counter("fnplane.gateway.direct.requests", "service")
         self._invocation = metrics.histogram("fnplane.serving.invocation.duration")
+        self._first_byte = metrics.histogram("fnplane.serving.first_byte.duration")
+        self._timeouts = metrics.counter("fnplane.serving.timeouts")
         self.rejected = metrics.counter("fnplane.activator.rejected")
         self._by_service = LabelCache("service")
         self._direct_attrs = LabelCache("service", path="direct")
@@ -303,10 +318,11 @@ class Handler:
             return Answer(status, json.dumps(body).encode(), path="activator-batch")
         if svc is not None and svc.mode == "direct":
             answer = await self.forward_direct(req.target, req.method, req.path, req.body,
-                                               headers)
+                                               headers, stream=req.stream)
             if answer is not None:
                 return answer
-        return await self.forward(req.target, req.method, req.path, req.body, headers)
+        return await self.forward(req.target, req.method, req.path, req.body, headers,
+                                  stream=req.stream)
 
     def _failure(self, name: str, exc: Exception) -> Answer:
         """Every failure of the request path, mapped to an answer once."""
@@ -325,16 +341,39 @@ class Handler:
                 return error(503, str(exc) or "service unavailable", retry_after_s=retry)
             case PodUnreachable():
                 return error(502, f"pods of {name} unreachable: {exc}", retry_after_s=retry)
-            case TimeoutError():
-                return error(504, f"model {name} did not answer in {self.config.pod_timeout_s:g}s")
+            case PodTimeout():
+                self.timed_out(name, exc)
+                return error(504, f"model {name} did not answer within its {exc.which} "
+                                  f"({exc.seconds:g}s)")
             case _:  # never a bare 500 page: KServe's shape, and the cause
                 log.error("%s: request to %s failed", self.id, name, exc_info=exc)
                 return error(500, f"{type(exc).__name__}: {exc}")
 
+    def timed_out(self, name: str, exc: PodTimeout) -> None:
+        self._timeouts.add(1, {"service": name, "timeout": exc.which})
+
+    def _limits(self, name: str) -> Limits | None:
+        svc = self.table.get(name)
+        return Limits.of(svc.spec) if svc is not None else None
+
+    def _streamed(self, name: str, resp: PodResponse, release: Callable[[], None],
+                  done: Callable[[], None]) -> AnswerStream:
+        """The pod's stream, giving back its slot (`release`) and recording the request
+        (`done`) when it ends, however it ends."""
+        assert resp.stream is not None
+
+        def on_end(_how: Ended) -> None:
+            release()
+            done()
+
+        return AnswerStream(resp.stream, on_end=on_end,
+                            on_timeout=lambda exc: self.timed_out(name, exc))
+
     # ---- the paths ---------------------------------------------------------------------------
 
     async def forward_direct(
-        self, name: str, method: str, path: str, body: bytes, headers: dict[str, str]
+        self, name: str, method: str, path: str, body: bytes, headers: dict[str, str],
+        *, stream: bool = False,
     ) -> Answer | None:
         """Straight to a pod, bypassing buffer and throttler; None when no pod has a free
         slot (or it refused the connection), so the caller takes the activator path."""
@@ -348,25 +387,42 @@ class Handler:
             return None
         t0 = time.time()
         thr.admitted += 1
-        try:
-            resp = await self.proxy.forward(target.url, method, path, body, headers)
-        except PodUnreachable:
-            return None
-        finally:
+
+        def release() -> None:
             self.direct.release(name, target.pod)
             thr.dispatch()
-        took = time.time() - t0
+
+        try:
+            resp = await self.proxy.forward(target.url, method, path, body, headers,
+                                            limits=self._limits(name), stream=stream)
+        except PodUnreachable:
+            release()
+            return None
+        except BaseException:
+            release()
+            raise
         # Counted once answered: a pod that refused sends the request down the activator
         # path, which counts it there. Labelled by service (a revision's is its service's:
         # fnplane.route.revision.requests counts per revision).
         label = svc.spec.revision_of or name
         self._requests.add(label)
         self._direct.add(label)
-        self._invocation.record(took, self._direct_attrs[label])
+        attrs = self._direct_attrs[label]
+        self._first_byte.record(resp.first_byte_at - t0, attrs)
+
+        def done() -> None:
+            self._invocation.record(time.time() - t0, attrs)
+
+        if resp.stream is not None:  # the slot is held until the stream ends
+            return _answer(resp, target.pod, "direct", cold=False,
+                           stream=self._streamed(name, resp, release, done))
+        release()
+        done()
         return _answer(resp, target.pod, "direct", cold=False)
 
     async def forward(
-        self, name: str, method: str, path: str, body: bytes, headers: dict[str, str]
+        self, name: str, method: str, path: str, body: bytes, headers: dict[str, str],
+        *, stream: bool = False,
     ) -> Answer:
         """Admit, wait for a pod if needed, forward; a pod that is gone (refused, reset or
         closed before answering) is marked dead and the request goes to another, or waits for
@@ -382,27 +438,40 @@ class Handler:
         self._requests.add(label)
         attempts = MAX_ATTEMPTS
         cold_any = False
+        limits = self._limits(name)
         while True:
             if thr.would_wait():
                 self.reporter.urgent(name)
             slot, cold = await thr.acquire(self.config.request_timeout_s)
             cold_any = cold_any or cold
             try:
-                resp = await self.proxy.forward(slot.url, method, path, body, headers)
+                resp = await self.proxy.forward(slot.url, method, path, body, headers,
+                                                limits=limits, stream=stream)
             except PodUnreachable as exc:
-                thr.mark_dead(slot)
+                thr.mark_dead(slot)  # before the release hands the slot to a waiter
+                thr.release(slot)
                 attempts -= 1
                 log.warning("%s: %s unreachable (%s); %s", self.id, slot.pod, exc,
                             "retrying" if attempts else "giving up")
                 if not attempts:
                     raise
                 continue
-            finally:
+            except BaseException:
                 thr.release(slot)
+                raise
             break
         if cold_any:
             self.reporter.cold_start(name, slot.endpoint, request_in, resp.first_byte_at)
-        self._invocation.record(time.time() - request_in, attrs)
+        self._first_byte.record(resp.first_byte_at - request_in, attrs)
+
+        def done() -> None:
+            self._invocation.record(time.time() - request_in, attrs)
+
+        if resp.stream is not None:  # the slot is held until the stream ends
+            return _answer(resp, slot.pod, "activator", cold=cold_any,
+                           stream=self._streamed(name, resp, lambda: thr.release(slot), done))
+        thr.release(slot)
+        done()
         return _answer(resp, slot.pod, "activator", cold=cold_any)
 
     def _batcher_for(self, spec: ServiceSpec) -> MicroBatcher | None:
@@ -423,5 +492,7 @@ class Handler:
         return MicroBatcher.for_spec(spec.batching, send)
 
 
-def _answer(resp: PodResponse, pod: str, path: str, *, cold: bool) -> Answer:
-    return Answer(resp.status, resp.body, resp.content_type, pod=pod, path=path, cold=cold)
+def _answer(resp: PodResponse, pod: str, path: str, *, cold: bool,
+            stream: AnswerStream | None = None) -> Answer:
+    return Answer(resp.status, resp.body, resp.content_type, pod=pod, path=path, cold=cold,
+                  stream=stream)

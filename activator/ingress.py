@@ -5,6 +5,7 @@ encodes its answer; health, metadata and metrics are answered here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
@@ -14,7 +15,15 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from activator import openapi
 from activator.errorpages import kserve_errors
-from activator.handler import Answer, Handler, Protocol, Request, error, not_found
+from activator.handler import (
+    Answer,
+    Handler,
+    Protocol,
+    Request,
+    error,
+    not_found,
+    stream_failure,
+)
 from kernel.config import ActivatorConfig
 from kernel.errors import RemoteError
 
@@ -110,7 +119,7 @@ class BodyLease:
 BUDGET_KEY = web.AppKey("body_budget", BodyBudget)
 
 
-def _http(answer: Answer) -> web.Response:
+def _headers(answer: Answer) -> dict[str, str]:
     headers = {"Content-Type": answer.content_type}
     if answer.pod:
         headers["X-Fnplane-Pod"] = answer.pod
@@ -120,7 +129,64 @@ def _http(answer: Answer) -> web.Response:
         headers["X-Fnplane-Revision"] = answer.revision
     if answer.retry_after_s:
         headers["Retry-After"] = str(answer.retry_after_s)
-    return web.Response(status=answer.status, body=answer.body, headers=headers)
+    return headers
+
+
+def _http(answer: Answer) -> web.Response:
+    return web.Response(status=answer.status, body=answer.body, headers=_headers(answer))
+
+
+# How often a stream waiting on its pod looks whether its client is still there: aiohttp
+# does not cancel a handler whose client left, and a pod between two tokens writes nothing
+# that would fail.
+CLIENT_CHECK_S = 0.2
+
+
+async def send(request: web.Request, answer: Answer,
+               broke: Callable[[Exception], bytes] | None = None) -> web.StreamResponse:
+    """The answer to the client: whole, or chunk by chunk as the pod writes it. A client
+    that leaves cuts the pod request and frees its slot at once; a stream the pod breaks
+    off (or a timeout cuts) ends the connection without the closing chunk, after, for
+    server-sent events, one `data:` event saying why (`broke`'s, from the failure)."""
+    stream = answer.stream
+    if stream is None:
+        return _http(answer)
+    resp = web.StreamResponse(status=answer.status, headers=_headers(answer))
+    if answer.content_type.startswith("text/event-stream"):
+        resp.headers["Cache-Control"] = "no-cache"
+        resp.headers["X-Accel-Buffering"] = "no"  # proxies in front: do not hold events
+    try:
+        await resp.prepare(request)
+
+        async def pump() -> None:
+            async for chunk in stream:
+                await resp.write(chunk)
+            await resp.write_eof()
+
+        copy = asyncio.ensure_future(pump())
+        while not copy.done():
+            await asyncio.wait({copy}, timeout=CLIENT_CHECK_S)
+            transport = request.transport
+            if not copy.done() and (transport is None or transport.is_closing()):
+                copy.cancel()
+                stream.close("client_gone")
+        try:
+            await copy
+        except asyncio.CancelledError:
+            if stream.ended != "client_gone":
+                raise
+        except (ConnectionError, RuntimeError):  # the client left as we wrote
+            stream.close("client_gone")
+        except Exception as exc:  # the pod broke off, or a timeout cut it
+            log.info("gateway: stream from %s ended early: %s", answer.pod, exc)
+            if broke is not None and answer.content_type.startswith("text/event-stream"):
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await resp.write(broke(exc))
+            if request.transport is not None:
+                request.transport.close()  # no closing chunk: the client sees it incomplete
+        return resp
+    finally:
+        stream.close("error")  # a no-op when it ended; else the slot is given back here
 
 
 async def live(_request: web.Request) -> web.Response:
@@ -192,9 +258,14 @@ async def _forward(request: web.Request, protocol: Protocol | None) -> web.Respo
         answer = await handler.handle(Request(
             service=request.match_info["name"], method=request.method, path=request.path_qs,
             body=body, headers=dict(request.headers), protocol=protocol,
-            version=request.match_info.get("version"),
+            version=request.match_info.get("version"), stream=True,
         ))
-        return _http(answer)
+        return await send(request, answer, broke=sse_error)
+
+
+def sse_error(exc: Exception) -> bytes:
+    """A server-sent event in KServe's error shape, for a stream cut after its start."""
+    return b"data: " + stream_failure(exc).body + b"\n\n"
 
 
 async def _read_body(request: web.Request, config: ActivatorConfig,

@@ -74,6 +74,21 @@ class KeyGate:
         self._count(key.id, service, "ok")
         return None
 
+    async def service_of(self, authorization: str | None) -> str | None:
+        """The service a valid key in force is for (None: no such key), without taking a
+        token: for listings (OpenAI's model list), which serve no model."""
+        token = bearer(authorization)
+        parsed = parse(token) if token is not None else None
+        if parsed is None:
+            return None
+        try:
+            stored = await self._lookup(parsed[0])
+        except (redis.exceptions.RedisError, OSError):
+            return None
+        if stored is None or not verdict(token, stored, stored.key.service).ok:
+            return None
+        return stored.key.service
+
     def forget(self, key_id: str) -> None:
         """A revoked key: read it again on its next use."""
         self._cache.pop(key_id, None)

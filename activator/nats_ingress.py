@@ -10,13 +10,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 
 import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from activator.handler import Answer, Handler, Protocol, Request, error, parse_body
+from activator.handler import (
+    Answer,
+    Handler,
+    Protocol,
+    Request,
+    error,
+    parse_body,
+    stream_failure,
+)
 from activator.nats_events import EventStreams
+from activator.nats_stream import CHUNK, END, HEAD, SEQ_HEADER, STREAM_HEADER, wants_stream
 from kernel import endpoints as ep
 from kernel import telemetry
 from kernel.bus import Bus
@@ -52,7 +62,8 @@ def nats_headers(answer: Answer) -> dict[str, str]:
     return headers
 
 
-def request_for(name: str, body: bytes, headers: Mapping[str, str] | None) -> Request | Answer:
+def request_for(name: str, body: bytes, headers: Mapping[str, str] | None,
+                *, stream: bool = False) -> Request | Answer:
     """A NATS body as the handler's request: its protocol by its shape (OIP v2 `inputs`,
     KServe v1 `instances`), or the 400 that keeps bad input from waking the service. A
     `Fnplane-Model-Version` header pins the version; an OIP body then goes to the pod's
@@ -74,13 +85,14 @@ def request_for(name: str, body: bytes, headers: Mapping[str, str] | None) -> Re
     forwarded = {"Content-Type": "application/json"}
     forwarded.update({k: v for k, v in (headers or {}).items() if k.lower() in _FORWARDED})
     return Request(service=name, method="POST", path=path, body=body, headers=forwarded,
-                   protocol=protocol, version=version)
+                   protocol=protocol, version=version, stream=stream)
 
 
 async def invoke(handler: Handler, name: str, body: bytes,
-                 headers: Mapping[str, str] | None) -> Answer:
-    """One inference through the handler: the same checks, paths and errors as HTTP."""
-    req = request_for(name, body, headers)
+                 headers: Mapping[str, str] | None, *, stream: bool = False) -> Answer:
+    """One inference through the handler: the same checks, paths and errors as HTTP.
+    `stream`: a streamed answer may come back with its AnswerStream (the caller closes it)."""
+    req = request_for(name, body, headers, stream=stream)
     return req if isinstance(req, Answer) else await handler.handle(req)
 
 
@@ -170,8 +182,14 @@ class NatsIngress:
 
     async def _answer(self, raw: Msg) -> None:
         name = ep.INVOKE.params_of(raw.subject).get("service", "")
+        streaming = wants_stream(raw.headers)
         try:
-            answer = await self._invoke(name, raw)
+            answer = await self._invoke(name, raw, stream=True)
+            if answer.stream is not None and not streaming:  # one message, as always
+                try:
+                    answer = replace(answer, body=await answer.stream.read_all(), stream=None)
+                except Exception as exc:
+                    answer = stream_failure(exc)
         except asyncio.CancelledError:
             retry = self.handler.config.retry_after_s
             await self._publish(
@@ -180,9 +198,39 @@ class NatsIngress:
             raise
         self.handler.metrics.counter("fnplane.activator.nats.requests").add(
             1, {"service": name, "status": str(answer.status)})
-        await self._publish(raw.reply, answer)
+        if answer.stream is not None:
+            await self._publish_stream(raw.reply, answer)
+        else:
+            await self._publish(raw.reply, answer)
 
-    async def _invoke(self, name: str, raw: Msg) -> Answer:
+    async def _publish_stream(self, subject: str, answer: Answer) -> None:
+        """The framing of activator/nats_stream.py: head, chunks, end."""
+        stream = answer.stream
+        assert stream is not None
+        seq = 0
+        nc = self.bus.nc
+        try:
+            await nc.publish(subject, b"", headers={**nats_headers(answer), STREAM_HEADER: HEAD})
+            end: dict[str, str] = {}
+            body = b""
+            try:
+                async for chunk in stream:
+                    seq += 1
+                    await nc.publish(subject, chunk,
+                                     headers={STREAM_HEADER: CHUNK, SEQ_HEADER: str(seq)})
+            except (nats.errors.Error, OSError):
+                raise
+            except Exception as exc:
+                failed = stream_failure(exc)
+                end, body = nats_headers(failed), failed.body
+            await nc.publish(subject, body,
+                             headers={**end, STREAM_HEADER: END, SEQ_HEADER: str(seq)})
+        except (nats.errors.Error, OSError):  # closing: the requester times out instead
+            log.debug("%s: stream on %s lost", self.handler.id, subject, exc_info=True)
+        finally:
+            stream.close("error")  # a no-op when it ended; else the slot is given back
+
+    async def _invoke(self, name: str, raw: Msg, *, stream: bool = False) -> Answer:
         """`invoke` inside the caller's trace; an unexpected failure is a 500, not silence."""
         try:
             if self.gate is not None:
@@ -190,7 +238,7 @@ class NatsIngress:
                 if refused is not None:
                     return refused
             with telemetry.continue_trace(raw.headers, f"{self.handler.id} {raw.subject}"):
-                return await invoke(self.handler, name, raw.data, raw.headers)
+                return await invoke(self.handler, name, raw.data, raw.headers, stream=stream)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

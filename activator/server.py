@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from activator import openai
 from activator.direct import DirectPath
 from activator.handler import Handler
 from activator.ingress import BodyBudget, ReadyCheck, build_app
@@ -106,6 +107,8 @@ class Activator(Component):
             await self.nats_ingress.start()
         self.ready = ready = ReadyCheck(lambda: not bus.nc.is_closed and bus.nc.is_connected)
         app = build_app(handler, ready=ready, bodies=self.bodies, middlewares=middlewares)
+        openai.add_routes(app, None if self.gate is None
+                          else openai.Gate(self.gate.admit, self.gate.service_of))
         cfg = self.config
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.drain_timeout_s,
                                      keepalive_timeout=cfg.keepalive_timeout_s,

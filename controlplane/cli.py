@@ -290,6 +290,10 @@ def spec_from_flags(args: argparse.Namespace) -> ServiceSpec:
         run_as_group=args.run_as_group,
         tolerations=[parse_toleration(t) for t in args.toleration or []],
         storage_uri=args.storage_uri,
+        timeout_s=_seconds(args.timeout),
+        response_start_timeout_s=(_seconds(args.response_start_timeout)
+                                  if args.response_start_timeout else None),
+        idle_timeout_s=_seconds(args.idle_timeout),
         storage_sha256=args.storage_sha256,
         prefetch=args.prefetch,
     ).validate()
@@ -432,6 +436,10 @@ async def run_describe(args: argparse.Namespace) -> int:
           f"target {_target(sc)} ({sc.target_utilization:.0%}), "
           f"container concurrency {sp.container_concurrency or 'unlimited'}, "
           f"window {sc.stable_window_s:g}s, scale-to-zero grace {sc.scale_to_zero_grace_s:g}s")
+    start = sp.response_start_timeout_s
+    print(f"Timeouts:    request {sp.timeout_s:g}s, response start "
+          f"{f'{start:g}s' if start is not None else 'as request'}, idle "
+          f"{f'{sp.idle_timeout_s:g}s' if sp.idle_timeout_s else 'none'}")
     print(f"Pods:        {st.ready_pods} ready, {st.desired_pods} desired")
     for p in st.pods:
         print(f"  {p.pod:<22} {p.state:<11} node {p.node} (partition "
@@ -692,6 +700,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a node taint the pods tolerate, as kubectl writes taints: "
                           "KEY=VALUE:EFFECT (Equal), KEY:EFFECT or KEY (Exists), '*' every "
                           "taint; GPU pods tolerate nvidia.com/gpu:NoSchedule without it")
+    # kn's --timeout (timeoutSeconds), and Knative's two other per-request timeouts.
+    dep.add_argument("--timeout", default="300s",
+                     help="the whole request on the pod, streamed answer included (Knative "
+                          "timeoutSeconds; at most 600s)")
+    dep.add_argument("--response-start-timeout", default="",
+                     help="wait at most this for the pod's first byte (Knative "
+                          "responseStartTimeoutSeconds; default: --timeout)")
+    dep.add_argument("--idle-timeout", default="0s",
+                     help="at most this between two chunks of a streamed answer (Knative "
+                          "idleTimeoutSeconds; 0: no limit)")
     dep.add_argument("--readiness-period", default="1s",
                      help="probe a ready pod this often (a pod failing it gets no traffic)")
     dep.add_argument("--readiness-failure-threshold", type=int, default=3,

@@ -118,6 +118,7 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
             "scaleToZeroGracePeriodSeconds", "scaleDownDelaySeconds", "targetBurstCapacity",
             "batching", "container", "model", "modelVersion", "modelId", "tolerations",
             "activationScale", "storageUri", "prefetch", "canaryTrafficPercent",
+            "timeoutSeconds", "responseStartTimeoutSeconds", "idleTimeoutSeconds",
         },
         "spec.predictor",
     )
@@ -190,6 +191,11 @@ def spec_from_manifest(doc: dict[str, Any]) -> ServiceSpec:
         readiness_failure_threshold=int(probe.get("failureThreshold", 3)),
         storage_uri=storage_uri,
         prefetch=_count(pred.get("prefetch", 0), "spec.predictor.prefetch"),
+        # Knative's RevisionSpec names, beside containerConcurrency as there.
+        timeout_s=float(pred.get("timeoutSeconds", 300)),
+        response_start_timeout_s=(None if pred.get("responseStartTimeoutSeconds") is None
+                                  else float(pred["responseStartTimeoutSeconds"])),
+        idle_timeout_s=float(pred.get("idleTimeoutSeconds", 0)),
         batching=BatchingSpec(
             max_batch_size=int(batching.get("maxBatchSize", 0)),
             max_wait_ms=float(batching.get("maxWaitMs", 5)),

@@ -99,7 +99,8 @@ class ActivatorConfig:
     buffer_size: int = 1000
     # How long a buffered request may wait for a pod before it gets a 503.
     request_timeout_s: float = 60.0
-    # How long a proxied request may take on the pod.
+    # How long a proxied request may take on the pod when no service spec says (each
+    # service's Knative timeouts, ServiceSpec.timeout_s and the rest, govern its requests).
     pod_timeout_s: float = 300.0
     max_body_bytes: int = 16 * 1024 * 1024
     metrics_interval_s: float = 1.0

@@ -304,7 +304,9 @@ PLACE_SAMPLING: Endpoint[PlaceRequest, Placement | Unschedulable] = _ep(
 # ---- ingress: what clients send (JSON bodies, not fnplane messages) ------------------------------
 INVOKE: Endpoint[bytes, bytes] = _ep(
     "invoke", "svc.invoke.{service}", bytes, bytes, "activator", "client",
-    "request-reply inference: a KServe v1 or OIP v2 JSON body, answered as HTTP would",
+    "request-reply inference: a KServe v1 or OIP v2 JSON body, answered as HTTP would; with "
+    "`Fnplane-Stream: 1` a streamed answer comes as head, chunk... and end messages "
+    "(activator/nats_stream.py)",
     queue="activator")
 EVENTS: Endpoint[bytes, None] = _ep(
     "events", "svc.events.{service}", bytes, None, "activator", "client",

@@ -170,6 +170,20 @@ class TrafficTarget(msgspec.Struct, frozen=True, kw_only=True):
 # Knative's `serving.knative.dev/routingState`: a revision no traffic target names (no
 # percent, no tag) is `reserve` and scales to zero whatever its min-scale.
 RoutingState = Literal["active", "reserve"]
+# Knative's max-revision-timeout-seconds: no request timeout above it.
+MAX_TIMEOUT_S = 600.0
+
+
+def _check_timeouts(s: ServiceSpec) -> None:
+    """Knative's bounds (revision_validation.go): each in (0, max]; the first byte cannot be
+    waited for longer than the whole request may take."""
+    if not 0 < s.timeout_s <= MAX_TIMEOUT_S:
+        raise SpecError(f"timeoutSeconds must be in (0, {MAX_TIMEOUT_S:g}]")
+    start = s.response_start_timeout_s
+    if start is not None and not 0 < start <= s.timeout_s:
+        raise SpecError("responseStartTimeoutSeconds must be > 0 and <= timeoutSeconds")
+    if not 0 <= s.idle_timeout_s <= MAX_TIMEOUT_S:
+        raise SpecError(f"idleTimeoutSeconds must be in [0, {MAX_TIMEOUT_S:g}] (0: no limit)")
 
 
 class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -236,6 +250,14 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
     latest_revision: str = ""
     traffic: list[TrafficTarget] = []
     promoted: list[str] = []
+    # Knative's per-request timeouts (RevisionSpec timeoutSeconds, responseStartTimeoutSeconds,
+    # idleTimeoutSeconds; config-defaults' revision-*-timeout-seconds): the whole request on
+    # the pod, its first byte, the gap between two chunks of its answer. Response start
+    # unset is timeoutSeconds and idle 0 is no limit, as Knative's defaults; each expiry is
+    # a 504 (activator/timeouts.py). A streamed answer (SSE, chunked) is bounded by all three.
+    timeout_s: float = 300.0
+    response_start_timeout_s: float | None = None
+    idle_timeout_s: float = 0.0
 
     def validate(self) -> ServiceSpec:
         """Refuse specs the control plane cannot honour, before anything is stored."""
@@ -299,6 +321,7 @@ class ServiceSpec(msgspec.Struct, frozen=True, kw_only=True):
             raise SpecError("prefetch must be >= 0 (nodes to warm the model on)")
         if s.prefetch and not s.storage_uri:
             raise SpecError("prefetch needs a storage URI (the weights to warm)")
+        _check_timeouts(s)
         return self
 
     @property

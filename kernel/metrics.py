@@ -71,6 +71,13 @@ CATALOGUE: tuple[Instrument, ...] = (
     _i("fnplane.serving.invocation.duration", "histogram", "s",
        "Time from a request's arrival at the gateway to its answer (path=direct: proxied "
        "straight to a pod).", "service", "path"),
+    _i("fnplane.serving.first_byte.duration", "histogram", "s",
+       "Time from a request's arrival at the gateway to the pod's first byte (a streamed "
+       "answer's first token; path=direct: proxied straight to a pod).", "service", "path"),
+    _i("fnplane.serving.timeouts", "counter", "{request}",
+       "Requests cut by one of their service's timeouts (timeout: timeoutSeconds, "
+       "responseStartTimeoutSeconds, idleTimeoutSeconds), answered 504 or cut mid-stream.",
+       "service", "timeout"),
     _i("fnplane.activator.rejected", "counter", "{request}",
        "Requests the gateway refused, by reason.", "service", "reason"),
     _i("fnplane.gateway.direct.requests", "counter", "{request}",

@@ -212,6 +212,18 @@ async def test_every_ingress_refuses_with_the_right_status_and_body(
             limited = await _post(http, url, "keyed", tight.secret)
             async with http.get(f"{url}/v2/health/ready") as r:
                 health = r.status  # no model named: no key asked
+            # OpenAI's routes name the model in the body: gated there, refused in its shape.
+            chat = {"model": "keyed", "messages": [{"role": "user", "content": "hi"}]}
+            openai_seen = []
+            for k in (None, theirs):
+                async with http.post(f"{url}/openai/v1/chat/completions", json=chat,
+                                     headers={"Authorization": f"Bearer {k}"} if k else {}) as r:
+                    openai_seen.append((r.status, await r.json()))
+            listed = []
+            for k in (mine, None):
+                async with http.get(f"{url}/openai/v1/models",
+                                    headers={"Authorization": f"Bearer {k}"} if k else {}) as r:
+                    listed.append((r.status, await r.json()))
             grpc_seen = [await _grpc_infer(address, "keyed", k)
                          for k in (mine, None, theirs)]
             nats_seen = [await _nats_infer(nats_url, "keyed", k) for k in (mine, None, theirs)]
@@ -233,6 +245,12 @@ async def test_every_ingress_refuses_with_the_right_status_and_body(
         "error": f"API key {tight.key.id} is over its rate limit of 0.2 requests/s"}
     assert 1 <= int(limited[2]["Retry-After"]) <= 5
     assert health == 200
+    assert openai_seen[0][0] == 401
+    assert openai_seen[0][1]["error"]["type"] == "authentication_error"
+    assert openai_seen[1][0] == 403
+    assert openai_seen[1][1]["error"]["message"] == f"API key {key_id} is not for model keyed"
+    assert listed[0][0] == 200 and [m["id"] for m in listed[0][1]["data"]] == ["keyed"]
+    assert listed[1][0] == 401
     assert grpc_seen[0] == ("OK", "")
     assert grpc_seen[1][0] == "UNAUTHENTICATED" and "API key is required" in grpc_seen[1][1]
     assert grpc_seen[2] == ("PERMISSION_DENIED", f"API key {key_id} is not for model keyed")

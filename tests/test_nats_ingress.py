@@ -101,9 +101,9 @@ async def test_request_reply_v2_and_v1_from_zero_answer_with_the_model_output(
         sent_headers: list[dict[str, str]] = []
         forward = proxy.forward
 
-        async def recording_forward(url, method, path, body, headers):  # type: ignore[no-untyped-def]
+        async def recording_forward(url, method, path, body, headers, **kw):  # type: ignore[no-untyped-def]
             sent_headers.append(dict(headers))
-            return await forward(url, method, path, body, headers)
+            return await forward(url, method, path, body, headers, **kw)
 
         proxy.forward = recording_forward  # type: ignore[method-assign]
         trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -160,9 +160,9 @@ async def test_a_model_version_header_pins_the_version_as_a_versioned_path_does(
         paths: list[str] = []
         forward = proxy.forward
 
-        async def recording_forward(url, method, path, body, headers):  # type: ignore[no-untyped-def]
+        async def recording_forward(url, method, path, body, headers, **kw):  # type: ignore[no-untyped-def]
             paths.append(path)
-            return await forward(url, method, path, body, headers)
+            return await forward(url, method, path, body, headers, **kw)
 
         proxy.forward = recording_forward  # type: ignore[method-assign]
         subject = ep.INVOKE.subject_for(service="sample")

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controlplane.cli import build_parser, spec_from_flags
 from controlplane.specfile import load_spec_file, parse_cpu, parse_memory_mb, spec_from_manifest
 from kernel import messages
 from kernel.messages import (
@@ -90,6 +91,12 @@ def test_a_good_spec_validates_to_itself() -> None:
         (with_fields(model_version=""), "model version ''"),
         (with_fields(model_version="1/infer"), "model version '1/infer'"),
         (with_fields(model_version="-1"), "model version '-1'"),
+        (with_fields(timeout_s=0), "timeoutSeconds must be in (0, 600]"),
+        (with_fields(timeout_s=601), "timeoutSeconds must be in (0, 600]"),
+        (with_fields(timeout_s=10, response_start_timeout_s=11),
+         "responseStartTimeoutSeconds must be > 0 and <= timeoutSeconds"),
+        (with_fields(response_start_timeout_s=0), "responseStartTimeoutSeconds must be > 0"),
+        (with_fields(idle_timeout_s=-1), "idleTimeoutSeconds must be in"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -276,6 +283,9 @@ MANIFEST: dict[str, Any] = {
             "model": "llama-3-8b",
             "modelVersion": "2024.1",
             "batching": {"maxBatchSize": 8, "maxWaitMs": 2},
+            "timeoutSeconds": 120,
+            "responseStartTimeoutSeconds": 30,
+            "idleTimeoutSeconds": 5,
             "container": {
                 "command": ["python", "-m", "server"],
                 "args": ["--port-from-env"],
@@ -314,6 +324,9 @@ def test_a_full_manifest_becomes_exactly_its_spec() -> None:
         model="llama-3-8b",
         model_version="2024.1",
         batching=BatchingSpec(max_batch_size=8, max_wait_ms=2.0),
+        timeout_s=120.0,
+        response_start_timeout_s=30.0,
+        idle_timeout_s=5.0,
     )
 
 
@@ -322,6 +335,9 @@ def test_a_minimal_manifest_takes_knative_defaults() -> None:
 
     assert spec == ServiceSpec(name="tiny", command=["python", "-m", "examples.sample.server"],
                                scaling=ScalingSpec(min_scale=1))  # KServe's minReplicas default
+    # Knative's request timeouts: 300 s, the first byte within it, no idle limit.
+    assert (spec.timeout_s, spec.response_start_timeout_s, spec.idle_timeout_s) == (
+        300.0, None, 0.0)
 
 
 def test_rps_manifest_targets_requests_per_second() -> None:
@@ -492,3 +508,20 @@ def test_kserve_fields_fnplane_does_not_implement_are_refused_by_name(
 def test_the_container_is_given_once() -> None:
     with pytest.raises(SpecError, match="not both"):
         spec_from_manifest(kserve({"image": "x"}, container={"command": ["y"]}))
+
+
+@pytest.mark.parametrize(
+    ("flags", "timeouts"),
+    [
+        ([], (300.0, None, 0.0)),  # Knative's defaults
+        (["--timeout", "60", "--response-start-timeout", "10s", "--idle-timeout", "2s"],
+         (60.0, 10.0, 2.0)),
+        (["--timeout", "2m"], (120.0, None, 0.0)),
+    ],
+)
+def test_deploy_flags_set_the_knative_timeouts(flags: list[str],
+                                               timeouts: tuple[float, float | None, float]
+                                               ) -> None:
+    spec = spec_from_flags(build_parser().parse_args(["deploy", "svc", *flags])).validate()
+
+    assert (spec.timeout_s, spec.response_start_timeout_s, spec.idle_timeout_s) == timeouts
