@@ -34,11 +34,14 @@ from kernel.bus import Bus
 from kernel.config import ActivatorConfig, Config, NodesConfig
 from kernel.identity import login
 from kernel.messages import DeployRequest, Resources, ScalingSpec, ServiceSpec
+from kernel.revisions import revision_name
 from loadtests.burst import processes_left
 from loadtests.report import percentile, rounded
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE = "tokens"
+# Its first revision's pods serve it (kernel/revisions.py); the throttler is per revision.
+REVISION = revision_name(SERVICE, 1)
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ async def measure(stack: Stack, opts: Options) -> dict[str, object]:
     async def sample() -> None:
         nonlocal max_pods
         while True:
-            svc = stack.activator.services.get(SERVICE) if stack.activator else None
+            svc = stack.activator.services.get(REVISION) if stack.activator else None
             if svc is not None:
                 max_pods = max(max_pods, svc.throttler.ready_pods())
             await asyncio.sleep(0.1)
@@ -136,7 +139,7 @@ async def measure(stack: Stack, opts: Options) -> dict[str, object]:
     ttft = [r[2] for r in ok if r[2] is not None]
     tokens = sum(r[4] for r in records)
     sampler.cancel()
-    svc = stack.activator.services[SERVICE]
+    svc = stack.activator.services[REVISION]
     # Warm: one stream at a time, alternately through the gateway and to the pod itself.
     pod = min(svc.throttler.pods.values(), key=lambda s: s.pod).url
     progress(f"added time to first token: {opts.pairs} pairs, gateway vs {pod}")

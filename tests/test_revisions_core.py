@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Iterator
 from itertools import pairwise
 
 import msgspec
@@ -14,6 +15,7 @@ import pytest
 from kernel import revisions as rv
 from kernel.errors import ErrorCode, RemoteError
 from kernel.messages import ScalingSpec, ServiceSpec, TrafficTarget
+from kernel.metrics import Metrics
 
 T = TrafficTarget
 REVS = ["svc-00001", "svc-00002", "svc-00003"]
@@ -198,30 +200,36 @@ def test_a_reserve_revision_keeps_no_pods_whatever_its_min_scale() -> None:
 # ---- the activator's side: which revision a request reaches --------------------------------
 
 
-def picker_for(service: ServiceSpec, draws: list[float]):  # type: ignore[no-untyped-def]
+@pytest.fixture
+def test_metrics() -> Iterator[Metrics]:
+    m = Metrics("activator-test")
+    yield m
+    m.close()
+
+
+def picker_for(service: ServiceSpec, draws: list[float],  # type: ignore[no-untyped-def]
+               metrics: Metrics):
     """The activator's service table as sync.py fills it (revisions, then the service), and
     its picker with a scripted draw."""
     from activator.direct import DirectPath
     from activator.revisions import RevisionPicker
     from activator.services import ServiceTable
-    from kernel.metrics import Metrics
 
     table = ServiceTable(buffer_size=10, direct=DirectPath())
     for rev in service.revisions:
         table.upsert(rv.revision_spec(spec(), rv.revision_number(rev)))
     table.upsert(service)
     it = iter(draws)
-    return table, RevisionPicker(table, Metrics("activator-test"), log_id="t",
-                                 draw=lambda: next(it))
+    return table, RevisionPicker(table, metrics, log_id="t", draw=lambda: next(it))
 
 
-def test_the_activator_reaches_a_revision_by_tag_version_or_draw() -> None:
+def test_the_activator_reaches_a_revision_by_tag_version_or_draw(test_metrics: Metrics) -> None:
     from kernel.messages import Endpoints
 
     two = spec(revisions=["svc-00001", "svc-00002"], latest_revision="svc-00002",
                traffic=[T(revision="svc-00002", percent=10, tag="canary"),
                         T(revision="svc-00001", percent=90)])
-    table, picker = picker_for(two, [0.05, 0.5, 0.95, 0.5])
+    table, picker = picker_for(two, [0.05, 0.5, 0.95, 0.5], test_metrics)
     assert [picker.choose(two, {}, None).revision for _ in range(3)] == [
         "svc-00002", "svc-00001", "svc-00001"]  # the draw decides, by weight, in block order
     assert picker.choose(two, {"X-Fnplane-Tag": "canary"}, None).revision == "svc-00002"
@@ -238,6 +246,6 @@ def test_the_activator_reaches_a_revision_by_tag_version_or_draw() -> None:
     # one revision: the service answers to its model version only, as before revisions
     one = spec(revisions=["svc-00001"], latest_revision="svc-00001", model_version="5",
                traffic=[T(revision="svc-00001", percent=100)])
-    _, picker = picker_for(one, [0.5])
+    _, picker = picker_for(one, [0.5], test_metrics)
     assert picker.choose(one, {}, "1").status == 404
     assert picker.choose(one, {}, "5").revision == "svc-00001"

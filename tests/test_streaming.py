@@ -21,9 +21,11 @@ from activator.nats_stream import CHUNK, END, HEAD, SEQ_HEADER, request_stream
 from activator.openai import in_openai_shape
 from kernel.bus import Bus
 from kernel.messages import ScalingSpec, ServiceSpec
+from kernel.revisions import revision_name
 from tests.stackutil import deploy, running_stack, sample_spec, wait_until
 
 TOKENS = [sys.executable, "-m", "examples.tokens.server"]
+REVISION = revision_name("tokens", 1)  # whose pods, throttler and direct slots serve it
 
 
 def tokens_spec(name: str = "tokens", **overrides: object) -> ServiceSpec:
@@ -94,7 +96,7 @@ async def test_client_that_leaves_mid_stream_frees_its_slot_and_cuts_the_pod(
             async with http.post(url, json=body) as r:
                 assert r.status == 200 and r.content_type == "text/event-stream"
                 await r.content.readuntil(b"\n\n")
-                throttler = stack.activator.services["tokens"].throttler
+                throttler = stack.activator.services[REVISION].throttler
                 assert throttler.in_flight == 1, "the stream holds its pod slot"
                 pod_url = next(iter(throttler.pods.values())).url
                 r.connection.transport.close()  # the client leaves, 25 s of tokens to go
@@ -135,7 +137,7 @@ async def test_nats_request_reply_streams_as_messages_with_an_end_marker(
             # A requester that did not ask for a stream gets one message, as always.
             whole = await bus.nc.request("svc.invoke.tokens", body, timeout=30)
             assert len(sse_events(whole.data)) == 5
-            assert stack.activator.services["tokens"].throttler.in_flight == 0
+            assert stack.activator.services[REVISION].throttler.in_flight == 0
         finally:
             await bus.close()
 
@@ -211,18 +213,18 @@ async def test_direct_mode_streams_too_and_holds_the_pods_slot_until_the_end(
             async with http.post(url, json={**body, "token_delay_ms": 1}) as r:
                 assert r.headers["X-Fnplane-Path"] == "activator", "the cold one is buffered"
                 await r.read()
-            await wait_until(lambda: _value(gw.services["tokens"].mode),
+            await wait_until(lambda: _value(gw.services[REVISION].mode),
                              lambda m: m == "direct", timeout=10, what="direct mode")
             async with http.post(url, json=body) as r:
                 assert r.headers["X-Fnplane-Path"] == "direct"
                 first = await r.content.readuntil(b"\n\n")
                 first_at = time.time()
-                assert gw.direct.total("tokens") == 1, "the stream holds its direct slot"
+                assert gw.direct.total(REVISION) == 1, "the stream holds its direct slot"
                 rest = await r.read()
             events = sse_events(first + rest)
             assert events[-1] == "[DONE]"
             assert first_at < json.loads(events[-2])["sent_at"], "first event before the end"
-            assert gw.direct.total("tokens") == 0
+            assert gw.direct.total(REVISION) == 0
 
 
 @pytest.mark.parametrize(
