@@ -26,7 +26,7 @@ from kernel import telemetry
 from kernel.config import ActivatorConfig
 from kernel.errors import RemoteError
 from kernel.messages import ServiceSpec
-from kernel.metrics import LabelCache, Metrics
+from kernel.metrics import SERVICE, LabelCache, Metrics
 
 log = logging.getLogger(__name__)
 # Pods tried for one request: each that is gone is marked dead, so this bounds a request's
@@ -178,12 +178,12 @@ class Handler:
         self.metrics = metrics
         # Instruments and attribute sets made once: recording on the request path is then
         # one SDK call with a cached mapping.
-        self._requests = metrics.hot_counter("fnplane.revision.requests", "service")
-        self._direct = metrics.hot_counter("fnplane.gateway.direct.requests", "service")
+        self._requests = metrics.hot_counter("fnplane.revision.requests", SERVICE)
+        self._direct = metrics.hot_counter("fnplane.gateway.direct.requests", SERVICE)
         self._invocation = metrics.histogram("fnplane.serving.invocation.duration")
         self.rejected = metrics.counter("fnplane.activator.rejected")
-        self._by_service = LabelCache("service")
-        self._direct_attrs = LabelCache("service", path="direct")
+        self._by_service = LabelCache(SERVICE)
+        self._direct_attrs = LabelCache(SERVICE, path="direct")
         self.lookup = lookup
         self.id = log_id
         # Services whose pods answered a versioned path with NO_VERSIONED_PATHS: their
@@ -258,13 +258,13 @@ class Handler:
         retry = self.config.retry_after_s
         match exc:
             case BufferFull():
-                self.rejected.add(1, {"service": name, "reason": "buffer_full"})
+                self.rejected.add(1, {SERVICE: name, "reason": "buffer_full"})
                 return error(503, str(exc), retry_after_s=retry)
             case WaitTimeout():
-                self.rejected.add(1, {"service": name, "reason": "timeout"})
+                self.rejected.add(1, {SERVICE: name, "reason": "timeout"})
                 return error(503, str(exc), retry_after_s=retry)
             case StartFailed():
-                self.rejected.add(1, {"service": name, "reason": "start_failed"})
+                self.rejected.add(1, {SERVICE: name, "reason": "start_failed"})
                 return error(503, f"service {name} failed to start: {exc}", retry_after_s=retry)
             case ServiceGone() | BatcherClosed() | BatchAborted():
                 return error(503, str(exc) or "service unavailable", retry_after_s=retry)

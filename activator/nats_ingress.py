@@ -22,6 +22,7 @@ from kernel import telemetry
 from kernel.bus import Bus
 from kernel.config import NatsIngressConfig
 from kernel.messages import ServiceDeleted, SpecUpdated
+from kernel.metrics import SERVICE, STATUS_CODE
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class NatsIngress:
             )
             raise
         self.handler.metrics.counter("fnplane.activator.nats.requests").add(
-            1, {"service": name, "status": str(answer.status)})
+            1, {SERVICE: name, STATUS_CODE: str(answer.status)})
         await self._publish(raw.reply, answer)
 
     async def _invoke(self, name: str, raw: Msg) -> Answer:

@@ -16,31 +16,34 @@ DASHBOARD = (Path(__file__).resolve().parent.parent / "deploy" / "overlays" / "m
              / "dashboard.json")
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "[$__rate_interval]"
+# The service label: Knative's `kn.service.name` as Prometheus shows it (kernel/metrics.py).
+SVC = "kn_service_name"
+BY_SVC = "{{" + SVC + "}}"
 
 # (title, unit, [(expr, legend)]), two panels a row.
 PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Requests per service", "reqps", [
-        (f"sum by (service) (rate(fnplane_revision_requests_total{RATE}))", "{{service}}")]),
+        (f"sum by ({SVC}) (rate(fnplane_revision_requests_total{RATE}))", BY_SVC)]),
     ("Errors per service (gateway refusals)", "reqps", [
-        (f"sum by (service, reason) (rate(fnplane_activator_rejected_total{RATE}))",
-         "{{service}} {{reason}}")]),
+        (f"sum by ({SVC}, reason) (rate(fnplane_activator_rejected_total{RATE}))",
+         BY_SVC + " {{reason}}")]),
     ("Cold starts per service", "short", [
-        (f"sum by (service) (increase(fnplane_cold_starts_total{RATE}))", "{{service}}")]),
+        (f"sum by ({SVC}) (increase(fnplane_cold_starts_total{RATE}))", BY_SVC)]),
     ("Cold start p90 by stage", "s", [
         ("histogram_quantile(0.9, sum by (le, stage) "
          f"(rate(fnplane_cold_start_stage_duration_seconds_bucket{RATE})))", "{{stage}}"),
         ("histogram_quantile(0.9, sum by (le) "
          f"(rate(fnplane_cold_start_duration_seconds_bucket{RATE})))", "total")]),
     ("Pods desired and actual", "short", [
-        ("sum by (service) (fnplane_revision_pods_desired)", "{{service}} desired"),
-        ("sum by (service) (fnplane_revision_pods_count)", "{{service}} actual"),
-        ("max by (service) (fnplane_revision_panic_mode)", "{{service}} panic")]),
+        (f"sum by ({SVC}) (fnplane_revision_pods_desired)", BY_SVC + " desired"),
+        (f"sum by ({SVC}) (fnplane_revision_pods_count)", BY_SVC + " actual"),
+        (f"max by ({SVC}) (fnplane_revision_panic_mode)", BY_SVC + " panic")]),
     ("Gateway buffer depth", "short", [
-        ("sum by (service) (fnplane_revision_request_queued)", "{{service}} queued"),
-        ("sum by (service) (fnplane_revision_request_concurrency)", "{{service}} in flight")]),
+        (f"sum by ({SVC}) (fnplane_revision_request_queued)", BY_SVC + " queued"),
+        (f"sum by ({SVC}) (fnplane_revision_request_concurrency)", BY_SVC + " in flight")]),
     ("Request latency p99", "s", [
-        ("histogram_quantile(0.99, sum by (le, service) "
-         f"(rate(fnplane_serving_invocation_duration_seconds_bucket{RATE})))", "{{service}}")]),
+        (f"histogram_quantile(0.99, sum by (le, {SVC}) "
+         f"(rate(fnplane_serving_invocation_duration_seconds_bucket{RATE})))", BY_SVC)]),
     ("Placements per second", "ops", [
         (f"sum by (outcome) (rate(fnplane_schedule_placements_total{RATE}))", "{{outcome}}")]),
     ("Placement latency p99", "s", [

@@ -56,6 +56,15 @@ class Instrument:
     labels: tuple[str, ...] = ()  # besides `component`
 
 
+# Attribute names: Knative Serving's OpenTelemetry ones where Knative has one
+# (knative/serving pkg/metrics/newkey.go, and its serving-metrics reference: `kn.service.name`
+# on revision and autoscaler metrics, `http.response.status_code` on invocation metrics);
+# Prometheus shows them with dots as underscores (`kn_service_name`). An fnplane service is
+# Knative's service and configuration at once; `kn.revision.name` waits for revisions.
+SERVICE = "kn.service.name"
+STATUS_CODE = "http.response.status_code"
+
+
 def _i(name: str, kind: str, unit: str, help: str, *labels: str) -> Instrument:
     return Instrument(name, kind, unit, help, labels)
 
@@ -63,42 +72,43 @@ def _i(name: str, kind: str, unit: str, help: str, *labels: str) -> Instrument:
 CATALOGUE: tuple[Instrument, ...] = (
     # the gateway (activator), per service
     _i("fnplane.revision.requests", "counter", "{request}",
-       "Requests the gateway admitted for a service, buffered or direct.", "service"),
+       "Requests the gateway admitted for a service, buffered or direct.", SERVICE),
     _i("fnplane.revision.request.queued", "gauge", "{request}",
-       "Requests buffered in the gateway waiting for a pod.", "service"),
+       "Requests buffered in the gateway waiting for a pod.", SERVICE),
     _i("fnplane.revision.request.concurrency", "gauge", "{request}",
-       "Requests the gateway has in flight to a service's pods.", "service"),
+       "Requests the gateway has in flight to a service's pods.", SERVICE),
     _i("fnplane.serving.invocation.duration", "histogram", "s",
        "Time from a request's arrival at the gateway to its answer (path=direct: proxied "
-       "straight to a pod).", "service", "path"),
+       "straight to a pod).", SERVICE, "path"),
     _i("fnplane.activator.rejected", "counter", "{request}",
-       "Requests the gateway refused, by reason.", "service", "reason"),
+       "Requests the gateway refused, by reason.", SERVICE, "reason"),
     _i("fnplane.gateway.direct.requests", "counter", "{request}",
-       "Requests proxied straight to a pod, the activator out of the path.", "service"),
+       "Requests proxied straight to a pod, the activator out of the path.", SERVICE),
     _i("fnplane.activator.events", "counter", "{event}",
-       "Pod events the gateway consumed from JetStream, by outcome.", "service", "outcome"),
+       "Pod events the gateway consumed from JetStream, by outcome.", SERVICE, "outcome"),
     _i("fnplane.activator.events.lag", "gauge", "{event}",
-       "JetStream consumer lag: pod events published but not yet consumed.", "service"),
+       "JetStream consumer lag: pod events published but not yet consumed.", SERVICE),
     _i("fnplane.activator.nats.requests", "counter", "{request}",
-       "Inference requests that arrived over NATS, by answer status.", "service", "status"),
+       "Inference requests that arrived over NATS, by answer status.", SERVICE,
+       STATUS_CODE),
     _i("fnplane.activator.nats.dropped", "counter", "{request}",
        "NATS requests dropped without an answer, by reason.", "reason"),
     _i("fnplane.cold_starts", "counter", "{cold_start}",
-       "Cold starts: the first request a new pod answered.", "service"),
+       "Cold starts: the first request a new pod answered.", SERVICE),
     _i("fnplane.cold_start.duration", "histogram", "s",
-       "A cold request's time from arrival to first byte out.", "service"),
+       "A cold request's time from arrival to first byte out.", SERVICE),
     _i("fnplane.cold_start.stage.duration", "histogram", "s",
        "A cold start's stages: placement, weights_fetch, spawn, ready, first_byte.",
-       "service", "stage"),
+       SERVICE, "stage"),
     # scale
     _i("fnplane.revision.pods.desired", "gauge", "{pod}",
-       "Pods the autoscaler wants for a service.", "service"),
+       "Pods the autoscaler wants for a service.", SERVICE),
     _i("fnplane.revision.pods.count", "gauge", "{pod}",
-       "Pods a service has (starting or ready), as scale sees them.", "service"),
+       "Pods a service has (starting or ready), as scale sees them.", SERVICE),
     _i("fnplane.revision.panic.mode", "gauge", "",
-       "1 while the autoscaler is in panic mode for a service, else 0.", "service"),
+       "1 while the autoscaler is in panic mode for a service, else 0.", SERVICE),
     _i("fnplane.scale.decisions", "counter", "{decision}",
-       "Changes of a service's desired pods, by direction (up, down).", "service",
+       "Changes of a service's desired pods, by direction (up, down).", SERVICE,
        "direction"),
     # schedule
     _i("fnplane.schedule.placements", "counter", "{placement}",
@@ -106,7 +116,7 @@ CATALOGUE: tuple[Instrument, ...] = (
     _i("fnplane.schedule.placement.duration", "histogram", "s",
        "Time to answer a placement request."),
     _i("fnplane.schedule.unschedulable", "counter", "{placement}",
-       "Pods no partition had room for.", "service"),
+       "Pods no partition had room for.", SERVICE),
     _i("fnplane.schedule.probes", "counter", "{probe}",
        "Reserve probes sent to other partitions' owners, by outcome.", "outcome"),
     _i("fnplane.schedule.probe_cache.lookups", "counter", "{lookup}",
@@ -131,10 +141,10 @@ CATALOGUE: tuple[Instrument, ...] = (
     _i("fnplane.node.refusals", "counter", "{request}",
        "Starts and stops a node refused (a stale owner's: reason stale_epoch), by op.",
        "reason", "op"),
-    _i("fnplane.node.pods.started", "counter", "{pod}", "Pods a node started.", "service"),
+    _i("fnplane.node.pods.started", "counter", "{pod}", "Pods a node started.", SERVICE),
     # route
     _i("fnplane.route.updates", "counter", "{update}",
-       "Endpoint sets route published to the gateways.", "service"),
+       "Endpoint sets route published to the gateways.", SERVICE),
     # registry
     _i("fnplane.registry.deploys", "counter", "{deploy}", "Services deployed or updated."),
 )
@@ -413,7 +423,7 @@ def markdown_table() -> str:
     for inst in CATALOGUE:
         names = ", ".join(f"`{n}`" for n in prom_sample_names(inst))
         kind = {"updown": "gauge"}.get(inst.kind, inst.kind)
-        labels = ", ".join(inst.labels) or "–"
+        labels = ", ".join(_BAD.sub("_", label) for label in inst.labels) or "–"
         rows.append(f"| {names} | {kind} | {inst.unit or '–'} | {labels} | {inst.help} |")
     return "\n".join(rows) + "\n"
 

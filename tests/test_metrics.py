@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane import dashboard
 from kernel import metrics
-from kernel.metrics import CATALOGUE, LabelCache, Metrics, prom_sample_names
+from kernel.metrics import CATALOGUE, SERVICE, LabelCache, Metrics, prom_sample_names
 from kernel.metricsport import MetricsPort
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,10 +23,10 @@ REPO = Path(__file__).resolve().parent.parent
 def test_series_are_named_as_the_prometheus_exporter_names_them() -> None:
     m, other = Metrics("scale-a1"), Metrics("scale-b2")
     try:
-        m.counter("fnplane.scale.decisions").add(2, {"service": "s", "direction": "up"})
-        other.counter("fnplane.scale.decisions").add(1, {"service": "s", "direction": "up"})
-        m.histogram("fnplane.cold_start.duration").record(1.5, {"service": "s"})
-        m.gauge("fnplane.revision.pods.desired").set(3, {"service": "s"})
+        m.counter("fnplane.scale.decisions").add(2, {SERVICE: "s", "direction": "up"})
+        other.counter("fnplane.scale.decisions").add(1, {SERVICE: "s", "direction": "up"})
+        m.histogram("fnplane.cold_start.duration").record(1.5, {SERVICE: "s"})
+        m.gauge("fnplane.revision.pods.desired").set(3, {SERVICE: "s"})
         families = {f.name: f for f in text_string_to_metric_families(metrics.render([m, other]))}
     finally:
         m.close()
@@ -49,7 +49,7 @@ def test_series_are_named_as_the_prometheus_exporter_names_them() -> None:
 
 def test_a_closed_component_leaves_the_process_exposition() -> None:
     m = Metrics("route-x9")
-    m.counter("fnplane.route.updates").add(1, {"service": "s"})
+    m.counter("fnplane.route.updates").add(1, {SERVICE: "s"})
     assert "route-x9" in metrics.render()
     m.close()
     assert "route-x9" not in metrics.render()
@@ -63,7 +63,7 @@ async def test_an_inline_stacks_port_shows_only_components_born_after_it() -> No
     newer = Metrics("activator-newer")
     try:
         for m in (older, newer):
-            m.counter("fnplane.revision.requests").add(1, {"service": "s"})
+            m.counter("fnplane.revision.requests").add(1, {SERVICE: "s"})
         async with aiohttp.ClientSession() as http, http.get(port.url) as r:
             text = await r.text()
         assert "activator-newer" in text
@@ -77,11 +77,11 @@ async def test_an_inline_stacks_port_shows_only_components_born_after_it() -> No
 def test_value_reads_one_components_series() -> None:
     m = Metrics("activator-v1")
     try:
-        m.counter("fnplane.revision.requests").add(4, {"service": "a"})
-        m.counter("fnplane.revision.requests").add(1, {"service": "b"})
-        assert m.value("fnplane_revision_requests_total", service="a") == 4
+        m.counter("fnplane.revision.requests").add(4, {SERVICE: "a"})
+        m.counter("fnplane.revision.requests").add(1, {SERVICE: "b"})
+        assert m.value("fnplane_revision_requests_total", kn_service_name="a") == 4
         assert m.value("fnplane_revision_requests_total") == 5
-        assert m.value("fnplane_revision_requests_total", service="zzz") == 0
+        assert m.value("fnplane_revision_requests_total", kn_service_name="zzz") == 0
     finally:
         m.close()
 
@@ -95,9 +95,9 @@ def test_sdk_disabled_makes_metrics_no_ops(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_label_cache_builds_each_attribute_set_once() -> None:
-    by_service = LabelCache("service", path="direct")
+    by_service = LabelCache(SERVICE, path="direct")
     first = by_service["a"]
-    assert first == {"service": "a", "path": "direct"} and by_service["a"] is first
+    assert first == {SERVICE: "a", "path": "direct"} and by_service["a"] is first
 
 
 def test_every_instrument_is_namespaced_and_explained() -> None:

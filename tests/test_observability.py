@@ -31,6 +31,10 @@ async def _settled(scale: ScaleInstance) -> bool:
     return bool(scale.shards.owned) and not scale._rebuilding
 
 
+# The service label, as Prometheus shows Knative's `kn.service.name`.
+SAMPLE = {"kn_service_name": "sample"}
+BROKEN = {"kn_service_name": "broken"}
+
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -96,27 +100,27 @@ async def test_a_cold_request_is_one_trace_and_metrics_on_every_component(
                 every = scrape(await r.text())
 
     # The gateway's own /metrics: the cold request, counted once, stage by stage.
-    assert total(gateway, "fnplane_cold_starts_total", service="sample") == 1
-    assert total(gateway, "fnplane_cold_start_duration_seconds_count", service="sample") == 1
-    assert total(gateway, "fnplane_revision_requests_total", service="sample") == 1
+    assert total(gateway, "fnplane_cold_starts_total", **SAMPLE) == 1
+    assert total(gateway, "fnplane_cold_start_duration_seconds_count", **SAMPLE) == 1
+    assert total(gateway, "fnplane_revision_requests_total", **SAMPLE) == 1
     for stage in ("placement", "weights_fetch", "spawn", "ready", "first_byte"):
         assert total(gateway, "fnplane_cold_start_stage_duration_seconds_count",
-                     service="sample", stage=stage) == 1, stage
+                     **SAMPLE, stage=stage) == 1, stage
     # Every component of the stack shows on the process's port.
     components = {dict(labels)["component"].split("-", 1)[0] for _, labels in every}
     assert {"activator", "coordinator", "registry", "scale", "schedule", "route",
             "node"} <= components, components
-    assert total(every, "fnplane_revision_requests_total", service="sample") == 31
-    assert total(every, "fnplane_cold_starts_total", service="sample") == 1
+    assert total(every, "fnplane_revision_requests_total", **SAMPLE) == 31
+    assert total(every, "fnplane_cold_starts_total", **SAMPLE) == 1
     # schedule placed the cold start's pod, and timed it.
     assert total(every, "fnplane_schedule_placements_total", outcome="placed") >= 1
     assert total(every, "fnplane_schedule_placement_duration_seconds_count") >= 1
     assert has(every, "fnplane_schedule_partition_epoch")
     # scale's desired pods went from 0 up (a decision counted), and the gauges show them.
-    assert total(every, "fnplane_scale_decisions_total", service="sample", direction="up") >= 1
-    assert has(every, "fnplane_revision_pods_desired", service="sample")
-    assert has(every, "fnplane_revision_pods_count", service="sample")
-    assert has(every, "fnplane_revision_panic_mode", service="sample")
+    assert total(every, "fnplane_scale_decisions_total", **SAMPLE, direction="up") >= 1
+    assert has(every, "fnplane_revision_pods_desired", **SAMPLE)
+    assert has(every, "fnplane_revision_pods_count", **SAMPLE)
+    assert has(every, "fnplane_revision_panic_mode", **SAMPLE)
     # The coordinator: partitions and shards got owners, with epochs; live instances.
     assert total(every, "fnplane_partition_ownership_changes_total") >= 1
     assert has(every, "fnplane_partition_epoch")
@@ -124,11 +128,11 @@ async def test_a_cold_request_is_one_trace_and_metrics_on_every_component(
     assert total(every, "fnplane_instances", kind="schedule") >= 1
     # Nodes started the pod(s) and refused the stale start; route published endpoints;
     # the registry took the deploy.
-    assert total(every, "fnplane_node_pods_started_total", service="sample") >= 1
+    assert total(every, "fnplane_node_pods_started_total", **SAMPLE) >= 1
     assert total(every, "fnplane_node_refusals_total", reason="stale_epoch", op="start") == 1
-    assert total(every, "fnplane_route_updates_total", service="sample") >= 1
+    assert total(every, "fnplane_route_updates_total", **SAMPLE) >= 1
     assert total(every, "fnplane_registry_deploys_total") == 2
-    assert total(every, "fnplane_activator_rejected_total", service="broken",
+    assert total(every, "fnplane_activator_rejected_total", **BROKEN,
                  reason="start_failed") == 1
     # Every query of the Grafana dashboard reads series this scrape saw.
     seen = {name for name, _ in every}

@@ -38,6 +38,7 @@ from kernel.messages import (
     StartPod,
     Unschedulable,
 )
+from kernel.metrics import SERVICE
 from kernel.shards import ShardFence
 from kernel.versions import plausible
 from partitions.membership import Membership
@@ -279,7 +280,7 @@ class ScheduleInstance(Component):
             if isinstance(answer, Placement):
                 outcome = "placed"
             else:
-                self._m_unschedulable.add(1, {"service": msg.service})
+                self._m_unschedulable.add(1, {SERVICE: msg.service})
             return answer
         finally:
             self._in_flight -= 1
