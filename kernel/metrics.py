@@ -189,9 +189,12 @@ class LabelCache(dict[str, Mapping[str, str]]):
 
 
 def disabled() -> bool:
-    """`OTEL_SDK_DISABLED=true` (the standard variable) turns metrics into no-ops: what the
-    cost benchmark compares against."""
-    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    """`OTEL_SDK_DISABLED=true` (the standard variable) turns metrics into no-ops, traces
+    too; `FNPLANE_METRICS=off` metrics alone, traces kept: what loadtests/metrics_cost.py
+    compares against, so the figure is the metrics' cost and not the traces'."""
+    env = os.environ
+    return (env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+            or env.get("FNPLANE_METRICS", "").strip().lower() == "off")
 
 
 def _otlp_reader() -> MetricReader | None:

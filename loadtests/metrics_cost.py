@@ -1,8 +1,9 @@
 """What metrics cost (issue 17): `loadtests.burst` p50 and `loadtests.bench_schedule`
-placements/s with metrics on and off, in one run. Off is the standard `OTEL_SDK_DISABLED=true`,
-which makes every component's `Metrics` a no-op (kernel/metrics.py `disabled()`); each
-measurement is a fresh process of its benchmark, so nothing of one configuration warms the
-other.
+placements/s with metrics on and off, in one run. Off is `FNPLANE_METRICS=off`, which makes
+every component's `Metrics` a no-op and leaves traces as they are (kernel/metrics.py
+`disabled()`; the standard `OTEL_SDK_DISABLED=true` would turn traces off too, and the
+difference would be theirs as much as the metrics'). Each measurement is a fresh process of
+its benchmark, so nothing of one configuration warms the other.
 
     python -m loadtests.metrics_cost --json                # 3 alternations, < 10 min
     python -m loadtests.metrics_cost --quick --json        # the smoke test's size
@@ -69,8 +70,9 @@ def run_one(bench: str, args: list[str], metrics_on: bool, out: Path,
     """One run of one benchmark as its own process; its figures, or why there are none."""
     env = dict(os.environ)
     env.pop("OTEL_SDK_DISABLED", None)
+    env.pop("FNPLANE_METRICS", None)
     if not metrics_on:
-        env["OTEL_SDK_DISABLED"] = "true"
+        env["FNPLANE_METRICS"] = "off"
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", MODULES[bench], "--json", *args, "--out", str(out)]
     t0 = time.monotonic()

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from grafana_foundation_sdk.cog import plugins
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import dashboard as gd
+from grafana_foundation_sdk.models import prometheus, timeseries
 from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane import dashboard
@@ -86,8 +90,11 @@ def test_value_reads_one_components_series() -> None:
         m.close()
 
 
-def test_sdk_disabled_makes_metrics_no_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+@pytest.mark.parametrize(("variable", "value"), [("OTEL_SDK_DISABLED", "true"),
+                                                 ("FNPLANE_METRICS", "off")])
+def test_sdk_disabled_makes_metrics_no_ops(monkeypatch: pytest.MonkeyPatch, variable: str,
+                                           value: str) -> None:
+    monkeypatch.setenv(variable, value)
     m = Metrics("schedule-off")
     m.counter("fnplane.schedule.placements").add(1, {"outcome": "placed"})
     assert "schedule-off" not in metrics.render() and m.render().strip() == ""
@@ -137,8 +144,18 @@ def test_the_dashboard_is_valid_and_written_from_code() -> None:
         assert refs and len(refs) == len(set(refs))
         for target in panel["targets"]:
             assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
-            assert target["datasource"] == dashboard.DATASOURCE
+            assert target["datasource"] == dashboard.DATASOURCE.to_json()
     assert dashboard.series_named(board) <= every
+    # Grafana's schema, as grafana-foundation-sdk's types have it (generated from it): the
+    # file reads into a typed `Dashboard` and writes back unchanged, so no field is unknown
+    # to the schema or misnamed (those would be dropped) and every panel is a timeseries
+    # with Prometheus queries (the SDK's panel and query plugins type options and targets).
+    plugins.register_default_plugins()
+    typed = gd.Dashboard.from_json(on_disk)
+    assert json.loads(json.dumps(typed, cls=JSONEncoder)) == on_disk
+    assert all(isinstance(p, gd.Panel) and p.type_val == "timeseries"
+               and isinstance(p.options, timeseries.Options) for p in typed.panels)
+    assert all(isinstance(t, prometheus.Dataquery) for p in typed.panels for t in p.targets)
     # The overlay's ConfigMap is made from that file.
     overlay = REPO / "deploy" / "overlays" / "monitoring"
     assert "fnplane.json=dashboard.json" in (overlay / "kustomization.yaml").read_text()
