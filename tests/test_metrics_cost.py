@@ -40,20 +40,23 @@ def _runs(bench: str, on: list[float], off: list[float]) -> list[dict[str, Any]]
 
 
 @pytest.mark.parametrize(("bench", "name", "on", "off", "ratio", "within"), [
-    # placements/s: higher is better, so on may be at most 5% below off.
+    # Within 5% either way: much faster with metrics on means the runs differ otherwise.
     ("schedule", "placements_per_s", [960, 1000, 5000], [1000, 1000, 10], 1.0, True),
     ("schedule", "placements_per_s", [940], [1000], 0.94, False),
-    ("schedule", "placements_per_s", [1200], [1000], 1.2, True),
-    # p50: lower is better, so on may be at most 5% above off.
+    ("schedule", "placements_per_s", [1040], [1000], 1.04, True),
+    ("schedule", "placements_per_s", [1200], [1000], 1.2, False),
     ("burst", "p50_ms", [10.4, 10.45, 99.0], [10.0, 10.0, 1.0], 1.045, True),
     ("burst", "p50_ms", [10.6], [10.0], 1.06, False),
-    ("burst", "p50_ms", [9.0], [10.0], 0.9, True),
+    ("burst", "p50_ms", [9.0], [10.0], 0.9, False),
 ])
 def test_medians_ratio_and_verdict(bench: str, name: str, on: list[float], off: list[float],
                                    ratio: float, within: bool) -> None:
     fig = compare(bench, _runs(bench, on, off))[name]
     assert fig["ratio_on_off"] == pytest.approx(ratio, abs=1e-3)
     assert fig["within_5pct"] is within
+    # The cost in percent: placements/s lost, or p50 added.
+    cost = (1 - ratio) if name == "placements_per_s" else (ratio - 1)
+    assert fig["metrics_cost_pct"] == pytest.approx(100 * cost, abs=0.1)
 
 
 def test_a_run_without_a_figure_is_left_out_of_the_medians() -> None:

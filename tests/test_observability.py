@@ -47,6 +47,33 @@ def has(series: Series, name: str, **labels: str) -> bool:
     return any(n == name and labels.items() <= dict(have).items() for n, have in series)
 
 
+class DesiredPods:
+    """`fnplane_revision_pods_desired` of the sample service, scraped from the stack's
+    metrics port every 0.2 s: None while the series does not exist yet."""
+
+    def __init__(self, http: aiohttp.ClientSession, url: str) -> None:
+        self.http, self.url = http, url
+        self.seen: list[float | None] = []
+
+    async def follow(self) -> None:
+        while True:
+            async with self.http.get(self.url) as r:
+                series = scrape(await r.text())
+            got = has(series, "fnplane_revision_pods_desired", **SAMPLE)
+            value = total(series, "fnplane_revision_pods_desired", **SAMPLE) if got else None
+            if not self.seen or self.seen[-1] != value:
+                self.seen.append(value)  # changes only
+            await asyncio.sleep(0.2)
+
+    def went_up_and_back(self) -> bool:
+        """0 (or no series yet), then at least 1, then 0 again."""
+        values = self.seen
+        up = next((i for i, v in enumerate(values) if v is not None and v >= 1), None)
+        if up is None or values[-1] != 0:
+            return False
+        return all(v in (None, 0) for v in values[:up])
+
+
 async def _refused_start(nats_url: str) -> None:
     """A start from a stale owner of a node's partition (epoch -1): the node refuses it."""
     async with admin(nats_url) as bus:
@@ -76,6 +103,10 @@ async def test_a_cold_request_is_one_trace_and_metrics_on_every_component(
         await deploy(nats_url, sample_spec())
         infer = f"{stack.url}/v2/models/sample/infer"
         async with aiohttp.ClientSession() as http:
+            # Desired pods as Prometheus would see them, scraped all along (sample_spec's
+            # 1 s scale-to-zero grace brings them back to 0 once the stable window passes).
+            desired = DesiredPods(http, stack.metrics_urls()["stack"])
+            sampler = asyncio.create_task(desired.follow(), name="desired-pods-scraper")
             async with http.post(infer, json=BODY) as r:
                 assert r.status == 200
             async with http.get(f"{stack.url}/metrics") as r:
@@ -98,6 +129,14 @@ async def test_a_cold_request_is_one_trace_and_metrics_on_every_component(
             async with http.get(urls["stack"]) as r:
                 assert r.headers["Content-Type"].startswith("text/plain")
                 every = scrape(await r.text())
+            try:
+                await wait_until(lambda: asyncio.sleep(0, desired.went_up_and_back()), bool,
+                                 timeout=30, what=f"desired pods back to 0: {desired.seen}")
+            finally:
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
+            async with http.get(urls["stack"]) as r:
+                after = scrape(await r.text())
 
     # The gateway's own /metrics: the cold request, counted once, stage by stage.
     assert total(gateway, "fnplane_cold_starts_total", **SAMPLE) == 1
@@ -121,6 +160,10 @@ async def test_a_cold_request_is_one_trace_and_metrics_on_every_component(
     assert has(every, "fnplane_revision_pods_desired", **SAMPLE)
     assert has(every, "fnplane_revision_pods_count", **SAMPLE)
     assert has(every, "fnplane_revision_panic_mode", **SAMPLE)
+    # ...and back to 0 once traffic stopped: the gauge read 0 → n → 0 while it happened.
+    assert desired.went_up_and_back(), desired.seen
+    assert total(after, "fnplane_revision_pods_desired", **SAMPLE) == 0
+    assert total(after, "fnplane_scale_decisions_total", **SAMPLE, direction="down") >= 1
     # The coordinator: partitions and shards got owners, with epochs; live instances.
     assert total(every, "fnplane_partition_ownership_changes_total") >= 1
     assert has(every, "fnplane_partition_epoch")
