@@ -92,9 +92,10 @@ def total(series: Series, name: str, **labels: str) -> float | None:
 
 
 def highest(series: Series, name: str, **labels: str) -> float | None:
-    """A gauge: the highest any component shows (a shard's previous owner may still show
-    the last value it set, never a higher one than the current owner's once traffic
-    rises); None when none shows it."""
+    """A gauge: the highest any component shows; None when none shows it. Only the owner
+    of a service's shard sets its gauges, but a previous owner keeps showing the last value
+    it set: until that instance restarts, the figure can be that stale value where it is
+    the higher one (a summed gauge would count it every time)."""
     got = _match(series, name, labels)
     return max(got) if got else None
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import urllib3
 
+from controlplane import metricsread
 from kernel.metrics import scrape
 from tests.stackutil import REPO
 from tests.test_fnplane_up import Up
@@ -115,3 +116,44 @@ def test_otel_traces_sampler_wins_over_our_default(env: dict[str, str], want: st
                          capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(want), run.stdout
+
+
+def _series(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return scrape(text)
+
+
+EXPOSITION = """\
+# TYPE fnplane_cold_starts counter
+fnplane_cold_starts_total{kn_service_name="a",component="activator-1"} 2.0
+fnplane_cold_starts_total{kn_service_name="a",component="activator-2"} 1.0
+fnplane_cold_starts_total{kn_service_name="b",component="activator-1"} 5.0
+# TYPE fnplane_revision_pods_desired gauge
+fnplane_revision_pods_desired{kn_service_name="a",component="scale-old"} 1.0
+fnplane_revision_pods_desired{kn_service_name="a",component="scale-new"} 3.0
+"""
+
+
+@pytest.mark.parametrize(("service", "want"), [
+    # Counters add up over gateways; a gauge is the highest any instance shows.
+    ("a", "requests ?, cold starts 3, refused ?, desired pods 3"),
+    ("b", "requests ?, cold starts 5, refused ?, desired pods ?"),
+    ("zzz", "requests ?, cold starts ?, refused ?, desired pods ?"),
+])
+def test_describes_figures_from_a_scrape(service: str, want: str) -> None:
+    figures = metricsread.service_figures(_series(EXPOSITION), service)
+    assert metricsread.render(figures).startswith(want)
+
+
+@pytest.mark.parametrize(("url", "want"), [
+    ("http://127.0.0.1:8080/v2/models/s/infer", "http://127.0.0.1:8080/metrics"),
+    ("https://gw.example:443/v1/models/s:predict", "https://gw.example:443/metrics"),
+    ("", ""),
+])
+def test_the_gateways_metrics_are_at_the_service_urls_origin(url: str, want: str) -> None:
+    assert metricsread.gateway_metrics_url(url) == want
+
+
+async def test_an_unreachable_endpoint_is_named_not_waited_for() -> None:
+    got = await metricsread.scrape_all(["http://127.0.0.1:9/metrics", ""], timeout_s=1.0)
+    assert got.read == [] and list(got.unreachable) == ["http://127.0.0.1:9/metrics"]
+    assert "unreachable: http://127.0.0.1:9/metrics" in got.line()
