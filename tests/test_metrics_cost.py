@@ -20,7 +20,8 @@ def test_one_alternation_measures_metrics_on_and_off(tmp_path: Path) -> None:
     assert out["order"] == [True, False]
     runs = out["schedule"]["runs"]
     assert [r["metrics"] for r in runs] == [True, False]
-    assert all(r["placements_per_s"] > 0 for r in runs), runs
+    assert all(r["placements_per_s"] > 0 and r["scheduler_cpu_ms_per_placement"] > 0
+               for r in runs), runs
     fig = out["schedule"]["placements_per_s"]
     assert fig["ratio_on_off"] == pytest.approx(fig["median_on"] / fig["median_off"], rel=1e-3)
     assert isinstance(fig["within_5pct"], bool)
