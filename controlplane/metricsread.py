@@ -6,10 +6,11 @@ Where the CLI scrapes: the gateway's `/metrics` at the service URL's origin (the
 users send inference to, so a remote CLI can reach it as they can) and each control-function
 instance's metrics URL as its heartbeat advertised it (`fnplane status` lists them). Those
 are 127.0.0.1 ports with `fnplane up`, reachable from the same machine only; on Kubernetes
-they are pod addresses. So every scrape is bounded (a second), what cannot be reached is named
-and skipped, never waited for, and `--metrics-url` (repeatable) replaces the discovered list:
-point it at Prometheus's `/federate?match[]={__name__=~"fnplane_.*"}`, one reachable URL
-that carries every component's series, from anywhere.
+the port binds 0.0.0.0 and advertises just that, of no use off the pod's node. So every
+scrape is bounded (a second), what cannot be reached is named and skipped, never waited for,
+and `--metrics-url` (repeatable) replaces the discovered list: point it at Prometheus's
+`/federate?match[]={__name__=~"fnplane_.*"}`, one reachable URL that carries every
+component's series, from anywhere.
 """
 
 from __future__ import annotations
