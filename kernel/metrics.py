@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from opentelemetry.metrics import (
@@ -31,16 +31,19 @@ from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     Gauge,
     InMemoryMetricReader,
+    Metric,
     MetricReader,
     PeriodicExportingMetricReader,
     Sum,
 )
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.resources import Resource
-from prometheus_client.core import Metric
+from prometheus_client.core import Metric as PromMetric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from kernel.hothistogram import HotHistogram, WithHot
 
 # Seconds: from a warm proxy hop to a cold start that downloads weights.
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
@@ -197,9 +200,10 @@ def disabled() -> bool:
             or env.get("FNPLANE_METRICS", "").strip().lower() == "off")
 
 
-def _otlp_reader() -> MetricReader | None:
+def _otlp_reader(hot: Callable[[], list[Metric]], resource: Resource) -> MetricReader | None:
     """Push over OTLP/HTTP when the standard variables ask for it and the exporter is
-    installed; Prometheus pull stays on either way."""
+    installed; Prometheus pull stays on either way. `hot`: the hot histograms, added to
+    each export."""
     env = os.environ
     wanted = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -209,7 +213,7 @@ def _otlp_reader() -> MetricReader | None:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     except ImportError:
         return None
-    return PeriodicExportingMetricReader(OTLPMetricExporter())
+    return PeriodicExportingMetricReader(WithHot(OTLPMetricExporter(), hot, resource))
 
 
 class HotCounter:
@@ -247,10 +251,10 @@ class Metrics:
         else:
             self._reader = InMemoryMetricReader()
             readers: list[MetricReader] = [self._reader]
-            if (otlp := _otlp_reader()) is not None:
-                readers.append(otlp)
             resource = Resource.create({"service.name": f"fnplane-{self.kind}",
                                         "service.instance.id": component})
+            if (otlp := _otlp_reader(self.hot_metrics, resource)) is not None:
+                readers.append(otlp)
             # Closed by its component's stop; an atexit hook per component would keep every
             # provider a test run ever made alive until the end.
             # Exemplars off unless OTEL_METRICS_EXEMPLAR_FILTER asks: the text format shows
@@ -263,12 +267,13 @@ class Metrics:
                 _live.append(self)
         self._meter = self._provider.get_meter("fnplane")
         self._made: dict[str, object] = {}
+        self._hot: list[HotHistogram] = []
 
     def _make(self, name: str, kind: str) -> object:
         made = self._made.get(name)
         if made is not None:
-            if isinstance(made, HotCounter):
-                raise TypeError(f"{name} is a hot counter here")
+            if isinstance(made, (HotCounter, HotHistogram)):
+                raise TypeError(f"{name} is a hot instrument here")
             return made
         inst = BY_NAME[name]
         if inst.kind != kind:
@@ -306,6 +311,25 @@ class Metrics:
                                               description=inst.help)
         self._made[name] = hot
         return hot
+
+    def hot_histogram(self, name: str, **fixed: str) -> HotHistogram:
+        """`name` on a hot path, one series (see kernel/hothistogram.py); one per name."""
+        made = self._made.get(name)
+        if isinstance(made, HotHistogram):
+            if made.attributes != fixed:
+                raise TypeError(f"{name}: made with other attributes already")
+            return made
+        inst = BY_NAME[name]
+        if made is not None or inst.kind != "histogram":
+            raise TypeError(f"{name} is a {inst.kind} made another way already")
+        hot = HotHistogram(name, inst.unit, inst.help,
+                           SECONDS_BUCKETS if inst.unit == "s" else (), fixed)
+        self._made[name] = hot
+        self._hot.append(hot)
+        return hot
+
+    def hot_metrics(self) -> list[Metric]:
+        return [h.metric() for h in self._hot]
 
     def updown(self, name: str) -> UpDownCounter:
         return self._make(name, "updown")  # type: ignore[return-value]
@@ -349,18 +373,19 @@ class _Collector(Collector):
     def __init__(self, sources: Sequence[Metrics]) -> None:
         self.sources = sources
 
-    def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
+    def collect(self) -> Iterator[PromMetric]:
+        families: dict[str, PromMetric] = {}
         for source in self.sources:
             if source._reader is None:
                 continue
             data = source._reader.get_metrics_data()
-            if data is None:
-                continue
-            for rm in data.resource_metrics:
+            for rm in data.resource_metrics if data is not None else ():
                 for sm in rm.scope_metrics:
                     for metric in sm.metrics:
                         _add(families, source.component, metric.name, metric.data)
+            for hot in source.hot_metrics():
+                if hot.data.data_points:  # as the SDK shows nothing of an unused instrument
+                    _add(families, source.component, hot.name, hot.data)
         yield from families.values()
 
 
@@ -370,13 +395,13 @@ def _labels(attributes: Mapping[str, object] | None, component: str) -> dict[str
     return labels
 
 
-def _add(families: dict[str, Metric], component: str, name: str, data: object) -> None:
+def _add(families: dict[str, PromMetric], component: str, name: str, data: object) -> None:
     inst = BY_NAME.get(name)
     if inst is None:
         return
     base = prom_name(inst)
     if isinstance(data, HistogramData):
-        fam = families.get(base) or families.setdefault(base, Metric(base, inst.help,
+        fam = families.get(base) or families.setdefault(base, PromMetric(base, inst.help,
                                                                      "histogram"))
         for p in data.data_points:
             labels = _labels(p.attributes, component)
@@ -394,7 +419,7 @@ def _add(families: dict[str, Metric], component: str, name: str, data: object) -
         typ = "gauge"
     else:
         return
-    fam = families.get(base) or families.setdefault(base, Metric(base, inst.help, typ))
+    fam = families.get(base) or families.setdefault(base, PromMetric(base, inst.help, typ))
     sample = base + "_total" if typ == "counter" else base
     for p in data.data_points:
         fam.add_sample(sample, _labels(p.attributes, component), p.value)

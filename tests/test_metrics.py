@@ -182,3 +182,29 @@ def test_a_hot_counter_is_exported_as_the_same_counter() -> None:
             m.counter("fnplane.schedule.placements")  # one way per name
     finally:
         m.close()
+
+
+def test_a_hot_histogram_is_exported_as_the_sdks_histogram_would_be() -> None:
+    """The placement path's histogram aggregates itself (kernel/hothistogram.py): a scrape
+    shows the same samples as the SDK's histogram fed the same values, bucket by bucket."""
+    sdk, hot = Metrics("schedule-sdk"), Metrics("schedule-hot")
+    try:
+        sdk_hist = sdk.histogram("fnplane.schedule.placement.duration")
+        hot_hist = hot.hot_histogram("fnplane.schedule.placement.duration")
+        assert hot.hot_histogram("fnplane.schedule.placement.duration") is hot_hist
+        assert "fnplane_schedule" not in hot.render()  # nothing recorded, nothing shown
+        for value in (0.0005, 0.001, 0.0025, 0.003, 0.2, 100.0):  # on bounds and between
+            sdk_hist.record(value)
+            hot_hist.record(value)
+
+        def samples(m: Metrics) -> dict[tuple[str, str | None], float]:
+            return {(name, dict(labels).get("le")): v
+                    for (name, labels), v in metrics.scrape(m.render()).items()}
+
+        assert samples(hot) == samples(sdk)
+        assert samples(hot)[("fnplane_schedule_placement_duration_seconds_count", None)] == 6
+        with pytest.raises(TypeError):
+            hot.histogram("fnplane.schedule.placement.duration")  # one way per name
+    finally:
+        sdk.close()
+        hot.close()

@@ -83,7 +83,7 @@ class ScheduleInstance(Component):
         self._lookup = {True: {"result": "hit"}, False: {"result": "miss"}}
         m = self.metrics  # instruments and attribute sets made once, not per placement
         self._m_placements = m.hot_counter("fnplane.schedule.placements", "outcome")
-        self._m_duration = m.histogram("fnplane.schedule.placement.duration")
+        self._m_duration = m.hot_histogram("fnplane.schedule.placement.duration")
         self._m_unschedulable = m.counter("fnplane.schedule.unschedulable")
         self._m_probes = m.counter("fnplane.schedule.probes")
         self._m_lookups = m.counter("fnplane.schedule.probe_cache.lookups")
