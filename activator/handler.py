@@ -28,7 +28,7 @@ from kernel import telemetry
 from kernel.config import ActivatorConfig
 from kernel.errors import RemoteError
 from kernel.messages import ServiceSpec
-from kernel.metrics import LabelCache, Metrics
+from kernel.metrics import SERVICE, LabelCache, Metrics, revision_labels
 
 log = logging.getLogger(__name__)
 # Pods tried for one request: each that is gone is marked dead, so this bounds a request's
@@ -202,14 +202,14 @@ class Handler:
         self.metrics = metrics
         # Instruments and attribute sets made once: recording on the request path is then
         # one SDK call with a cached mapping.
-        self._requests = metrics.hot_counter("fnplane.revision.requests", "service")
-        self._direct = metrics.hot_counter("fnplane.gateway.direct.requests", "service")
+        self._requests = metrics.hot_counter("fnplane.revision.requests", SERVICE)
+        self._direct = metrics.hot_counter("fnplane.gateway.direct.requests", SERVICE)
         self._invocation = metrics.histogram("fnplane.serving.invocation.duration")
         self._first_byte = metrics.histogram("fnplane.serving.first_byte.duration")
         self._timeouts = metrics.counter("fnplane.serving.timeouts")
         self.rejected = metrics.counter("fnplane.activator.rejected")
-        self._by_service = LabelCache("service")
-        self._direct_attrs = LabelCache("service", path="direct")
+        self._by_service = LabelCache(SERVICE)
+        self._direct_attrs = LabelCache(SERVICE, path="direct")
         self.lookup = lookup
         self.id = log_id
         # Services whose pods answered a versioned path with NO_VERSIONED_PATHS: their
@@ -329,13 +329,13 @@ class Handler:
         retry = self.config.retry_after_s
         match exc:
             case BufferFull():
-                self.rejected.add(1, {"service": name, "reason": "buffer_full"})
+                self.rejected.add(1, revision_labels(name, reason="buffer_full"))
                 return error(503, str(exc), retry_after_s=retry)
             case WaitTimeout():
-                self.rejected.add(1, {"service": name, "reason": "timeout"})
+                self.rejected.add(1, revision_labels(name, reason="timeout"))
                 return error(503, str(exc), retry_after_s=retry)
             case StartFailed():
-                self.rejected.add(1, {"service": name, "reason": "start_failed"})
+                self.rejected.add(1, revision_labels(name, reason="start_failed"))
                 return error(503, f"service {name} failed to start: {exc}", retry_after_s=retry)
             case ServiceGone() | BatcherClosed() | BatchAborted():
                 return error(503, str(exc) or "service unavailable", retry_after_s=retry)
@@ -350,7 +350,7 @@ class Handler:
                 return error(500, f"{type(exc).__name__}: {exc}")
 
     def timed_out(self, name: str, exc: PodTimeout) -> None:
-        self._timeouts.add(1, {"service": name, "timeout": exc.which})
+        self._timeouts.add(1, revision_labels(name, timeout=exc.which))
 
     def _limits(self, name: str) -> Limits | None:
         svc = self.table.get(name)

@@ -26,6 +26,7 @@ from activator.handler import (
 )
 from kernel.config import ActivatorConfig
 from kernel.errors import RemoteError
+from kernel.metrics import SERVICE
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ async def _forward(request: web.Request, protocol: Protocol | None) -> web.Respo
             read = await _read_body(request, handler.config, lease)
             if isinstance(read, Answer):
                 if read.status == 503:
-                    handler.rejected.add(1, {"service": request.match_info["name"],
+                    handler.rejected.add(1, {SERVICE: request.match_info["name"],
                                              "reason": "body_budget"})
                 return _http(read)
             body = read

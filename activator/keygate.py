@@ -22,7 +22,7 @@ from aiohttp.typedefs import Middleware
 from activator.handler import Answer, error
 from kernel.apikeys import bearer, parse, verdict
 from kernel.messages import StoredKey
-from kernel.metrics import Metrics
+from kernel.metrics import SERVICE, Metrics
 from kernel.store import Store
 from kernel.tokenbucket import retry_after_s
 
@@ -106,7 +106,7 @@ class KeyGate:
         return stored
 
     def _count(self, key_id: str, service: str, outcome: str) -> None:
-        self._counted.add(1, {"key": key_id or "none", "service": service, "outcome": outcome})
+        self._counted.add(1, {"key": key_id or "none", SERVICE: service, "outcome": outcome})
 
     # ---- the HTTP door --------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from kernel.bus import Bus
 from kernel.config import NatsIngressConfig
 from kernel.errors import RemoteError
 from kernel.messages import Demand
+from kernel.metrics import SERVICE
 from kernel.shards import shard_of
 from kernel.store import STATE_SCHEMA, schema_verdict
 
@@ -358,7 +359,7 @@ class EventStreams:
             cfg = self.config
             await msg.nak(delay=min(cfg.nak_delay_s * 2 ** (delivered - 1), cfg.nak_max_delay_s))
         self.handler.metrics.counter("fnplane.activator.events").add(
-            1, {"service": service, "outcome": outcome})
+            1, {SERVICE: service, "outcome": outcome})
 
     # ---- consumer lag as demand ----------------------------------------------------------
 
@@ -401,7 +402,7 @@ class EventStreams:
         # event is then drawn over the split as it is served, waking the others as needed).
         svc = self.handler.table.front(name)
         urgent = lag > 0 and (svc is None or svc.throttler.ready_pods() == 0)
-        self.handler.metrics.gauge("fnplane.activator.events.lag").set(lag, {"service": name})
+        self.handler.metrics.gauge("fnplane.activator.events.lag").set(lag, {SERVICE: name})
         demand = Demand(service=svc.spec.name if svc is not None else name,
                         reporter=LAG_REPORTER, buffered=lag, in_flight=0,
                         requests=0, ts=now, urgent=urgent)

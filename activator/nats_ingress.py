@@ -32,6 +32,7 @@ from kernel import telemetry
 from kernel.bus import Bus
 from kernel.config import NatsIngressConfig
 from kernel.messages import ServiceDeleted, SpecUpdated
+from kernel.metrics import SERVICE, STATUS_CODE
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class NatsIngress:
             )
             raise
         self.handler.metrics.counter("fnplane.activator.nats.requests").add(
-            1, {"service": name, "status": str(answer.status)})
+            1, {SERVICE: name, STATUS_CODE: str(answer.status)})
         if answer.stream is not None:
             await self._publish_stream(raw.reply, answer)
         else:

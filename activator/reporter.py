@@ -17,7 +17,7 @@ from kernel import endpoints as ep
 from kernel import telemetry
 from kernel.bus import Bus
 from kernel.messages import ColdStart, Demand, Endpoint, Heartbeat
-from kernel.metrics import LabelCache, Metrics
+from kernel.metrics import SERVICE, LabelCache, Metrics
 from kernel.shards import shard_of
 from kernel.tasks import TaskGroup
 
@@ -56,7 +56,7 @@ class DemandReporter:
         self.table = table
         self.direct = direct
         self.metrics = metrics
-        self._by_service = LabelCache("service")
+        self._by_service = LabelCache(SERVICE)
         self._cold_starts = metrics.counter("fnplane.cold_starts")
         self._cold_duration = metrics.histogram("fnplane.cold_start.duration")
         self._stage = metrics.histogram("fnplane.cold_start.stage.duration")
@@ -105,7 +105,7 @@ class DemandReporter:
         # Each stage apart (the weights' download among them: the control plane's share
         # excludes it); a stage whose timestamps the pod did not report is left out.
         for stage, took in cold_start_stages(cs).items():
-            self._stage.record(took, {"service": label, "stage": stage})
+            self._stage.record(took, {SERVICE: label, "stage": stage})
         self.tasks.spawn(self.bus.send(ep.COLD_START, cs), name=f"cold-start-{name}")
 
     async def run(self) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from activator.services import ServiceTable
 from kernel import revisions as rv
 from kernel.messages import ServiceSpec
-from kernel.metrics import Metrics
+from kernel.metrics import REVISION, SERVICE, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class RevisionPicker:
         svc = self.table.get(rev)
         if versioned and svc is not None:
             version = svc.spec.model_version  # the pod's own version, on its versioned path
-        self._picked.add(1, {"service": service.name, "revision": rev, "via": via})
+        self._picked.add(1, {SERVICE: service.name, REVISION: rev, "via": via})
         return Choice(revision=rev, version=version, drawn=via == "split")
 
     def _failed(self, service: ServiceSpec) -> set[str]:
@@ -95,7 +95,7 @@ class RevisionPicker:
             svc = self.table.get(t.revision)
             if t.percent and svc is not None and svc.failed:
                 out.add(t.revision)
-                self._fallback.add(1, {"service": service.name, "revision": t.revision})
+                self._fallback.add(1, {SERVICE: service.name, REVISION: t.revision})
                 if t.revision not in self._reported:
                     self._reported.add(t.revision)
                     log.warning("%s: revision %s of %s fails to start (%s): its %d%% goes "

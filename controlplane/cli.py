@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from controlplane import metricsread
 from controlplane.servers import redacted
 from controlplane.specfile import (
     DEFAULT_COMMAND,
@@ -142,8 +143,14 @@ async def run_up(args: argparse.Namespace) -> int:
     workers = [p for p in stack.role_processes.values() if p.own_url]
     for p in workers:
         print(f"           {p.name}: {p.own_url}/metrics   (this worker alone)", flush=True)
-    for name, url in stack.metrics_urls().items():
+    shown = stack.metrics_urls()
+    for name, url in shown.items():
         if not any(p.name == name for p in workers):
+            print(f"  metrics  {name}: {url}", flush=True)
+    # Instances the coordinator started as processes have ports of their own (inline ones
+    # share the stack's, printed above); `fnplane status` lists them as they come and go.
+    for name, url in sorted((await stack.instance_metrics_urls()).items()):
+        if url not in shown.values():
             print(f"  metrics  {name}: {url}", flush=True)
     if stack.role_processes:
         print(f"  roles    {', '.join(stack.role_processes)}: one process each, restarted "
@@ -459,6 +466,11 @@ async def run_describe(args: argparse.Namespace) -> int:
                       "other revisions)")
     if st.last_error:
         print(f"Last error:  {st.last_error}")
+    got = await metricsread.scrape_all(
+        args.metrics_url or [metricsread.gateway_metrics_url(st.url), cluster.metrics_url,
+                             *(i.metrics_url for i in cluster.instances)])
+    print(f"Metrics:     {metricsread.render(metricsread.service_figures(got.series, sp.name))}")
+    print(f"             ({got.line()})")
     cs = st.last_cold_start
     if cs is not None:
         print(f"Last cold start ({time.strftime('%H:%M:%S', time.localtime(cs.request_in))},"
@@ -520,11 +532,16 @@ async def run_status(args: argparse.Namespace) -> int:
                             if POD_USER_LABEL in n.labels}):
         print(f"Local pods run as: {pod_user}")
     print()
-    rows = [("KIND", "INSTANCE", "LAST SEEN", "PARTITION", "SHARDS")]
+    rows = [("KIND", "INSTANCE", "LAST SEEN", "PARTITION", "SHARDS", "METRICS")]
     for i in st.instances:
         rows.append((i.kind, i.instance, f"{time.time() - i.last_seen:.1f}s ago",
-                     str(i.partition) if i.partition >= 0 else "-", _ranges(i.shards)))
+                     str(i.partition) if i.partition >= 0 else "-", _ranges(i.shards),
+                     i.metrics_url or "-"))
     _table(rows)
+    got = await metricsread.scrape_all(
+        args.metrics_url or [st.metrics_url, *(i.metrics_url for i in st.instances)])
+    print(f"Metrics: {metricsread.render(metricsread.plane_figures(got.series))}")
+    print(f"         ({got.line()})")
     if st.shards is not None:
         print()
         print(f"Shard map version {st.shards.version} ({st.shards.count} service shards)")
@@ -607,6 +624,13 @@ def _add_traffic_flags(p: argparse.ArgumentParser) -> None:
                         "number, a tag, or @latest for the newest revision")
     p.add_argument("--tag", action="append", metavar="REV=TAG",
                    help="reach REV with header X-Fnplane-Tag: TAG (repeatable)")
+
+
+def _metrics_url_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-url", action="append", default=[],
+                   help="scrape these Prometheus endpoints instead of the ones the stack "
+                        "advertises (repeatable; e.g. Prometheus's /federate), see "
+                        "controlplane/metricsread.py")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -753,6 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("name")
         c.add_argument("--json", action="store_true")
         c.set_defaults(func=func)
+        if name == "describe":
+            _metrics_url_flag(c)
     tr = sub.add_parser("traffic", help="change a service's traffic split and tags")
     tr.add_argument("name")
     _add_traffic_flags(tr)
@@ -767,6 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="nodes, partitions and owners, instances")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=run_status)
+    _metrics_url_flag(st)
 
     key = sub.add_parser("key", help="API keys of the gateway (with --api-keys / in deploy/)")
     keys = key.add_subparsers(dest="key_command", required=True)

@@ -39,6 +39,7 @@ from kernel.messages import (
     ShardMap,
     UnknownNodes,
 )
+from kernel.metricsport import advertised_url
 from kernel.shards import SHARDED, SHARDS
 from kernel.store import StaleWrite, Store
 from partitions.liveness import NodeLiveness
@@ -225,14 +226,15 @@ class Coordinator(Component):
     async def _on_status(self, _msg: Empty, _raw: Msg) -> ClusterStatus:
         infos = [
             InstanceInfo(kind=h.kind, instance=h.instance, last_seen=h.ts, partition=h.partition,
-                         shards=sorted(self.smap.owned_by(h.kind, h.instance)))
+                         shards=sorted(self.smap.owned_by(h.kind, h.instance)),
+                         metrics_url=h.metrics_url)
             for h in sorted(self.instances.values(), key=lambda h: (h.kind, h.instance))
         ]
         live = {p.id: p.epoch for p in self.pmap.partitions}
         summaries = [s for pid, s in sorted(self.summaries.items()) if live.get(pid) == s.epoch]
         return ClusterStatus(partitions=self.pmap, instances=infos, summaries=summaries,
                              dependencies={"redis": await self._redis_health()},
-                             shards=self.smap)
+                             shards=self.smap, metrics_url=advertised_url())
 
     async def _redis_health(self) -> str:
         try:

@@ -12,35 +12,44 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from grafana_foundation_sdk.builders import common, prometheus, timeseries
+from grafana_foundation_sdk.builders import dashboard as gb
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as gc
+from grafana_foundation_sdk.models import dashboard as gd
+
 DASHBOARD = (Path(__file__).resolve().parent.parent / "deploy" / "overlays" / "monitoring"
              / "dashboard.json")
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+DATASOURCE = gd.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "[$__rate_interval]"
+# The service label: Knative's `kn.service.name` as Prometheus shows it (kernel/metrics.py).
+SVC = "kn_service_name"
+BY_SVC = "{{" + SVC + "}}"
 
 # (title, unit, [(expr, legend)]), two panels a row.
 PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Requests per service", "reqps", [
-        (f"sum by (service) (rate(fnplane_revision_requests_total{RATE}))", "{{service}}")]),
+        (f"sum by ({SVC}) (rate(fnplane_revision_requests_total{RATE}))", BY_SVC)]),
     ("Errors per service (gateway refusals)", "reqps", [
-        (f"sum by (service, reason) (rate(fnplane_activator_rejected_total{RATE}))",
-         "{{service}} {{reason}}")]),
+        (f"sum by ({SVC}, reason) (rate(fnplane_activator_rejected_total{RATE}))",
+         BY_SVC + " {{reason}}")]),
     ("Cold starts per service", "short", [
-        (f"sum by (service) (increase(fnplane_cold_starts_total{RATE}))", "{{service}}")]),
+        (f"sum by ({SVC}) (increase(fnplane_cold_starts_total{RATE}))", BY_SVC)]),
     ("Cold start p90 by stage", "s", [
         ("histogram_quantile(0.9, sum by (le, stage) "
          f"(rate(fnplane_cold_start_stage_duration_seconds_bucket{RATE})))", "{{stage}}"),
         ("histogram_quantile(0.9, sum by (le) "
          f"(rate(fnplane_cold_start_duration_seconds_bucket{RATE})))", "total")]),
     ("Pods desired and actual", "short", [
-        ("sum by (service) (fnplane_revision_pods_desired)", "{{service}} desired"),
-        ("sum by (service) (fnplane_revision_pods_count)", "{{service}} actual"),
-        ("max by (service) (fnplane_revision_panic_mode)", "{{service}} panic")]),
+        (f"sum by ({SVC}) (fnplane_revision_pods_desired)", BY_SVC + " desired"),
+        (f"sum by ({SVC}) (fnplane_revision_pods_count)", BY_SVC + " actual"),
+        (f"max by ({SVC}) (fnplane_revision_panic_mode)", BY_SVC + " panic")]),
     ("Gateway buffer depth", "short", [
-        ("sum by (service) (fnplane_revision_request_queued)", "{{service}} queued"),
-        ("sum by (service) (fnplane_revision_request_concurrency)", "{{service}} in flight")]),
+        (f"sum by ({SVC}) (fnplane_revision_request_queued)", BY_SVC + " queued"),
+        (f"sum by ({SVC}) (fnplane_revision_request_concurrency)", BY_SVC + " in flight")]),
     ("Request latency p99", "s", [
-        ("histogram_quantile(0.99, sum by (le, service) "
-         f"(rate(fnplane_serving_invocation_duration_seconds_bucket{RATE})))", "{{service}}")]),
+        (f"histogram_quantile(0.99, sum by (le, {SVC}) "
+         f"(rate(fnplane_serving_invocation_duration_seconds_bucket{RATE})))", BY_SVC)]),
     ("Placements per second", "ops", [
         (f"sum by (outcome) (rate(fnplane_schedule_placements_total{RATE}))", "{{outcome}}")]),
     ("Placement latency p99", "s", [
@@ -62,31 +71,33 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
 ]
 
 
-def _panel(pid: int, title: str, unit: str, targets: list[tuple[str, str]]) -> dict[str, Any]:
+def _panel(pid: int, title: str, unit: str, targets: list[tuple[str, str]]) -> timeseries.Panel:
     col, row = (pid - 1) % 2, (pid - 1) // 2
-    return {
-        "id": pid, "type": "timeseries", "title": title, "datasource": DATASOURCE,
-        "gridPos": {"h": 8, "w": 12, "x": 12 * col, "y": 8 * row},
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "options": {"legend": {"displayMode": "list", "placement": "bottom",
-                               "showLegend": True},
-                    "tooltip": {"mode": "multi", "sort": "none"}},
-        "targets": [{"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr,
-                     "legendFormat": legend} for i, (expr, legend) in enumerate(targets)],
-    }
+    panel = (timeseries.Panel().id(pid).title(title).datasource(DATASOURCE).unit(unit)
+             .line_width(1).fill_opacity(10)
+             .grid_pos(gd.GridPos(h=8, w=12, x=12 * col, y=8 * row))
+             .legend(common.VizLegendOptions().display_mode(gc.LegendDisplayMode.LIST)
+                     .placement(gc.LegendPlacement.BOTTOM).show_legend(True))
+             .tooltip(common.VizTooltipOptions().mode(gc.TooltipDisplayMode.MULTI)
+                      .sort(gc.SortOrder.NONE)))
+    for i, (expr, legend) in enumerate(targets):
+        panel = panel.with_target(prometheus.Dataquery().ref_id(chr(ord("A") + i))
+                                  .datasource(DATASOURCE).expr(expr).legend_format(legend))
+    return panel
 
 
 def dashboard() -> dict[str, Any]:
-    return {
-        "uid": "fnplane", "title": "fnplane", "tags": ["fnplane"], "editable": True,
-        "schemaVersion": 39, "version": 1, "timezone": "browser", "refresh": "30s",
-        "time": {"from": "now-1h", "to": "now"},
-        "annotations": {"list": []},
-        "templating": {"list": [{
-            "name": "datasource", "label": "Prometheus", "type": "datasource",
-            "query": "prometheus", "current": {}, "hide": 0, "refresh": 1}]},
-        "panels": [_panel(i, *p) for i, p in enumerate(PANELS, start=1)],
-    }
+    """Built with grafana-foundation-sdk's builders, so the document has the shape of
+    Grafana's own dashboard schema (the SDK's types are generated from it; the version
+    pinned in pyproject.toml is the one for Grafana 11.6)."""
+    board = (gb.Dashboard("fnplane").uid("fnplane").tags(["fnplane"]).editable()
+             .timezone("browser").refresh("30s").time("now-1h", "now")
+             .with_variable(gb.DatasourceVariable("datasource").label("Prometheus")
+                            .type("prometheus")))
+    for i, panel in enumerate(PANELS, start=1):
+        board = board.with_panel(_panel(i, *panel))
+    doc: dict[str, Any] = json.loads(json.dumps(board.build(), cls=JSONEncoder))
+    return doc
 
 
 _SERIES = re.compile(r"\bfnplane_[a-z0-9_]+")

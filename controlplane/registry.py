@@ -48,6 +48,7 @@ from kernel.messages import (
     TrafficRequest,
     TrafficTarget,
 )
+from kernel.metrics import SERVICE
 from kernel.shards import shard_of
 from kernel.store import Store
 from partitions.modelcache.placement import prefetch_nodes
@@ -164,7 +165,7 @@ class Registry(Component):
             msgspec.structs.replace(old, generation=old.generation + 1),
             list(old.revisions), old.latest_revision, traffic, None)
         self.metrics.counter("fnplane.registry.traffic.changes").add(
-            1, {"service": msg.name, "rollback": str(msg.rollback).lower()})
+            1, {SERVICE: msg.name, "rollback": str(msg.rollback).lower()})
         log.info("registry: traffic of %s now %s%s", msg.name, _show(spec.traffic),
                  " (rollback)" if msg.rollback else "")
         return await self._describe(spec)

@@ -276,6 +276,20 @@ class Stack:
             urls["stack"] = self.metrics_port.url
         return urls
 
+    async def instance_metrics_urls(self) -> dict[str, str]:
+        """Each control-function instance's metrics URL, as its heartbeat says: the ones the
+        coordinator started as processes have ports only they know. Instances come and go
+        with load; this is now (`fnplane status` lists them at any time)."""
+        assert self.nats_url is not None
+        creds = self.config.credentials
+        bus = await Bus.connect(self.nats_url, f"stack-{os.getpid()}",
+                                login=login(creds, "admin") if creds else None)
+        try:
+            st: ClusterStatus = await bus.call(ep.ADMIN_STATUS, Empty(), timeout=5.0)
+        finally:
+            await bus.close()
+        return {i.instance: i.metrics_url for i in st.instances if i.metrics_url}
+
     @property
     def grpc_address(self) -> str:
         """host:port of the gateway's Open Inference Protocol gRPC port ("" without one)."""

@@ -14,6 +14,7 @@ import nats.errors
 from kernel import endpoints as ep
 from kernel.bus import Bus
 from kernel.messages import Heartbeat, InstanceKind
+from kernel.metricsport import advertised_url
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ class Heartbeater:
 
     async def beat(self, elapsed_s: float) -> None:
         extra = self.load(max(elapsed_s, 1e-3)) if self.load is not None else {}
-        beat = Heartbeat(kind=self.kind, instance=self.bus.name, ts=time.time(), **extra)
+        beat = Heartbeat(kind=self.kind, instance=self.bus.name, ts=time.time(),
+                         metrics_url=advertised_url(), **extra)
         try:
             await self.bus.send(ep.HEARTBEAT, beat, kind=self.kind)
         except (nats.errors.Error, OSError):

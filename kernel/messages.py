@@ -741,6 +741,9 @@ class Heartbeat(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     partition: int = -1
     epoch: int = 0
     shards: int = 0  # service shards owned (`scale`, `route`)
+    # Where its process's metrics port is ("" for none): `fnplane status` lists it, and the
+    # CLI scrapes it, since instances come and go where no one else prints their ports.
+    metrics_url: str = ""
 
 
 # ---- admin API (CLI ↔ coordinator) ---------------------------------------------------------
@@ -864,6 +867,7 @@ class InstanceInfo(msgspec.Struct, frozen=True, kw_only=True):
     last_seen: float
     partition: int = -1
     shards: list[int] = []  # service shards it owns (`scale`, `route`)
+    metrics_url: str = ""  # its process's metrics port, as its heartbeat said
 
 
 class ClusterStatus(msgspec.Struct, frozen=True, tag=True, kw_only=True):
@@ -875,6 +879,7 @@ class ClusterStatus(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     # is up when this answer arrives at all.
     dependencies: dict[str, str] = {}
     shards: ShardMap | None = None
+    metrics_url: str = ""  # the coordinator's process's metrics port ("" for none)
 
 
 class ErrorReply(msgspec.Struct, frozen=True, tag=True, kw_only=True):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from opentelemetry.metrics import (
@@ -31,16 +31,20 @@ from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     Gauge,
     InMemoryMetricReader,
+    Metric,
     MetricReader,
     PeriodicExportingMetricReader,
     Sum,
 )
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.resources import Resource
-from prometheus_client.core import Metric
+from prometheus_client.core import Metric as PromMetric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from kernel.hothistogram import HotHistogram, WithHot
+from kernel.revisions import parent_of
 
 # Seconds: from a warm proxy hop to a cold start that downloads weights.
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
@@ -56,6 +60,16 @@ class Instrument:
     labels: tuple[str, ...] = ()  # besides `component`
 
 
+# Attribute names: Knative Serving's OpenTelemetry ones where Knative has one
+# (knative/serving pkg/metrics/newkey.go, and its serving-metrics reference: `kn.service.name`
+# on revision and autoscaler metrics, `http.response.status_code` on invocation metrics);
+# Prometheus shows them with dots as underscores (`kn_service_name`). An fnplane service is
+# Knative's service and configuration at once; `kn.revision.name` waits for revisions.
+SERVICE = "kn.service.name"
+REVISION = "kn.revision.name"
+STATUS_CODE = "http.response.status_code"
+
+
 def _i(name: str, kind: str, unit: str, help: str, *labels: str) -> Instrument:
     return Instrument(name, kind, unit, help, labels)
 
@@ -63,54 +77,55 @@ def _i(name: str, kind: str, unit: str, help: str, *labels: str) -> Instrument:
 CATALOGUE: tuple[Instrument, ...] = (
     # the gateway (activator), per service
     _i("fnplane.revision.requests", "counter", "{request}",
-       "Requests the gateway admitted for a service, buffered or direct.", "service"),
+       "Requests the gateway admitted for a service, buffered or direct.", SERVICE),
     _i("fnplane.revision.request.queued", "gauge", "{request}",
-       "Requests buffered in the gateway waiting for a pod.", "service"),
+       "Requests buffered in the gateway waiting for a pod.", SERVICE),
     _i("fnplane.revision.request.concurrency", "gauge", "{request}",
-       "Requests the gateway has in flight to a service's pods.", "service"),
+       "Requests the gateway has in flight to a service's pods.", SERVICE),
     _i("fnplane.serving.invocation.duration", "histogram", "s",
        "Time from a request's arrival at the gateway to its answer (path=direct: proxied "
-       "straight to a pod).", "service", "path"),
+       "straight to a pod).", SERVICE, "path"),
     _i("fnplane.serving.first_byte.duration", "histogram", "s",
        "Time from a request's arrival at the gateway to the pod's first byte (a streamed "
-       "answer's first token; path=direct: proxied straight to a pod).", "service", "path"),
+       "answer's first token; path=direct: proxied straight to a pod).", SERVICE, "path"),
     _i("fnplane.serving.timeouts", "counter", "{request}",
        "Requests cut by one of their service's timeouts (timeout: timeoutSeconds, "
        "responseStartTimeoutSeconds, idleTimeoutSeconds), answered 504 or cut mid-stream.",
-       "service", "timeout"),
+       SERVICE, REVISION, "timeout"),
     _i("fnplane.activator.rejected", "counter", "{request}",
-       "Requests the gateway refused, by reason.", "service", "reason"),
+       "Requests the gateway refused, by reason.", SERVICE, REVISION, "reason"),
     _i("fnplane.gateway.direct.requests", "counter", "{request}",
-       "Requests proxied straight to a pod, the activator out of the path.", "service"),
+       "Requests proxied straight to a pod, the activator out of the path.", SERVICE),
     _i("fnplane.activator.events", "counter", "{event}",
-       "Pod events the gateway consumed from JetStream, by outcome.", "service", "outcome"),
+       "Pod events the gateway consumed from JetStream, by outcome.", SERVICE, "outcome"),
     _i("fnplane.activator.events.lag", "gauge", "{event}",
-       "JetStream consumer lag: pod events published but not yet consumed.", "service"),
+       "JetStream consumer lag: pod events published but not yet consumed.", SERVICE),
     _i("fnplane.activator.nats.requests", "counter", "{request}",
-       "Inference requests that arrived over NATS, by answer status.", "service", "status"),
+       "Inference requests that arrived over NATS, by answer status.", SERVICE,
+       STATUS_CODE),
     _i("fnplane.activator.nats.dropped", "counter", "{request}",
        "NATS requests dropped without an answer, by reason.", "reason"),
     _i("fnplane.activator.grpc.requests", "counter", "{request}",
        "Open Inference Protocol gRPC calls, by method and answer status.", "method", "status"),
     _i("fnplane.gateway.key.requests", "counter", "{request}",
        "Model requests by API key id (never the key) and the gate's outcome: ok, "
-       "rate_limited, wrong_service, revoked, unknown.", "key", "service", "outcome"),
+       "rate_limited, wrong_service, revoked, unknown.", "key", SERVICE, "outcome"),
     _i("fnplane.cold_starts", "counter", "{cold_start}",
-       "Cold starts: the first request a new pod answered.", "service"),
+       "Cold starts: the first request a new pod answered.", SERVICE),
     _i("fnplane.cold_start.duration", "histogram", "s",
-       "A cold request's time from arrival to first byte out.", "service"),
+       "A cold request's time from arrival to first byte out.", SERVICE),
     _i("fnplane.cold_start.stage.duration", "histogram", "s",
        "A cold start's stages: placement, weights_fetch, spawn, ready, first_byte.",
-       "service", "stage"),
+       SERVICE, "stage"),
     # scale
     _i("fnplane.revision.pods.desired", "gauge", "{pod}",
-       "Pods the autoscaler wants for a service.", "service"),
+       "Pods the autoscaler wants for a revision.", SERVICE, REVISION),
     _i("fnplane.revision.pods.count", "gauge", "{pod}",
-       "Pods a service has (starting or ready), as scale sees them.", "service"),
+       "Pods a revision has (starting or ready), as scale sees them.", SERVICE, REVISION),
     _i("fnplane.revision.panic.mode", "gauge", "",
-       "1 while the autoscaler is in panic mode for a service, else 0.", "service"),
+       "1 while the autoscaler is in panic mode for a revision, else 0.", SERVICE, REVISION),
     _i("fnplane.scale.decisions", "counter", "{decision}",
-       "Changes of a service's desired pods, by direction (up, down).", "service",
+       "Changes of a revision's desired pods, by direction (up, down).", SERVICE, REVISION,
        "direction"),
     # schedule
     _i("fnplane.schedule.placements", "counter", "{placement}",
@@ -118,7 +133,7 @@ CATALOGUE: tuple[Instrument, ...] = (
     _i("fnplane.schedule.placement.duration", "histogram", "s",
        "Time to answer a placement request."),
     _i("fnplane.schedule.unschedulable", "counter", "{placement}",
-       "Pods no partition had room for.", "service"),
+       "Pods no partition had room for.", SERVICE, REVISION),
     _i("fnplane.schedule.probes", "counter", "{probe}",
        "Reserve probes sent to other partitions' owners, by outcome.", "outcome"),
     _i("fnplane.schedule.probe_cache.lookups", "counter", "{lookup}",
@@ -143,21 +158,22 @@ CATALOGUE: tuple[Instrument, ...] = (
     _i("fnplane.node.refusals", "counter", "{request}",
        "Starts and stops a node refused (a stale owner's: reason stale_epoch), by op.",
        "reason", "op"),
-    _i("fnplane.node.pods.started", "counter", "{pod}", "Pods a node started.", "service"),
+    _i("fnplane.node.pods.started", "counter", "{pod}", "Pods a node started.", SERVICE,
+       REVISION),
     # route
     _i("fnplane.route.updates", "counter", "{update}",
-       "Endpoint sets route published to the gateways.", "service"),
+       "Endpoint sets route published to the gateways.", SERVICE, REVISION),
     # registry
     _i("fnplane.registry.deploys", "counter", "{deploy}", "Services deployed or updated."),
     # revisions (kernel/revisions.py)
     _i("fnplane.route.revision.requests", "counter", "{request}",
        "Requests the activator sent to each revision of a service, by how it chose it "
-       "(split, tag, version).", "service", "revision", "via"),
+       "(split, tag, version).", SERVICE, REVISION, "via"),
     _i("fnplane.route.revision.fallback", "counter", "{request}",
        "Requests drawn over a split whose revision fails to start: its share went to the "
-       "other revisions.", "service", "revision"),
+       "other revisions.", SERVICE, REVISION),
     _i("fnplane.registry.traffic.changes", "counter", "{change}",
-       "Traffic splits changed by `fnplane traffic` or `rollback`.", "service", "rollback"),
+       "Traffic splits changed by `fnplane traffic` or `rollback`.", SERVICE, "rollback"),
 )
 BY_NAME = {i.name: i for i in CATALOGUE}
 
@@ -185,6 +201,28 @@ def prom_sample_names(inst: Instrument) -> list[str]:
     return [base]
 
 
+def revision_labels(name: str, **fixed: str) -> dict[str, str]:
+    """Knative's pair for what scale, schedule, the nodes and route run: a revision
+    (`NAME-0000N`, kernel/revisions.py) is `kn.revision.name`, its service
+    `kn.service.name`; a name that is no revision's is the service's alone."""
+    parent = parent_of(name)
+    if parent:
+        return {**fixed, SERVICE: parent, REVISION: name}
+    return {**fixed, SERVICE: name}
+
+
+class RevisionLabels(dict[str, Mapping[str, str]]):
+    """`revision_labels` per name, built once (see LabelCache)."""
+
+    def __init__(self, **fixed: str) -> None:
+        super().__init__()
+        self._fixed = fixed
+
+    def __missing__(self, name: str) -> Mapping[str, str]:
+        attrs = self[name] = revision_labels(name, **self._fixed)
+        return attrs
+
+
 class LabelCache(dict[str, Mapping[str, str]]):
     """One attribute set per value of one label, built once: hot paths (a request, a
     placement) pass the cached mapping instead of building a dict per call."""
@@ -200,14 +238,18 @@ class LabelCache(dict[str, Mapping[str, str]]):
 
 
 def disabled() -> bool:
-    """`OTEL_SDK_DISABLED=true` (the standard variable) turns metrics into no-ops: what the
-    cost benchmark compares against."""
-    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    """`OTEL_SDK_DISABLED=true` (the standard variable) turns metrics into no-ops, traces
+    too; `FNPLANE_METRICS=off` metrics alone, traces kept: what loadtests/metrics_cost.py
+    compares against, so the figure is the metrics' cost and not the traces'."""
+    env = os.environ
+    return (env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+            or env.get("FNPLANE_METRICS", "").strip().lower() == "off")
 
 
-def _otlp_reader() -> MetricReader | None:
+def _otlp_reader(hot: Callable[[], list[Metric]], resource: Resource) -> MetricReader | None:
     """Push over OTLP/HTTP when the standard variables ask for it and the exporter is
-    installed; Prometheus pull stays on either way."""
+    installed; Prometheus pull stays on either way. `hot`: the hot histograms, added to
+    each export."""
     env = os.environ
     wanted = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or env.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -217,7 +259,7 @@ def _otlp_reader() -> MetricReader | None:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     except ImportError:
         return None
-    return PeriodicExportingMetricReader(OTLPMetricExporter())
+    return PeriodicExportingMetricReader(WithHot(OTLPMetricExporter(), hot, resource))
 
 
 class HotCounter:
@@ -255,10 +297,10 @@ class Metrics:
         else:
             self._reader = InMemoryMetricReader()
             readers: list[MetricReader] = [self._reader]
-            if (otlp := _otlp_reader()) is not None:
-                readers.append(otlp)
             resource = Resource.create({"service.name": f"fnplane-{self.kind}",
                                         "service.instance.id": component})
+            if (otlp := _otlp_reader(self.hot_metrics, resource)) is not None:
+                readers.append(otlp)
             # Closed by its component's stop; an atexit hook per component would keep every
             # provider a test run ever made alive until the end.
             # Exemplars off unless OTEL_METRICS_EXEMPLAR_FILTER asks: the text format shows
@@ -271,12 +313,13 @@ class Metrics:
                 _live.append(self)
         self._meter = self._provider.get_meter("fnplane")
         self._made: dict[str, object] = {}
+        self._hot: list[HotHistogram] = []
 
     def _make(self, name: str, kind: str) -> object:
         made = self._made.get(name)
         if made is not None:
-            if isinstance(made, HotCounter):
-                raise TypeError(f"{name} is a hot counter here")
+            if isinstance(made, (HotCounter, HotHistogram)):
+                raise TypeError(f"{name} is a hot instrument here")
             return made
         inst = BY_NAME[name]
         if inst.kind != kind:
@@ -314,6 +357,25 @@ class Metrics:
                                               description=inst.help)
         self._made[name] = hot
         return hot
+
+    def hot_histogram(self, name: str, **fixed: str) -> HotHistogram:
+        """`name` on a hot path, one series (see kernel/hothistogram.py); one per name."""
+        made = self._made.get(name)
+        if isinstance(made, HotHistogram):
+            if made.attributes != fixed:
+                raise TypeError(f"{name}: made with other attributes already")
+            return made
+        inst = BY_NAME[name]
+        if made is not None or inst.kind != "histogram":
+            raise TypeError(f"{name} is a {inst.kind} made another way already")
+        hot = HotHistogram(name, inst.unit, inst.help,
+                           SECONDS_BUCKETS if inst.unit == "s" else (), fixed)
+        self._made[name] = hot
+        self._hot.append(hot)
+        return hot
+
+    def hot_metrics(self) -> list[Metric]:
+        return [h.metric() for h in self._hot]
 
     def updown(self, name: str) -> UpDownCounter:
         return self._make(name, "updown")  # type: ignore[return-value]
@@ -357,18 +419,19 @@ class _Collector(Collector):
     def __init__(self, sources: Sequence[Metrics]) -> None:
         self.sources = sources
 
-    def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
+    def collect(self) -> Iterator[PromMetric]:
+        families: dict[str, PromMetric] = {}
         for source in self.sources:
             if source._reader is None:
                 continue
             data = source._reader.get_metrics_data()
-            if data is None:
-                continue
-            for rm in data.resource_metrics:
+            for rm in data.resource_metrics if data is not None else ():
                 for sm in rm.scope_metrics:
                     for metric in sm.metrics:
                         _add(families, source.component, metric.name, metric.data)
+            for hot in source.hot_metrics():
+                if hot.data.data_points:  # as the SDK shows nothing of an unused instrument
+                    _add(families, source.component, hot.name, hot.data)
         yield from families.values()
 
 
@@ -378,13 +441,13 @@ def _labels(attributes: Mapping[str, object] | None, component: str) -> dict[str
     return labels
 
 
-def _add(families: dict[str, Metric], component: str, name: str, data: object) -> None:
+def _add(families: dict[str, PromMetric], component: str, name: str, data: object) -> None:
     inst = BY_NAME.get(name)
     if inst is None:
         return
     base = prom_name(inst)
     if isinstance(data, HistogramData):
-        fam = families.get(base) or families.setdefault(base, Metric(base, inst.help,
+        fam = families.get(base) or families.setdefault(base, PromMetric(base, inst.help,
                                                                      "histogram"))
         for p in data.data_points:
             labels = _labels(p.attributes, component)
@@ -402,7 +465,7 @@ def _add(families: dict[str, Metric], component: str, name: str, data: object) -
         typ = "gauge"
     else:
         return
-    fam = families.get(base) or families.setdefault(base, Metric(base, inst.help, typ))
+    fam = families.get(base) or families.setdefault(base, PromMetric(base, inst.help, typ))
     sample = base + "_total" if typ == "counter" else base
     for p in data.data_points:
         fam.add_sample(sample, _labels(p.attributes, component), p.value)
@@ -434,7 +497,7 @@ def markdown_table() -> str:
     for inst in CATALOGUE:
         names = ", ".join(f"`{n}`" for n in prom_sample_names(inst))
         kind = {"updown": "gauge"}.get(inst.kind, inst.kind)
-        labels = ", ".join(inst.labels) or "–"
+        labels = ", ".join(_BAD.sub("_", label) for label in inst.labels) or "–"
         rows.append(f"| {names} | {kind} | {inst.unit or '–'} | {labels} | {inst.help} |")
     return "\n".join(rows) + "\n"
 

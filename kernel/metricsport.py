@@ -14,6 +14,13 @@ from kernel import metrics
 from kernel.config import MetricsConfig
 
 CONTENT_TYPE = "text/plain; version=0.0.4"
+# The process's metrics URL, for heartbeats to advertise: the port started last (a process
+# runs one; a test process's inline stacks each start theirs in turn).
+_advertised: list[str] = []
+
+
+def advertised_url() -> str:
+    return _advertised[-1] if _advertised else ""
 
 
 class MetricsPort:
@@ -47,10 +54,13 @@ class MetricsPort:
         host, port = runner.addresses[0][:2]
         self.port = port
         self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/metrics"
+        _advertised.append(self.url)
         return self.url
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
+        if self.url in _advertised:
+            _advertised.remove(self.url)
         if runner is not None:
             await runner.cleanup()
 

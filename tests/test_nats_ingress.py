@@ -146,7 +146,7 @@ async def test_unknown_service_404_and_malformed_json_400_without_waking(
 
         # Bad input never reached the gateway's request path, so nothing woke the service.
         gw = stack.activator  # type: ignore[union-attr]
-        assert gw.metrics.value("fnplane_revision_requests_total", service="sample") == 0
+        assert gw.metrics.value("fnplane_revision_requests_total", kn_service_name="sample") == 0
         st = await describe(nats_url, "sample")
         assert st.pods == [] and st.desired_pods == 0
 

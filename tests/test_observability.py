@@ -31,6 +31,12 @@ async def _settled(scale: ScaleInstance) -> bool:
     return bool(scale.shards.owned) and not scale._rebuilding
 
 
+# The service label, as Prometheus shows Knative's `kn.service.name`.
+SAMPLE = {"kn_service_name": "sample"}
+# scale, schedule, the nodes and route run revisions: their series name both, as Knative's.
+SAMPLE_REVISION = {"kn_service_name": "sample", "kn_revision_name": "sample-00001"}
+BROKEN = {"kn_service_name": "broken"}
+
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -41,6 +47,34 @@ def total(series: Series, name: str, **labels: str) -> float:
 
 def has(series: Series, name: str, **labels: str) -> bool:
     return any(n == name and labels.items() <= dict(have).items() for n, have in series)
+
+
+class DesiredPods:
+    """`fnplane_revision_pods_desired` of the sample service, scraped from the stack's
+    metrics port every 0.2 s: None while the series does not exist yet."""
+
+    def __init__(self, http: aiohttp.ClientSession, url: str) -> None:
+        self.http, self.url = http, url
+        self.seen: list[float | None] = []
+
+    async def follow(self) -> None:
+        while True:
+            async with self.http.get(self.url) as r:
+                series = scrape(await r.text())
+            name = "fnplane_revision_pods_desired"
+            got = has(series, name, **SAMPLE_REVISION)
+            value = total(series, name, **SAMPLE_REVISION) if got else None
+            if not self.seen or self.seen[-1] != value:
+                self.seen.append(value)  # changes only
+            await asyncio.sleep(0.2)
+
+    def went_up_and_back(self) -> bool:
+        """0 (or no series yet), then at least 1, then 0 again."""
+        values = self.seen
+        up = next((i for i, v in enumerate(values) if v is not None and v >= 1), None)
+        if up is None or values[-1] != 0:
+            return False
+        return all(v in (None, 0) for v in values[:up])
 
 
 async def _refused_start(nats_url: str) -> None:
@@ -72,6 +106,10 @@ async def test_a_cold_request_is_one_trace_and_metrics_on_every_component(
         await deploy(nats_url, sample_spec())
         infer = f"{stack.url}/v2/models/sample/infer"
         async with aiohttp.ClientSession() as http:
+            # Desired pods as Prometheus would see them, scraped all along (sample_spec's
+            # 1 s scale-to-zero grace brings them back to 0 once the stable window passes).
+            desired = DesiredPods(http, stack.metrics_urls()["stack"])
+            sampler = asyncio.create_task(desired.follow(), name="desired-pods-scraper")
             async with http.post(infer, json=BODY) as r:
                 assert r.status == 200
             async with http.get(f"{stack.url}/metrics") as r:
@@ -94,31 +132,41 @@ async def test_a_cold_request_is_one_trace_and_metrics_on_every_component(
             async with http.get(urls["stack"]) as r:
                 assert r.headers["Content-Type"].startswith("text/plain")
                 every = scrape(await r.text())
+            try:
+                await wait_until(lambda: asyncio.sleep(0, desired.went_up_and_back()), bool,
+                                 timeout=30, what=f"desired pods back to 0: {desired.seen}")
+            finally:
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
+            async with http.get(urls["stack"]) as r:
+                after = scrape(await r.text())
 
     # The gateway's own /metrics: the cold request, counted once, stage by stage.
-    assert total(gateway, "fnplane_cold_starts_total", service="sample") == 1
-    assert total(gateway, "fnplane_cold_start_duration_seconds_count", service="sample") == 1
-    assert total(gateway, "fnplane_revision_requests_total", service="sample") == 1
+    assert total(gateway, "fnplane_cold_starts_total", **SAMPLE) == 1
+    assert total(gateway, "fnplane_cold_start_duration_seconds_count", **SAMPLE) == 1
+    assert total(gateway, "fnplane_revision_requests_total", **SAMPLE) == 1
     for stage in ("placement", "weights_fetch", "spawn", "ready", "first_byte"):
         assert total(gateway, "fnplane_cold_start_stage_duration_seconds_count",
-                     service="sample", stage=stage) == 1, stage
+                     **SAMPLE, stage=stage) == 1, stage
     # Every component of the stack shows on the process's port.
     components = {dict(labels)["component"].split("-", 1)[0] for _, labels in every}
     assert {"activator", "coordinator", "registry", "scale", "schedule", "route",
             "node"} <= components, components
-    assert total(every, "fnplane_revision_requests_total", service="sample") == 31
-    assert total(every, "fnplane_cold_starts_total", service="sample") == 1
+    assert total(every, "fnplane_revision_requests_total", **SAMPLE) == 31
+    assert total(every, "fnplane_cold_starts_total", **SAMPLE) == 1
     # schedule placed the cold start's pod, and timed it.
     assert total(every, "fnplane_schedule_placements_total", outcome="placed") >= 1
     assert total(every, "fnplane_schedule_placement_duration_seconds_count") >= 1
     assert has(every, "fnplane_schedule_partition_epoch")
-    # scale's desired pods went from 0 up (a decision counted), and the gauges show them:
-    # scale, the nodes and route see revisions, so their series are the revision's.
-    assert total(every, "fnplane_scale_decisions_total", service="sample-00001",
-                 direction="up") >= 1
-    assert has(every, "fnplane_revision_pods_desired", service="sample-00001")
-    assert has(every, "fnplane_revision_pods_count", service="sample-00001")
-    assert has(every, "fnplane_revision_panic_mode", service="sample-00001")
+    # scale's desired pods went from 0 up (a decision counted), and the gauges show them.
+    assert total(every, "fnplane_scale_decisions_total", **SAMPLE_REVISION, direction="up") >= 1
+    assert has(every, "fnplane_revision_pods_desired", **SAMPLE_REVISION)
+    assert has(every, "fnplane_revision_pods_count", **SAMPLE_REVISION)
+    assert has(every, "fnplane_revision_panic_mode", **SAMPLE_REVISION)
+    # ...and back to 0 once traffic stopped: the gauge read 0 → n → 0 while it happened.
+    assert desired.went_up_and_back(), desired.seen
+    assert total(after, "fnplane_revision_pods_desired", **SAMPLE_REVISION) == 0
+    assert total(after, "fnplane_scale_decisions_total", **SAMPLE_REVISION, direction="down") >= 1
     # The coordinator: partitions and shards got owners, with epochs; live instances.
     assert total(every, "fnplane_partition_ownership_changes_total") >= 1
     assert has(every, "fnplane_partition_epoch")
@@ -126,11 +174,11 @@ async def test_a_cold_request_is_one_trace_and_metrics_on_every_component(
     assert total(every, "fnplane_instances", kind="schedule") >= 1
     # Nodes started the pod(s) and refused the stale start; route published endpoints;
     # the registry took the deploy.
-    assert total(every, "fnplane_node_pods_started_total", service="sample-00001") >= 1
+    assert total(every, "fnplane_node_pods_started_total", **SAMPLE_REVISION) >= 1
     assert total(every, "fnplane_node_refusals_total", reason="stale_epoch", op="start") == 1
-    assert total(every, "fnplane_route_updates_total", service="sample-00001") >= 1
+    assert total(every, "fnplane_route_updates_total", **SAMPLE_REVISION) >= 1
     assert total(every, "fnplane_registry_deploys_total") == 2
-    assert total(every, "fnplane_activator_rejected_total", service="broken",
+    assert total(every, "fnplane_activator_rejected_total", **BROKEN,
                  reason="start_failed") == 1
     # Every query of the Grafana dashboard reads series this scrape saw.
     seen = {name for name, _ in every}

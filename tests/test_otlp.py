@@ -114,6 +114,7 @@ async def test_a_cold_request_reaches_an_otlp_collector(
     assert {service for t, _, service in got.spans if t == trace_id} == {"fnplane"}
     # Metrics were pushed too (each component's last export, as it stopped).
     assert {"fnplane.cold_starts", "fnplane.schedule.placements",
-            "fnplane.revision.pods.desired"} <= got.metrics, got.metrics
+            "fnplane.revision.pods.desired",
+            "fnplane.schedule.placement.duration"} <= got.metrics, got.metrics  # hot, too
     # The file stays the embedded default, OTLP or not.
     assert (tmp_path / "traces.jsonl").stat().st_size > 0

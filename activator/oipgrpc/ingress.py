@@ -22,6 +22,7 @@ from activator.oipgrpc import messages as m
 from kernel import telemetry
 from kernel.config import ActivatorConfig
 from kernel.errors import RemoteError
+from kernel.metrics import SERVICE
 from kernel.procs import hostport
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ class GrpcIngress:
         body = msgspec.json.encode(convert.infer_json(req))
         with self.bodies.lease() as lease:  # the same bound on bodies in flight as HTTP
             if not lease.grow_to(len(body)):
-                self.handler.rejected.add(1, {"service": name, "reason": "body_budget"})
+                self.handler.rejected.add(1, {SERVICE: name, "reason": "body_budget"})
                 raise Abort(error(503, "the gateway holds as many request bodies as it may; "
                                        "retry", retry_after_s=self.handler.config.retry_after_s))
             headers = {**_headers(ctx), "content-type": "application/json"}

@@ -33,6 +33,7 @@ from kernel.messages import (
     ServiceDeleted,
     ServiceMode,
 )
+from kernel.metrics import revision_labels
 from kernel.shard_owner import ShardOwnership
 from kernel.shards import shard_of
 from kernel.store import Store
@@ -142,7 +143,7 @@ class RouteInstance(Component):
             return  # the shard moved on while we worked on it
         eps = msgspec.structs.replace(eps, epoch=epoch)
         self._published += 1
-        self.metrics.counter("fnplane.route.updates").add(1, {"service": eps.service})
+        self.metrics.counter("fnplane.route.updates").add(1, revision_labels(eps.service))
         await self.bus.send(ep.ENDPOINTS, eps, service=eps.service)
         self._dirty[eps.service] = eps
         self._flush.set()

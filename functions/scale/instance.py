@@ -53,7 +53,7 @@ from kernel.messages import (
     StopPod,
     Unschedulable,
 )
-from kernel.metrics import LabelCache
+from kernel.metrics import RevisionLabels, revision_labels
 from kernel.shard_owner import ShardOwnership
 from kernel.shards import shard_of
 
@@ -92,7 +92,7 @@ class ScaleInstance(Component):
         # What the gauges last showed per service: they are set on a change only, and a
         # change of desired pods is counted as a decision.
         self._shown: dict[str, tuple[int, int, bool]] = {}
-        self._by_service = LabelCache("service")
+        self._by_service = RevisionLabels()
         m = self.metrics
         self._m_desired = m.gauge("fnplane.revision.pods.desired")
         self._m_pods = m.gauge("fnplane.revision.pods.count")
@@ -305,7 +305,7 @@ class ScaleInstance(Component):
         was = before[0] if before is not None else 0
         if shown[0] != was:
             direction = "up" if shown[0] > was else "down"
-            self._m_decisions.add(1, {"service": plan.service, "direction": direction})
+            self._m_decisions.add(1, revision_labels(plan.service, direction=direction))
 
     async def _place(self, scaler: ServiceScaler, pod: str, requested_at: float,
                      epoch: int) -> None:

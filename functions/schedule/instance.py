@@ -38,6 +38,7 @@ from kernel.messages import (
     StartPod,
     Unschedulable,
 )
+from kernel.metrics import revision_labels
 from kernel.shards import ShardFence
 from kernel.versions import plausible
 from partitions.membership import Membership
@@ -83,7 +84,7 @@ class ScheduleInstance(Component):
         self._lookup = {True: {"result": "hit"}, False: {"result": "miss"}}
         m = self.metrics  # instruments and attribute sets made once, not per placement
         self._m_placements = m.hot_counter("fnplane.schedule.placements", "outcome")
-        self._m_duration = m.histogram("fnplane.schedule.placement.duration")
+        self._m_duration = m.hot_histogram("fnplane.schedule.placement.duration")
         self._m_unschedulable = m.counter("fnplane.schedule.unschedulable")
         self._m_probes = m.counter("fnplane.schedule.probes")
         self._m_lookups = m.counter("fnplane.schedule.probe_cache.lookups")
@@ -273,7 +274,7 @@ class ScheduleInstance(Component):
             if isinstance(answer, Placement):
                 outcome = "placed"
             else:
-                self._m_unschedulable.add(1, {"service": msg.service})
+                self._m_unschedulable.add(1, revision_labels(msg.service))
             return answer
         finally:
             self._in_flight -= 1

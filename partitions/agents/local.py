@@ -45,6 +45,7 @@ from kernel.messages import (
     StartPod,
     StopPod,
 )
+from kernel.metrics import revision_labels
 from kernel.procs import free_port
 from kernel.shards import ShardFence, shard_of
 from kernel.spawn import Child, spawn
@@ -373,7 +374,7 @@ class LocalNode(Component):
         pod = LocalPod(msg, port, proc, time.time(), run_as=run_as.describe(),
                        fetched_at=fetched_at)
         self.pods[msg.pod] = pod
-        self.metrics.counter("fnplane.node.pods.started").add(1, {"service": msg.spec.name})
+        self.metrics.counter("fnplane.node.pods.started").add(1, revision_labels(msg.spec.name))
         pod.tasks = [
             self.tasks.spawn(self._pump_output(pod), name=f"{msg.pod}-output"),
             self.tasks.spawn(self._watch(pod), name=f"{msg.pod}-watch"),
