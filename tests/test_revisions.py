@@ -221,8 +221,8 @@ async def test_a_revision_that_cannot_start_gets_no_traffic(
         broken = {r.spec.name: r for r in st.revisions}["broken-00002"]
         assert broken.percent == 50 and not broken.ready and broken.last_error
         metrics = stack.activator.metrics  # type: ignore[union-attr]
-        assert metrics.value("fnplane_route_revision_fallback_total", service="broken",
-                             revision="broken-00002") > 0
+        assert metrics.value("fnplane_route_revision_fallback_total", kn_service_name="broken",
+                             kn_revision_name="broken-00002") > 0
         # deleting the service deletes its revisions: their pods stop, their records go
         async with admin(nats_url) as bus:
             await bus.call(ep.ADMIN_DELETE, NameRequest(name="broken"), timeout=5)
