@@ -101,7 +101,20 @@ def highest(series: Series, name: str, **labels: str) -> float | None:
     return max(got) if got else None
 
 
+def per_revision(series: Series, name: str, **labels: str) -> float | None:
+    """A gauge of a service's revisions (`kn_revision_name`): the highest any component
+    shows for each revision (as `highest`), added up over the revisions."""
+    by_revision: dict[str, float] = {}
+    for (n, have), v in series.items():
+        d = dict(have)
+        if n == name and labels.items() <= d.items():
+            rev = d.get(REVISION_LABEL, "")
+            by_revision[rev] = max(v, by_revision.get(rev, v))
+    return sum(by_revision.values()) if by_revision else None
+
+
 SERVICE_LABEL = "kn_service_name"
+REVISION_LABEL = "kn_revision_name"
 
 
 def service_figures(series: Series, name: str) -> list[tuple[str, float | None]]:
@@ -111,8 +124,8 @@ def service_figures(series: Series, name: str) -> list[tuple[str, float | None]]
         ("requests", total(series, "fnplane_revision_requests_total", **svc)),
         ("cold starts", total(series, "fnplane_cold_starts_total", **svc)),
         ("refused", total(series, "fnplane_activator_rejected_total", **svc)),
-        ("desired pods", highest(series, "fnplane_revision_pods_desired", **svc)),
-        ("pods (scale)", highest(series, "fnplane_revision_pods_count", **svc)),
+        ("desired pods", per_revision(series, "fnplane_revision_pods_desired", **svc)),
+        ("pods (scale)", per_revision(series, "fnplane_revision_pods_count", **svc)),
         ("buffered", total(series, "fnplane_revision_request_queued", **svc)),
         ("panic", highest(series, "fnplane_revision_panic_mode", **svc)),
     ]

@@ -130,6 +130,9 @@ fnplane_cold_starts_total{kn_service_name="b",component="activator-1"} 5.0
 # TYPE fnplane_revision_pods_desired gauge
 fnplane_revision_pods_desired{kn_service_name="a",component="scale-old"} 1.0
 fnplane_revision_pods_desired{kn_service_name="a",component="scale-new"} 3.0
+fnplane_revision_pods_desired{kn_service_name="c",kn_revision_name="c-00001",component="s1"} 2.0
+fnplane_revision_pods_desired{kn_service_name="c",kn_revision_name="c-00001",component="s0"} 1.0
+fnplane_revision_pods_desired{kn_service_name="c",kn_revision_name="c-00002",component="s1"} 4.0
 """
 
 
@@ -138,6 +141,8 @@ fnplane_revision_pods_desired{kn_service_name="a",component="scale-new"} 3.0
     ("a", "requests ?, cold starts 3, refused ?, desired pods 3"),
     ("b", "requests ?, cold starts 5, refused ?, desired pods ?"),
     ("zzz", "requests ?, cold starts ?, refused ?, desired pods ?"),
+    # A service's revisions: each revision's highest, added up (2 + 4).
+    ("c", "requests ?, cold starts ?, refused ?, desired pods 6"),
 ])
 def test_describes_figures_from_a_scrape(service: str, want: str) -> None:
     figures = metricsread.service_figures(_series(EXPOSITION), service)
