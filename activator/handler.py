@@ -7,6 +7,7 @@ KServe's error shape, in this one place. The ingresses only decode and encode.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -262,6 +263,11 @@ class Handler:
                     return self._failure(name, exc2)
             except Exception as exc:
                 return self._failure(name, exc)
+            except asyncio.CancelledError:
+                # The client left (the HTTP server cancels its handler): whatever it held —
+                # a buffer place, a pod slot — was given back on the way out.
+                self.rejected.add(1, revision_labels(req.target, reason="client_gone"))
+                raise
             span.set_attribute("fnplane.path", answer.path)
             if req.revision:
                 span.set_attribute("fnplane.revision", req.revision)

@@ -156,6 +156,7 @@ async def send(request: web.Request, answer: Answer,
     if answer.content_type.startswith("text/event-stream"):
         resp.headers["Cache-Control"] = "no-cache"
         resp.headers["X-Accel-Buffering"] = "no"  # proxies in front: do not hold events
+    copy: asyncio.Future[None] | None = None
     try:
         await resp.prepare(request)
 
@@ -187,6 +188,8 @@ async def send(request: web.Request, answer: Answer,
                 request.transport.close()  # no closing chunk: the client sees it incomplete
         return resp
     finally:
+        if copy is not None and not copy.done():  # the server cancelled us: the client left
+            copy.cancel()
         stream.close("error")  # a no-op when it ended; else the slot is given back here
 
 

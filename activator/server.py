@@ -110,9 +110,12 @@ class Activator(Component):
         openai.add_routes(app, None if self.gate is None
                           else openai.Gate(self.gate.admit, self.gate.service_of))
         cfg = self.config
+        # handler_cancellation: a client that disconnects cancels its request, as a Go
+        # server's context does in Knative's activator: a request buffered for a pod at zero
+        # leaves the buffer instead of reaching the pod for nobody.
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.drain_timeout_s,
                                      keepalive_timeout=cfg.keepalive_timeout_s,
-                                     lingering_time=LINGERING_TIME_S)
+                                     lingering_time=LINGERING_TIME_S, handler_cancellation=True)
         await self._runner.setup()
         shared = cfg.workers > 1
         site = GuardedSite(self._runner, cfg.host, cfg.port, self.guard, backlog=2048,

@@ -54,6 +54,37 @@ async def test_buffer_timeout_is_a_503_with_retry_after(
         assert thr.buffered == 0, "the timed-out request left the buffer"
 
 
+async def test_clients_that_leave_while_buffered_leave_the_buffer_and_reach_no_pod(
+    nats_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """As Knative's activator (a Go request context): a client that disconnects while its
+    request waits for a pod at zero takes it out of the buffer, and the pod never gets it."""
+    spec = sample_spec(env={"SAMPLE_STARTUP_DELAY_MS": "2000"})
+    async with running_stack(nats_url, redis_url, tmp_path) as stack:
+        assert stack.activator is not None
+        await deploy(nats_url, spec)
+        url = f"{stack.url}/v2/models/sample/infer"
+        async with aiohttp.ClientSession() as http:
+            impatient = [asyncio.create_task(post(http, url)) for _ in range(10)]
+            await wait_until(lambda: asyncio.sleep(0, stack.activator.services.get(
+                "sample-00001")), lambda s: s is not None and s.throttler.buffered == 10,
+                timeout=10, what="ten requests buffered")
+            for t in impatient:
+                t.cancel()  # closes each connection: the client is gone
+            await asyncio.gather(*impatient, return_exceptions=True)
+            thr = stack.activator.services["sample-00001"].throttler
+            await wait_until(lambda: asyncio.sleep(0, thr.buffered), lambda n: n == 0,
+                             timeout=5, what="the buffer empty once its clients left")
+            await wait_until(lambda: asyncio.sleep(0, thr.ready_pods()), lambda n: n >= 1,
+                             timeout=30, what="the pod ready")
+            assert sum(s.served + s.in_flight for s in thr.pods.values()) == 0, \
+                "a request whose client left reached the pod"
+            assert await post(http, url) == 200  # and the pod serves whoever is there
+        gone = stack.activator.metrics.value("fnplane_activator_rejected_total",
+                                             reason="client_gone")
+        assert gone == 10
+
+
 async def test_pod_killed_mid_burst_loses_no_request(
     nats_url: str, redis_url: str, tmp_path: Path
 ) -> None:
