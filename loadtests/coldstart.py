@@ -62,6 +62,7 @@ from kernel.procs import alive, descendants
 from loadtests import coldstart_cache_report as report
 from loadtests.burst import processes_left
 from loadtests.model_server import ModelServer, padded_model
+from loadtests.options import from_args
 
 log = logging.getLogger(__name__)
 
@@ -348,17 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    chosen: dict[str, object] = dict(QUICK) if args.quick else {}
-    for name in ("model_mb", "mbps", "cycles", "services", "steps", "seed"):
-        if getattr(args, name) is not None:
-            chosen[name] = getattr(args, name)
-    if args.out:
-        chosen["out"] = args.out.resolve()
-    chosen["roles"] = args.roles
-    try:
-        opts = Options(**chosen)  # type: ignore[arg-type]
-    except ValueError as exc:
-        p.error(str(exc))
+    opts = from_args(Options, args, QUICK, p)
     try:
         result = asyncio.run(run(opts))
     except RemoteError as exc:

@@ -47,6 +47,7 @@ from kernel.revisions import parent_of
 from loadtests import dataplane_report as dr
 from loadtests.burst import processes_left
 from loadtests.burst_client import BODY, JSON_HEADERS
+from loadtests.options import from_args
 
 log = logging.getLogger(__name__)
 
@@ -385,16 +386,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ProbeOptions, argparse.Na
     p.add_argument("--json", action="store_true", help="print only the JSON object on stdout")
     p.add_argument("-v", "--verbose", action="store_true", help="the stack's INFO logs on stderr")
     args = p.parse_args(argv)
-    chosen: dict[str, object] = dict(QUICK) if args.quick else {}
-    for f in fields(ProbeOptions):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            chosen[f.name] = value.resolve() if isinstance(value, Path) else value
-    try:
-        return ProbeOptions(**chosen), args  # type: ignore[arg-type]
-    except ValueError as exc:
-        p.error(str(exc))
-        raise  # unreachable: p.error exits
+    return from_args(ProbeOptions, args, QUICK, p), args
 
 
 def main(argv: list[str] | None = None) -> int:

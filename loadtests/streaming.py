@@ -36,6 +36,7 @@ from kernel.identity import login
 from kernel.messages import DeployRequest, Resources, ScalingSpec, ServiceSpec
 from kernel.revisions import revision_name
 from loadtests.burst import processes_left
+from loadtests.options import from_args
 from loadtests.report import percentile, rounded
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,12 +192,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--json", action="store_true", help="print only the JSON object on stdout")
     p.add_argument("-v", "--verbose", action="store_true", help="the stack's INFO logs")
     args = p.parse_args(argv)
-    chosen: dict[str, object] = dict(QUICK) if args.quick else {}
-    for name in Options.__dataclass_fields__:
-        value = getattr(args, name, None)
-        if value is not None:
-            chosen[name] = value.resolve() if isinstance(value, Path) else value
-    return Options(**chosen), args  # type: ignore[arg-type]
+    return from_args(Options, args, QUICK, p), args
 
 
 def main(argv: list[str] | None = None) -> int:
