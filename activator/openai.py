@@ -8,8 +8,7 @@ as server-sent events. Errors on these routes are in OpenAI's shape,
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -20,6 +19,9 @@ from activator.ingress import (
     _read_body,
     send,
 )
+
+if TYPE_CHECKING:  # imported only when keys are on (activator/server.py)
+    from activator.keygate import KeyGate
 
 PREFIX = "/openai"
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -32,21 +34,12 @@ _CODES = {404: "model_not_found", 504: "timeout"}
 KSERVE_STYLE_KEY = web.AppKey("openai_kserve_style", set)
 
 
-class Gate:
-    """The API-key check (activator/keygate.py) for routes whose model is in the body, which
-    the gate's middleware cannot see: `admit(service, Authorization)` → None to let in, and
-    `service_of(Authorization)` → the one service a key may list."""
-
-    def __init__(self, admit: Callable[[str, str | None], Awaitable[Answer | None]],
-                 service_of: Callable[[str | None], Awaitable[str | None]]) -> None:
-        self.admit = admit
-        self.service_of = service_of
+# The API-key check (activator/keygate.py) with keys on: these routes name their model in
+# the body, which the gate's middleware cannot see, so they call it once they have read it.
+GATE_KEY: web.AppKey[KeyGate | None] = web.AppKey("openai_gate")
 
 
-GATE_KEY = web.AppKey("openai_gate", object)
-
-
-def add_routes(app: web.Application, gate: Gate | None = None) -> None:
+def add_routes(app: web.Application, gate: KeyGate | None = None) -> None:
     app[KSERVE_STYLE_KEY] = set()
     app[GATE_KEY] = gate
     app.add_routes([web.post(PREFIX + path, completions) for path in ROUTES]
@@ -100,7 +93,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         if problem is not None:
             return await send(request, in_openai_shape(error(400, problem)))
         gate = request.app[GATE_KEY]
-        if isinstance(gate, Gate):
+        if gate is not None:
             refused = await gate.admit(model, request.headers.get("Authorization"))
             if refused is not None:
                 return await send(request, in_openai_shape(refused))
@@ -125,7 +118,7 @@ async def models(request: web.Request) -> web.Response:
     table = request.app[HANDLER_KEY].table
     names = sorted(table.names())
     gate = request.app[GATE_KEY]
-    if isinstance(gate, Gate):
+    if gate is not None:
         mine = await gate.service_of(request.headers.get("Authorization"))
         if mine is None:
             return await send(request, openai_error(401, "a valid API key is required"))

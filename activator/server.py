@@ -107,8 +107,7 @@ class Activator(Component):
             await self.nats_ingress.start()
         self.ready = ready = ReadyCheck(lambda: not bus.nc.is_closed and bus.nc.is_connected)
         app = build_app(handler, ready=ready, bodies=self.bodies, middlewares=middlewares)
-        openai.add_routes(app, None if self.gate is None
-                          else openai.Gate(self.gate.admit, self.gate.service_of))
+        openai.add_routes(app, self.gate)
         cfg = self.config
         # handler_cancellation: a client that disconnects cancels its request, as a Go
         # server's context does in Knative's activator: a request buffered for a pod at zero
