@@ -34,17 +34,19 @@ class MetricsPort:
         self.port = port
         self.url = ""
         self._runner: web.AppRunner | None = None
-        self._older: list[metrics.Metrics] = []
+        self._older: list[metrics.Metrics] = []  # held, so their ids stay theirs
+        self._older_ids: set[int] = set()
         self._only_newer = only_newer
 
     async def _metrics(self, _request: web.Request) -> web.Response:
-        shown = [m for m in metrics.live() if not any(m is o for o in self._older)]
+        shown = [m for m in metrics.live() if id(m) not in self._older_ids]
         return web.Response(body=metrics.render(shown).encode(),
                             headers={"Content-Type": CONTENT_TYPE})
 
     async def start(self) -> str:
         if self._only_newer:
             self._older = metrics.live()
+            self._older_ids = {id(m) for m in self._older}
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         self._runner = runner = web.AppRunner(app, access_log=None)
